@@ -1,0 +1,5 @@
+import sys
+
+from xapid.cli import main
+
+sys.exit(main())

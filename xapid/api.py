@@ -1,0 +1,40 @@
+"""The services a handler reaches through ``ctx.api``, built once by the composition root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from xapid.backend.proxy import Hypervisor
+from xapid.schema import Schema
+from xapid.sessions import SessionManager
+from xapid.store import Store
+
+
+@dataclass
+class Api:
+    schema: Schema
+    store: Store
+    sessions: SessionManager
+    hypervisor: Hypervisor
+    users: Any  # xapid.users.UsersFile
+    runner: Any  # xapid.runner.Runner for blocking work that is not a driver call
+    reactor: Any  # IReactorTime: seconds() and callLater()
+    state_dir: Path
+    database: Any  # xapid.store.Database
+    auth_failure_delay: float = 2.0
+    shutdown_timeout: float = 60.0
+    host_ref: str = "OpaqueRef:NULL"
+    pool_ref: str = "OpaqueRef:NULL"
+    tasks: Any = None  # xapid.tasks.TaskManager once tasks exist
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.reactor.seconds
+
+    def sleep(self, seconds: float) -> Any:
+        """A Deferred firing after *seconds* on the injected reactor."""
+        from twisted.internet.task import deferLater
+
+        return deferLater(self.reactor, seconds, lambda: None)

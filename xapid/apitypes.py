@@ -1,0 +1,225 @@
+"""Xen-API value types: parsing the schema's type expressions, coercing wire values.
+
+In memory, API values are plain Python: ``str`` (strings, refs, enums), ``int``, ``float``,
+``bool``, ``datetime`` (UTC-aware), ``list`` (sets), ``dict`` with ``str`` keys (maps).
+Map keys are kept in their wire (string) form whatever their declared type.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xmlrpc.client
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from xapid.errors import XenAPIError, field_type_error, invalid_value
+
+NULL_REF = "OpaqueRef:NULL"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+PRIMITIVES = ("string", "int", "float", "bool", "datetime", "void")
+
+
+@dataclass(frozen=True)
+class Type:
+    """A parsed type expression, e.g. ``(string -> VM ref set) map``."""
+
+    kind: str  # string int float bool datetime void ref enum set map record
+    name: str = ""  # class (ref, record) or enum name
+    elem: "Type | None" = None  # set element, map value
+    key: "Type | None" = None  # map key
+
+    def __str__(self) -> str:
+        if self.kind in PRIMITIVES:
+            return self.kind
+        if self.kind in ("ref", "record"):
+            return f"{self.name} {self.kind}"
+        if self.kind == "enum":
+            return self.name
+        if self.kind == "set":
+            return f"{self.elem} set"
+        return f"({self.key} -> {self.elem}) map"
+
+
+class TypeSyntaxError(ValueError):
+    pass
+
+
+def parse_type(text: str, enums: frozenset[str]) -> Type:
+    """Parse xapi's type notation; names that are not primitives or enums must be refs/records."""
+    t = text.strip()
+    if t.endswith(" set"):
+        return Type("set", elem=parse_type(t[:-4], enums))
+    if t.endswith(" map"):
+        inner = t[:-4].strip()
+        if not (inner.startswith("(") and inner.endswith(")")):
+            raise TypeSyntaxError(f"map type needs '(K -> V) map': {text!r}")
+        inner = inner[1:-1]
+        depth = 0
+        for i, ch in enumerate(inner):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0 and inner.startswith("->", i):
+                return Type("map", key=parse_type(inner[:i], enums), elem=parse_type(inner[i + 2 :], enums))
+        raise TypeSyntaxError(f"map type without '->': {text!r}")
+    for suffix in ("ref", "record"):
+        if t.endswith(" " + suffix):
+            name = t[: -len(suffix) - 1].strip()
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise TypeSyntaxError(f"bad class name in {text!r}")
+            return Type(suffix, name=name)
+    if t in PRIMITIVES:
+        return Type(t)
+    if t in enums:
+        return Type("enum", name=t)
+    raise TypeSyntaxError(f"unknown type {text!r}")
+
+
+def zero_value(t: Type) -> Any:
+    """The value a field of type *t* holds when nothing set it (fresh containers)."""
+    if t.kind == "set":
+        return []
+    if t.kind in ("map", "record"):
+        return {}
+    return {"string": "", "int": 0, "float": 0.0, "bool": False, "datetime": EPOCH, "void": "",
+            "ref": NULL_REF, "enum": ""}[t.kind]
+
+
+def parse_default(t: Type, text: str, enum_values: dict[str, tuple[str, ...]]) -> Any:
+    """Parse a schema ``default`` attribute into a value of type *t* (raises ValueError)."""
+    if t.kind in ("set", "map"):
+        return coerce(t, json.loads(text), "default", enum_values)
+    if t.kind == "bool":
+        if text not in ("true", "false"):
+            raise ValueError(f"bool default must be true or false, not {text!r}")
+        return text == "true"
+    return coerce(t, text, "default", enum_values)
+
+
+_DT_FORMATS = ("%Y%m%dT%H:%M:%SZ", "%Y%m%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y%m%dT%H%M%SZ")
+
+
+def parse_datetime(text: str) -> datetime:
+    for fmt in _DT_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise
+    return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def format_datetime(value: datetime) -> str:
+    """xapi's datetime text: ``YYYYMMDDTHH:MM:SSZ`` in UTC."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc)
+    return value.strftime("%Y%m%dT%H:%M:%SZ")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ...]]) -> Any:
+    """Turn a decoded wire value into the in-memory value of type *t*.
+
+    Accepts every form real clients send (ints as ``<int>``/``<i8>`` or digit strings, floats
+    as ints or numeric strings, datetimes as ``DateTime`` or text).  Raises FIELD_TYPE_ERROR
+    for a value of the wrong kind and INVALID_VALUE for a bad enum or datetime text.
+    """
+    kind = t.kind
+    if kind in ("string", "ref"):
+        if isinstance(value, str):
+            return value
+        raise field_type_error(field)
+    if kind == "int":
+        if _is_int(value):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            return int(value)
+        raise field_type_error(field)
+    if kind == "float":
+        if isinstance(value, float) or _is_int(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise field_type_error(field) from None
+        raise field_type_error(field)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise field_type_error(field)
+    if kind == "enum":
+        if not isinstance(value, str):
+            raise field_type_error(field)
+        allowed = enum_values[t.name]
+        if value in allowed:
+            return value
+        for candidate in allowed:  # xapi matches enum text case-insensitively
+            if candidate.lower() == value.lower():
+                return candidate
+        raise invalid_value(field, value)
+    if kind == "datetime":
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        if isinstance(value, xmlrpc.client.DateTime):
+            value = value.value
+        if isinstance(value, str):
+            try:
+                return parse_datetime(value)
+            except ValueError:
+                raise invalid_value(field, value) from None
+        raise field_type_error(field)
+    if kind == "set":
+        if not isinstance(value, (list, tuple)):
+            raise field_type_error(field)
+        out: list[Any] = []
+        for item in value:
+            item = coerce(t.elem, item, field, enum_values)  # type: ignore[arg-type]
+            if item not in out:
+                out.append(item)
+        return out
+    if kind == "map":
+        if not isinstance(value, dict):
+            raise field_type_error(field)
+        result: dict[str, Any] = {}
+        for k, v in value.items():
+            key = coerce(t.key, k if isinstance(k, str) else str(k), field, enum_values)  # type: ignore[arg-type]
+            result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(t.elem, v, field, enum_values)  # type: ignore[arg-type]
+        return result
+    if kind == "record":
+        if not isinstance(value, dict):
+            raise field_type_error(field)
+        return value
+    if kind == "void":
+        return value
+    raise XenAPIError("INTERNAL_ERROR", f"cannot coerce type {t}")
+
+
+def to_json(value: Any) -> Any:
+    """A JSON-able form of an in-memory value (datetimes as xapi text)."""
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
+
+
+def from_json(t: Type, value: Any) -> Any:
+    """Inverse of :func:`to_json` for a value of type *t* (trusted: read from our own store)."""
+    if t.kind == "datetime":
+        return parse_datetime(value) if isinstance(value, str) else EPOCH
+    if t.kind == "set":
+        return [from_json(t.elem, v) for v in value]  # type: ignore[arg-type]
+    if t.kind == "map":
+        return {k: from_json(t.elem, v) for k, v in value.items()}  # type: ignore[arg-type]
+    return value

@@ -1,0 +1,1 @@
+"""Hypervisor backends: the driver interface (:mod:`.interface`) and its drivers."""

@@ -1,0 +1,264 @@
+"""The driver boundary: what xapid asks of a hypervisor backend.
+
+Drivers take and return the small frozen records defined here; they never see API
+references, store objects or wire values, and the API layer never sees a driver's
+internals (ctypes objects, xenstore paths).  Every method may block: callers run them
+through :class:`xapid.backend.runner.Runner` (a thread pool in the daemon, inline in tests).
+
+Failures are raised as :class:`BackendError` subclasses; the API layer maps them to
+Xen-API error codes in one place (:mod:`xapid.backend.errors`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from zope.interface import Attribute, Interface
+
+DomainState = Literal["running", "paused", "shutdown", "crashed", "dying"]
+ShutdownReason = Literal["poweroff", "reboot", "suspend", "crash", "watchdog", ""]
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """Static facts about the physical host."""
+
+    hostname: str
+    address: str
+    total_memory: int  # bytes
+    xen_version: str  # e.g. "4.17.3"
+    capabilities: tuple[str, ...]  # e.g. ("xen-3.0-x86_64", "hvm-3.0-x86_32")
+    sched_policy: str  # "credit", "credit2"
+    cpu_count: int
+    socket_count: int
+    cores_per_socket: int
+    threads_per_core: int
+    cpu_vendor: str
+    cpu_model_name: str
+    cpu_speed_mhz: int
+    cpu_family: int
+    cpu_model: int
+    cpu_stepping: int
+    cpu_flags: str
+    cpu_features: str
+    bios_strings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PhysicalCPU:
+    """One physical CPU as the hypervisor reports it."""
+
+    number: int
+    idle_time_ns: int  # cumulative idle time
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk given to a domain at build time or hot-plugged."""
+
+    device: str  # guest name, e.g. "xvda"
+    path: str  # file or block device in dom0; "" for an empty CD drive
+    mode: Literal["r", "w"]
+    kind: Literal["disk", "cdrom"] = "disk"
+    format: Literal["raw", "qcow2"] = "raw"
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """A network card given to a domain at build time or hot-plugged."""
+
+    devid: int
+    mac: str
+    bridge: str
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything needed to build a domain; derived from a VM record by the API layer."""
+
+    uuid: str  # the VM's uuid: the domain handle
+    name: str
+    domain_type: Literal["pv", "hvm", "pvh"]
+    memory_static_max: int  # bytes
+    memory_target: int  # bytes
+    vcpus_max: int
+    vcpus_at_startup: int
+    kernel: str = ""
+    ramdisk: str = ""
+    cmdline: str = ""
+    bootloader: str = ""
+    bootloader_args: str = ""
+    boot_order: str = ""  # HVM boot order, e.g. "cd"
+    platform: tuple[tuple[str, str], ...] = ()
+    vcpu_weight: int = 256
+    vcpu_cap: int = 0
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain as the hypervisor sees it right now."""
+
+    domid: int
+    uuid: str  # handle
+    name: str
+    state: DomainState
+    shutdown_reason: ShutdownReason
+    memory_actual: int  # bytes currently allocated
+    memory_target: int  # bytes
+    memory_max: int  # bytes
+    vcpus: int  # online vCPUs
+    vcpus_max: int
+    cpu_time_ns: int  # cumulative, all vCPUs
+    vcpu_time_ns: tuple[int, ...]  # cumulative per online vCPU
+    vcpu_cpu: tuple[int, ...]  # physical CPU each vCPU last ran on
+    start_time: float  # seconds since the epoch
+    domain_type: str  # "pv", "hvm", "pvh"
+    is_control_domain: bool = False
+
+
+@dataclass(frozen=True)
+class Counters:
+    """One batch of raw counters for the metrics sampler, read in a single call."""
+
+    timestamp: float
+    domains: tuple[DomainInfo, ...]
+    pcpus: tuple[PhysicalCPU, ...]
+    free_memory: int
+    total_memory: int
+
+
+class BackendError(Exception):
+    """A driver refused or failed an operation.  ``code`` is a stable driver-level reason."""
+
+    code = "BACKEND_FAILURE"
+
+    def __init__(self, message: str, *details: str):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotSupported(BackendError):
+    """The driver does not implement this operation."""
+
+    code = "NOT_SUPPORTED"
+
+
+class NoSuchDomain(BackendError):
+    code = "NO_SUCH_DOMAIN"
+
+
+class BadDomainState(BackendError):
+    """The domain is not in a state that allows the operation (e.g. pausing a paused domain)."""
+
+    code = "BAD_DOMAIN_STATE"
+
+
+class NotEnoughMemory(BackendError):
+    """The host cannot fit the domain.  details: (needed_bytes, available_bytes)."""
+
+    code = "NOT_ENOUGH_MEMORY"
+
+
+class InvalidSpec(BackendError):
+    """The domain spec is refused (too many vCPUs, memory too low, bad device …)."""
+
+    code = "INVALID_SPEC"
+
+
+class ShutdownTimeout(BackendError):
+    """The guest did not act on a clean shutdown/reboot/suspend request in time."""
+
+    code = "SHUTDOWN_TIMEOUT"
+
+
+class HypervisorUnavailable(BackendError):
+    """No hypervisor to talk to (raised by ``open``)."""
+
+    code = "NO_HYPERVISOR"
+
+
+class IBackend(Interface):
+    """A hypervisor driver.  All methods may block; all may raise :class:`BackendError`."""
+
+    name = Attribute("Short driver name: 'sim', 'xen'.")
+
+    def open() -> None:
+        """Connect to the hypervisor.  Raises HypervisorUnavailable with a one-line reason."""
+
+    def close() -> None:
+        """Release every handle; idempotent."""
+
+    def host_info() -> HostInfo:
+        """Static host facts."""
+
+    def physical_cpus() -> list[PhysicalCPU]:
+        """Every physical CPU with its cumulative idle time."""
+
+    def free_memory() -> int:
+        """Bytes the hypervisor could give to a new domain now."""
+
+    def list_domains() -> list[DomainInfo]:
+        """Every domain that exists, dom0 included, ordered by domid."""
+
+    def domain_info(uuid: str) -> DomainInfo:
+        """One domain by handle; NoSuchDomain when it does not exist."""
+
+    def create_domain(spec: DomainSpec, paused: bool) -> DomainInfo:
+        """Build a domain from *spec*.  Left paused when *paused*, else running.
+
+        NotEnoughMemory when it does not fit, InvalidSpec for a spec the hypervisor refuses.
+        """
+
+    def destroy_domain(uuid: str) -> None:
+        """Tear the domain down immediately (hard shutdown)."""
+
+    def pause_domain(uuid: str) -> None:
+        """Pause a running domain; BadDomainState otherwise."""
+
+    def unpause_domain(uuid: str) -> None:
+        """Unpause a paused domain; BadDomainState otherwise."""
+
+    def shutdown_domain(uuid: str, reason: str, timeout: float) -> None:
+        """Ask the guest to shut down cleanly (*reason* 'poweroff' or 'reboot') and wait.
+
+        For 'poweroff' the domain is gone on return; for 'reboot' it has been rebuilt and
+        runs again.  ShutdownTimeout when the guest does not comply within *timeout* s.
+        """
+
+    def reboot_domain(uuid: str) -> DomainInfo:
+        """Hard reboot: destroy and rebuild from the same spec, running."""
+
+    def suspend_domain(uuid: str, path: str, timeout: float) -> None:
+        """Save the domain's memory image to the file *path*, then destroy the domain."""
+
+    def resume_domain(spec: DomainSpec, path: str, paused: bool) -> DomainInfo:
+        """Rebuild a domain from the image at *path* (written by suspend_domain)."""
+
+    def set_vcpus(uuid: str, count: int) -> None:
+        """Set the number of online vCPUs of a running domain (1..vcpus_max)."""
+
+    def set_memory_target(uuid: str, target: int) -> None:
+        """Set the balloon target (bytes) of a running domain (≤ its maximum)."""
+
+    def attach_disk(uuid: str, disk: DiskSpec) -> None:
+        """Hot-plug a disk into a running domain."""
+
+    def detach_disk(uuid: str, device: str) -> None:
+        """Hot-unplug a disk from a running domain."""
+
+    def attach_nic(uuid: str, nic: NicSpec) -> None:
+        """Hot-plug a network card into a running domain."""
+
+    def detach_nic(uuid: str, devid: int) -> None:
+        """Hot-unplug a network card from a running domain."""
+
+    def read_counters() -> Counters:
+        """One batch of raw counters for every domain and physical CPU."""

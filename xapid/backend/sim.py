@@ -1,0 +1,773 @@
+"""The ``sim`` driver: a strict, persistent, deterministic simulated Xen host.
+
+It refuses what a real hypervisor would refuse (see :func:`_validate_spec` and the
+per-operation state checks), keeps its domain table in ``<state_dir>/sim-state.json``
+(rewritten atomically after every change, so domains "keep running" across daemon
+restarts) and derives every counter from the injected clock, never from wall time.
+
+Models, all documented where they are computed:
+
+* memory: :func:`_xen_overhead` and :func:`_domain_overhead`; a domain uses its
+  ``memory_actual`` (always equal to its target) plus its overhead;
+* CPU time: each online vCPU of a running domain runs ``load`` of the time;
+* physical CPU idle time: time since the simulated host booted minus the CPU time ever
+  consumed by domains, spread evenly over the physical CPUs.
+
+Sim-only helpers for tests: :meth:`SimBackend.devices`, :meth:`SimBackend.set_load`,
+:meth:`SimBackend.inject_fault`, :meth:`SimBackend.clear_faults`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from zope.interface import implementer
+from zope.interface.interface import Method
+
+from xapid.backend.interface import (
+    BackendError,
+    BadDomainState,
+    Counters,
+    DiskSpec,
+    DomainInfo,
+    DomainSpec,
+    HostInfo,
+    HypervisorUnavailable,
+    IBackend,
+    InvalidSpec,
+    NicSpec,
+    NoSuchDomain,
+    NotEnoughMemory,
+    PhysicalCPU,
+    ShutdownTimeout,
+)
+
+MiB = 2**20
+GiB = 2**30
+PAGE = 4096
+NS = 1_000_000_000
+
+STATE_FILE = "sim-state.json"
+STATE_VERSION = 1
+SUSPEND_MAGIC = "xapid-sim-suspend-v1"
+DOM0_UUID = "00000000-0000-0000-0000-000000000000"
+MIN_DOMAIN_MEMORY = 16 * MiB  # a real domain builder refuses less
+MAX_VCPUS = 512
+GUEST_LOAD = 0.1
+DOM0_LOAD = 0.05
+NO_PV_DRIVERS = ["sim-no-pv-drivers", "true"]  # platform entry: the guest ignores requests
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
+
+
+def _xen_overhead(total: int) -> int:
+    """Memory Xen keeps for itself: 64 MiB plus 1 MiB per GiB of host memory."""
+    return 64 * MiB + (total // GiB) * MiB
+
+
+def _domain_overhead(vcpus_max: int, memory_max: int) -> int:
+    """Per-domain overhead: 1 MiB per possible vCPU plus memory_max/256 (page tables), page-rounded."""
+    page_tables = -(-memory_max // 256)
+    return vcpus_max * MiB + -(-page_tables // PAGE) * PAGE
+
+
+def _spec_to_json(spec: DomainSpec) -> dict[str, Any]:
+    """The spec as plain JSON types (lists, not tuples), as stored in the state file."""
+    data = asdict(spec)
+    data.update(
+        platform=[list(entry) for entry in spec.platform],
+        disks=list(data["disks"]),
+        nics=list(data["nics"]),
+    )
+    return data
+
+
+def _validate_spec(spec: DomainSpec) -> None:
+    """Raise InvalidSpec for a spec the domain builder refuses."""
+    try:
+        uuidlib.UUID(spec.uuid)
+    except ValueError:
+        raise InvalidSpec(f"invalid domain handle {spec.uuid!r}") from None
+    if spec.domain_type not in ("pv", "hvm", "pvh"):
+        raise InvalidSpec(f"unknown domain type {spec.domain_type!r}")
+    if not 1 <= spec.vcpus_max <= MAX_VCPUS:
+        raise InvalidSpec(f"vcpus_max {spec.vcpus_max} not in 1..{MAX_VCPUS}")
+    if not 1 <= spec.vcpus_at_startup <= spec.vcpus_max:
+        raise InvalidSpec(f"vcpus_at_startup {spec.vcpus_at_startup} not in 1..{spec.vcpus_max}")
+    if spec.memory_static_max < MIN_DOMAIN_MEMORY:
+        raise InvalidSpec(f"memory_static_max {spec.memory_static_max} below {MIN_DOMAIN_MEMORY}")
+    if not MIN_DOMAIN_MEMORY <= spec.memory_target <= spec.memory_static_max:
+        raise InvalidSpec(
+            f"memory_target {spec.memory_target} not in {MIN_DOMAIN_MEMORY}..{spec.memory_static_max}"
+        )
+    if not 1 <= spec.vcpu_weight <= 65535 or spec.vcpu_cap < 0:
+        raise InvalidSpec(f"bad scheduler parameters weight={spec.vcpu_weight} cap={spec.vcpu_cap}")
+    if spec.domain_type != "hvm" and not (spec.kernel or spec.bootloader):
+        raise InvalidSpec("no kernel or bootloader")
+    for disk in spec.disks:
+        _validate_disk(disk)
+    for nic in spec.nics:
+        _validate_nic(nic)
+    if len({d.device for d in spec.disks}) != len(spec.disks):
+        raise InvalidSpec("duplicate disk device name")
+    if len({n.devid for n in spec.nics}) != len(spec.nics):
+        raise InvalidSpec("duplicate nic devid")
+
+
+def _validate_disk(disk: DiskSpec) -> None:
+    """Raise InvalidSpec for a disk the backend cannot build."""
+    if not disk.device:
+        raise InvalidSpec("disk without a device name")
+    if disk.kind == "disk" and not disk.path:
+        raise InvalidSpec(f"disk {disk.device} has no path (only a CD drive may be empty)")
+
+
+def _validate_nic(nic: NicSpec) -> None:
+    """Raise InvalidSpec for a network card the backend cannot build."""
+    if nic.devid < 0:
+        raise InvalidSpec(f"negative nic devid {nic.devid}")
+    if not _MAC.match(nic.mac):
+        raise InvalidSpec(f"invalid MAC address {nic.mac!r}")
+
+
+@dataclass
+class _Domain:
+    """One simulated domain, stored verbatim (``asdict``) in the state file."""
+
+    domid: int
+    uuid: str
+    name: str
+    domain_type: str
+    state: str  # "running" or "paused": the sim has no other live states
+    memory_target: int  # memory_actual follows it immediately
+    memory_max: int
+    vcpus: int
+    vcpus_max: int
+    vcpu_time_ns: list[int]  # per possible vCPU, accumulated up to `since`
+    since: float
+    start_time: float
+    load: float  # fraction of time each online vCPU runs while the domain runs
+    cpu_base_ns: int  # CPU time brought in by a resume: not consumed on this host
+    spec: dict[str, Any] | None  # None for dom0
+    disks: list[dict[str, Any]]
+    nics: list[dict[str, Any]]
+
+    def vcpu_times(self, now: float) -> list[int]:
+        """Cumulative time of every possible vCPU at *now*."""
+        if self.state != "running":
+            return list(self.vcpu_time_ns)
+        growth = round(self.load * max(0.0, now - self.since) * NS)
+        return [t + growth if i < self.vcpus else t for i, t in enumerate(self.vcpu_time_ns)]
+
+    def cpu_time(self, now: float) -> int:
+        """Cumulative CPU time of the whole domain at *now*."""
+        return sum(self.vcpu_times(now))
+
+    def checkpoint(self, now: float) -> None:
+        """Fold the time run so far into the accumulators (before a rate changes)."""
+        self.vcpu_time_ns = self.vcpu_times(now)
+        self.since = now
+
+    def usage(self) -> int:
+        """Host memory this domain holds."""
+        return self.memory_target + _domain_overhead(self.vcpus_max, self.memory_max)
+
+    def ignores_requests(self) -> bool:
+        """Whether the guest has no PV drivers to act on shutdown/suspend requests."""
+        return self.spec is not None and NO_PV_DRIVERS in self.spec["platform"]
+
+    def info(self, now: float, cpus: int) -> DomainInfo:
+        """The domain as the hypervisor reports it at *now*."""
+        times = self.vcpu_times(now)
+        return DomainInfo(
+            domid=self.domid,
+            uuid=self.uuid,
+            name=self.name,
+            state=self.state,  # type: ignore[arg-type]
+            shutdown_reason="",
+            memory_actual=self.memory_target,
+            memory_target=self.memory_target,
+            memory_max=self.memory_max,
+            vcpus=self.vcpus,
+            vcpus_max=self.vcpus_max,
+            cpu_time_ns=sum(times),
+            vcpu_time_ns=tuple(times[: self.vcpus]),
+            vcpu_cpu=tuple((self.domid + i) % cpus for i in range(self.vcpus)),
+            start_time=self.start_time,
+            domain_type=self.domain_type,
+            is_control_domain=self.domid == 0,
+        )
+
+
+@dataclass
+class _State:
+    """The whole simulated hypervisor state: what the state file holds."""
+
+    boot_time: float
+    next_domid: int
+    retired_busy_ns: int  # CPU time consumed by domains that no longer exist
+    domains: dict[str, _Domain]  # by uuid
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "boot_time": self.boot_time,
+            "next_domid": self.next_domid,
+            "retired_busy_ns": self.retired_busy_ns,
+            "domains": [asdict(d) for d in self.ordered()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _State:
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported version {data.get('version')!r}")
+        domains = [_Domain(**d) for d in data["domains"]]
+        return cls(
+            boot_time=float(data["boot_time"]),
+            next_domid=int(data["next_domid"]),
+            retired_busy_ns=int(data["retired_busy_ns"]),
+            domains={d.uuid: d for d in domains},
+        )
+
+    def ordered(self) -> list[_Domain]:
+        return sorted(self.domains.values(), key=lambda d: d.domid)
+
+    def take_domid(self) -> int:
+        domid = self.next_domid
+        self.next_domid += 1
+        return domid
+
+    def busy_ns(self, now: float) -> int:
+        """CPU time consumed on this host since it booted."""
+        live = sum(d.cpu_time(now) - d.cpu_base_ns for d in self.domains.values())
+        return self.retired_busy_ns + live
+
+    def remove(self, dom: _Domain, now: float) -> None:
+        self.retired_busy_ns += dom.cpu_time(now) - dom.cpu_base_ns
+        del self.domains[dom.uuid]
+
+
+@implementer(IBackend)
+class SimBackend:
+    """A simulated Xen host persisted in *state_dir*, timed by *clock* (seconds).
+
+    *shutdown_delay* is how long simulated guests take to act on a clean shutdown or
+    suspend request: a request whose timeout is shorter fails with ShutdownTimeout
+    (immediately: the sim never sleeps).
+    """
+
+    name = "sim"
+
+    def __init__(
+        self,
+        state_dir: str | pathlib.Path,
+        clock: Callable[[], float],
+        *,
+        cpus: int = 4,
+        memory: int = 16 * GiB,
+        dom0_memory: int = 1 * GiB,
+        dom0_vcpus: int = 4,
+        hostname: str = "xapid-sim",
+        address: str = "127.0.0.1",
+        shutdown_delay: float = 0.0,
+    ) -> None:
+        if cpus < 1 or dom0_vcpus < 1:
+            raise ValueError("the simulated host needs at least one CPU and dom0 one vCPU")
+        dom0_usage = dom0_memory + _domain_overhead(dom0_vcpus, dom0_memory)
+        if dom0_usage > memory - _xen_overhead(memory):
+            raise ValueError(f"dom0 ({dom0_usage} bytes) does not fit in {memory} bytes")
+        self._dir = pathlib.Path(state_dir)
+        self._clock = clock
+        self._cpus = cpus
+        self._memory = memory
+        self._dom0_memory = dom0_memory
+        self._dom0_vcpus = dom0_vcpus
+        self._hostname = hostname
+        self._address = address
+        self._shutdown_delay = shutdown_delay
+        self._lock = threading.Lock()
+        self._state: _State | None = None
+        self._idle_floor_ns = 0
+        self._faults: dict[str, tuple[BackendError, int]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load the state file, or boot a fresh host with only dom0; HypervisorUnavailable on failure."""
+        with self._lock:
+            self._take_fault("open")
+            if self._state is not None:
+                return
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+                state = self._load() or self._boot()
+                self._save(state.to_json())
+            except OSError as e:
+                raise HypervisorUnavailable(f"sim state directory {self._dir}: {e.strerror or e}") from e
+            self._state = state
+            self._idle_floor_ns = 0
+
+    def close(self) -> None:
+        """Forget the in-memory state (the state file stays); idempotent."""
+        with self._lock:
+            self._state = None
+
+    def _load(self) -> _State | None:
+        path = self._dir / STATE_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return _State.from_json(json.loads(text))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise HypervisorUnavailable(f"corrupt sim state file {path}: {e}") from e
+
+    def _boot(self) -> _State:
+        now = self._clock()
+        dom0 = _Domain(
+            domid=0,
+            uuid=DOM0_UUID,
+            name="Domain-0",
+            domain_type="pv",
+            state="running",
+            memory_target=self._dom0_memory,
+            memory_max=self._dom0_memory,
+            vcpus=self._dom0_vcpus,
+            vcpus_max=self._dom0_vcpus,
+            vcpu_time_ns=[0] * self._dom0_vcpus,
+            since=now,
+            start_time=now,
+            load=DOM0_LOAD,
+            cpu_base_ns=0,
+            spec=None,
+            disks=[],
+            nics=[],
+        )
+        return _State(boot_time=now, next_domid=1, retired_busy_ns=0, domains={DOM0_UUID: dom0})
+
+    def _save(self, data: dict[str, Any]) -> None:
+        """Write the state file atomically: temporary file, fsync, rename, fsync the directory."""
+        tmp = self._dir / (STATE_FILE + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._dir / STATE_FILE)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _operation(self, name: str) -> Iterator[_State]:
+        """Run one call under the lock as a transaction.
+
+        Raises an injected fault first; refuses when closed; persists the state when the
+        call changed it; restores it when the call (or the write) fails.
+        """
+        with self._lock:
+            self._take_fault(name)
+            if self._state is None:
+                raise HypervisorUnavailable("sim backend is not open")
+            before = self._state.to_json()
+            try:
+                yield self._state
+            except BaseException:
+                self._state = _State.from_json(before)
+                raise
+            after = self._state.to_json()
+            if after != before:
+                try:
+                    self._save(after)
+                except OSError as e:
+                    self._state = _State.from_json(before)
+                    raise BackendError(f"cannot write sim state: {e.strerror or e}") from e
+
+    # -- fault injection (sim only) ----------------------------------------------------
+
+    def inject_fault(self, operation: str, error: BackendError, count: int = 1) -> None:
+        """Make the next *count* calls of the IBackend method *operation* raise *error*."""
+        if not isinstance(IBackend.get(operation), Method) or count < 1:
+            raise ValueError(f"cannot inject {count} faults into {operation!r}")
+        with self._lock:
+            self._faults[operation] = (error, count)
+
+    def clear_faults(self) -> None:
+        """Drop every pending injected fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def _take_fault(self, name: str) -> None:
+        fault = self._faults.get(name)
+        if fault is None:
+            return
+        error, count = fault
+        if count > 1:
+            self._faults[name] = (error, count - 1)
+        else:
+            del self._faults[name]
+        raise error
+
+    # -- host --------------------------------------------------------------------------
+
+    def host_info(self) -> HostInfo:
+        """Static facts of the simulated host."""
+        with self._operation("host_info"):
+            return HostInfo(
+                hostname=self._hostname,
+                address=self._address,
+                total_memory=self._memory,
+                xen_version="4.17.3",
+                capabilities=("xen-3.0-x86_64", "hvm-3.0-x86_32", "hvm-3.0-x86_32p", "hvm-3.0-x86_64"),
+                sched_policy="credit",
+                cpu_count=self._cpus,
+                socket_count=1,
+                cores_per_socket=self._cpus,
+                threads_per_core=1,
+                cpu_vendor="GenuineIntel",
+                cpu_model_name="Simulated Xen CPU @ 2.40GHz",
+                cpu_speed_mhz=2400,
+                cpu_family=6,
+                cpu_model=85,
+                cpu_stepping=4,
+                cpu_flags=(
+                    "fpu de tsc msr pae mce cx8 apic sep mca cmov pat clflush acpi mmx fxsr sse sse2 "
+                    "ht syscall nx lm constant_tsc nopl pni pclmulqdq vmx ssse3 fma cx16 sse4_1 "
+                    "sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm "
+                    "avx2 bmi1 bmi2 erms avx512f avx512dq"
+                ),
+                cpu_features="7ffefbff-bfebfbff-00000121-2c100800",
+                bios_strings={
+                    "bios-vendor": "xapid",
+                    "system-manufacturer": "xapid",
+                    "system-product-name": "sim",
+                },
+            )
+
+    def physical_cpus(self) -> list[PhysicalCPU]:
+        """Every physical CPU with its cumulative idle time."""
+        with self._operation("physical_cpus") as state:
+            return self._pcpus(state, self._clock())
+
+    def free_memory(self) -> int:
+        """Host memory minus Xen's overhead minus what every domain holds."""
+        with self._operation("free_memory") as state:
+            return self._free(state)
+
+    def read_counters(self) -> Counters:
+        """One consistent batch of counters at a single clock reading."""
+        with self._operation("read_counters") as state:
+            now = self._clock()
+            return Counters(
+                timestamp=now,
+                domains=tuple(d.info(now, self._cpus) for d in state.ordered()),
+                pcpus=tuple(self._pcpus(state, now)),
+                free_memory=self._free(state),
+                total_memory=self._memory,
+            )
+
+    def _free(self, state: _State) -> int:
+        used = sum(d.usage() for d in state.domains.values())
+        return self._memory - _xen_overhead(self._memory) - used
+
+    def _pcpus(self, state: _State, now: float) -> list[PhysicalCPU]:
+        """Idle = time since boot − busy time / CPUs; held when overcommitted, so never decreasing."""
+        elapsed = round(max(0.0, now - state.boot_time) * NS)
+        idle = max(self._idle_floor_ns, elapsed - state.busy_ns(now) // self._cpus)
+        self._idle_floor_ns = idle
+        return [PhysicalCPU(number=i, idle_time_ns=idle) for i in range(self._cpus)]
+
+    def _check_fits(self, state: _State, needed: int, what: str) -> None:
+        available = self._free(state)
+        if needed > available:
+            raise NotEnoughMemory(
+                f"{what} needs {needed} bytes, {available} available", str(needed), str(available)
+            )
+
+    # -- domains -----------------------------------------------------------------------
+
+    def list_domains(self) -> list[DomainInfo]:
+        """Every domain, dom0 included, ordered by domid."""
+        with self._operation("list_domains") as state:
+            now = self._clock()
+            return [d.info(now, self._cpus) for d in state.ordered()]
+
+    def domain_info(self, uuid: str) -> DomainInfo:
+        """One domain by handle; NoSuchDomain when absent."""
+        with self._operation("domain_info") as state:
+            return self._lookup(state, uuid).info(self._clock(), self._cpus)
+
+    def devices(self, uuid: str) -> dict[str, tuple[Any, ...]]:
+        """Sim only: the disks and nics a domain currently has, as ``{"disks": …, "nics": …}``."""
+        with self._operation("devices") as state:
+            dom = self._lookup(state, uuid)
+            return {
+                "disks": tuple(DiskSpec(**d) for d in dom.disks),
+                "nics": tuple(NicSpec(**n) for n in dom.nics),
+            }
+
+    def set_load(self, uuid: str, load: float) -> None:
+        """Sim only: the fraction of time each online vCPU of the domain runs (0..1)."""
+        if not 0.0 <= load <= 1.0:
+            raise ValueError(f"load {load} not in 0..1")
+        with self._operation("set_load") as state:
+            dom = self._lookup(state, uuid)
+            dom.checkpoint(self._clock())
+            dom.load = float(load)
+
+    def create_domain(self, spec: DomainSpec, paused: bool) -> DomainInfo:
+        """Build a domain from *spec*, paused or running."""
+        with self._operation("create_domain") as state:
+            self._check_buildable(state, spec)
+            now = self._clock()
+            dom = self._build(state, spec, now, paused, spec.memory_target, spec.vcpus_at_startup)
+            return dom.info(now, self._cpus)
+
+    def destroy_domain(self, uuid: str) -> None:
+        """Remove a domain at once, in any state."""
+        with self._operation("destroy_domain") as state:
+            dom = self._guest(state, uuid, "destroy")
+            state.remove(dom, self._clock())
+
+    def pause_domain(self, uuid: str) -> None:
+        """Pause a running domain."""
+        with self._operation("pause_domain") as state:
+            dom = self._guest(state, uuid, "pause")
+            self._require_state(dom, "running", "pause")
+            dom.checkpoint(self._clock())
+            dom.state = "paused"
+
+    def unpause_domain(self, uuid: str) -> None:
+        """Unpause a paused domain."""
+        with self._operation("unpause_domain") as state:
+            dom = self._guest(state, uuid, "unpause")
+            self._require_state(dom, "paused", "unpause")
+            dom.since = self._clock()
+            dom.state = "running"
+
+    def shutdown_domain(self, uuid: str, reason: str, timeout: float) -> None:
+        """Clean shutdown: 'poweroff' removes the domain, 'reboot' rebuilds it with a new domid."""
+        if reason not in ("poweroff", "reboot"):
+            raise BackendError(f"unknown shutdown reason {reason!r}", reason)
+        with self._operation("shutdown_domain") as state:
+            dom = self._guest(state, uuid, "shut down")
+            self._require_state(dom, "running", f"{reason} cleanly")
+            self._request_guest(dom, reason, timeout)
+            now = self._clock()
+            if reason == "poweroff":
+                state.remove(dom, now)
+            else:
+                self._rebuild(state, dom, now)
+
+    def reboot_domain(self, uuid: str) -> DomainInfo:
+        """Hard reboot: rebuild at once with a new domid, running, CPU time reset."""
+        with self._operation("reboot_domain") as state:
+            dom = self._guest(state, uuid, "reboot")
+            now = self._clock()
+            self._rebuild(state, dom, now)
+            return dom.info(now, self._cpus)
+
+    def suspend_domain(self, uuid: str, path: str, timeout: float) -> None:
+        """Write a running domain's image to the file *path*, then remove the domain."""
+        with self._operation("suspend_domain") as state:
+            dom = self._guest(state, uuid, "suspend")
+            self._require_state(dom, "running", "suspend")
+            self._request_guest(dom, "suspend", timeout)
+            now = self._clock()
+            image = {
+                "magic": SUSPEND_MAGIC,
+                "uuid": dom.uuid,
+                "spec": dom.spec,
+                "memory_target": dom.memory_target,
+                "memory_max": dom.memory_max,
+                "vcpus": dom.vcpus,
+                "vcpu_time_ns": dom.vcpu_times(now),
+                "cpu_time_ns": dom.cpu_time(now),
+                "load": dom.load,
+            }
+            try:
+                with open(path, "w") as f:
+                    json.dump(image, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise BackendError(f"cannot write suspend image {path}: {e.strerror or e}", path) from e
+            state.remove(dom, now)
+
+    def resume_domain(self, spec: DomainSpec, path: str, paused: bool) -> DomainInfo:
+        """Rebuild the domain of *spec* from its image at *path*; its CPU time continues."""
+        with self._operation("resume_domain") as state:
+            self._check_buildable(state, spec)
+            image = self._read_image(spec, path)
+            if image["memory_target"] > spec.memory_static_max or image["vcpus"] > spec.vcpus_max:
+                raise InvalidSpec(f"suspend image {path} does not fit the spec's maxima")
+            now = self._clock()
+            dom = self._build(state, spec, now, paused, image["memory_target"], image["vcpus"])
+            times = image["vcpu_time_ns"] + [0] * spec.vcpus_max
+            dom.vcpu_time_ns = times[: spec.vcpus_max]
+            dom.cpu_base_ns = sum(dom.vcpu_time_ns)
+            dom.load = image["load"]
+            return dom.info(now, self._cpus)
+
+    def set_vcpus(self, uuid: str, count: int) -> None:
+        """Set the online vCPUs (1..vcpus_max); offline vCPUs keep their time."""
+        with self._operation("set_vcpus") as state:
+            dom = self._lookup(state, uuid)
+            if not 1 <= count <= dom.vcpus_max:
+                raise InvalidSpec(f"vCPU count {count} not in 1..{dom.vcpus_max}")
+            dom.checkpoint(self._clock())
+            dom.vcpus = count
+
+    def set_memory_target(self, uuid: str, target: int) -> None:
+        """Set the balloon target; memory_actual follows at once, growth must fit free memory."""
+        with self._operation("set_memory_target") as state:
+            dom = self._lookup(state, uuid)
+            if not MIN_DOMAIN_MEMORY <= target <= dom.memory_max:
+                raise InvalidSpec(f"memory target {target} not in {MIN_DOMAIN_MEMORY}..{dom.memory_max}")
+            if target > dom.memory_target:
+                self._check_fits(state, target - dom.memory_target, f"domain {dom.domid}")
+            dom.memory_target = target
+
+    def attach_disk(self, uuid: str, disk: DiskSpec) -> None:
+        """Hot-plug a disk; InvalidSpec when the device name is taken."""
+        with self._operation("attach_disk") as state:
+            dom = self._lookup(state, uuid)
+            _validate_disk(disk)
+            if any(d["device"] == disk.device for d in dom.disks):
+                raise InvalidSpec(f"domain {dom.domid} already has a disk {disk.device}")
+            dom.disks.append(asdict(disk))
+
+    def detach_disk(self, uuid: str, device: str) -> None:
+        """Hot-unplug a disk; InvalidSpec when absent."""
+        with self._operation("detach_disk") as state:
+            dom = self._lookup(state, uuid)
+            kept = [d for d in dom.disks if d["device"] != device]
+            if len(kept) == len(dom.disks):
+                raise InvalidSpec(f"domain {dom.domid} has no disk {device}")
+            dom.disks = kept
+
+    def attach_nic(self, uuid: str, nic: NicSpec) -> None:
+        """Hot-plug a network card; InvalidSpec when the devid is taken."""
+        with self._operation("attach_nic") as state:
+            dom = self._lookup(state, uuid)
+            _validate_nic(nic)
+            if any(n["devid"] == nic.devid for n in dom.nics):
+                raise InvalidSpec(f"domain {dom.domid} already has a nic {nic.devid}")
+            dom.nics.append(asdict(nic))
+
+    def detach_nic(self, uuid: str, devid: int) -> None:
+        """Hot-unplug a network card; InvalidSpec when absent."""
+        with self._operation("detach_nic") as state:
+            dom = self._lookup(state, uuid)
+            kept = [n for n in dom.nics if n["devid"] != devid]
+            if len(kept) == len(dom.nics):
+                raise InvalidSpec(f"domain {dom.domid} has no nic {devid}")
+            dom.nics = kept
+
+    # -- helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _lookup(state: _State, uuid: str) -> _Domain:
+        try:
+            return state.domains[uuid]
+        except KeyError:
+            raise NoSuchDomain(f"no domain with handle {uuid}", uuid) from None
+
+    @classmethod
+    def _guest(cls, state: _State, uuid: str, action: str) -> _Domain:
+        """The domain *uuid*, refusing the control domain."""
+        dom = cls._lookup(state, uuid)
+        if dom.domid == 0:
+            raise BadDomainState(f"cannot {action} the control domain", "running")
+        return dom
+
+    @staticmethod
+    def _require_state(dom: _Domain, wanted: str, action: str) -> None:
+        if dom.state != wanted:
+            raise BadDomainState(f"cannot {action} domain {dom.domid}: it is {dom.state}", dom.state)
+
+    def _request_guest(self, dom: _Domain, request: str, timeout: float) -> None:
+        """Ask the guest to act; ShutdownTimeout when it would not within *timeout*."""
+        if dom.ignores_requests() or self._shutdown_delay > timeout:
+            raise ShutdownTimeout(f"domain {dom.domid} did not {request} within {timeout}s")
+
+    @staticmethod
+    def _check_buildable(state: _State, spec: DomainSpec) -> None:
+        """Refuse an invalid spec or one whose handle is taken."""
+        _validate_spec(spec)
+        if spec.uuid in state.domains:
+            raise InvalidSpec(f"a domain with handle {spec.uuid} already exists")
+
+    def _build(
+        self, state: _State, spec: DomainSpec, now: float, paused: bool, memory: int, vcpus: int
+    ) -> _Domain:
+        """Add a domain for *spec* with *memory* and *vcpus* online; NotEnoughMemory when it won't fit."""
+        dom = _Domain(
+            domid=0,  # assigned once it fits
+            uuid=spec.uuid,
+            name=spec.name,
+            domain_type=spec.domain_type,
+            state="paused" if paused else "running",
+            memory_target=memory,
+            memory_max=spec.memory_static_max,
+            vcpus=vcpus,
+            vcpus_max=spec.vcpus_max,
+            vcpu_time_ns=[0] * spec.vcpus_max,
+            since=now,
+            start_time=now,
+            load=GUEST_LOAD,
+            cpu_base_ns=0,
+            spec=_spec_to_json(spec),
+            disks=[asdict(d) for d in spec.disks],
+            nics=[asdict(n) for n in spec.nics],
+        )
+        self._check_fits(state, dom.usage(), f"domain {spec.name!r}")
+        dom.domid = state.take_domid()
+        state.domains[dom.uuid] = dom
+        return dom
+
+    @staticmethod
+    def _rebuild(state: _State, dom: _Domain, now: float) -> None:
+        """Reboot in place: new domid, running, CPU time reset; configuration and devices kept."""
+        state.remove(dom, now)
+        dom.domid = state.take_domid()
+        dom.state = "running"
+        dom.vcpu_time_ns = [0] * dom.vcpus_max
+        dom.cpu_base_ns = 0
+        dom.since = now
+        dom.start_time = now
+        state.domains[dom.uuid] = dom
+
+    @staticmethod
+    def _read_image(spec: DomainSpec, path: str) -> dict[str, Any]:
+        """The suspend image at *path* for *spec*; BackendError naming what is wrong."""
+        try:
+            with open(path) as f:
+                image = json.load(f)
+        except OSError as e:
+            raise BackendError(f"cannot read suspend image {path}: {e.strerror or e}", path) from e
+        except ValueError as e:
+            raise BackendError(f"corrupt suspend image {path}: {e}", path) from e
+        if not isinstance(image, dict) or image.get("magic") != SUSPEND_MAGIC:
+            raise BackendError(f"{path} is not a sim suspend image", path)
+        if image.get("uuid") != spec.uuid:
+            raise BackendError(f"suspend image {path} belongs to domain {image.get('uuid')}", path)
+        fields = {"memory_target": int, "vcpus": int, "vcpu_time_ns": list, "load": float}
+        if not all(isinstance(image.get(k), t) for k, t in fields.items()):
+            raise BackendError(f"corrupt suspend image {path}: missing or bad fields", path)
+        return image

@@ -1,0 +1,113 @@
+"""The command line: ``xapid serve``, ``xapid user …``, ``xapid schema-doc``.
+
+This is the only module that imports the global reactor.  Errors a user can cause print
+one line ``xapid: …`` on stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from xapid import __version__
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xapid.usercli import add_user_subparsers
+
+    parser = argparse.ArgumentParser(prog="xapid", description="Xen Management API daemon")
+    parser.add_argument("--version", action="version", version=f"xapid {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", help="INI config file (default /etc/xapid/xapid.conf if present)")
+    serve.add_argument("--listen", action="append", metavar="ENDPOINT",
+                       help="Twisted server endpoint string, e.g. tcp:9363:interface=127.0.0.1 (repeatable)")
+    serve.add_argument("--backend", choices=("sim", "xen"), help="hypervisor driver")
+    serve.add_argument("--state-dir", help="directory for the database and driver state")
+    serve.add_argument("--users", help="users file")
+    add_user_subparsers(sub)
+    doc = sub.add_parser("schema-doc", help="print the served classes and messages as Markdown")
+    doc.add_argument("--output", help="write to this file instead of stdout")
+    return parser
+
+
+def _fail(stderr: TextIO, message: str) -> int:
+    stderr.write(f"xapid: {message}\n")
+    stderr.flush()
+    return EXIT_USAGE
+
+
+def serve(args: argparse.Namespace, stderr: TextIO) -> int:
+    from xapid.config import ConfigError, load_config, override
+
+    try:
+        config = override(load_config(args.config), listen=args.listen, backend=args.backend,
+                          state_dir=args.state_dir, users=args.users)
+    except ConfigError as exc:
+        return _fail(stderr, str(exc))
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from xapid.logs import start_logging
+    from xapid.server import Daemon, StartupError
+
+    start_logging(stderr, config.server.log_level)
+    daemon = Daemon(config, reactor)
+    outcome: dict[str, Any] = {"code": 0}
+
+    async def run() -> None:
+        try:
+            await daemon.start()
+        except StartupError as exc:
+            outcome["code"] = _fail(stderr, str(exc))
+            await daemon.stop()
+            reactor.stop()
+            return
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the user
+            outcome["code"] = _fail(stderr, f"unexpected error during start-up: {type(exc).__name__}: {exc}")
+            await daemon.stop()
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(daemon.stop()))
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()))
+    reactor.run()
+    return outcome["code"]
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args, stderr)
+    if args.command == "user":
+        from xapid.usercli import run_user_command
+
+        return run_user_command(args, stdin, stdout, stderr, isatty=stdin.isatty())
+    if args.command == "schema-doc":
+        from xapid.schema import SchemaError, load_schema
+        from xapid.schemadoc import render
+
+        try:
+            text = render(load_schema())
+        except SchemaError as exc:
+            return _fail(stderr, f"schema error: {exc}")
+        if args.output:
+            try:
+                with open(args.output, "w", encoding="utf-8") as out:
+                    out.write(text)
+            except OSError as exc:
+                return _fail(stderr, f"cannot write {args.output}: {exc.strerror}")
+        else:
+            stdout.write(text)
+        return 0
+    return _fail(stderr, f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Configuration: an INI file (``etc/xapid.conf`` documents every key) read into frozen sections.
+
+Every key is validated before any service starts; a problem raises :class:`ConfigError`
+naming the file, the section and the key.  Unknown sections and keys are errors too.
+"""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("/etc/xapid/xapid.conf")
+
+
+class ConfigError(Exception):
+    """One line saying what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = ("tcp:9363:interface=127.0.0.1",)
+    backend: str = "sim"
+    state_dir: str = "/var/lib/xapid"
+    users: str = "/etc/xapid/users"
+    threads: int = 10
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    session_idle_timeout: float = 86400.0
+    max_sessions_per_user: int = 500
+    auth_failure_delay: float = 2.0
+    shutdown_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 8 << 20
+    max_depth: int = 64
+    max_elements: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    cpus: int = 4
+    memory_mib: int = 16384
+    dom0_memory_mib: int = 1024
+    dom0_vcpus: int = 4
+    hostname: str = "xapid-sim"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    source: str = "<defaults>"
+
+
+BACKENDS = ("sim", "xen")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+_POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "max_body_bytes",
+             "max_depth", "max_elements", "cpus", "memory_mib", "dom0_memory_mib", "dom0_vcpus"}
+
+
+def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any:
+    problem = f"{where}: [{section}] {key}"
+    if isinstance(default, tuple):
+        items = tuple(part for line in text.splitlines() for part in [line.strip()] if part)
+        if not items:
+            raise ConfigError(f"{problem}: needs at least one value")
+        return items
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise ConfigError(f"{problem}: expected true or false, got {text!r}")
+        return text.lower() in ("true", "yes", "1")
+    if isinstance(default, int):
+        try:
+            value: Any = int(text)
+        except ValueError:
+            raise ConfigError(f"{problem}: expected a whole number, got {text!r}") from None
+    elif isinstance(default, float):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{problem}: expected a number, got {text!r}") from None
+    else:
+        value = text.strip()
+        if not value and key != "hostname":
+            raise ConfigError(f"{problem}: must not be empty")
+    if key in _POSITIVE and value <= 0:
+        raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")
+    if key in ("auth_failure_delay",) and value < 0:
+        raise ConfigError(f"{problem}: must not be negative, got {text!r}")
+    if key == "backend" and value not in BACKENDS:
+        raise ConfigError(f"{problem}: unknown backend {value!r} (expected one of: {', '.join(BACKENDS)})")
+    if key == "log_level" and value not in LOG_LEVELS:
+        raise ConfigError(f"{problem}: unknown level {value!r} (expected one of: {', '.join(LOG_LEVELS)})")
+    return value
+
+
+def parse_config(text: str, where: str) -> Config:
+    """Parse INI *text* (from *where*, for messages) into a validated Config."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=where)
+    except configparser.Error as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: {first}") from None
+    config = Config(source=where)
+    sections = {f.name: f for f in fields(Config) if f.name != "source"}
+    for name in parser.sections():
+        if name not in sections:
+            raise ConfigError(f"{where}: unknown section [{name}] (expected one of: {', '.join(sections)})")
+        current = getattr(config, name)
+        known = {f.name: getattr(current, f.name) for f in fields(current)}
+        changes = {}
+        for key, text_value in parser.items(name):
+            if key not in known:
+                raise ConfigError(f"{where}: [{name}] unknown key {key!r} (expected one of: {', '.join(known)})")
+            changes[key] = _convert(name, key, text_value, known[key], where)
+        config = replace(config, **{name: replace(current, **changes)})
+    if config.sim.dom0_vcpus > config.sim.cpus * 8:
+        raise ConfigError(f"{where}: [sim] dom0_vcpus: at most 8 per physical CPU")
+    return config
+
+
+def load_config(path: str | None) -> Config:
+    """The config from *path*; without one, /etc/xapid/xapid.conf when present, else defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return Config()
+        path = str(DEFAULT_CONFIG)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    return parse_config(text, path)
+
+
+def override(config: Config, *, listen: list[str] | None = None, backend: str | None = None,
+             state_dir: str | None = None, users: str | None = None) -> Config:
+    """Apply command-line flags (validated like config values)."""
+    changes: dict[str, Any] = {}
+    if listen:
+        changes["listen"] = tuple(listen)
+    if backend is not None:
+        changes["backend"] = _convert("server", "backend", backend, "", "--backend")
+    if state_dir is not None:
+        changes["state_dir"] = _convert("server", "state_dir", state_dir, "", "--state-dir")
+    if users is not None:
+        changes["users"] = _convert("server", "users", users, "", "--users")
+    return replace(config, server=replace(config.server, **changes)) if changes else config

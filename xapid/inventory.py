@@ -1,0 +1,165 @@
+"""The host's own objects, created on first start and reconciled with the driver on every start.
+
+First start: one pool, one host with its host_cpus and host_metrics, the control domain
+as a VM.  Every start: host facts refreshed from the driver, host_cpus matched to the
+physical CPUs, users mirrored from the users file, and every VM's runtime fields
+(power_state, domid, resident_on, current_operations, metrics) set from the domains
+that really exist — domains that vanished make their VMs Halted, domains without a VM are
+reported and left alone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.logger import Logger
+
+from xapid import __version__
+from xapid.apitypes import NULL_REF
+from xapid.backend.interface import DomainInfo, HostInfo
+
+log = Logger()
+
+API_VERSION = (2, 21)
+
+
+def _stamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(int(seconds), tz=timezone.utc)
+
+
+def host_fields(info: HostInfo) -> dict[str, Any]:
+    """Host record fields that come from the driver."""
+    return {
+        "name_label": info.hostname, "hostname": info.hostname, "address": info.address,
+        "API_version_major": API_VERSION[0], "API_version_minor": API_VERSION[1],
+        "API_version_vendor": "XenSource", "API_version_vendor_implementation": {"xapid": __version__},
+        "software_version": {
+            "product_version": __version__, "product_brand": "xapid", "platform_name": "Xen",
+            "platform_version": info.xen_version, "xen": info.xen_version, "xapid": __version__,
+            "hostname": info.hostname, "date": "", "build_number": __version__,
+        },
+        "capabilities": list(info.capabilities), "sched_policy": info.sched_policy,
+        "cpu_info": {
+            "cpu_count": str(info.cpu_count), "socket_count": str(info.socket_count),
+            "vendor": info.cpu_vendor, "speed": f"{info.cpu_speed_mhz:.3f}", "modelname": info.cpu_model_name,
+            "family": str(info.cpu_family), "model": str(info.cpu_model), "stepping": str(info.cpu_stepping),
+            "flags": info.cpu_flags, "features": info.cpu_features,
+        },
+        "cpu_configuration": {"nr_cpus": str(info.cpu_count), "cores_per_socket": str(info.cores_per_socket),
+                              "threads_per_core": str(info.threads_per_core)},
+        "bios_strings": dict(info.bios_strings), "edition": "xapid", "editions": ["xapid"],
+        "license_params": {"sku_type": "free", "restrict_ha": "true"},
+        "supported_bootloaders": ["pygrub", "eliloader"], "virtual_hardware_platform_versions": [0, 1, 2],
+    }
+
+
+async def initialise(api: Any) -> None:
+    """Create or refresh the inventory and reconcile VMs with the driver's domains."""
+    hv, store = api.hypervisor, api.store
+    info: HostInfo = await hv.call("host_info")
+    pcpus = await hv.call("physical_cpus")
+    domains: list[DomainInfo] = await hv.call("list_domains")
+    free = await hv.call("free_memory")
+    now = _stamp(api.clock())
+    with store.transaction():
+        hosts = store.refs("host")
+        if hosts:
+            host = hosts[0]
+            fields = host_fields(info)
+            other = dict(store.get(host).fields["other_config"])
+            if other.pop("xapid_auto_enable", "false") == "true":  # set by host.disable(auto_enable=true)
+                fields.update(enabled=True, other_config=other)
+            store.update(host, fields)
+        else:
+            host = store.add("host", {**host_fields(info), "enabled": True})
+            log.info("initialised a new inventory for host {hostname}", hostname=info.hostname)
+        api.host_ref = host
+        pools = store.refs("pool")
+        api.pool_ref = pools[0] if pools else store.add("pool", {"master": host})
+        store.update(api.pool_ref, {"master": host, "cpu_info": {
+            "cpu_count": str(info.cpu_count), "socket_count": str(info.socket_count),
+            "vendor": info.cpu_vendor}})
+        _host_metrics(store, host, info, free, now)
+        _host_cpus(store, host, info, pcpus)
+        _mirror_users(api)
+        _reconcile(api, host, domains, now)
+
+
+def _host_metrics(store: Any, host: str, info: HostInfo, free: int, now: datetime) -> None:
+    fields = {"memory_total": info.total_memory, "memory_free": free, "live": True, "last_updated": now}
+    metrics = store.get(host).fields["metrics"]
+    if store.exists(metrics, "host_metrics"):
+        store.update(metrics, fields)
+    else:
+        store.update(host, {"metrics": store.add("host_metrics", fields)})
+
+
+def _host_cpus(store: Any, host: str, info: HostInfo, pcpus: list[Any]) -> None:
+    by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")}
+    wanted = {c.number for c in pcpus}
+    for number, ref in by_number.items():
+        if number not in wanted:
+            store.remove(ref)
+    for cpu in pcpus:
+        fields = {"host": host, "number": cpu.number, "vendor": info.cpu_vendor, "speed": info.cpu_speed_mhz,
+                  "modelname": info.cpu_model_name, "family": info.cpu_family, "model": info.cpu_model,
+                  "stepping": str(info.cpu_stepping), "flags": info.cpu_flags, "features": info.cpu_features}
+        if cpu.number in by_number:
+            store.update(by_number[cpu.number], fields)
+        else:
+            store.add("host_cpu", fields)
+
+
+def _mirror_users(api: Any) -> None:
+    store = api.store
+    known = {o.fields["short_name"]: o.ref for o in store.all("user")}
+    for user in api.users.list():
+        if user.name not in known:
+            store.add("user", {"short_name": user.name, "fullname": user.name})
+
+
+def _reconcile(api: Any, host: str, domains: list[DomainInfo], now: datetime) -> None:
+    from xapid.objects.vm import metrics_fields  # the VM module owns the metrics layout
+
+    store = api.store
+    by_uuid = {d.uuid: d for d in domains if not d.is_control_domain}
+    dom0 = next((d for d in domains if d.is_control_domain), None)
+    control = [o for o in store.all("VM") if o.fields["is_control_domain"]]
+    if dom0 is not None and not control:
+        metrics = store.add("VM_metrics", {"install_time": now})
+        ref = store.add("VM", {
+            "name_label": f"Control domain on host: {store.get(host).fields['hostname']}",
+            "name_description": "The domain which manages physical devices and manages other domains",
+            "is_control_domain": True, "metrics": metrics, "memory_static_max": dom0.memory_max,
+            "memory_dynamic_max": dom0.memory_target, "memory_dynamic_min": dom0.memory_target,
+            "memory_static_min": dom0.memory_target, "VCPUs_max": dom0.vcpus_max,
+            "VCPUs_at_startup": dom0.vcpus, "domain_type": "pv", "user_version": 1,
+            "actions_after_shutdown": "destroy", "actions_after_reboot": "destroy",
+            "actions_after_crash": "destroy",
+        })
+        control = [store.get(ref)]
+    if dom0 is not None:
+        store.update(host, {"control_domain": control[0].ref})
+    seen: set[str] = set()
+    for vm in store.all("VM"):
+        domain = dom0 if vm.fields["is_control_domain"] else by_uuid.get(vm.fields["uuid"])
+        changes: dict[str, Any] = {"current_operations": {}}
+        if domain is not None:
+            seen.add(domain.uuid)
+            changes.update(power_state="Paused" if domain.state == "paused" else "Running",
+                           domid=domain.domid, resident_on=host)
+            metrics = vm.fields["metrics"]
+            if store.exists(metrics, "VM_metrics"):
+                store.update(metrics, metrics_fields(domain, now))
+        elif vm.fields["power_state"] in ("Running", "Paused"):
+            log.warn("VM {uuid} was {state} but its domain is gone: now Halted", uuid=vm.fields["uuid"],
+                     state=vm.fields["power_state"])
+            changes.update(power_state="Halted", domid=-1, resident_on=NULL_REF)
+        else:
+            changes.update(domid=-1, resident_on=NULL_REF)
+        store.update(vm.ref, changes)
+    for domain in domains:
+        if not domain.is_control_domain and domain.uuid not in seen:
+            log.warn("domain {domid} ({uuid}, {name!r}) has no VM here; left alone",
+                     domid=domain.domid, uuid=domain.uuid, name=domain.name)

@@ -1,0 +1,148 @@
+"""The messages the schema derives: getters, setters, set/map updates, records, lookups,
+generated create/destroy.  Nothing here knows a particular class."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from xapid.apitypes import coerce
+from xapid.errors import XenAPIError, field_type_error, handle_invalid, uuid_invalid
+from xapid.schema import MessageSpec
+
+
+class CachedRecord:
+    """A record on its way to the wire: encoded once per format until the object changes."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def encoded(self, fmt: str, encode: Callable[[Any], str]) -> str:
+        cache = self.obj.cache
+        text = cache.get(fmt)
+        if text is None:
+            text = cache[fmt] = encode(self.obj.fields)
+        return text
+
+    @property
+    def value(self) -> dict[str, Any]:
+        """The record as a plain dict (a copy)."""
+        return dict(self.obj.fields)
+
+
+def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Fields for a new *cls* object from a ``create`` record, as xapi reads it.
+
+    Required fields must be present (FIELD_TYPE_ERROR naming the first missing one);
+    optional ones take the schema default; runtime-only and unknown fields are ignored.
+    Refs must name live objects or be OpaqueRef:NULL (HANDLE_INVALID).
+    """
+    schema = ctx.api.schema
+    spec = schema.classes[cls]
+    fields: dict[str, Any] = {}
+    for f in spec.fields.values():
+        if f.create == "no":
+            continue
+        if f.name not in args:
+            if f.create == "required":
+                raise field_type_error(f.name)
+            continue
+        value = coerce(f.type, args[f.name], f.name, schema.enums)
+        check_refs(ctx, f.type, value)
+        fields[f.name] = value
+    return fields
+
+
+def check_refs(ctx: Any, t: Any, value: Any) -> None:
+    """HANDLE_INVALID for a ref (or set of refs) that is neither NULL nor a live object."""
+    store, classes = ctx.api.store, ctx.api.schema.classes
+    if t.kind == "ref" and t.name in classes and value != "OpaqueRef:NULL" and not store.exists(value, t.name):
+        raise handle_invalid(t.name, value)
+    if t.kind == "set" and t.elem.kind == "ref":
+        for item in value:
+            check_refs(ctx, t.elem, item)
+
+
+def run(ctx: Any, spec: MessageSpec, values: list[Any]) -> Any:
+    return _KINDS[spec.kind](ctx, spec, *values)
+
+
+def _get(ctx, spec, ref):
+    return ctx.store.get(ref, spec.cls).fields[spec.field.name]
+
+
+def _set(ctx, spec, ref, value):
+    check_refs(ctx, spec.field.type, value)
+    ctx.store.update(ref, {spec.field.name: value})
+    return ""
+
+
+def _add(ctx, spec, ref, value):
+    current = ctx.store.get(ref, spec.cls).fields[spec.field.name]
+    if value not in current:
+        check_refs(ctx, spec.field.type.elem, value)
+        ctx.store.update(ref, {spec.field.name: [*current, value]})
+    return ""
+
+
+def _remove(ctx, spec, ref, value):
+    current = ctx.store.get(ref, spec.cls).fields[spec.field.name]
+    ctx.store.update(ref, {spec.field.name: [v for v in current if v != value]})
+    return ""
+
+
+def _add_to(ctx, spec, ref, key, value):
+    obj = ctx.store.get(ref, spec.cls)
+    current = obj.fields[spec.field.name]
+    if str(key) in current:
+        raise XenAPIError("MAP_DUPLICATE_KEY", spec.cls, spec.field.name, obj.fields.get("uuid", ref), key)
+    ctx.store.update(ref, {spec.field.name: {**current, str(key): value}})
+    return ""
+
+
+def _remove_from(ctx, spec, ref, key):
+    current = ctx.store.get(ref, spec.cls).fields[spec.field.name]
+    if str(key) in current:
+        ctx.store.update(ref, {spec.field.name: {k: v for k, v in current.items() if k != str(key)}})
+    return ""
+
+
+def _get_record(ctx, spec, ref):
+    return CachedRecord(ctx.store.get(ref, spec.cls))
+
+
+def _get_by_uuid(ctx, spec, uuid):
+    obj = ctx.store.by_uuid(uuid)
+    if obj is None or obj.cls != spec.cls:
+        raise uuid_invalid(spec.cls, uuid)
+    return obj.ref
+
+
+def _get_by_name_label(ctx, spec, label):
+    return ctx.store.by_name_label(spec.cls, label)
+
+
+def _get_all(ctx, spec):
+    return ctx.store.refs(spec.cls)
+
+
+def _get_all_records(ctx, spec):
+    return {obj.ref: CachedRecord(obj) for obj in ctx.store.all(spec.cls)}
+
+
+def _create(ctx, spec, args):
+    return ctx.store.add(spec.cls, create_fields(ctx, spec.cls, args))
+
+
+def _destroy(ctx, spec, ref):
+    ctx.store.get(ref, spec.cls)
+    ctx.store.remove(ref)
+    return ""
+
+
+_KINDS: dict[str, Callable[..., Any]] = {
+    "get": _get, "set": _set, "add": _add, "remove": _remove, "add_to": _add_to, "remove_from": _remove_from,
+    "get_record": _get_record, "get_by_uuid": _get_by_uuid, "get_by_name_label": _get_by_name_label,
+    "get_all": _get_all, "get_all_records": _get_all_records, "create": _create, "destroy": _destroy,
+}

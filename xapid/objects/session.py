@@ -1,0 +1,57 @@
+"""``session.*``: password login against the users file, logout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from xapid.errors import XenAPIError
+from xapid.objects import message
+
+log = Logger()
+
+
+def _user_ref(ctx: Any, name: str) -> str:
+    refs = [o.ref for o in ctx.store.all("user") if o.fields["short_name"] == name]
+    return refs[0] if refs else ctx.store.add("user", {"short_name": name, "fullname": name})
+
+
+async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
+    users = ctx.api.users
+
+    def check() -> Any:
+        users.reload_if_changed()
+        return users.verify(uname, pwd)
+
+    user = await ctx.api.runner.run(check)
+    if user is None:
+        log.warn("failed login for {user!r} by {originator!r}", user=uname, originator=originator)
+        await ctx.api.sleep(ctx.api.auth_failure_delay)
+        raise XenAPIError("SESSION_AUTHENTICATION_FAILED", uname, "Authentication failure")
+    session = ctx.api.sessions.create(user.name, user.role, originator, ctx.api.host_ref, _user_ref(ctx, user.name))
+    return session.ref
+
+
+@message("session.login_with_password")
+async def login_with_password(ctx: Any, uname: str, pwd: str, version: str, originator: str) -> str:
+    """A session for a user of the users file; the same failure for any bad credential."""
+    return await _login(ctx, uname, pwd, originator)
+
+
+@message("session.slave_local_login_with_password")
+async def slave_local_login_with_password(ctx: Any, uname: str, pwd: str) -> str:
+    """On a single host this is an ordinary login."""
+    return await _login(ctx, uname, pwd, "")
+
+
+@message("session.logout")
+def logout(ctx: Any) -> str:
+    ctx.api.sessions.end(ctx.session.ref)
+    return ""
+
+
+@message("session.local_logout")
+def local_logout(ctx: Any) -> str:
+    ctx.api.sessions.end(ctx.session.ref)
+    return ""

@@ -1,0 +1,205 @@
+"""The composition root: config → schema → store → driver → sessions → dispatcher → HTTP.
+
+:class:`Daemon` builds every component from the config with explicit arguments; its
+``start()`` opens the state dir, the driver and the database, reconciles the inventory and
+only then listens.  Any start-up problem raises :class:`StartupError` with one line.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from xapid import inventory
+from xapid.api import Api
+from xapid.backend.interface import BackendError, IBackend
+from xapid.backend.proxy import Hypervisor
+from xapid.config import Config
+from xapid.dispatch import Dispatcher
+from xapid.errors import XenAPIError
+from xapid.objects import collect_handlers
+from xapid.objects.vm_ops import derive as derive_vm
+from xapid.runner import Runner, ThreadRunner
+from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
+from xapid.sessions import SessionManager
+from xapid.store import Committer, Database, Store
+from xapid.users import UsersError, UsersFile
+from xapid.wire.resource import ApiResource, make_site
+from xapid.wire.values import Limits
+
+log = Logger()
+
+SWEEP_INTERVAL = 60.0
+
+
+class StartupError(Exception):
+    """Start-up failed; the message is the one line the user sees."""
+
+
+def make_driver(config: Config, reactor: Any) -> IBackend:
+    """The configured backend driver (not yet opened)."""
+    if config.server.backend == "sim":
+        from xapid.backend.sim import SimBackend
+
+        sim = config.sim
+        return SimBackend(Path(config.server.state_dir) / "sim", reactor.seconds, cpus=sim.cpus,
+                          memory=sim.memory_mib << 20, dom0_memory=sim.dom0_memory_mib << 20,
+                          dom0_vcpus=sim.dom0_vcpus, hostname=sim.hostname)
+    raise StartupError(f"the {config.server.backend} backend is not yet available in this build (use --backend sim)")
+
+
+def _prepare_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = path / ".xapid-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"state dir {path} is unusable: {exc.strerror or exc}") from None
+
+
+async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Runner,
+                    schema_path: str | Path = DEFAULT_SCHEMA) -> Api:
+    """Open the state dir, users file, database and driver; reconcile the inventory.
+
+    *reactor* supplies the clock and timers; *runner* runs blocking driver and auth work,
+    *db_runner* the database commits (one at a time).
+    """
+    try:
+        schema = load_schema(schema_path)
+    except SchemaError as exc:
+        raise StartupError(f"schema error: {exc}") from None
+    state_dir = Path(config.server.state_dir)
+    _prepare_state_dir(state_dir)
+    try:
+        users = UsersFile(config.server.users)
+        users.load()
+    except UsersError as exc:
+        raise StartupError(str(exc)) from None
+    db_path = state_dir / "xapid.db"
+    try:
+        database = Database(db_path)
+        store = Store(schema, Committer(database, db_runner))
+        store.derive("VM", derive_vm)
+        store.load()
+    except Exception as exc:  # noqa: BLE001 - sqlite reports many kinds of unusable file
+        raise StartupError(f"database {db_path} is unusable: {exc}") from None
+    driver = make_driver(config, reactor)
+    try:
+        await runner.run(driver.open)
+    except BackendError as exc:
+        raise StartupError(exc.message) from None
+    api = Api(
+        schema=schema, store=store, hypervisor=Hypervisor(driver, runner), users=users, runner=runner,
+        reactor=reactor, state_dir=state_dir, database=database,
+        sessions=SessionManager(store, reactor.seconds, config.api.session_idle_timeout,
+                                config.api.max_sessions_per_user),
+        auth_failure_delay=config.api.auth_failure_delay, shutdown_timeout=config.api.shutdown_timeout,
+    )
+    try:
+        await inventory.initialise(api)
+        await store.flush()
+    except (XenAPIError, BackendError) as exc:
+        raise StartupError(f"cannot read the host inventory from the {driver.name} driver: {exc}") from None
+    return api
+
+
+class Daemon(MultiService):
+    """Every long-lived part of xapid, wired from one config."""
+
+    def __init__(self, config: Config, reactor: Any, schema_path: str | Path = DEFAULT_SCHEMA):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.schema_path = schema_path
+        self.ports: list[Any] = []
+        self.api: Api | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._pools: list[ThreadPool] = []
+        self._timers: list[LoopingCall] = []
+
+    def _pool(self, name: str, size: int) -> ThreadPool:
+        pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+        pool.start()
+        self._pools.append(pool)
+        return pool
+
+    async def start(self) -> list[str]:
+        """Open everything and listen; returns the addresses listened on."""
+        config, reactor = self.config, self.reactor
+        runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads))
+        db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
+        self.api = await build_api(config, reactor, runner, db_runner, self.schema_path)
+        self.dispatcher = Dispatcher(self.api, collect_handlers())
+        limits = Limits(config.limits.max_body_bytes, config.limits.max_depth, config.limits.max_elements)
+        site = make_site(ApiResource(self.dispatcher, limits), config.limits.max_body_bytes)
+        addresses = []
+        for description in config.server.listen:
+            addresses.append(await self._listen(description, site))
+        sweeper = LoopingCall(self._sweep)
+        sweeper.clock = reactor
+        sweeper.start(SWEEP_INTERVAL, now=False)
+        self._timers.append(sweeper)
+        return addresses
+
+    async def _listen(self, description: str, site: Any) -> str:
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, description)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StartupError(f"bad listen address {description!r}: {exc}") from None
+        try:
+            port = await endpoint.listen(site)
+        except CannotListenError as exc:
+            reason = exc.socketError
+            text = getattr(reason, "strerror", None) or str(reason)
+            if getattr(reason, "errno", None) == errno.EADDRINUSE:
+                text = "address already in use"
+            raise StartupError(f"cannot listen on {description}: {text}") from None
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {description}: {exc.strerror or exc}") from None
+        self.ports.append(port)
+        address = port.getHost()
+        where = getattr(address, "name", None) or f"{address.host}:{address.port}"
+        log.info("listening on {where} ({description})", where=where, description=description)
+        return where if isinstance(where, str) else where.decode()
+
+    def _sweep(self) -> None:
+        try:
+            self.api.sessions.sweep()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - one bad tick must not stop the timer
+            log.failure("session sweep failed")
+
+    async def stop(self) -> None:
+        """Stop listening, make every write durable, close the driver and the database."""
+        for timer in self._timers:
+            if timer.running:
+                timer.stop()
+        for port in self.ports:
+            await port.stopListening()
+        self.ports = []
+        if self.api is not None:
+            try:
+                await self.api.store.flush()
+            except Exception:  # noqa: BLE001
+                log.failure("final commit failed")
+            try:
+                self.api.hypervisor.driver.close()
+            except Exception:  # noqa: BLE001
+                log.failure("closing the driver failed")
+            self.api.database.close()
+        for pool in self._pools:
+            pool.stop()
+        self._pools = []
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self.stop())

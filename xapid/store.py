@@ -1,0 +1,356 @@
+"""The object store: every API object by ref, with uuid and name indexes, persisted in SQLite.
+
+Every write goes through :meth:`Store.add`, :meth:`Store.update` or :meth:`Store.remove`,
+which keep two-sided references (schema ``inverse`` declarations) and derived fields
+current, drop the object's cached wire encodings, and emit a :class:`Change` to every
+listener — handlers never send events themselves.  Writes apply in memory at once; the
+:class:`Committer` makes them durable in batches (one SQLite transaction, WAL, synchronous
+FULL) and :meth:`Store.flush` tells when everything written so far is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid as uuidlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from xapid.apitypes import NULL_REF, from_json, to_json
+from xapid.errors import handle_invalid
+from xapid.runner import Runner
+from xapid.schema import Schema
+
+log = Logger()
+
+
+def new_ref() -> str:
+    """An unguessable reference: ``OpaqueRef:<uuid4>``."""
+    return f"OpaqueRef:{uuidlib.uuid4()}"
+
+
+class Obj:
+    """One stored object.  ``fields`` is the record; ``cache`` holds encoded forms."""
+
+    __slots__ = ("cls", "ref", "fields", "cache")
+
+    def __init__(self, cls: str, ref: str, fields: dict[str, Any]):
+        self.cls = cls
+        self.ref = ref
+        self.fields = fields
+        self.cache: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One write: ``op`` is add, mod or del; ``seq`` increases by one per change."""
+
+    seq: int
+    cls: str
+    op: str
+    ref: str
+
+
+Deriver = Callable[["Store", Obj], dict[str, Any]]
+
+
+class Store:
+    def __init__(self, schema: Schema, committer: "Committer | None" = None):
+        self.schema = schema
+        self._committer = committer
+        self._objects: dict[str, Obj] = {}
+        self._by_class: dict[str, dict[str, Obj]] = {name: {} for name in schema.classes}
+        self._by_uuid: dict[str, str] = {}
+        self._by_name: dict[str, dict[str, set[str]]] = {name: {} for name in schema.classes}
+        self._listeners: list[Callable[[Change], None]] = []
+        self._derivers: dict[str, list[Deriver]] = {}
+        self._txn_depth = 0
+        self.seq = 0
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, ref: str, cls: str | None = None) -> Obj:
+        """The object named by *ref*; HANDLE_INVALID when missing or of another class."""
+        obj = self._objects.get(ref) if isinstance(ref, str) else None
+        if obj is None or (cls is not None and obj.cls != cls):
+            raise handle_invalid(cls or "object", ref)
+        return obj
+
+    def find(self, ref: str) -> Obj | None:
+        return self._objects.get(ref)
+
+    def exists(self, ref: str, cls: str) -> bool:
+        obj = self._objects.get(ref)
+        return obj is not None and obj.cls == cls
+
+    def all(self, cls: str) -> list[Obj]:
+        return list(self._by_class[cls].values())
+
+    def refs(self, cls: str) -> list[str]:
+        return list(self._by_class[cls])
+
+    def count(self, cls: str) -> int:
+        return len(self._by_class[cls])
+
+    def by_uuid(self, uuid: str) -> Obj | None:
+        ref = self._by_uuid.get(uuid)
+        return self._objects.get(ref) if ref else None
+
+    def by_name_label(self, cls: str, label: str) -> list[str]:
+        return sorted(self._by_name[cls].get(label, ()))
+
+    # -- listeners and derived fields ------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Change], None]) -> Callable[[], None]:
+        """Call *listener* after every write; returns a function that unsubscribes."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def derive(self, cls: str, deriver: Deriver) -> None:
+        """Register a function computing derived fields of *cls* objects after each write."""
+        self._derivers.setdefault(cls, []).append(deriver)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def add(self, cls: str, fields: dict[str, Any] | None = None, ref: str | None = None) -> str:
+        """Create an object; unspecified fields take the schema defaults; returns its ref."""
+        spec = self.schema.classes[cls]
+        record = spec.defaults()
+        record.update(fields or {})
+        if "uuid" in spec.fields and not record.get("uuid"):
+            record["uuid"] = str(uuidlib.uuid4())
+        ref = ref or new_ref()
+        obj = Obj(cls, ref, record)
+        self._index(obj)
+        self._apply_derivers(obj)
+        self._emit(obj, "add")
+        self._link(cls, ref, {}, record)
+        return ref
+
+    def update(self, ref: str, changes: dict[str, Any]) -> None:
+        """Change some fields of an object (no-op when nothing differs)."""
+        obj = self.get(ref)
+        fields = obj.fields
+        changed = {k: v for k, v in changes.items() if fields.get(k) != v}
+        if not changed:
+            return
+        old = {k: fields.get(k) for k in changed}
+        self._unindex_names(obj)
+        fields.update(changed)
+        self._index_names(obj)
+        self._apply_derivers(obj)
+        self._emit(obj, "mod")
+        self._link(obj.cls, ref, old, changed)
+
+    def remove(self, ref: str) -> None:
+        """Delete an object; references to it in mirrored sets disappear too."""
+        obj = self.get(ref)
+        del self._objects[ref]
+        del self._by_class[obj.cls][ref]
+        if "uuid" in obj.fields:
+            self._by_uuid.pop(obj.fields["uuid"], None)
+        self._unindex_names(obj)
+        self._emit(obj, "del")
+        self._link(obj.cls, ref, obj.fields, {k: NULL_REF for k in obj.fields if (obj.cls, k) in self.schema.inverses})
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes so they reach disk in one commit (no awaiting inside)."""
+        self._txn_depth += 1
+        try:
+            yield
+        finally:
+            self._txn_depth -= 1
+            if self._txn_depth == 0 and self._committer:
+                self._committer.release()
+
+    def flush(self) -> Deferred:
+        """Fires once every write made so far is durable."""
+        if self._committer is None:
+            return succeed(None)
+        return self._committer.flush()
+
+    def load(self) -> None:
+        """Fill the store from the committer's database (at start, before serving)."""
+        if self._committer is None:
+            return
+        for cls, ref, data in self._committer.database.read_all():
+            spec = self.schema.classes.get(cls)
+            if spec is None or not spec.persist:
+                continue
+            record = spec.defaults()
+            for name, value in data.items():
+                f = spec.fields.get(name)
+                if f is not None:
+                    record[name] = from_json(f.type, value)
+            self._index(Obj(cls, ref, record))
+        self._rebuild_inverses()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _index(self, obj: Obj) -> None:
+        self._objects[obj.ref] = obj
+        self._by_class[obj.cls][obj.ref] = obj
+        if "uuid" in obj.fields:
+            self._by_uuid[obj.fields["uuid"]] = obj.ref
+        self._index_names(obj)
+
+    def _index_names(self, obj: Obj) -> None:
+        label = obj.fields.get("name_label")
+        if isinstance(label, str):
+            self._by_name[obj.cls].setdefault(label, set()).add(obj.ref)
+
+    def _unindex_names(self, obj: Obj) -> None:
+        label = obj.fields.get("name_label")
+        refs = self._by_name[obj.cls].get(label) if isinstance(label, str) else None
+        if refs is not None:
+            refs.discard(obj.ref)
+            if not refs:
+                del self._by_name[obj.cls][label]
+
+    def _apply_derivers(self, obj: Obj) -> None:
+        for deriver in self._derivers.get(obj.cls, ()):
+            obj.fields.update(deriver(self, obj))
+
+    def _emit(self, obj: Obj, op: str) -> None:
+        obj.cache.clear()
+        self.seq += 1
+        spec = self.schema.classes[obj.cls]
+        if self._committer is not None and spec.persist:
+            self._committer.record(obj.cls, obj.ref, None if op == "del" else obj.fields)
+            if self._txn_depth == 0:
+                self._committer.release()
+        change = Change(self.seq, obj.cls, op, obj.ref)
+        for listener in list(self._listeners):
+            listener(change)
+
+    def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Keep mirrored sets (``inverse``) in step with a change of ref fields of *ref*."""
+        for name, target in new.items():
+            for other_cls, set_field in self.schema.inverses.get((cls, name), ()):
+                before = old.get(name, NULL_REF)
+                if before != target and self.exists(before, other_cls):
+                    current = self._objects[before].fields[set_field]
+                    if ref in current:
+                        self.update(before, {set_field: [r for r in current if r != ref]})
+                if self.exists(target, other_cls):
+                    current = self._objects[target].fields[set_field]
+                    if ref not in current:
+                        self.update(target, {set_field: [*current, ref]})
+
+    def _rebuild_inverses(self) -> None:
+        for (cls, ref_field), mirrors in self.schema.inverses.items():
+            for other_cls, set_field in mirrors:
+                sets: dict[str, list[str]] = {r: [] for r in self._by_class[other_cls]}
+                for obj in self._by_class[cls].values():
+                    target = obj.fields.get(ref_field)
+                    if target in sets:
+                        sets[target].append(obj.ref)
+                for target, members in sets.items():
+                    self._by_class[other_cls][target].fields[set_field] = members
+
+
+class Database:
+    """The SQLite file behind the store: one row per object, the record as JSON."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS objects (ref TEXT PRIMARY KEY, cls TEXT NOT NULL, data TEXT NOT NULL)")
+
+    def read_all(self) -> list[tuple[str, str, dict[str, Any]]]:
+        rows = self._conn.execute("SELECT cls, ref, data FROM objects ORDER BY rowid").fetchall()
+        return [(cls, ref, json.loads(data)) for cls, ref, data in rows]
+
+    def write(self, batch: dict[str, tuple[str, str | None]]) -> None:
+        """Apply ``ref -> (cls, json or None for delete)`` in one durable transaction."""
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for ref, (cls, data) in batch.items():
+                if data is None:
+                    cur.execute("DELETE FROM objects WHERE ref = ?", (ref,))
+                else:
+                    cur.execute("INSERT INTO objects(ref, cls, data) VALUES (?, ?, ?) "
+                                "ON CONFLICT(ref) DO UPDATE SET data = excluded.data", (ref, cls, data))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class Committer:
+    """Group commit: writes recorded in the reactor thread, committed by *runner* in batches.
+
+    Only one batch is in flight at a time; writes arriving meanwhile form the next batch.
+    Writes inside a store transaction are held back until it ends, so a batch never holds
+    half of a transaction.
+    """
+
+    def __init__(self, database: Database, runner: Runner):
+        self.database = database
+        self._runner = runner
+        self._held: dict[str, tuple[str, str | None]] = {}
+        self._ready: dict[str, tuple[str, str | None]] = {}
+        self._ready_waiters: list[Deferred] = []
+        self._inflight_waiters: list[Deferred] | None = None
+        self.failed: BaseException | None = None
+
+    def record(self, cls: str, ref: str, fields: dict[str, Any] | None) -> None:
+        data = None if fields is None else json.dumps(to_json(fields), separators=(",", ":"))
+        self._held[ref] = (cls, data)
+
+    def release(self) -> None:
+        """Move held writes to the next batch (the end of a transaction)."""
+        if self._held:
+            self._ready.update(self._held)
+            self._held = {}
+
+    def flush(self) -> Deferred:
+        d: Deferred = Deferred()
+        if self._ready:
+            self._ready_waiters.append(d)
+            self._kick()
+        elif self._inflight_waiters is not None:
+            self._inflight_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def _kick(self) -> None:
+        if self._inflight_waiters is not None or not self._ready:
+            return
+        batch, self._ready = self._ready, {}
+        waiters, self._ready_waiters = self._ready_waiters, []
+        self._inflight_waiters = waiters
+
+        def finish(error: BaseException | None) -> None:
+            finished, self._inflight_waiters = self._inflight_waiters or [], None
+            for w in finished:
+                if error is None:
+                    w.callback(None)
+                else:
+                    w.errback(error)
+
+        def done(_: Any) -> None:
+            finish(None)
+            self._kick()
+
+        def failed(failure: Any) -> None:
+            self.failed = failure.value
+            log.failure("committing {count} objects to {path} failed", failure, count=len(batch),
+                        path=str(self.database.path))
+            self._ready = {**batch, **self._ready}  # kept for the next flush to retry
+            finish(failure.value)
+
+        self._runner.run(self.database.write, batch).addCallbacks(done, failed)

@@ -1,0 +1,188 @@
+"""XML-RPC as xapi speaks it: hardened request parsing, compact one-line replies.
+
+Replies carry the Xen-API envelope (``Status``/``Value`` or ``Status``/``ErrorDescription``),
+ints as untyped decimal strings (never ``<i8>``), empty strings as ``<value></value>``, and
+the declaration exactly ``<?xml version="1.0"?>`` — what the npm ``xen-api`` connector needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import xmlrpc.client
+from datetime import datetime
+from typing import Any
+
+from lxml import etree
+
+from xapid.apitypes import format_datetime
+from xapid.wire.values import Int32, Limits, WireError
+
+_PARSER = etree.XMLParser(
+    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=True,
+    remove_pis=True,
+)
+_BAD = re.compile(r"[&<>\"\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+HEADER = '<?xml version="1.0"?>'
+
+
+def escape(text: str) -> str:
+    """Escape markup characters; drop control characters XML 1.0 cannot carry (as xapi)."""
+    if not _BAD.search(text):
+        return text
+    text = _CTRL.sub("", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+
+def encode_value(value: Any) -> str:
+    """One ``<value>…</value>`` element, compact."""
+    out: list[str] = []
+    _encode(value, out)
+    return "".join(out)
+
+
+def _encode(value: Any, out: list[str]) -> None:
+    t = type(value)
+    if t is str:
+        out.append(f"<value>{escape(value)}</value>" if value else "<value></value>")
+    elif t is bool:
+        out.append("<value><boolean>1</boolean></value>" if value else "<value><boolean>0</boolean></value>")
+    elif t is int:
+        out.append(f"<value>{value}</value>")
+    elif t is dict:
+        out.append("<value><struct>")
+        for k, v in value.items():
+            out.append(f"<member><name>{escape(str(k))}</name>")
+            _encode(v, out)
+            out.append("</member>")
+        out.append("</struct></value>")
+    elif t is list or t is tuple:
+        out.append("<value><array><data>")
+        for v in value:
+            _encode(v, out)
+        out.append("</data></array></value>")
+    elif t is float:
+        out.append(f"<value><double>{value!r}</double></value>")
+    elif t is Int32:
+        out.append(f"<value><i4>{int(value)}</i4></value>")
+    elif value is None:
+        out.append("<value><nil/></value>")
+    elif isinstance(value, datetime):
+        out.append(f"<value><dateTime.iso8601>{format_datetime(value)}</dateTime.iso8601></value>")
+    elif hasattr(value, "encoded"):
+        out.append(value.encoded("xml", encode_value))
+    elif isinstance(value, str):
+        _encode(str(value), out)
+    elif isinstance(value, int):
+        _encode(int(value), out)
+    elif isinstance(value, (set, frozenset)):
+        _encode(sorted(value), out)
+    else:
+        raise TypeError(f"cannot encode {t.__name__} as XML-RPC")
+
+
+def _response(param_xml: str) -> bytes:
+    return f"{HEADER}<methodResponse><params><param>{param_xml}</param></params></methodResponse>".encode()
+
+
+def success(value: Any) -> bytes:
+    """The Xen-API success envelope around *value*."""
+    out = ["<value><struct><member><name>Status</name><value>Success</value></member>"
+           "<member><name>Value</name>"]
+    _encode(value, out)
+    out.append("</member></struct></value>")
+    return _response("".join(out))
+
+
+def failure(description: list[str]) -> bytes:
+    """The Xen-API failure envelope: ``ErrorDescription = [code, params…]``."""
+    return _response(
+        "<value><struct><member><name>Status</name><value>Failure</value></member>"
+        "<member><name>ErrorDescription</name>" + encode_value([str(d) for d in description]) +
+        "</member></struct></value>"
+    )
+
+
+def bare(value: Any) -> bytes:
+    """A reply without the envelope (only ``system.listMethods``, as xapi)."""
+    return _response(encode_value(value))
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+
+def decode_call(body: bytes, limits: Limits) -> tuple[str, list[Any]]:
+    """Parse a ``methodCall``; raises WireError with a clear reason for anything else."""
+    if len(body) > limits.max_body:
+        raise WireError(f"request body larger than {limits.max_body} bytes")
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body or b"<!doctype" in body:
+        raise WireError("document type declarations are not accepted")
+    try:
+        root = etree.fromstring(body, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise WireError(f"not well-formed XML: {exc}") from None
+    if root.tag != "methodCall":
+        raise WireError(f"expected <methodCall>, got <{root.tag}>")
+    count = 0
+    for _ in root.iter():
+        count += 1
+        if count > limits.max_elements:
+            raise WireError(f"more than {limits.max_elements} XML elements")
+    name = root.find("methodName")
+    if name is None or not (name.text or "").strip():
+        raise WireError("methodCall without methodName")
+    params: list[Any] = []
+    pnode = root.find("params")
+    if pnode is not None:
+        for param in pnode.iterfind("param"):
+            value = param.find("value")
+            if value is None:
+                raise WireError("<param> without <value>")
+            params.append(_decode(value, 1, limits.max_depth))
+    return name.text.strip(), params
+
+
+def _decode(node: etree._Element, depth: int, max_depth: int) -> Any:
+    if depth > max_depth:
+        raise WireError(f"values nested deeper than {max_depth}")
+    if node.tag != "value":
+        raise WireError(f"expected <value>, got <{node.tag}>")
+    if len(node) == 0:
+        return node.text or ""
+    typed = node[0]
+    tag, text = typed.tag, (typed.text or "")
+    try:
+        if tag == "string":
+            return text
+        if tag in ("int", "i4", "i8"):
+            return int(text.strip())
+        if tag == "boolean":
+            if text.strip() not in ("0", "1"):
+                raise WireError(f"bad boolean {text!r}")
+            return text.strip() == "1"
+        if tag == "double":
+            return float(text.strip())
+        if tag == "nil":
+            return None
+        if tag == "dateTime.iso8601":
+            return xmlrpc.client.DateTime(text.strip())
+        if tag == "base64":
+            return base64.b64decode(text)
+    except ValueError as exc:
+        raise WireError(f"bad <{tag}> value: {exc}") from None
+    if tag == "array":
+        data = typed.find("data")
+        return [] if data is None else [_decode(v, depth + 1, max_depth) for v in data]
+    if tag == "struct":
+        result: dict[str, Any] = {}
+        for member in typed.iterfind("member"):
+            mname, mvalue = member.find("name"), member.find("value")
+            if mname is None or mvalue is None:
+                raise WireError("<member> needs <name> and <value>")
+            result[mname.text or ""] = _decode(mvalue, depth + 1, max_depth)
+        return result
+    raise WireError(f"unknown value type <{tag}>")
