@@ -155,6 +155,7 @@ class RealDaemon:
         self.start()
 
     def start(self) -> None:
+        self.starts = getattr(self, "starts", 0) + 1
         self.logfile = open(self.log, "a")
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.logfile, cwd=ROOT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -162,7 +163,7 @@ class RealDaemon:
         while time.monotonic() < deadline:
             text = self.log.read_text()
             found = re.findall(r"listening on 127\.0\.0\.1:(\d+)", text)
-            if found and len(found) >= self._starts():
+            if len(found) >= self.starts:
                 self.port = int(found[-1])
                 self.url = f"http://127.0.0.1:{self.port}/"
                 return
@@ -171,10 +172,6 @@ class RealDaemon:
             time.sleep(0.05)
         self.stop()
         raise AssertionError(f"daemon did not start: {self.log.read_text()}")
-
-    def _starts(self) -> int:
-        self._count = getattr(self, "_count", 0) + 1
-        return self._count
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:

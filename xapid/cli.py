@@ -62,20 +62,22 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     async def run() -> None:
         try:
             await daemon.start()
-        except StartupError as exc:
-            outcome["code"] = _fail(stderr, str(exc))
-            await daemon.stop()
-            reactor.stop()
-            return
         except Exception as exc:  # noqa: BLE001 - never a traceback to the user
-            outcome["code"] = _fail(stderr, f"unexpected error during start-up: {type(exc).__name__}: {exc}")
+            outcome["error"] = str(exc) if isinstance(exc, StartupError) else \
+                f"unexpected error during start-up: {type(exc).__name__}: {exc}"
             await daemon.stop()
             reactor.stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(daemon.stop()))
 
+    try:
+        daemon.check()
+    except StartupError as exc:
+        return _fail(stderr, str(exc))
     reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()))
     reactor.run()
+    if "error" in outcome:
+        return _fail(stderr, outcome["error"])
     return outcome["code"]
 
 

@@ -1,15 +1,17 @@
-"""xapi's role names, least to most privileged (the schema declares the same list)."""
+"""xapi's RBAC roles, from least to most privileged."""
 
 from __future__ import annotations
 
 ROLES: tuple[str, ...] = ("read-only", "vm-operator", "vm-admin", "vm-power-admin", "pool-operator", "pool-admin")
 
 
-def validate_role(name: str) -> str:
+def validate_role(name: object) -> str:
+    """*name* if it is a known role; otherwise ValueError listing the known ones."""
     if name not in ROLES:
         raise ValueError(f"unknown role {name!r} (expected one of: {', '.join(ROLES)})")
-    return name
+    return name  # type: ignore[return-value]  # a member of ROLES is a str
 
 
 def role_at_least(role: str, minimum: str) -> bool:
-    return ROLES.index(role) >= ROLES.index(minimum)
+    """Whether *role* has at least the privileges of *minimum* (ValueError for an unknown role)."""
+    return ROLES.index(validate_role(role)) >= ROLES.index(validate_role(minimum))

@@ -113,6 +113,13 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     return api
 
 
+def _endpoint(reactor: Any, description: str) -> Any:
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StartupError(f"bad listen address {description!r}: {exc}") from None
+
+
 class Daemon(MultiService):
     """Every long-lived part of xapid, wired from one config."""
 
@@ -126,6 +133,12 @@ class Daemon(MultiService):
         self.dispatcher: Dispatcher | None = None
         self._pools: list[ThreadPool] = []
         self._timers: list[LoopingCall] = []
+
+    def check(self) -> None:
+        """Refuse what can be refused before touching anything: endpoints and backend."""
+        for description in self.config.server.listen:
+            _endpoint(self.reactor, description)
+        make_driver(self.config, self.reactor)
 
     def _pool(self, name: str, size: int) -> ThreadPool:
         pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
@@ -152,10 +165,7 @@ class Daemon(MultiService):
         return addresses
 
     async def _listen(self, description: str, site: Any) -> str:
-        try:
-            endpoint = endpoints.serverFromString(self.reactor, description)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise StartupError(f"bad listen address {description!r}: {exc}") from None
+        endpoint = _endpoint(self.reactor, description)
         try:
             port = await endpoint.listen(site)
         except CannotListenError as exc:

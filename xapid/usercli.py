@@ -1,62 +1,107 @@
-"""``xapid user add|del|list|passwd``: manage the users file from the command line."""
+"""``xapid user add|del|list|passwd``: manage the users file from the command line.
+
+A password is read from standard input: one line (without its ``\\n`` or ``\\r\\n``) when it
+is not a terminal, else typed twice at a prompt.  Errors print one line ``xapid: …`` on
+stderr and exit with status 2.
+
+The environment variable ``XAPID_BCRYPT_ROUNDS`` overrides the bcrypt cost of new hashes.
+It exists for the test suite only (cost 4 is fast and weak); do not set it in production.
+"""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import os
-from typing import TextIO
+import sys
+from typing import Any, TextIO
 
-from xapid.users import DEFAULT_USERS_FILE, UsersError, UsersFile
+from xapid.roles import ROLES
+from xapid.users import DEFAULT_ROUNDS, DEFAULT_USERS_FILE, UsersError, UsersFile
 
-
-def add_user_subparsers(subparsers: argparse._SubParsersAction) -> None:
-    user = subparsers.add_parser("user", help="manage API users")
-    verbs = user.add_subparsers(dest="user_command", required=True)
-    for verb, text in (("add", "add a user"), ("del", "delete a user"), ("passwd", "change a password"),
-                       ("list", "list users and roles")):
-        p = verbs.add_parser(verb, help=text)
-        if verb != "list":
-            p.add_argument("name")
-        if verb == "add":
-            p.add_argument("--role", required=True, help="pool-admin, pool-operator, vm-power-admin, vm-admin, "
-                                                          "vm-operator or read-only")
-        p.add_argument("--users", default=DEFAULT_USERS_FILE, help=f"users file (default {DEFAULT_USERS_FILE})")
+EXIT_ERROR = 2
+ROUNDS_ENV = "XAPID_BCRYPT_ROUNDS"
 
 
-def read_password(stdin: TextIO, isatty: bool) -> str:
-    """One line from a pipe (without its line ending), or typed twice at a terminal."""
-    if not isatty:
-        line = stdin.readline()
-        return line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
-    first = getpass.getpass("Password: ")
-    if getpass.getpass("Retype password: ") != first:
-        raise UsersError("the passwords do not match")
-    return first
+def add_user_subparsers(subparsers: Any) -> None:
+    """Register ``user`` and its sub-commands on an argparse ``add_subparsers()`` object."""
+    user = subparsers.add_parser("user", help="manage the users allowed to log in")
+    commands = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
+    add = commands.add_parser("add", help="add a user (password read from stdin)")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--role", required=True, metavar="ROLE", help=f"one of: {', '.join(ROLES)}")
+    delete = commands.add_parser("del", help="delete a user")
+    delete.add_argument("name", metavar="NAME")
+    commands.add_parser("list", help="print NAME ROLE per user, sorted by name")
+    passwd = commands.add_parser("passwd", help="change a user's password (read from stdin)")
+    passwd.add_argument("name", metavar="NAME")
+    for command in (add, delete, commands.choices["list"], passwd):
+        command.add_argument("--users", metavar="FILE", help=f"users file (default {DEFAULT_USERS_FILE})")
 
 
 def run_user_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO, *,
                      isatty: bool) -> int:
-    """Run one ``user`` sub-command; errors are one line on stderr and exit status 2."""
-    # XAPID_BCRYPT_ROUNDS is for tests only: cheaper hashes.
-    users = UsersFile(args.users, rounds=int(os.environ.get("XAPID_BCRYPT_ROUNDS", "12")))
+    """Run the parsed ``user`` sub-command; 0 on success, else one line on *stderr* and 2."""
+    path = DEFAULT_USERS_FILE if args.users is None else args.users
     try:
+        users = UsersFile(path, rounds=_rounds())
         users.load()
         if args.user_command == "list":
             for user in users.list():
                 stdout.write(f"{user.name} {user.role}\n")
         elif args.user_command == "add":
-            users.add(args.name, args.role, read_password(stdin, isatty))
-            stdout.write(f"added user {args.name} ({args.role}) to {args.users}\n")
+            users.check_add(args.name, args.role)
+            users.add(args.name, args.role, _read_password(stdin, isatty))
+            stdout.write(f"added user {args.name} ({args.role}) to {path}\n")
         elif args.user_command == "del":
             users.delete(args.name)
-            stdout.write(f"deleted user {args.name} from {args.users}\n")
-        elif args.user_command == "passwd":
+            stdout.write(f"deleted user {args.name} from {path}\n")
+        else:
             if users.get(args.name) is None:
-                raise UsersError(f"no user {args.name} in {args.users}")
-            users.set_password(args.name, read_password(stdin, isatty))
-            stdout.write(f"changed the password of {args.name} in {args.users}\n")
+                raise UsersError(f"no user {args.name} in {path}")
+            users.set_password(args.name, _read_password(stdin, isatty))
+            stdout.write(f"changed the password of {args.name} in {path}\n")
     except UsersError as exc:
         stderr.write(f"xapid: {exc}\n")
-        return 2
+        stderr.flush()
+        return EXIT_ERROR
+    stdout.flush()
     return 0
+
+
+def main_for_tests(argv: list[str]) -> int:
+    """Parse *argv* (starting with ``user``) and run it on the process's real stdio."""
+    parser = argparse.ArgumentParser(prog="xapid")
+    add_user_subparsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_user_command(args, sys.stdin, sys.stdout, sys.stderr, isatty=sys.stdin.isatty())
+
+
+def _rounds() -> int:
+    value = os.environ.get(ROUNDS_ENV)
+    if value is None:
+        return DEFAULT_ROUNDS
+    try:
+        return int(value)
+    except ValueError:
+        raise UsersError(f"{ROUNDS_ENV} must be an integer, not {value!r}") from None
+
+
+def _read_password(stdin: TextIO, isatty: bool) -> str:
+    """One line from a pipe or file without its line ending, or typed twice at a terminal."""
+    if not isatty:
+        try:
+            line = stdin.readline()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsersError(f"cannot read the password from standard input: {exc}") from None
+        if not line:
+            raise UsersError("no password on standard input")
+        return line.removesuffix("\n").removesuffix("\r") if line.endswith("\n") else line
+    try:
+        first = getpass.getpass("Password: ")
+        second = getpass.getpass("Retype password: ")
+    except (EOFError, KeyboardInterrupt):
+        raise UsersError("no password entered") from None
+    if first != second:
+        raise UsersError("the passwords do not match")
+    return first

@@ -1,0 +1,193 @@
+"""The command line as a user runs it: serve errors, signals, durability, user management."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import XenAPI
+
+from conftest import PASSWORD, ROOT, RealDaemon, vm_record
+from xapid.schema import SchemaError, load_schema
+from xapid.users import UsersFile
+
+ENV = {**os.environ, "XAPID_BCRYPT_ROUNDS": "4"}
+
+
+def xapid(*args: str, stdin: str = "", timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xapid", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, text: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines and lines[-1].startswith("xapid: ") and text in lines[-1], result.stderr
+
+
+def serve(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    users = tmp_path / "users"
+    users.touch()
+    return xapid("serve", "--state-dir", str(tmp_path / "state"), "--users", str(users), *extra)
+
+
+def test_bad_config_value(tmp_path):
+    """A bad config value exits 2 with one line naming section and key."""
+    conf = tmp_path / "x.conf"
+    conf.write_text("[server]\nthreads = lots\n")
+    assert_one_line_error(serve(tmp_path, "--config", str(conf)), "[server] threads: expected a whole number")
+
+
+def test_unknown_config_key(tmp_path):
+    """An unknown key exits 2 naming it."""
+    conf = tmp_path / "x.conf"
+    conf.write_text("[api]\nsesion_idle_timeout = 5\n")
+    assert_one_line_error(serve(tmp_path, "--config", str(conf)), "unknown key 'sesion_idle_timeout'")
+
+
+def test_unusable_state_dir(tmp_path):
+    """A state dir that cannot be created exits 2 naming it."""
+    (tmp_path / "file").write_text("x")
+    users = tmp_path / "users"
+    users.touch()
+    result = xapid("serve", "--state-dir", str(tmp_path / "file" / "state"), "--users", str(users),
+                   "--listen", "tcp:0:interface=127.0.0.1")
+    assert_one_line_error(result, f"state dir {tmp_path / 'file' / 'state'} is unusable")
+
+
+def test_port_in_use(tmp_path):
+    """A listen address already in use exits 2 saying so."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = serve(tmp_path, "--listen", f"tcp:{port}:interface=127.0.0.1")
+    assert_one_line_error(result, f"cannot listen on tcp:{port}:interface=127.0.0.1: address already in use")
+
+
+def test_bad_endpoint_string(tmp_path):
+    """A malformed endpoint string exits 2 naming it."""
+    assert_one_line_error(serve(tmp_path, "--listen", "carrier-pigeon:42"), "bad listen address 'carrier-pigeon:42'")
+
+
+def test_xen_backend_not_yet(tmp_path):
+    """--backend xen is accepted by the parser and refused with one line until the driver lands."""
+    assert_one_line_error(serve(tmp_path, "--backend", "xen", "--listen", "tcp:0:interface=127.0.0.1"),
+                          "xen backend is not yet available")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_cleanly(tmp_path, sig):
+    """SIGTERM and SIGINT stop the daemon with status 0 after it served."""
+    d = RealDaemon(tmp_path)
+    s = XenAPI.Session(d.url)
+    s.login_with_password("admin", PASSWORD)
+    assert d.stop(sig) == 0
+    assert "Traceback" not in d.log.read_text()
+
+
+def test_unix_socket_listener(tmp_path):
+    """A unix: endpoint serves the SDK through its UDSTransport."""
+    sock = tmp_path / "xapid.sock"
+    d = RealDaemon(tmp_path, ["--listen", f"unix:{sock}:mode=600"])
+    try:
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        import http.client
+
+        conn = http.client.HTTPConnection("localhost")
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(str(sock))
+        body = ("<?xml version='1.0'?><methodCall><methodName>session.login_with_password</methodName><params>"
+                f"<param><value>admin</value></param><param><value>{PASSWORD}</value></param></params></methodCall>")
+        conn.request("POST", "/", body, {"Content-Type": "text/xml"})
+        reply = conn.getresponse().read()
+        assert b"<value>Success</value>" in reply and b"OpaqueRef:" in reply
+    finally:
+        d.stop()
+
+
+def test_acknowledged_writes_survive_kill_9(tmp_path):
+    """Every VM whose create was acknowledged exists after kill -9 and restart, with the same ref and uuid."""
+    d = RealDaemon(tmp_path)
+    s = XenAPI.Session(d.url)
+    s.login_with_password("admin", PASSWORD)
+    made = {}
+    for i in range(20):
+        ref = s.xenapi.VM.create(vm_record(name_label=f"vm{i}"))
+        made[ref] = s.xenapi.VM.get_uuid(ref)
+    d.proc.kill()
+    d.proc.wait()
+    d.logfile.close()
+    d.start()
+    try:
+        s2 = XenAPI.Session(d.url)
+        s2.login_with_password("admin", PASSWORD)
+        for ref, uuid in made.items():
+            assert s2.xenapi.VM.get_by_uuid(uuid) == ref
+    finally:
+        d.stop()
+
+
+def test_user_commands(tmp_path):
+    """user add/list/passwd/del manage a mode-600 file; the password is one stdin line without its ending."""
+    users = tmp_path / "etc" / "users"
+    result = xapid("user", "add", "alice", "--role", "vm-admin", "--users", str(users), stdin="pa ss\r\n")
+    assert result.returncode == 0, result.stderr
+    assert oct(users.stat().st_mode & 0o777) == "0o600"
+    file = UsersFile(users)
+    file.load()
+    assert file.verify("alice", "pa ss").role == "vm-admin"
+    assert file.verify("alice", "pa ss\r") is None
+    xapid("user", "add", "bob", "--role", "read-only", "--users", str(users), stdin="x\n")
+    assert xapid("user", "list", "--users", str(users)).stdout == "alice vm-admin\nbob read-only\n"
+    assert xapid("user", "passwd", "alice", "--users", str(users), stdin="new\n").returncode == 0
+    file.load()
+    assert file.verify("alice", "new") and not file.verify("alice", "pa ss")
+    assert xapid("user", "del", "bob", "--users", str(users)).returncode == 0
+    assert xapid("user", "list", "--users", str(users)).stdout == "alice vm-admin\n"
+
+
+@pytest.mark.parametrize("args, stdin, text", [
+    (["add", "carol", "--role", "root"], "pw\n", "unknown role 'root'"),
+    (["add", "alice", "--role", "read-only"], "pw\n", "user alice already exists"),
+    (["add", "dave", "--role", "read-only"], "\n", "empty passwords are not allowed"),
+    (["del", "nobody"], "", "no user nobody"),
+    (["passwd", "nobody"], "pw\n", "no user nobody"),
+])
+def test_user_command_errors(tmp_path, args, stdin, text):
+    """Bad user commands exit 2 with one line."""
+    users = tmp_path / "users"
+    xapid("user", "add", "alice", "--role", "vm-admin", "--users", str(users), stdin="pw\n")
+    assert_one_line_error(xapid("user", *args, "--users", str(users), stdin=stdin), text)
+
+
+def test_users_added_while_running_can_log_in(daemon):
+    """A user added with the command line while the daemon runs can log in without a restart."""
+    assert xapid("user", "add", "latecomer", "--role", "read-only", "--users", str(daemon.users),
+                 stdin="late pw\n").returncode == 0
+    s = XenAPI.Session(daemon.url)
+    s.login_with_password("latecomer", "late pw")
+    assert s.xenapi.pool.get_all()
+
+
+def test_broken_schema_names_line(tmp_path):
+    """A schema that does not validate stops loading with its line and the reason."""
+    broken = tmp_path / "xenapi.xml"
+    text = (ROOT / "schema" / "xenapi.xml").read_text().replace('qualifier="RW"', 'qualifier="WR"', 1)
+    broken.write_text(text)
+    with pytest.raises(SchemaError, match=r"xenapi\.xml:\d+: .*qualifier"):
+        load_schema(broken)
+
+
+def test_schema_doc(tmp_path):
+    """xapid schema-doc writes Markdown listing classes and explicit messages."""
+    out = tmp_path / "api.md"
+    assert xapid("schema-doc", "--output", str(out)).returncode == 0
+    text = out.read_text()
+    assert "## VM" in text and "| `start` |" in text and "VM_BAD_POWER_STATE" in text
