@@ -27,13 +27,13 @@ def add_user_subparsers(subparsers: Any) -> None:
     """Register ``user`` and its sub-commands on an argparse ``add_subparsers()`` object."""
     user = subparsers.add_parser("user", help="manage the users allowed to log in")
     commands = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
-    add = commands.add_parser("add", help="add a user (password read from stdin)")
+    add = commands.add_parser("add", help="add a user (password from stdin, or prompted for)")
     add.add_argument("name", metavar="NAME")
     add.add_argument("--role", required=True, metavar="ROLE", help=f"one of: {', '.join(ROLES)}")
     delete = commands.add_parser("del", help="delete a user")
     delete.add_argument("name", metavar="NAME")
     commands.add_parser("list", help="print NAME ROLE per user, sorted by name")
-    passwd = commands.add_parser("passwd", help="change a user's password (read from stdin)")
+    passwd = commands.add_parser("passwd", help="change a user's password (from stdin, or prompted for)")
     passwd.add_argument("name", metavar="NAME")
     for command in (add, delete, commands.choices["list"], passwd):
         command.add_argument("--users", metavar="FILE", help=f"users file (default {DEFAULT_USERS_FILE})")
