@@ -27,7 +27,8 @@ class Api:
     shutdown_timeout: float = 60.0
     host_ref: str = "OpaqueRef:NULL"
     pool_ref: str = "OpaqueRef:NULL"
-    tasks: Any = None  # xapid.tasks.TaskManager once tasks exist
+    tasks: Any = None  # xapid.tasks.TaskManager
+    events: Any = None  # xapid.events.EventHub
 
     @property
     def clock(self) -> Callable[[], float]:

@@ -34,6 +34,9 @@ class ApiConfig:
     max_sessions_per_user: int = 500
     auth_failure_delay: float = 2.0
     shutdown_timeout: float = 60.0
+    task_ttl: float = 3600.0
+    event_history: int = 10_000
+    event_queue_size: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Config:
 
 BACKENDS = ("sim", "xen")
 LOG_LEVELS = ("debug", "info", "warn", "error")
-_POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "max_body_bytes",
+_POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
              "max_depth", "max_elements", "cpus", "memory_mib", "dom0_memory_mib", "dom0_vcpus"}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from xapid.apitypes import coerce
@@ -64,7 +64,7 @@ class Dispatcher:
         seq_before = self.api.store.seq
         try:
             result = await self._dispatch(method, params)
-        except XenAPIError:
+        except (XenAPIError, CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - the one edge where surprises become INTERNAL_ERROR
             log.failure("unexpected error in {method}", method=method)

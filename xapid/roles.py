@@ -7,9 +7,9 @@ ROLES: tuple[str, ...] = ("read-only", "vm-operator", "vm-admin", "vm-power-admi
 
 def validate_role(name: object) -> str:
     """*name* if it is a known role; otherwise ValueError listing the known ones."""
-    if name not in ROLES:
+    if not isinstance(name, str) or name not in ROLES:
         raise ValueError(f"unknown role {name!r} (expected one of: {', '.join(ROLES)})")
-    return name  # type: ignore[return-value]  # a member of ROLES is a str
+    return name
 
 
 def role_at_least(role: str, minimum: str) -> bool:

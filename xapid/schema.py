@@ -71,6 +71,7 @@ class MessageSpec:
     field: FieldSpec | None = None
     deprecated: bool = False
     doc: str = ""
+    cancellable: bool = False
 
     @property
     def wire_name(self) -> str:
@@ -307,6 +308,7 @@ class _Builder:
             kind="explicit",
             deprecated=node.get("deprecated") == "true",
             doc=node.get("doc", ""),
+            cancellable=node.get("cancellable") == "true",
         )
 
     def implicit_messages(self, spec: ClassSpec) -> list[MessageSpec]:

@@ -25,6 +25,7 @@ from xapid.backend.interface import BackendError, IBackend
 from xapid.backend.proxy import Hypervisor
 from xapid.config import Config
 from xapid.dispatch import Dispatcher
+from xapid.events import EventHub
 from xapid.errors import XenAPIError
 from xapid.objects import collect_handlers
 from xapid.objects.vm_ops import derive as derive_vm
@@ -32,6 +33,7 @@ from xapid.runner import Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
 from xapid.store import Committer, Database, Store
+from xapid.tasks import TaskManager
 from xapid.users import UsersError, UsersFile
 from xapid.wire.resource import ApiResource, make_site
 from xapid.wire.values import Limits
@@ -110,6 +112,9 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
         await store.flush()
     except (XenAPIError, BackendError) as exc:
         raise StartupError(f"cannot read the host inventory from the {driver.name} driver: {exc}") from None
+    api.tasks = TaskManager(store, reactor, lambda: api.host_ref, config.api.task_ttl)
+    api.events = EventHub(store, reactor, tombstones=config.api.event_history,
+                          queue_size=config.api.event_queue_size)
     return api
 
 
@@ -158,7 +163,7 @@ class Daemon(MultiService):
         addresses = []
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
-        sweeper = LoopingCall(self._sweep)
+        sweeper = LoopingCall(self._housekeeping)
         sweeper.clock = reactor
         sweeper.start(SWEEP_INTERVAL, now=False)
         self._timers.append(sweeper)
@@ -182,11 +187,13 @@ class Daemon(MultiService):
         log.info("listening on {where} ({description})", where=where, description=description)
         return where if isinstance(where, str) else where.decode()
 
-    def _sweep(self) -> None:
+    def _housekeeping(self) -> None:
+        """Expire idle sessions and forget old finished tasks."""
         try:
             self.api.sessions.sweep()  # type: ignore[union-attr]
+            self.api.tasks.collect_garbage()  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - one bad tick must not stop the timer
-            log.failure("session sweep failed")
+            log.failure("housekeeping failed")
 
     async def stop(self) -> None:
         """Stop listening, make every write durable, close the driver and the database."""

@@ -147,6 +147,10 @@ class Store:
         self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
 
+    def touch(self, ref: str) -> None:
+        """Emit a mod for an object without changing it (event.inject)."""
+        self._emit(self.get(ref), "mod")
+
     def remove(self, ref: str) -> None:
         """Delete an object; references to it in mirrored sets disappear too."""
         obj = self.get(ref)

@@ -8,6 +8,7 @@ from twisted.logger import Logger
 
 from xapid.errors import XenAPIError
 from xapid.objects import message
+from xapid.users import UsersError
 
 log = Logger()
 
@@ -21,7 +22,10 @@ async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
     users = ctx.api.users
 
     def check() -> Any:
-        users.reload_if_changed()
+        try:
+            users.reload_if_changed()
+        except UsersError as error:  # a bad edit of the file: keep serving the previous table
+            log.error("users file not reloaded: {error}", error=str(error))
         return users.verify(uname, pwd)
 
     user = await ctx.api.runner.run(check)

@@ -160,12 +160,24 @@ def destroy(ctx: Any, self: str) -> str:
 # -- lifecycle ----------------------------------------------------------------------------
 
 
+async def _built(ctx: Any, vm_ref: str, info: DomainInfo) -> None:
+    """Record a domain just built, or destroy it again when the task was cancelled meanwhile."""
+    try:
+        ctx.api.tasks.check_cancelled(ctx.task)
+    except XenAPIError:
+        await ctx.api.hypervisor.call("destroy_domain", info.uuid, vm=vm_ref)
+        raise
+    record_domain(ctx, vm_ref, info)
+
+
 async def _start(ctx: Any, vm_ref: str, start_paused: bool, op: str) -> str:
     async with operation(ctx, vm_ref, op) as vm:
         _host_enabled(ctx)
         _bootable(vm)
+        ctx.api.tasks.check_cancelled(ctx.task)
+        ctx.api.tasks.progress(ctx.task, 0.1)
         info = await ctx.api.hypervisor.call("create_domain", domain_spec(vm), start_paused, vm=vm_ref)
-        record_domain(ctx, vm_ref, info)
+        await _built(ctx, vm_ref, info)
     return ""
 
 
@@ -198,6 +210,7 @@ async def unpause(ctx: Any, vm: str) -> str:
 
 async def _clean_shutdown(ctx: Any, vm: str, op: str) -> None:
     async with operation(ctx, vm, op) as obj:
+        ctx.api.tasks.check_cancelled(ctx.task)
         timeout = ctx.api.shutdown_timeout
         await ctx.api.hypervisor.call("shutdown_domain", obj.fields["uuid"], "poweroff", timeout, vm=vm,
                                       timeout=timeout)
@@ -245,6 +258,7 @@ async def shutdown(ctx: Any, vm: str) -> str:
 @message("VM.clean_reboot")
 async def clean_reboot(ctx: Any, vm: str) -> str:
     async with operation(ctx, vm, "clean_reboot") as obj:
+        ctx.api.tasks.check_cancelled(ctx.task)
         timeout = ctx.api.shutdown_timeout
         await ctx.api.hypervisor.call("shutdown_domain", obj.fields["uuid"], "reboot", timeout, vm=vm,
                                       timeout=timeout)
@@ -280,6 +294,8 @@ async def suspend(ctx: Any, vm: str) -> str:
     async with operation(ctx, vm, "suspend") as obj:
         image = suspend_image(ctx, obj)
         await ctx.api.runner.run(image.parent.mkdir, parents=True, exist_ok=True)
+        ctx.api.tasks.check_cancelled(ctx.task)
+        ctx.api.tasks.progress(ctx.task, 0.1)
         timeout = ctx.api.shutdown_timeout
         await ctx.api.hypervisor.call("suspend_domain", obj.fields["uuid"], str(image), timeout, vm=vm,
                                       timeout=timeout)
@@ -291,8 +307,10 @@ async def _resume(ctx: Any, vm: str, start_paused: bool, op: str) -> str:
     async with operation(ctx, vm, op) as obj:
         _host_enabled(ctx)
         image = suspend_image(ctx, obj)
+        ctx.api.tasks.check_cancelled(ctx.task)
+        ctx.api.tasks.progress(ctx.task, 0.1)
         info = await ctx.api.hypervisor.call("resume_domain", domain_spec(obj), str(image), start_paused, vm=vm)
-        record_domain(ctx, vm, info)
+        await _built(ctx, vm, info)
         await ctx.api.runner.run(image.unlink, missing_ok=True)
     return ""
 

@@ -60,7 +60,13 @@ class ApiResource(resource.Resource):
             return self._bad_request(request, str(exc))
         d = self.dispatcher.call(method, params)
         finished = [False]
-        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+
+        def gone(_: Any) -> None:
+            finished[0] = True
+            if not d.called:
+                d.cancel()  # the client went away: stop waiting (e.g. an abandoned event.from)
+
+        request.notifyFinish().addBoth(gone)
 
         def reply(value: Any) -> None:
             if is_json:

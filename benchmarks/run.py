@@ -1,0 +1,423 @@
+"""Benchmarks of xapid against xend's architecture (``benchmarks/stdlib_server.py``), in one run.
+
+    python benchmarks/run.py [--quick] [--loader auto|wrk|python]
+
+Starts xapid (a real subprocess on the sim backend, temporary state dir, loopback only), gives it
+1000 VMs, starts the stdlib baseline serving a copy of the same records, then measures each figure
+on both servers alternately (A B A B …) and prints the medians, one line per figure:
+
+    VM.get_all_records 1000 VMs: xapid 7.9 ms, stdlib 91.0 ms, 11.5x
+
+A ratio above 1 means xapid is better.  Figures go to stdout, progress to stderr.  See
+``benchmarks/README.md`` for what each figure measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import os
+import platform
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import loadgen
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = Path(__file__).resolve().parent / "stdlib_server.py"
+USER = "bench"
+VMS = 1000
+CONNECTIONS = 8
+CREATORS = 16
+START_TIMEOUT = 60.0
+VM_RECORD: dict[str, Any] = {
+    "name_label": "bench-vm", "name_description": "", "user_version": "1", "is_a_template": False,
+    "affinity": "OpaqueRef:NULL", "memory_static_max": str(512 << 20), "memory_dynamic_max": str(512 << 20),
+    "memory_dynamic_min": str(256 << 20), "memory_static_min": str(128 << 20), "VCPUs_params": {},
+    "VCPUs_max": "2", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
+    "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "",
+    "PV_kernel": "/boot/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
+    "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "", "HVM_boot_params": {},
+    "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": "",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long to measure: rounds of the load and SDK figures, and get_all_records calls per server."""
+
+    rounds: int
+    load_seconds: float
+    sdk_calls: int
+    record_calls: int
+
+
+FULL = Settings(rounds=5, load_seconds=5.0, sdk_calls=3000, record_calls=9)
+QUICK = Settings(rounds=3, load_seconds=2.0, sdk_calls=500, record_calls=5)
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server under test, listening on a loopback port."""
+
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure: every sample per server, and whether larger values are better."""
+
+    label: str
+    unit: str
+    samples: dict[str, list[float]]
+    higher_is_better: bool
+
+    def median(self, server: str) -> float:
+        return statistics.median(self.samples[server])
+
+    @property
+    def ratio(self) -> float:
+        """xapid's advantage: > 1 means xapid is better."""
+        xapid, stdlib = self.median("xapid"), self.median("stdlib")
+        return xapid / stdlib if self.higher_is_better else stdlib / xapid
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def fmt(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    return f"{value:.0f} {unit}"
+
+
+def fmt_ratio(ratio: float) -> str:
+    return f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x"
+
+
+def report(figure: Figure) -> None:
+    """The figure's line, then its samples (indented) so the spread is visible."""
+    xapid, stdlib = figure.median("xapid"), figure.median("stdlib")
+    print(f"{figure.label}: xapid {fmt(xapid, figure.unit)}, stdlib {fmt(stdlib, figure.unit)}, "
+          f"{fmt_ratio(figure.ratio)}")
+    for name, values in figure.samples.items():
+        print(f"    {name:6} samples: {', '.join(fmt(v, figure.unit) for v in values)}")
+    sys.stdout.flush()
+
+
+def machine() -> str:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = f" ({found.group(1).strip()})" if found else ""
+    return (f"machine: nproc {os.cpu_count()}{cpu}, {platform.python_implementation()} "
+            f"{platform.python_version()}, {platform.platform()}")
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def spawn(stack: contextlib.ExitStack, args: list[str], log: Path, stdin_text: str | None = None
+          ) -> subprocess.Popen[bytes]:
+    """Start *args* with stderr to *log*; it is stopped when *stack* closes, whatever happens."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=out, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stack.callback(stop, proc)
+    if stdin_text is not None and proc.stdin is not None:
+        proc.stdin.write(stdin_text.encode())
+        proc.stdin.close()
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_listening(name: str, proc: subprocess.Popen[bytes], log: Path) -> Server:
+    """The server once its log says ``listening on 127.0.0.1:PORT``."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        if found:
+            return Server(name, int(found.group(1)))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{text[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not start within {START_TIMEOUT:.0f} s:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str) -> Server:
+    """xapid on the sim backend with a fresh state dir and one pool-admin user."""
+    users, config, log = tmp / "users", tmp / "xapid.conf", tmp / "xapid.log"
+    subprocess.run([sys.executable, "-m", "xapid", "user", "add", USER, "--role", "pool-admin", "--users", str(users)],
+                   input=f"{password}\n", text=True, capture_output=True, check=True, cwd=ROOT,
+                   env={**os.environ, "XAPID_BCRYPT_ROUNDS": "4"})
+    config.write_text("[server]\nbackend = sim\n")
+    proc = spawn(stack, [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
+                         str(tmp / "state"), "--users", str(users), "--listen", "tcp:0:interface=127.0.0.1"], log)
+    return wait_listening("xapid", proc, log)
+
+
+def start_baseline(stack: contextlib.ExitStack, tmp: Path, source: Server, password: str) -> Server:
+    """The stdlib baseline, serving a copy of *source*'s records."""
+    log = tmp / "stdlib.log"
+    proc = spawn(stack, [sys.executable, str(BASELINE), "--copy-from", source.url, "--user", USER], log,
+                 stdin_text=f"{password}\n")
+    return wait_listening("stdlib", proc, log)
+
+
+# -- calls ------------------------------------------------------------------------------------
+
+
+def sdk_session(server: Server, password: str) -> Any:
+    """A logged-in ``XenAPI.Session``."""
+    import XenAPI
+
+    session = XenAPI.Session(server.url)
+    session.login_with_password(USER, password, "1.0", "xapid-bench")
+    return session
+
+
+def create_vms(server: Server, password: str, count: int) -> None:
+    """Create *count* halted VMs over *CREATORS* concurrent sessions (not timed)."""
+
+    def create(share: int) -> None:
+        session = sdk_session(server, password)
+        try:
+            for _ in range(share):
+                session.xenapi.VM.create(VM_RECORD)
+        finally:
+            session.xenapi.session.logout()
+
+    shares = [count // CREATORS + (i < count % CREATORS) for i in range(CREATORS)]
+    with ThreadPoolExecutor(CREATORS) as pool:
+        list(pool.map(create, [s for s in shares if s]))
+
+
+def call_body(method: str, *params: Any) -> bytes:
+    return xmlrpc.client.dumps(params, method, allow_none=True).encode()
+
+
+class KeepAlive:
+    """One ``http.client`` keep-alive connection that times whole exchanges."""
+
+    def __init__(self, server: Server):
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port)
+
+    def post(self, body: bytes) -> tuple[float, bytes]:
+        """Seconds from sending *body* to having read the whole reply, and the reply."""
+        start = time.perf_counter()
+        self.conn.request("POST", "/", body, {"Content-Type": "text/xml"})
+        response = self.conn.getresponse()
+        data = response.read()
+        elapsed = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"HTTP status {response.status}: {data[:300]!r}")
+        return elapsed, data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def alternate(servers: list[Server], rounds: int, measure: Callable[[Server], float]) -> dict[str, list[float]]:
+    """*measure* each server in turn, *rounds* times (A B A B …)."""
+    samples: dict[str, list[float]] = {s.name: [] for s in servers}
+    for _ in range(rounds):
+        for server in servers:
+            samples[server.name].append(measure(server))
+    return samples
+
+
+def load_figure(servers: list[Server], sessions: dict[str, str], vm: str, settings: Settings,
+                loader: str) -> Figure:
+    """Figure a: small authenticated calls/s from CONNECTIONS concurrent keep-alive connections."""
+    bodies = {s.name: call_body("VM.get_power_state", sessions[s.name], vm) for s in servers}
+    for server in servers:
+        loadgen.check_call(server.port, loadgen.http_request(bodies[server.name]))
+
+    def measure(server: Server) -> float:
+        body = bodies[server.name]
+        if loader == "wrk":
+            return loadgen.wrk_rate(server.port, body, CONNECTIONS, settings.load_seconds)
+        return loadgen.python_rate(server.port, loadgen.http_request(body), CONNECTIONS, settings.load_seconds)
+
+    where = (f"wrk -t{loadgen.wrk_threads(CONNECTIONS)}" if loader == "wrk"
+             else f"{CONNECTIONS} Python client processes")
+    return Figure(f"VM.get_power_state, {CONNECTIONS} keep-alive connections ({where})", "calls/s",
+                  alternate(servers, settings.rounds, measure), higher_is_better=True)
+
+
+def sdk_figure(servers: list[Server], password: str, vm: str, settings: Settings) -> Figure:
+    """Figure b: sequential calls/s from the official SDK (XenAPI.Session, an xmlrpc.client.ServerProxy)."""
+
+    def measure(server: Server) -> float:
+        session = sdk_session(server, password)
+        get_power_state = session.xenapi.VM.get_power_state
+        try:
+            get_power_state(vm)
+            start = time.perf_counter()
+            for _ in range(settings.sdk_calls):
+                get_power_state(vm)
+            return settings.sdk_calls / (time.perf_counter() - start)
+        finally:
+            session.xenapi.session.logout()
+
+    return Figure("VM.get_power_state, sequential from the XenAPI SDK", "calls/s",
+                  alternate(servers, settings.rounds, measure), higher_is_better=True)
+
+
+def records_figure(servers: list[Server], sessions: dict[str, str], settings: Settings) -> Figure:
+    """Figure c: time to a complete VM.get_all_records reply on a warm keep-alive connection."""
+    conns = {s.name: KeepAlive(s) for s in servers}
+    bodies = {s.name: call_body("VM.get_all_records", sessions[s.name]) for s in servers}
+    try:
+        for server in servers:  # open the connections outside the timings
+            conns[server.name].post(call_body("pool.get_all", sessions[server.name]))
+        samples = alternate(servers, settings.record_calls,
+                            lambda server: conns[server.name].post(bodies[server.name])[0] * 1000)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return Figure(f"VM.get_all_records {VMS} VMs", "ms", samples, higher_is_better=False)
+
+
+def cold_records(server: Server, session: str) -> tuple[float, bytes]:
+    """Milliseconds for the first VM.get_all_records (nothing encoded yet), and the reply."""
+    conn = KeepAlive(server)
+    try:
+        conn.post(call_body("pool.get_all", session))
+        elapsed, body = conn.post(call_body("VM.get_all_records", session))
+    finally:
+        conn.close()
+    return elapsed * 1000, body
+
+
+def compare_records(replies: dict[str, bytes]) -> str:
+    """Check that both get_all_records replies decode to the same records; a one-line note."""
+    decoded = {name: loadgen.success_value(body) for name, body in replies.items()}
+    counts = {name: len(value) for name, value in decoded.items()}
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"the servers return different numbers of VM records: {counts}")
+    same = "identical" if decoded["xapid"] == decoded["stdlib"] else "DIFFERENT"
+    sizes = ", ".join(f"{name} {len(body) / 1e6:.1f} MB" for name, body in replies.items())
+    return f"both replies decode to {counts['xapid']} VM records ({same}); reply sizes: {sizes}"
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def goals(load: Figure, sdk: Figure, records: Figure) -> list[str]:
+    def line(text: str, ratio: float, goal: float | None) -> str:
+        verdict = "no goal set" if goal is None else ("met" if ratio >= goal else "NOT met")
+        return f"  {text}: {verdict} ({fmt_ratio(ratio)})"
+
+    return ["goals:",
+            line("small calls under concurrent load, xapid >= 1.0x stdlib", load.ratio, 1.0),
+            line(f"VM.get_all_records {VMS} VMs (warm), xapid >= 5x faster than stdlib", records.ratio, 5.0),
+            line("sequential SDK calls", sdk.ratio, None)]
+
+
+def choose_loader(requested: str) -> str:
+    if requested == "auto":
+        return "wrk" if loadgen.wrk_available() else "python"
+    if requested == "wrk" and not loadgen.wrk_available():
+        raise SystemExit("run.py: --loader wrk, but wrk is not installed")
+    return requested
+
+
+def benchmark(settings: Settings, loader: str) -> None:
+    password = secrets.token_urlsafe(16)
+    with tempfile.TemporaryDirectory(prefix="xapid-bench-") as tmpdir, contextlib.ExitStack() as stack:
+        tmp = Path(tmpdir)
+        progress("starting xapid")
+        xapid = start_xapid(stack, tmp, password)
+        admin = sdk_session(xapid, password)
+        missing = VMS - len(admin.xenapi.VM.get_all())
+        progress(f"creating {missing} VMs in xapid (not timed)")
+        create_vms(xapid, password, missing)
+        vm = next(ref for ref, rec in admin.xenapi.VM.get_all_records().items() if not rec["is_control_domain"])
+        cold_ms, xapid_reply = cold_records(xapid, admin.handle)
+        progress("starting the stdlib baseline (copies xapid's records)")
+        baseline = start_baseline(stack, tmp, xapid, password)
+        servers = [xapid, baseline]
+        sessions = {"xapid": admin.handle, "stdlib": sdk_session(baseline, password).handle}
+        _, stdlib_reply = cold_records(baseline, sessions["stdlib"])
+        note = compare_records({"xapid": xapid_reply, "stdlib": stdlib_reply})
+
+        progress(f"figure a: {CONNECTIONS} concurrent keep-alive connections, {settings.rounds} rounds "
+                 f"of {settings.load_seconds:g} s per server ({loader})")
+        load = load_figure(servers, sessions, vm, settings, loader)
+        report(load)
+        progress(f"figure b: {settings.sdk_calls} sequential SDK calls, {settings.rounds} rounds per server")
+        sdk = sdk_figure(servers, password, vm, settings)
+        report(sdk)
+        progress(f"figure c: VM.get_all_records, {settings.record_calls} calls per server")
+        records = records_figure(servers, sessions, settings)
+        report(records)
+        stdlib_ms = records.median("stdlib")
+        print(f"VM.get_all_records {VMS} VMs, xapid's first call (cold cache): xapid {fmt(cold_ms, 'ms')}, "
+              f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / cold_ms)}")
+        print(f"    {note}")
+        print("\n".join(goals(load, sdk, records)))
+        progress("stopping the servers")
+
+
+def _terminated(signum: int, frame: Any) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark xapid against a stdlib threaded XML-RPC server.")
+    parser.add_argument("--quick", action="store_true", help="short measurements (a smoke run, under a minute)")
+    parser.add_argument("--loader", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator for the concurrent figure (auto: wrk when installed)")
+    args = parser.parse_args(argv)
+    try:
+        import XenAPI  # noqa: F401 - checked before anything starts
+    except ImportError:
+        raise SystemExit("run.py: the XenAPI SDK is missing (pip install -e '.[test]')") from None
+    signal.signal(signal.SIGTERM, _terminated)
+    loader = choose_loader(args.loader)
+    settings = QUICK if args.quick else FULL
+    print(machine(), flush=True)
+    started = time.monotonic()
+    benchmark(settings, loader)
+    print(f"total time {time.monotonic() - started:.0f} s ({'quick' if args.quick else 'full'} run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

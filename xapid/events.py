@@ -1,0 +1,308 @@
+"""Events from store changes: ``event.from`` long polls and the legacy register/next queues.
+
+The hub listens to the store (which emits one :class:`Change` per write) and keeps, per
+object, only the position of its latest change — so a watcher that comes back late gets
+each object's latest state once, and memory does not grow with the number of watchers or
+the age of their tokens.  Deletions are kept as tombstones up to a bound; a token older
+than the oldest forgotten tombstone, or from an earlier daemon run, gets EVENTS_LOST and
+the client re-reads everything.
+
+Waiting is a deferred reply: a watcher is a Deferred in a list, woken (once per reactor
+turn, so a transaction's writes arrive together) when a change it subscribes to happens,
+or when its timeout passes, or failed with SESSION_INVALID when its session ends.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from xapid.errors import XenAPIError, session_invalid
+from xapid.objects.generic import CachedRecord
+from xapid.store import Change, Store
+from xapid.wire.values import Int32
+
+log = Logger()
+
+MAX_TIMEOUT = 3600.0
+
+
+@dataclass
+class _Entry:
+    seq: int
+    cls: str
+    created: int  # seq of the object's add
+    when: float
+    deleted: bool = False
+
+
+class Subscription:
+    """Parsed ``event.from`` classes: '*', class names, or 'class/ref' (case-insensitive)."""
+
+    def __init__(self, schema: Any, classes: list[str]):
+        self.all = False
+        self.classes: set[str] = set()
+        self.refs: set[str] = set()
+        for item in classes:
+            if not isinstance(item, str) or not re.fullmatch(r"\*|[A-Za-z_][A-Za-z0-9_]*(/.+)?", item):
+                raise XenAPIError("EVENT_SUBSCRIPTION_PARSE_FAILURE", item)
+            if item == "*":
+                self.all = True
+                continue
+            name, _, ref = item.partition("/")
+            spec = schema.class_by_lower(name)
+            if spec is None:
+                continue  # unknown names match nothing, as xapi
+            if ref:
+                self.refs.add(ref)
+            else:
+                self.classes.add(spec.name)
+
+    def matches(self, cls: str, ref: str) -> bool:
+        return self.all or cls in self.classes or ref in self.refs
+
+
+@dataclass
+class _Waiter:
+    subscription: Subscription
+    token: int
+    deferred: Deferred
+    session: Any
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass
+class _Queue:
+    """A legacy event.register subscription with its bounded queue."""
+
+    classes: set[str]
+    events: deque = field(default_factory=deque)
+    lost: bool = False
+    waiter: Deferred | None = None
+
+
+class EventHub:
+    def __init__(self, store: Store, reactor: Any, *, tombstones: int = 10_000, queue_size: int = 1_000):
+        self.store = store
+        self.schema = store.schema
+        self.reactor = reactor
+        self.epoch = int(time.time() * 1000)  # distinguishes tokens of earlier runs
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # ref -> latest change, oldest first
+        self._tombstones: deque[str] = deque()
+        self._max_tombstones = tombstones
+        self._horizon = 0  # changes at or before this seq may have been forgotten
+        self._waiters: list[_Waiter] = []
+        self._wake_pending = False
+        self._queues: dict[str, _Queue] = {}
+        self._queue_size = queue_size
+        self._evented = {name for name, spec in self.schema.classes.items() if spec.events}
+        for cls in self._evented:
+            for obj in store.all(cls):
+                self._entries[obj.ref] = _Entry(0, cls, 0, 0.0)
+        store.subscribe(self._on_change)
+
+    # -- recording changes -----------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        if change.cls not in self._evented:
+            return
+        now = self.reactor.seconds()
+        entry = self._entries.pop(change.ref, None)
+        if change.op == "add" or entry is None:
+            entry = _Entry(change.seq, change.cls, change.seq, now)
+        entry.seq, entry.when, entry.deleted = change.seq, now, change.op == "del"
+        self._entries[change.ref] = entry
+        if entry.deleted:
+            self._tombstones.append(change.ref)
+            self._compact()
+        self._queue(change, now)
+        if self._waiters and not self._wake_pending:
+            self._wake_pending = True
+            self.reactor.callLater(0, self._wake)
+
+    def _compact(self) -> None:
+        while len(self._tombstones) > self._max_tombstones:
+            ref = self._tombstones.popleft()
+            entry = self._entries.get(ref)
+            if entry is not None and entry.deleted:
+                del self._entries[ref]
+                self._horizon = max(self._horizon, entry.seq)
+
+    # -- event.from --------------------------------------------------------------------------
+
+    def token(self, seq: int | None = None) -> str:
+        return f"{self.store.seq if seq is None else seq:020d},{self.epoch:020d}"
+
+    def parse_token(self, token: str) -> int:
+        if token == "":
+            return -1
+        match = re.fullmatch(r"\s*(\d+)(?:,(\d+))?\s*", token)
+        if match is None:
+            raise XenAPIError("EVENT_FROM_TOKEN_PARSE_FAILURE", token)
+        seq = int(match.group(1))
+        if match.group(2) is not None and int(match.group(2)) != self.epoch or seq > self.store.seq:
+            raise XenAPIError("EVENTS_LOST")
+        if seq < self._horizon:
+            raise XenAPIError("EVENTS_LOST")
+        return seq
+
+    def collect(self, subscription: Subscription, since: int) -> list[dict[str, Any]]:
+        """Each matching object changed after *since*, once, oldest change first."""
+        events = []
+        for ref, entry in reversed(self._entries.items()):
+            if entry.seq <= since:
+                break
+            if not subscription.matches(entry.cls, ref):
+                continue
+            if entry.deleted:
+                if entry.created > since:
+                    continue  # born and gone since the token: the watcher never knew it
+                events.append(self._event(entry, "del", ref))
+            else:
+                events.append(self._event(entry, "add" if entry.created > since else "mod", ref))
+        events.reverse()
+        return events
+
+    def _event(self, entry: _Entry, op: str, ref: str) -> dict[str, Any]:
+        event = {"id": str(entry.seq), "timestamp": f"{entry.when:.6f}", "class": entry.cls.lower(),
+                 "operation": op, "ref": ref}
+        if op != "del":
+            event["snapshot"] = CachedRecord(self.store.get(ref))
+        return event
+
+    def counts(self) -> dict[str, Int32]:
+        return {name.lower(): Int32(self.store.count(name)) for name in self.schema.classes
+                if self.schema.classes[name].persist or name in self._evented}
+
+    def batch(self, subscription: Subscription, since: int) -> dict[str, Any]:
+        return {"events": self.collect(subscription, since), "valid_ref_counts": self.counts(),
+                "token": self.token()}
+
+    def wait_from(self, session: Any, classes: list[str], token: str, timeout: float) -> Any:
+        """The event.from reply now when something changed, else a Deferred for it."""
+        subscription = Subscription(self.schema, classes)
+        since = self.parse_token(token)
+        result = self.batch(subscription, since)
+        if result["events"] or timeout <= 0:
+            return result
+        d: Deferred = Deferred(lambda _: self._drop(waiter))
+        waiter = _Waiter(subscription, since, d, session)
+        timer = self.reactor.callLater(min(timeout, MAX_TIMEOUT), self._timeout, waiter)
+        waiter.cleanup.append(lambda: timer.cancel() if timer.active() else None)
+
+        def session_ended() -> None:
+            self._drop(waiter)
+            if not d.called:
+                d.errback(session_invalid(session.ref))
+
+        session.ended.append(session_ended)
+        waiter.cleanup.append(lambda: session.ended.remove(session_ended))
+        self._waiters.append(waiter)
+        return d
+
+    def _drop(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        for undo in waiter.cleanup:
+            undo()
+        waiter.cleanup.clear()
+
+    def _timeout(self, waiter: _Waiter) -> None:
+        waiter.cleanup = [u for u in waiter.cleanup[1:]]  # the timer itself has fired
+        self._drop(waiter)
+        if not waiter.deferred.called:
+            waiter.deferred.callback(self.batch(waiter.subscription, waiter.token))
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        for waiter in list(self._waiters):
+            events = self.collect(waiter.subscription, waiter.token)
+            if events:
+                self._drop(waiter)
+                waiter.deferred.callback({"events": events, "valid_ref_counts": self.counts(),
+                                          "token": self.token()})
+
+    @property
+    def watchers(self) -> int:
+        return len(self._waiters)
+
+    # -- legacy register / next ----------------------------------------------------------------
+
+    def register(self, session: Any, classes: list[str]) -> None:
+        names = {"*" if c == "*" else (self.schema.class_by_lower(c).name if self.schema.class_by_lower(c) else c)
+                 for c in classes}
+        queue = self._queues.get(session.ref)
+        if queue is None:
+            queue = self._queues[session.ref] = _Queue(set())
+            session.ended.append(lambda: self._end_queue(session.ref))
+        queue.classes |= names
+
+    def unregister(self, session: Any, classes: list[str]) -> None:
+        queue = self._queues.get(session.ref)
+        if queue is None:
+            return
+        for c in classes:
+            spec = self.schema.class_by_lower(c)
+            queue.classes.discard(spec.name if spec else c)
+        if not queue.classes:
+            self._end_queue(session.ref, lost=False)
+
+    def _end_queue(self, ref: str, lost: bool = True) -> None:
+        queue = self._queues.pop(ref, None)
+        if queue is not None and queue.waiter is not None and not queue.waiter.called:
+            queue.waiter.errback(session_invalid(ref) if lost else XenAPIError("SESSION_NOT_REGISTERED", ref))
+
+    def _queue(self, change: Change, now: float) -> None:
+        for queue in self._queues.values():
+            if "*" not in queue.classes and change.cls not in queue.classes:
+                continue
+            if len(queue.events) >= self._queue_size:
+                queue.lost = True
+                queue.events.clear()
+            elif not queue.lost:
+                queue.events.append(self._legacy_event(change, now))
+            if queue.waiter is not None and not queue.waiter.called:
+                waiter, queue.waiter = queue.waiter, None
+                self.reactor.callLater(0, self._deliver, queue, waiter)
+
+    def _legacy_event(self, change: Change, now: float) -> dict[str, Any]:
+        obj = self.store.find(change.ref)
+        event = {"id": str(change.seq), "timestamp": f"{now:.6f}", "class": change.cls.lower(),
+                 "operation": change.op, "ref": change.ref,
+                 "obj_uuid": obj.fields.get("uuid", "") if obj is not None else ""}
+        if change.op != "del" and obj is not None:
+            event["snapshot"] = dict(obj.fields)
+        return event
+
+    def _deliver(self, queue: _Queue, waiter: Deferred) -> None:
+        if waiter.called:
+            return
+        try:
+            waiter.callback(self._take(queue))
+        except XenAPIError as error:
+            waiter.errback(error)
+
+    def _take(self, queue: _Queue) -> list[dict[str, Any]]:
+        if queue.lost:
+            queue.lost = False
+            raise XenAPIError("EVENTS_LOST")
+        events = list(queue.events)
+        queue.events.clear()
+        return events
+
+    def next(self, session: Any) -> Any:
+        """Queued events now, or a Deferred firing with the next ones."""
+        queue = self._queues.get(session.ref)
+        if queue is None:
+            raise XenAPIError("SESSION_NOT_REGISTERED", session.ref)
+        if queue.events or queue.lost:
+            return self._take(queue)
+        d: Deferred = Deferred(lambda _: setattr(queue, "waiter", None))
+        queue.waiter = d
+        return d
