@@ -96,6 +96,7 @@ def parse_default(t: Type, text: str, enum_values: dict[str, tuple[str, ...]]) -
     return coerce(t, text, "default", enum_values)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DT_FORMATS = ("%Y%m%dT%H:%M:%SZ", "%Y%m%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y%m%dT%H%M%SZ")
 
 
@@ -133,6 +134,8 @@ def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ..
     kind = t.kind
     if kind in ("string", "ref"):
         if isinstance(value, str):
+            if _SURROGATE.search(value):  # not encodable as UTF-8 (a JSON "\ud800" escape)
+                raise invalid_value(field, value.encode("utf-8", "backslashreplace").decode())
             return value
         raise field_type_error(field)
     if kind == "int":

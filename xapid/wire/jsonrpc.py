@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+import re
+from json.encoder import encode_basestring, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from xapid.apitypes import format_datetime
@@ -25,6 +26,14 @@ class JsonCall:
     v2: bool
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _string(text: str) -> str:
+    """A JSON string; lone surrogates (not encodable as UTF-8) travel as \\u escapes."""
+    return encode_basestring_ascii(text) if _SURROGATE.search(text) else encode_basestring(text)
+
+
 def encode_value(value: Any) -> str:
     out: list[str] = []
     _encode(value, out)
@@ -34,7 +43,7 @@ def encode_value(value: Any) -> str:
 def _encode(value: Any, out: list[str]) -> None:
     t = type(value)
     if t is str:
-        out.append(encode_basestring(value))
+        out.append(_string(value))
     elif t is bool:
         out.append("true" if value else "false")
     elif t is int or t is Int32:
@@ -46,7 +55,7 @@ def _encode(value: Any, out: list[str]) -> None:
             if not first:
                 out.append(",")
             first = False
-            out.append(encode_basestring(str(k)))
+            out.append(_string(str(k)))
             out.append(":")
             _encode(v, out)
         out.append("}")
@@ -62,7 +71,7 @@ def _encode(value: Any, out: list[str]) -> None:
     elif value is None:
         out.append("null")
     elif isinstance(value, datetime):
-        out.append(encode_basestring(format_datetime(value)))
+        out.append(_string(format_datetime(value)))
     elif hasattr(value, "encoded"):
         out.append(value.encoded("json", encode_value))
     elif isinstance(value, str):
@@ -105,6 +114,8 @@ def decode_call(body: bytes, limits: Limits) -> JsonCall:
         raise WireError("JSON-RPC request without a method")
     if "id" not in doc or doc["id"] is None:
         raise WireError("JSON-RPC notifications (no id) are not accepted")
+    if not isinstance(doc["id"], (str, int)) or isinstance(doc["id"], bool):
+        raise WireError("a JSON-RPC id must be a string or an integer")
     params = doc.get("params", [])
     if isinstance(params, dict):
         params = list(params.values())

@@ -95,7 +95,11 @@ class ApiResource(resource.Resource):
                 handler(result)
             except Exception:  # noqa: BLE001 - an unencodable value must not kill the request
                 log.failure("encoding the reply to {method} failed", method=method)
-                fail(Failure(XenAPIError("INTERNAL_ERROR", "the reply could not be encoded")))
+                try:
+                    fail(Failure(XenAPIError("INTERNAL_ERROR", "the reply could not be encoded")))
+                except Exception:  # noqa: BLE001 - not even the failure encodes: end the request
+                    request.setResponseCode(http.INTERNAL_SERVER_ERROR)
+                    request.finish()
 
         d.addCallbacks(lambda v: send_safely(v, reply), lambda f: send_safely(f, fail))
         return server.NOT_DONE_YET
@@ -158,6 +162,7 @@ def make_site(api_resource: ApiResource, max_body: int) -> server.Site:
     site = server.Site(api_resource, logPath=None)
     site.requestFactory = request_class
     site.displayTracebacks = False
+    site.timeOut = 3700  # idle connections close after an hour (longer than any event.from wait)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
     return site

@@ -125,6 +125,8 @@ def decode_call(body: bytes, limits: Limits) -> tuple[str, list[Any]]:
         root = etree.fromstring(body, _PARSER)
     except etree.XMLSyntaxError as exc:
         raise WireError(f"not well-formed XML: {exc}") from None
+    if root.getroottree().docinfo.doctype:  # e.g. a DTD in a UTF-16 body the byte check missed
+        raise WireError("document type declarations are not accepted")
     if root.tag != "methodCall":
         raise WireError(f"expected <methodCall>, got <{root.tag}>")
     count = 0
