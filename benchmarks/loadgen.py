@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -95,6 +96,7 @@ def check_call(port: int, request: bytes) -> Any:
 
 def _client(port: int, request: bytes, seconds: float, barrier: Barrier, results: Any) -> None:
     """One client process: connect, check one reply, then count replies for *seconds*."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent stops the clients
     try:
         conn = Connection(port)
         status, body = conn.exchange(request)

@@ -179,9 +179,11 @@ def wait_listening(name: str, proc: subprocess.Popen[bytes], log: Path) -> Serve
 def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str) -> Server:
     """xapid on the sim backend with a fresh state dir and one pool-admin user."""
     users, config, log = tmp / "users", tmp / "xapid.conf", tmp / "xapid.log"
-    subprocess.run([sys.executable, "-m", "xapid", "user", "add", USER, "--role", "pool-admin", "--users", str(users)],
-                   input=f"{password}\n", text=True, capture_output=True, check=True, cwd=ROOT,
-                   env={**os.environ, "XAPID_BCRYPT_ROUNDS": "4"})
+    added = subprocess.run([sys.executable, "-m", "xapid", "user", "add", USER, "--role", "pool-admin", "--users",
+                            str(users)], input=f"{password}\n", text=True, capture_output=True, cwd=ROOT,
+                           env={**os.environ, "XAPID_BCRYPT_ROUNDS": "4"})
+    if added.returncode != 0:
+        raise RuntimeError(f"xapid user add failed: {added.stderr.strip()}")
     config.write_text("[server]\nbackend = sim\n")
     proc = spawn(stack, [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
                          str(tmp / "state"), "--users", str(users), "--listen", "tcp:0:interface=127.0.0.1"], log)
@@ -358,45 +360,65 @@ def choose_loader(requested: str) -> str:
     return requested
 
 
-def benchmark(settings: Settings, loader: str) -> None:
-    password = secrets.token_urlsafe(16)
-    with tempfile.TemporaryDirectory(prefix="xapid-bench-") as tmpdir, contextlib.ExitStack() as stack:
-        tmp = Path(tmpdir)
-        progress("starting xapid")
-        xapid = start_xapid(stack, tmp, password)
-        admin = sdk_session(xapid, password)
-        missing = VMS - len(admin.xenapi.VM.get_all())
-        progress(f"creating {missing} VMs in xapid (not timed)")
-        create_vms(xapid, password, missing)
-        vm = next(ref for ref, rec in admin.xenapi.VM.get_all_records().items() if not rec["is_control_domain"])
-        cold_ms, xapid_reply = cold_records(xapid, admin.handle)
-        progress("starting the stdlib baseline (copies xapid's records)")
-        baseline = start_baseline(stack, tmp, xapid, password)
-        servers = [xapid, baseline]
-        sessions = {"xapid": admin.handle, "stdlib": sdk_session(baseline, password).handle}
-        _, stdlib_reply = cold_records(baseline, sessions["stdlib"])
-        note = compare_records({"xapid": xapid_reply, "stdlib": stdlib_reply})
+@dataclass(frozen=True)
+class Testbed:
+    """Both servers up and serving the same records, with a session on each."""
 
-        progress(f"figure a: {CONNECTIONS} concurrent keep-alive connections, {settings.rounds} rounds "
-                 f"of {settings.load_seconds:g} s per server ({loader})")
-        load = load_figure(servers, sessions, vm, settings, loader)
-        report(load)
-        progress(f"figure b: {settings.sdk_calls} sequential SDK calls, {settings.rounds} rounds per server")
-        sdk = sdk_figure(servers, password, vm, settings)
-        report(sdk)
-        progress(f"figure c: VM.get_all_records, {settings.record_calls} calls per server")
-        records = records_figure(servers, sessions, settings)
-        report(records)
-        stdlib_ms = records.median("stdlib")
-        print(f"VM.get_all_records {VMS} VMs, xapid's first call (cold cache): xapid {fmt(cold_ms, 'ms')}, "
-              f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / cold_ms)}")
-        print(f"    {note}")
-        print("\n".join(goals(load, sdk, records)))
+    servers: list[Server]
+    sessions: dict[str, str]
+    password: str
+    vm: str
+    cold_ms: float
+    note: str
+
+
+def prepare(stack: contextlib.ExitStack, tmp: Path) -> Testbed:
+    """Start xapid, give it VMS VMs, time its first get_all_records, then start the baseline."""
+    password = secrets.token_urlsafe(16)
+    progress("starting xapid")
+    xapid = start_xapid(stack, tmp, password)
+    admin = sdk_session(xapid, password)
+    missing = VMS - len(admin.xenapi.VM.get_all())
+    progress(f"creating {missing} VMs in xapid (not timed)")
+    create_vms(xapid, password, missing)
+    cold_ms, xapid_reply = cold_records(xapid, admin.handle)
+    vm = next(ref for ref, rec in loadgen.success_value(xapid_reply).items() if not rec["is_control_domain"])
+    progress("starting the stdlib baseline (it copies xapid's records)")
+    baseline = start_baseline(stack, tmp, xapid, password)
+    sessions = {"xapid": admin.handle, "stdlib": sdk_session(baseline, password).handle}
+    _, stdlib_reply = cold_records(baseline, sessions["stdlib"])
+    note = compare_records({"xapid": xapid_reply, "stdlib": stdlib_reply})
+    return Testbed([xapid, baseline], sessions, password, vm, cold_ms, note)
+
+
+def run_figures(bed: Testbed, settings: Settings, loader: str) -> None:
+    """Measure and print every figure, then the goals."""
+    progress(f"figure a: {CONNECTIONS} concurrent keep-alive connections, {settings.rounds} rounds "
+             f"of {settings.load_seconds:g} s per server ({loader})")
+    load = load_figure(bed.servers, bed.sessions, bed.vm, settings, loader)
+    report(load)
+    progress(f"figure b: {settings.sdk_calls} sequential SDK calls, {settings.rounds} rounds per server")
+    sdk = sdk_figure(bed.servers, bed.password, bed.vm, settings)
+    report(sdk)
+    progress(f"figure c: VM.get_all_records, {settings.record_calls} calls per server")
+    records = records_figure(bed.servers, bed.sessions, settings)
+    report(records)
+    stdlib_ms = records.median("stdlib")
+    print(f"VM.get_all_records {VMS} VMs, xapid's first call (cold cache): xapid {fmt(bed.cold_ms, 'ms')}, "
+          f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / bed.cold_ms)}")
+    print(f"    {bed.note}")
+    print("\n".join(goals(load, sdk, records)), flush=True)
+
+
+def benchmark(settings: Settings, loader: str) -> None:
+    """Everything, in a temporary directory; every process started is stopped on the way out."""
+    with tempfile.TemporaryDirectory(prefix="xapid-bench-") as tmpdir, contextlib.ExitStack() as stack:
+        run_figures(prepare(stack, Path(tmpdir)), settings, loader)
         progress("stopping the servers")
 
 
 def _terminated(signum: int, frame: Any) -> NoReturn:
-    raise SystemExit(128 + signum)
+    raise SystemExit(f"run.py: stopped by signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,11 +432,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         raise SystemExit("run.py: the XenAPI SDK is missing (pip install -e '.[test]')") from None
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     loader = choose_loader(args.loader)
     settings = QUICK if args.quick else FULL
     print(machine(), flush=True)
     started = time.monotonic()
-    benchmark(settings, loader)
+    try:
+        benchmark(settings, loader)
+    except KeyboardInterrupt:
+        print("run.py: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"run.py: {exc}", file=sys.stderr)
+        return 1
     print(f"total time {time.monotonic() - started:.0f} s ({'quick' if args.quick else 'full'} run)")
     return 0
 

@@ -27,8 +27,18 @@ class Api:
     shutdown_timeout: float = 60.0
     host_ref: str = "OpaqueRef:NULL"
     pool_ref: str = "OpaqueRef:NULL"
+    storage: Any = None  # xapid.config.StorageConfig
+    public_url: str = "http://127.0.0.1"  # where this daemon is reached (consoles' location)
     tasks: Any = None  # xapid.tasks.TaskManager
     events: Any = None  # xapid.events.EventHub
+
+    @property
+    def disk_format(self) -> str:
+        """Format of new disks in file SRs: raw or qcow2."""
+        return self.storage.disk_format if self.storage else "raw"
+
+    def console_url(self, console_uuid: str) -> str:
+        return f"{self.public_url}/console?uuid={console_uuid}"
 
     @property
     def clock(self) -> Callable[[], float]:

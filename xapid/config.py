@@ -47,6 +47,13 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    local_sr: str = ""
+    iso_library: str = ""
+    disk_format: str = "raw"
+
+
+@dataclass(frozen=True)
 class SimConfig:
     cpus: int = 4
     memory_mib: int = 16384
@@ -60,12 +67,14 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     source: str = "<defaults>"
 
 
 BACKENDS = ("sim", "xen")
 LOG_LEVELS = ("debug", "info", "warn", "error")
+DISK_FORMATS = ("raw", "qcow2")
 _POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
              "max_depth", "max_elements", "cpus", "memory_mib", "dom0_memory_mib", "dom0_vcpus"}
 
@@ -93,7 +102,7 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
             raise ConfigError(f"{problem}: expected a number, got {text!r}") from None
     else:
         value = text.strip()
-        if not value and key != "hostname":
+        if not value and key not in ("hostname", "local_sr", "iso_library"):
             raise ConfigError(f"{problem}: must not be empty")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")
@@ -101,6 +110,8 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
         raise ConfigError(f"{problem}: must not be negative, got {text!r}")
     if key == "backend" and value not in BACKENDS:
         raise ConfigError(f"{problem}: unknown backend {value!r} (expected one of: {', '.join(BACKENDS)})")
+    if key == "disk_format" and value not in DISK_FORMATS:
+        raise ConfigError(f"{problem}: unknown format {value!r} (expected one of: {', '.join(DISK_FORMATS)})")
     if key == "log_level" and value not in LOG_LEVELS:
         raise ConfigError(f"{problem}: unknown level {value!r} (expected one of: {', '.join(LOG_LEVELS)})")
     return value

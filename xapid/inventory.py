@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from xapid import __version__
 from xapid.apitypes import NULL_REF
 from xapid.backend.interface import DomainInfo, HostInfo
+from xapid.errors import XenAPIError
 
 log = Logger()
 
@@ -59,6 +60,7 @@ async def initialise(api: Any) -> None:
     hv, store = api.hypervisor, api.store
     info: HostInfo = await hv.call("host_info")
     pcpus = await hv.call("physical_cpus")
+    nics = await hv.call("physical_nics")
     domains: list[DomainInfo] = await hv.call("list_domains")
     free = await hv.call("free_memory")
     now = _stamp(api.clock())
@@ -82,8 +84,10 @@ async def initialise(api: Any) -> None:
             "vendor": info.cpu_vendor}})
         _host_metrics(store, host, info, free, now)
         _host_cpus(store, host, info, pcpus)
+        _pifs(store, host, nics, now)
         _mirror_users(api)
         _reconcile(api, host, domains, now)
+    await _storage(api)
 
 
 def _host_metrics(store: Any, host: str, info: HostInfo, free: int, now: datetime) -> None:
@@ -109,6 +113,56 @@ def _host_cpus(store: Any, host: str, info: HostInfo, pcpus: list[Any]) -> None:
             store.update(by_number[cpu.number], fields)
         else:
             store.add("host_cpu", fields)
+
+
+def _pifs(store: Any, host: str, nics: list[Any], now: datetime) -> None:
+    """One PIF per physical NIC; on first sight each gets a network (xenbr<N>) and metrics."""
+    by_device = {o.fields["device"]: o for o in store.all("PIF") if o.fields["physical"]}
+    for index, nic in enumerate(nics):
+        metrics = {"carrier": nic.carrier, "speed": nic.speed, "duplex": nic.duplex, "vendor_name": nic.vendor_name,
+                   "device_name": nic.device_name, "pci_bus_path": nic.pci_bus_path, "last_updated": now}
+        pif = by_device.get(nic.device)
+        if pif is not None:
+            store.update(pif.ref, {"MAC": nic.mac, "MTU": nic.mtu, "currently_attached": nic.carrier})
+            if store.find(pif.fields["metrics"]) is not None:
+                store.update(pif.fields["metrics"], metrics)
+            continue
+        number = nic.device[3:] if nic.device.startswith("eth") and nic.device[3:].isdigit() else str(index)
+        network = store.add("network", {
+            "name_label": f"Pool-wide network associated with {nic.device}", "bridge": f"xenbr{number}",
+            "MTU": nic.mtu, "other_config": {}})
+        store.add("PIF", {
+            "device": nic.device, "network": network, "host": host, "MAC": nic.mac, "MTU": nic.mtu, "VLAN": -1,
+            "physical": True, "currently_attached": nic.carrier, "management": index == 0,
+            "ip_configuration_mode": "DHCP" if index == 0 else "None",
+            "metrics": store.add("PIF_metrics", metrics),
+        })
+
+
+async def _storage(api: Any) -> None:
+    """First start: a local file SR (pool.default_SR) and an ISO library; every start: scan them."""
+    from types import SimpleNamespace
+
+    from xapid.objects.sr import make_sr, reconcile  # the SR module owns SR records
+
+    ctx = SimpleNamespace(api=api, store=api.store, task=None, session=None)
+    store = api.store
+    if not store.refs("SR"):
+        local = api.storage.local_sr or str(api.state_dir / "sr")
+        iso = api.storage.iso_library or str(api.state_dir / "iso")
+        default = await make_sr(ctx, "Local storage", "Disk images in " + local, "file", "user",
+                                {"location": local})
+        await make_sr(ctx, "ISO library", "ISO images in " + iso, "iso", "iso", {"location": iso})
+        store.update(api.pool_ref, {"default_SR": default, "suspend_image_SR": default, "crash_dump_SR": default})
+        return
+    for sr in store.refs("SR"):
+        pbds = [store.get(p) for p in store.get(sr).fields["PBDs"]]
+        if pbds and pbds[0].fields["currently_attached"]:
+            try:
+                await reconcile(ctx, sr)
+            except XenAPIError as error:
+                log.error("SR {name} could not be scanned: {error}", name=store.get(sr).fields["name_label"],
+                          error=" ".join(error.description))
 
 
 def _mirror_users(api: Any) -> None:

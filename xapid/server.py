@@ -32,6 +32,7 @@ from xapid.objects.vm_ops import derive as derive_vm
 from xapid.runner import Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
+from xapid.storage import have_qemu_img
 from xapid.store import Committer, Database, Store
 from xapid.tasks import TaskManager
 from xapid.users import UsersError, UsersFile
@@ -106,6 +107,7 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
         sessions=SessionManager(store, reactor.seconds, config.api.session_idle_timeout,
                                 config.api.max_sessions_per_user),
         auth_failure_delay=config.api.auth_failure_delay, shutdown_timeout=config.api.shutdown_timeout,
+        storage=config.storage,
     )
     try:
         await inventory.initialise(api)
@@ -144,6 +146,8 @@ class Daemon(MultiService):
         for description in self.config.server.listen:
             _endpoint(self.reactor, description)
         make_driver(self.config, self.reactor)
+        if self.config.storage.disk_format == "qcow2" and not have_qemu_img():
+            raise StartupError("[storage] disk_format = qcow2 needs qemu-img, which is not installed")
 
     def _pool(self, name: str, size: int) -> ThreadPool:
         pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
@@ -163,6 +167,7 @@ class Daemon(MultiService):
         addresses = []
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
+        self._publish_url()
         sweeper = LoopingCall(self._housekeeping)
         sweeper.clock = reactor
         sweeper.start(SWEEP_INTERVAL, now=False)
@@ -186,6 +191,19 @@ class Daemon(MultiService):
         where = getattr(address, "name", None) or f"{address.host}:{address.port}"
         log.info("listening on {where} ({description})", where=where, description=description)
         return where if isinstance(where, str) else where.decode()
+
+    def _publish_url(self) -> None:
+        """Tell the API where it is reached (console locations) from the first TCP listener."""
+        for port in self.ports:
+            address = port.getHost()
+            if hasattr(address, "port"):
+                host = self.api.store.get(self.api.host_ref).fields["address"] if address.host in ("0.0.0.0", "::") \
+                    else address.host
+                self.api.public_url = f"http://{host}:{address.port}"
+                break
+        with self.api.store.transaction():
+            for console in self.api.store.all("console"):
+                self.api.store.update(console.ref, {"location": self.api.console_url(console.fields["uuid"])})
 
     def _housekeeping(self) -> None:
         """Expire idle sessions and forget old finished tasks."""

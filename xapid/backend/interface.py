@@ -54,6 +54,21 @@ class PhysicalCPU:
 
 
 @dataclass(frozen=True)
+class PhysicalNic:
+    """A network interface of the host (``/sys/class/net`` on a real host)."""
+
+    device: str  # e.g. "eth0"
+    mac: str
+    mtu: int
+    carrier: bool
+    speed: int  # Mbit/s
+    duplex: bool
+    vendor_name: str = ""
+    device_name: str = ""
+    pci_bus_path: str = ""
+
+
+@dataclass(frozen=True)
 class DiskSpec:
     """A disk given to a domain at build time or hot-plugged."""
 
@@ -201,6 +216,9 @@ class IBackend(Interface):
 
     def physical_cpus() -> list[PhysicalCPU]:
         """Every physical CPU with its cumulative idle time."""
+
+    def physical_nics() -> list[PhysicalNic]:
+        """The host's physical network interfaces."""
 
     def free_memory() -> int:
         """Bytes the hypervisor could give to a new domain now."""

@@ -40,6 +40,7 @@ from xapid.backend.interface import (
     DiskSpec,
     DomainInfo,
     DomainSpec,
+    PhysicalNic,
     HostInfo,
     HypervisorUnavailable,
     IBackend,
@@ -62,6 +63,9 @@ SUSPEND_MAGIC = "xapid-sim-suspend-v1"
 DOM0_UUID = "00000000-0000-0000-0000-000000000000"
 MIN_DOMAIN_MEMORY = 16 * MiB  # a real domain builder refuses less
 MAX_VCPUS = 512
+MAX_PV_DISKS = 16
+MAX_HVM_DISKS = 4
+MAX_NICS = 7
 GUEST_LOAD = 0.1
 DOM0_LOAD = 0.05
 NO_PV_DRIVERS = ["sim-no-pv-drivers", "true"]  # platform entry: the guest ignores requests
@@ -118,8 +122,18 @@ def _validate_spec(spec: DomainSpec) -> None:
         _validate_nic(nic)
     if len({d.device for d in spec.disks}) != len(spec.disks):
         raise InvalidSpec("duplicate disk device name")
+    _check_limits(spec.domain_type, len(spec.disks), len(spec.nics))
     if len({n.devid for n in spec.nics}) != len(spec.nics):
         raise InvalidSpec("duplicate nic devid")
+
+
+def _check_limits(domain_type: str, disks: int, nics: int) -> None:
+    """InvalidSpec beyond the device slots a guest has (xapi's allowed-device lists)."""
+    max_disks = MAX_HVM_DISKS if domain_type == "hvm" else MAX_PV_DISKS
+    if disks > max_disks:
+        raise InvalidSpec(f"{disks} disks: a {domain_type} guest has {max_disks} disk slots")
+    if nics > MAX_NICS:
+        raise InvalidSpec(f"{nics} network cards: a guest has {MAX_NICS} slots")
 
 
 def _validate_disk(disk: DiskSpec) -> None:
@@ -278,6 +292,7 @@ class SimBackend:
         hostname: str = "xapid-sim",
         address: str = "127.0.0.1",
         shutdown_delay: float = 0.0,
+        nics: int = 1,
     ) -> None:
         if cpus < 1 or dom0_vcpus < 1:
             raise ValueError("the simulated host needs at least one CPU and dom0 one vCPU")
@@ -293,6 +308,7 @@ class SimBackend:
         self._hostname = hostname
         self._address = address
         self._shutdown_delay = shutdown_delay
+        self.nics = nics
         self._lock = threading.Lock()
         self._state: _State | None = None
         self._idle_floor_ns = 0
@@ -458,6 +474,13 @@ class SimBackend:
                     "system-product-name": "sim",
                 },
             )
+
+    def physical_nics(self) -> list[PhysicalNic]:
+        """Sim: one or more NICs with stable, locally administered MACs."""
+        with self._operation("physical_nics"):
+            return [PhysicalNic(device=f"eth{i}", mac=f"02:00:00:00:00:{i + 1:02x}", mtu=1500, carrier=True,
+                                speed=10000, duplex=True, vendor_name="xapid", device_name="simulated NIC",
+                                pci_bus_path=f"0000:00:{i + 3:02x}.0") for i in range(self.nics)]
 
     def physical_cpus(self) -> list[PhysicalCPU]:
         """Every physical CPU with its cumulative idle time."""
@@ -650,6 +673,7 @@ class SimBackend:
             _validate_disk(disk)
             if any(d["device"] == disk.device for d in dom.disks):
                 raise InvalidSpec(f"domain {dom.domid} already has a disk {disk.device}")
+            _check_limits(dom.domain_type, len(dom.disks) + 1, 0)
             dom.disks.append(asdict(disk))
 
     def detach_disk(self, uuid: str, device: str) -> None:
@@ -668,6 +692,7 @@ class SimBackend:
             _validate_nic(nic)
             if any(n["devid"] == nic.devid for n in dom.nics):
                 raise InvalidSpec(f"domain {dom.domid} already has a nic {nic.devid}")
+            _check_limits(dom.domain_type, 0, len(dom.nics) + 1)
             dom.nics.append(asdict(nic))
 
     def detach_nic(self, uuid: str, devid: int) -> None:

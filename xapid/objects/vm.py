@@ -6,6 +6,7 @@ after the effect succeeded records the new state in the store.
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,14 @@ def _int_param(params: dict[str, str], key: str, default: int) -> int:
     return int(value) if value.isdigit() else default
 
 
-def domain_spec(vm: Any) -> DomainSpec:
-    """The driver's view of a VM record (no refs, no store objects)."""
+def domain_spec(ctx: Any, vm: Any) -> DomainSpec:
+    """The driver's view of a VM record and its devices (no refs, no store objects)."""
+    from xapid.objects.devices import disk_spec, nic_spec
+
     f = vm.fields
+    store = ctx.store
+    vbds = sorted((store.get(r) for r in f["VBDs"]), key=lambda v: int(v.fields["userdevice"]))
+    vifs = sorted((store.get(r) for r in f["VIFs"]), key=lambda v: int(v.fields["device"]))
     params = f["VCPUs_params"]
     return DomainSpec(
         uuid=f["uuid"], name=f["name_label"], domain_type=domain_type(f),  # type: ignore[arg-type]
@@ -69,6 +75,7 @@ def domain_spec(vm: Any) -> DomainSpec:
         boot_order=f["HVM_boot_params"].get("order", ""), platform=tuple(sorted(f["platform"].items())),
         vcpu_weight=_int_param(params, "weight", 256), vcpu_cap=_int_param(params, "cap", 0),
         on_poweroff=f["actions_after_shutdown"], on_reboot=f["actions_after_reboot"], on_crash=f["actions_after_crash"],
+        disks=tuple(disk_spec(ctx, vm, v) for v in vbds), nics=tuple(nic_spec(ctx, v) for v in vifs),
     )
 
 
@@ -80,13 +87,22 @@ def record_domain(ctx: Any, vm_ref: str, info: DomainInfo) -> None:
     """Write a live domain's state into the VM and its metrics."""
     store = ctx.store
     with store.transaction():
+        was_running = store.get(vm_ref, "VM").fields["power_state"] in ("Running", "Paused")
         store.update(vm_ref, {
             "power_state": "Paused" if info.state == "paused" else "Running",
             "domid": info.domid, "resident_on": ctx.api.host_ref,
         })
-        metrics = store.get(vm_ref, "VM").fields["metrics"]
+        vm = store.get(vm_ref, "VM")
+        metrics = vm.fields["metrics"]
         if store.exists(metrics, "VM_metrics"):
             store.update(metrics, metrics_fields(info, _now(ctx)))
+        if not was_running:
+            for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:
+                store.update(device, {"currently_attached": True})
+        if not vm.fields["consoles"]:
+            uuid = str(uuidlib.uuid4())
+            store.add("console", {"uuid": uuid, "VM": vm_ref, "location": ctx.api.console_url(uuid),
+                                  "protocol": "rfb" if info.domain_type == "hvm" else "vt100"})
 
 
 def metrics_fields(info: DomainInfo, now: datetime) -> dict[str, Any]:
@@ -105,7 +121,12 @@ def record_halted(ctx: Any, vm_ref: str, power_state: str = "Halted") -> None:
     store = ctx.store
     with store.transaction():
         store.update(vm_ref, {"power_state": power_state, "domid": -1, "resident_on": NULL_REF})
-        metrics = store.get(vm_ref, "VM").fields["metrics"]
+        vm = store.get(vm_ref, "VM")
+        for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:
+            store.update(device, {"currently_attached": False})
+        for console in list(vm.fields["consoles"]):
+            store.remove(console)
+        metrics = vm.fields["metrics"]
         if store.exists(metrics, "VM_metrics"):
             store.update(metrics, {"memory_actual": 0, "VCPUs_number": 0, "VCPUs_CPU": {}, "VCPUs_flags": {},
                                    "state": [], "last_updated": _now(ctx)})
@@ -143,12 +164,19 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
 
 @message("VM.destroy")
 def destroy(ctx: Any, self: str) -> str:
-    """Remove a halted or suspended VM with its metrics objects (and suspend image)."""
+    """Remove a halted or suspended VM with its VBDs, VIFs, consoles and metrics (not its VDIs)."""
     store = ctx.store
     vm = store.get(self, "VM")
     check(vm, "destroy")
     image = suspend_image(ctx, vm)
     with store.transaction():
+        for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:
+            metrics = store.get(device).fields["metrics"]
+            if store.find(metrics) is not None:
+                store.remove(metrics)
+            store.remove(device)
+        for ref in [*vm.fields["consoles"], *vm.fields["crash_dumps"]]:
+            store.remove(ref)
         for field in ("metrics", "guest_metrics"):
             if store.find(vm.fields[field]) is not None:
                 store.remove(vm.fields[field])
@@ -176,7 +204,7 @@ async def _start(ctx: Any, vm_ref: str, start_paused: bool, op: str) -> str:
         _bootable(vm)
         ctx.api.tasks.check_cancelled(ctx.task)
         ctx.api.tasks.progress(ctx.task, 0.1)
-        info = await ctx.api.hypervisor.call("create_domain", domain_spec(vm), start_paused, vm=vm_ref)
+        info = await ctx.api.hypervisor.call("create_domain", domain_spec(ctx, vm), start_paused, vm=vm_ref)
         await _built(ctx, vm_ref, info)
     return ""
 
@@ -309,7 +337,7 @@ async def _resume(ctx: Any, vm: str, start_paused: bool, op: str) -> str:
         image = suspend_image(ctx, obj)
         ctx.api.tasks.check_cancelled(ctx.task)
         ctx.api.tasks.progress(ctx.task, 0.1)
-        info = await ctx.api.hypervisor.call("resume_domain", domain_spec(obj), str(image), start_paused, vm=vm)
+        info = await ctx.api.hypervisor.call("resume_domain", domain_spec(ctx, obj), str(image), start_paused, vm=vm)
         await _built(ctx, vm, info)
         await ctx.api.runner.run(image.unlink, missing_ok=True)
     return ""
@@ -455,6 +483,13 @@ def assert_operation_valid(ctx: Any, self: str, op: str) -> str:
 def update_allowed_operations(ctx: Any, self: str) -> str:
     """allowed_operations is recomputed on every write; this only checks the ref."""
     ctx.store.get(self, "VM")
+    return ""
+
+
+@message("crashdump.destroy")
+def crashdump_destroy(ctx: Any, self: str) -> str:
+    """Forget a crash dump record (its VDI stays)."""
+    ctx.store.remove(self)
     return ""
 
 

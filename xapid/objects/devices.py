@@ -1,0 +1,100 @@
+"""Device slots and what the driver is told about a VM's disks and network cards.
+
+Slot limits follow xapi's allowed-device lists: 16 disk slots for PV guests (xvda…xvdp),
+4 emulated IDE slots for HVM guests without PV drivers (hda…hdd), 7 network slots.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from xapid.backend.interface import DiskSpec, NicSpec
+from xapid.errors import XenAPIError
+from xapid.storage import StorageError, UnknownSRType, open_sr
+
+PV_DISK_SLOTS = 16
+HVM_DISK_SLOTS = 4
+NIC_SLOTS = 7
+
+
+def disk_slots(vm: Any) -> int:
+    from xapid.objects.vm import domain_type
+
+    return HVM_DISK_SLOTS if domain_type(vm.fields) == "hvm" else PV_DISK_SLOTS
+
+
+def allowed_vbd_devices(store: Any, vm: Any) -> list[str]:
+    used = {store.get(v).fields["userdevice"] for v in vm.fields["VBDs"]}
+    return [str(i) for i in range(disk_slots(vm)) if str(i) not in used]
+
+
+def allowed_vif_devices(store: Any, vm: Any) -> list[str]:
+    used = {store.get(v).fields["device"] for v in vm.fields["VIFs"]}
+    return [str(i) for i in range(NIC_SLOTS) if str(i) not in used]
+
+
+def disk_device_name(vm: Any, userdevice: str) -> str:
+    """Guest device name for a slot: xvda… for PV/PVH, hda… for HVM."""
+    from xapid.objects.vm import domain_type
+
+    prefix = "hd" if domain_type(vm.fields) == "hvm" else "xvd"
+    return prefix + "abcdefghijklmnop"[int(userdevice)]
+
+
+def storage_error(error: StorageError, sr: str = "") -> XenAPIError:
+    if isinstance(error, UnknownSRType):
+        return XenAPIError("SR_UNKNOWN_DRIVER", error.reason)
+    return XenAPIError("SR_BACKEND_FAILURE", error.status, "", error.reason)
+
+
+async def run_storage(ctx: Any, fn: Any, *args: Any) -> Any:
+    """Run blocking storage work in the pool; StorageError becomes SR_BACKEND_FAILURE."""
+    try:
+        return await ctx.api.runner.run(fn, *args)
+    except StorageError as error:
+        raise storage_error(error) from None
+
+
+def sr_driver(ctx: Any, sr_ref: str) -> Any:
+    """The storage driver of an SR through its PBD on this host (SR_HAS_NO_PBDS without one)."""
+    store = ctx.store
+    sr = store.get(sr_ref, "SR")
+    pbds = [store.get(p) for p in sr.fields["PBDs"]]
+    if not pbds:
+        raise XenAPIError("SR_HAS_NO_PBDS", sr_ref)
+    try:
+        return open_sr(sr.fields["type"], pbds[0].fields["device_config"], ctx.api.disk_format)
+    except StorageError as error:
+        raise storage_error(error, sr_ref) from None
+
+
+def vdi_path(ctx: Any, vdi_ref: str) -> str:
+    vdi = ctx.store.get(vdi_ref, "VDI")
+    return str(sr_driver(ctx, vdi.fields["SR"]).file(vdi.fields["location"]))
+
+
+def disk_spec(ctx: Any, vm: Any, vbd: Any) -> DiskSpec:
+    f = vbd.fields
+    empty = f["empty"] or not ctx.store.exists(f["VDI"], "VDI")
+    path = "" if empty else vdi_path(ctx, f["VDI"])
+    fmt = "raw"
+    if not empty:
+        fmt = "qcow2" if ctx.store.get(f["VDI"]).fields["location"].endswith(".qcow2") else "raw"
+    return DiskSpec(device=disk_device_name(vm, f["userdevice"]), path=path, mode="r" if f["mode"] == "RO" else "w",
+                    kind="cdrom" if f["type"] == "CD" else "disk", format=fmt)  # type: ignore[arg-type]
+
+
+def nic_spec(ctx: Any, vif: Any) -> NicSpec:
+    f = vif.fields
+    bridge = ctx.store.get(f["network"]).fields["bridge"] if ctx.store.exists(f["network"], "network") else ""
+    return NicSpec(devid=int(f["device"]), mac=f["MAC"], bridge=bridge, mtu=f["MTU"])
+
+
+def random_mac(store: Any) -> str:
+    """A MAC in Xen's OUI 00:16:3e, unique among this host's VIFs."""
+    used = {o.fields["MAC"].lower() for o in store.all("VIF")}
+    while True:
+        mac = "00:16:3e:%02x:%02x:%02x" % (random.randrange(0x80), random.randrange(256), random.randrange(256))
+        if mac not in used:
+            return mac

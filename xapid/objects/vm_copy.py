@@ -1,0 +1,93 @@
+"""``VM.clone``, ``VM.copy``, ``VM.snapshot`` and the free device slots of a VM.
+
+File SRs have no copy-on-write: clones and snapshots copy their disks in full (sparse
+copies, so unwritten blocks cost nothing).
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import Any
+
+from xapid.apitypes import NULL_REF
+from xapid.objects import message
+from xapid.objects.devices import allowed_vbd_devices, allowed_vif_devices, random_mac
+from xapid.objects.sr import now
+from xapid.objects.vdi import copy_vdi
+from xapid.objects.vm_ops import operation
+
+# fields that describe one VM instance rather than its configuration
+_NOT_COPIED = {"uuid", "VBDs", "VIFs", "consoles", "crash_dumps", "metrics", "guest_metrics", "snapshots",
+               "children", "allowed_operations", "current_operations", "domid", "resident_on", "power_state",
+               "suspend_VDI", "VTPMs", "VUSBs", "VGPUs", "attached_PCIs", "scheduled_to_be_resident_on",
+               "is_control_domain", "is_a_snapshot", "snapshot_of", "snapshot_time", "parent"}
+
+
+async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None, snapshot: bool,
+                     skip_vdis: frozenset[str] = frozenset()) -> str:
+    store = ctx.store
+    async with operation(ctx, ref, op) as vm:
+        disks: list[tuple[Any, str]] = []
+        vbds = [store.get(v) for v in vm.fields["VBDs"]]
+        for index, vbd in enumerate(vbds):
+            source = vbd.fields["VDI"]
+            if vbd.fields["empty"] or vbd.fields["type"] == "CD" or source in skip_vdis:
+                disks.append((vbd, source if vbd.fields["type"] == "CD" else NULL_REF))
+                continue
+            extra = {"is_a_snapshot": True, "snapshot_of": source, "snapshot_time": now(ctx)} if snapshot else None
+            target_sr = sr if sr and sr != NULL_REF else store.get(source).fields["SR"]
+            disks.append((vbd, await copy_vdi(ctx, source, target_sr, extra)))
+            ctx.api.tasks.progress(ctx.task, 0.1 + 0.8 * (index + 1) / len(vbds))
+        fields = {k: v for k, v in vm.fields.items() if k not in _NOT_COPIED}
+        fields.update(name_label=new_name, uuid=str(uuidlib.uuid4()), power_state="Halted")
+        if snapshot:
+            fields.update(is_a_snapshot=True, snapshot_of=ref, snapshot_time=now(ctx))
+        else:
+            fields.update(parent=ref)
+        with store.transaction():
+            metrics = store.add("VM_metrics", {"install_time": now(ctx)})
+            new = store.add("VM", {**fields, "metrics": metrics})
+            for vbd, vdi in disks:
+                copied = {k: v for k, v in vbd.fields.items()
+                          if k not in ("uuid", "VM", "VDI", "metrics", "currently_attached", "allowed_operations",
+                                       "current_operations")}
+                store.add("VBD", {**copied, "VM": new, "VDI": vdi, "empty": vdi == NULL_REF,
+                                  "metrics": store.add("VBD_metrics", {})})
+            for vif_ref in vm.fields["VIFs"]:
+                vif = store.get(vif_ref).fields
+                copied = {k: v for k, v in vif.items()
+                          if k not in ("uuid", "VM", "metrics", "currently_attached", "MAC", "allowed_operations",
+                                       "current_operations", "ipv4_addresses", "ipv6_addresses")}
+                mac = vif["MAC"] if snapshot else random_mac(store)  # a snapshot keeps its identity
+                store.add("VIF", {**copied, "VM": new, "MAC": mac, "metrics": store.add("VIF_metrics", {})})
+    return new
+
+
+@message("VM.clone")
+async def clone(ctx: Any, vm: str, new_name: str) -> str:
+    """A halted copy with copies of its disks and new MACs, in the same SRs."""
+    return await _duplicate(ctx, vm, "clone", new_name, None, False)
+
+
+@message("VM.copy")
+async def copy(ctx: Any, vm: str, new_name: str, sr: str) -> str:
+    """Like clone, with the disks copied into *sr* (OpaqueRef:NULL: each disk's own SR)."""
+    return await _duplicate(ctx, vm, "copy", new_name, sr, False)
+
+
+@message("VM.snapshot")
+async def snapshot(ctx: Any, vm: str, new_name: str, ignore_vdis: list[str]) -> str:
+    """A snapshot VM (is_a_snapshot, snapshot_of) with snapshot copies of its disks."""
+    return await _duplicate(ctx, vm, "snapshot", new_name, None, True, frozenset(ignore_vdis))
+
+
+@message("VM.get_allowed_VBD_devices")
+def get_allowed_VBD_devices(ctx: Any, vm: str) -> list[str]:
+    """The free disk slots (userdevice values)."""
+    return allowed_vbd_devices(ctx.store, ctx.store.get(vm, "VM"))
+
+
+@message("VM.get_allowed_VIF_devices")
+def get_allowed_VIF_devices(ctx: Any, vm: str) -> list[str]:
+    """The free network card slots (device values)."""
+    return allowed_vif_devices(ctx.store, ctx.store.get(vm, "VM"))

@@ -1,0 +1,290 @@
+"""Storage repositories made of real files: ``file`` SRs (a directory of disk images) and
+``iso`` SRs (a read-only directory of ISO images).
+
+Everything here blocks (file I/O): callers run it through the thread pool.  Failures raise
+:class:`StorageError`, which the API layer turns into ``SR_BACKEND_FAILURE``.  A disk is
+created under a temporary name and renamed into place only when complete, and destroyed by
+renaming it to ``*.deleting`` before the object goes, so a crash at any point leaves files
+that :meth:`FileSR.scan` can reconcile with the objects (see :mod:`xapid.objects.sr`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+
+SPARSE_CHUNK = 1 << 20
+DELETING = ".deleting"
+PARTIAL = ".partial"
+
+
+class StorageError(Exception):
+    """A storage operation failed: *status* a short cause (an errno name), *reason* one line."""
+
+    def __init__(self, reason: str, status: str = "ERROR"):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class UnknownSRType(StorageError):
+    pass
+
+
+def _os_error(what: str, exc: OSError) -> StorageError:
+    status = errno.errorcode.get(exc.errno or 0, "ERROR")
+    return StorageError(f"{what}: {exc.strerror or exc}", status)
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    """What a scan finds: one disk image file."""
+
+    uuid: str
+    location: str  # file name inside the SR directory
+    virtual_size: int
+    physical_utilisation: int
+    format: str  # raw, qcow2, iso
+
+
+@dataclass(frozen=True)
+class SRStats:
+    physical_size: int
+    physical_utilisation: int
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def have_qemu_img() -> bool:
+    return shutil.which("qemu-img") is not None
+
+
+def _qcow2_virtual_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = f.read(32)
+    if header[:4] != b"QFI\xfb":
+        raise StorageError(f"{path.name}: not a qcow2 image")
+    return int.from_bytes(header[24:32], "big")
+
+
+class FileSR:
+    """A directory; each VDI a sparse raw file ``<uuid>.img`` (or ``<uuid>.qcow2``)."""
+
+    type = "file"
+    content_type = "user"
+    read_only = False
+
+    def __init__(self, path: str | Path, disk_format: str = "raw"):
+        self.path = Path(path)
+        self.format = disk_format
+
+    def attach(self, create: bool = False) -> None:
+        """Check (or create) the directory; StorageError when it is unusable."""
+        try:
+            if create:
+                self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.is_dir():
+                raise StorageError(f"{self.path} is not a directory")
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise StorageError(f"{self.path} is not writable")
+        except OSError as exc:
+            raise _os_error(str(self.path), exc) from None
+
+    def file(self, location: str) -> Path:
+        if "/" in location or location.startswith("."):
+            raise StorageError(f"bad VDI location {location!r}")
+        return self.path / location
+
+    def stats(self) -> SRStats:
+        try:
+            st = os.statvfs(self.path)
+            used = sum(_allocated(p) for p in self.path.iterdir() if p.is_file())
+        except OSError as exc:
+            raise _os_error(str(self.path), exc) from None
+        return SRStats(st.f_blocks * st.f_frsize, used)
+
+    def create(self, uuid: str, size: int) -> DiskFile:
+        """A new sparse disk of *size* bytes, complete before it appears under its name."""
+        suffix = ".qcow2" if self.format == "qcow2" else ".img"
+        final = self.path / f"{uuid}{suffix}"
+        partial = self.path / f"{uuid}{suffix}{PARTIAL}"
+        try:
+            if self.format == "qcow2":
+                result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial), str(size)],
+                                        capture_output=True, text=True, timeout=60)
+                if result.returncode != 0:
+                    raise StorageError(f"qemu-img create failed: {result.stderr.strip() or result.returncode}")
+            else:
+                fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(partial, final)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise _os_error(f"creating a {size}-byte disk in {self.path}", exc) from None
+        except StorageError:
+            partial.unlink(missing_ok=True)
+            raise
+        return DiskFile(uuid, final.name, size, _allocated(final), self.format)
+
+    def resize(self, location: str, size: int) -> None:
+        path = self.file(location)
+        try:
+            if path.suffix == ".qcow2":
+                result = subprocess.run(["qemu-img", "resize", "-q", str(path), str(size)], capture_output=True,
+                                        text=True, timeout=60)
+                if result.returncode != 0:
+                    raise StorageError(f"qemu-img resize failed: {result.stderr.strip()}")
+            else:
+                os.truncate(path, size)
+        except OSError as exc:
+            raise _os_error(f"resizing {path.name}", exc) from None
+
+    def copy_from(self, source: Path, uuid: str) -> DiskFile:
+        """A new disk with the contents of *source*; holes stay holes (sparse copy)."""
+        suffix = ".qcow2" if source.suffix == ".qcow2" else ".img"
+        final = self.path / f"{uuid}{suffix}"
+        partial = self.path / f"{uuid}{suffix}{PARTIAL}"
+        try:
+            size = source.stat().st_size
+            with open(source, "rb") as src, open(partial, "xb") as dst:
+                os.fchmod(dst.fileno(), 0o600)
+                while True:
+                    chunk = src.read(SPARSE_CHUNK)
+                    if not chunk:
+                        break
+                    if chunk.count(0) == len(chunk):
+                        dst.seek(len(chunk), os.SEEK_CUR)
+                    else:
+                        dst.write(chunk)
+                dst.truncate(size)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(partial, final)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise _os_error(f"copying {source.name} into {self.path}", exc) from None
+        virtual = _qcow2_virtual_size(final) if suffix == ".qcow2" else size
+        return DiskFile(uuid, final.name, virtual, _allocated(final), "qcow2" if suffix == ".qcow2" else "raw")
+
+    def mark_deleting(self, location: str) -> None:
+        """First step of destroying a disk: it keeps its data until :meth:`purge`."""
+        path = self.file(location)
+        try:
+            os.replace(path, path.with_name(path.name + DELETING))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _os_error(f"destroying {path.name}", exc) from None
+
+    def unmark_deleting(self, location: str) -> None:
+        path = self.file(location)
+        marked = path.with_name(path.name + DELETING)
+        if marked.exists():
+            os.replace(marked, path)
+
+    def purge(self, location: str) -> None:
+        self.file(location).with_name(location + DELETING).unlink(missing_ok=True)
+
+    def scan(self) -> tuple[list[DiskFile], list[str], list[str]]:
+        """(disks, disks being deleted, partial files) found in the directory."""
+        disks, deleting, partial = [], [], []
+        try:
+            entries = sorted(self.path.iterdir())
+        except OSError as exc:
+            raise _os_error(f"scanning {self.path}", exc) from None
+        for path in entries:
+            name = path.name
+            if name.endswith(DELETING):
+                deleting.append(name[: -len(DELETING)])
+                continue
+            if name.endswith(PARTIAL):
+                partial.append(name)
+                continue
+            stem, dot, ext = name.rpartition(".")
+            if not dot or ext not in ("img", "qcow2", "raw") or not path.is_file():
+                continue
+            try:
+                uuid = str(uuidlib.UUID(stem))
+            except ValueError:
+                uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, str(path)))
+            try:
+                virtual = _qcow2_virtual_size(path) if ext == "qcow2" else path.stat().st_size
+                disks.append(DiskFile(uuid, name, virtual, _allocated(path), "qcow2" if ext == "qcow2" else "raw"))
+            except (OSError, StorageError):
+                continue  # unreadable: skipped rather than failing the whole scan
+        return disks, deleting, partial
+
+    def remove_partial(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+
+class IsoSR:
+    """A read-only directory of ``*.iso`` files, each exposed as a VDI for CD drives."""
+
+    type = "iso"
+    content_type = "iso"
+    read_only = True
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def attach(self, create: bool = False) -> None:
+        try:
+            if create:
+                self.path.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if not self.path.is_dir():
+                raise StorageError(f"{self.path} is not a directory")
+        except OSError as exc:
+            raise _os_error(str(self.path), exc) from None
+
+    def file(self, location: str) -> Path:
+        if "/" in location or location.startswith("."):
+            raise StorageError(f"bad VDI location {location!r}")
+        return self.path / location
+
+    def stats(self) -> SRStats:
+        try:
+            st = os.statvfs(self.path)
+            used = sum(p.stat().st_size for p in self.path.glob("*.iso") if p.is_file())
+        except OSError as exc:
+            raise _os_error(str(self.path), exc) from None
+        return SRStats(st.f_blocks * st.f_frsize, used)
+
+    def scan(self) -> tuple[list[DiskFile], list[str], list[str]]:
+        disks = []
+        try:
+            entries = sorted(self.path.iterdir())
+        except OSError as exc:
+            raise _os_error(f"scanning {self.path}", exc) from None
+        for path in entries:
+            if path.suffix.lower() == ".iso" and path.is_file():
+                uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"xapid-iso:{path.resolve()}"))
+                size = path.stat().st_size
+                disks.append(DiskFile(uuid, path.name, size, size, "iso"))
+        return disks, [], []
+
+
+SR_TYPES = {"file": FileSR, "iso": IsoSR}
+
+
+def open_sr(sr_type: str, device_config: dict[str, str], disk_format: str = "raw") -> FileSR | IsoSR:
+    """The SR driver for a type and its device_config (``location`` = the directory)."""
+    location = device_config.get("location") or device_config.get("path")
+    if not location:
+        raise StorageError("device_config needs a 'location' (the directory)")
+    if sr_type == "file":
+        return FileSR(location, disk_format)
+    if sr_type == "iso":
+        return IsoSR(location)
+    raise UnknownSRType(sr_type)
