@@ -30,19 +30,19 @@ def test_failure_envelope():
 
 def test_value_encodings():
     """Ints are untyped digits, empty strings <value></value>, Int32 <i4>, datetimes xapi-style."""
-    assert xmlrpc.encode_value(1 << 40) == "<value>1099511627776</value>"
-    assert xmlrpc.encode_value("") == "<value></value>"
-    assert xmlrpc.encode_value(Int32(3)) == "<value><i4>3</i4></value>"
-    assert xmlrpc.encode_value(True) == "<value><boolean>1</boolean></value>"
-    assert xmlrpc.encode_value(0.25) == "<value><double>0.25</double></value>"
+    assert xmlrpc.encode_value(1 << 40) == b"<value>1099511627776</value>"
+    assert xmlrpc.encode_value("") == b"<value></value>"
+    assert xmlrpc.encode_value(Int32(3)) == b"<value><i4>3</i4></value>"
+    assert xmlrpc.encode_value(True) == b"<value><boolean>1</boolean></value>"
+    assert xmlrpc.encode_value(0.25) == b"<value><double>0.25</double></value>"
     when = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    assert xmlrpc.encode_value(when) == "<value><dateTime.iso8601>20240102T03:04:05Z</dateTime.iso8601></value>"
-    assert "<i8>" not in xmlrpc.encode_value({"a": [1 << 62]})
+    assert xmlrpc.encode_value(when) == b"<value><dateTime.iso8601>20240102T03:04:05Z</dateTime.iso8601></value>"
+    assert b"<i8>" not in xmlrpc.encode_value({"a": [1 << 62]})
 
 
 def test_strings_are_escaped_and_control_characters_dropped():
     """Markup is escaped; control characters XML cannot carry are dropped."""
-    assert xmlrpc.encode_value('a<b>&"c\x01\td') == "<value>a&lt;b&gt;&amp;&quot;c\td</value>"
+    assert xmlrpc.encode_value('a<b>&"c\x01\td') == b"<value>a&lt;b&gt;&amp;&quot;c\td</value>"
 
 
 def test_stdlib_client_reads_our_replies():

@@ -64,7 +64,7 @@ class TaskManager:
         self.store.update(task, {"finished": self._now(), "allowed_operations": ["destroy"], **fields})
 
     def _succeeded(self, task: str, value: Any) -> None:
-        self._finish(task, {"status": "success", "progress": 1.0, "result": encode_value(value)})
+        self._finish(task, {"status": "success", "progress": 1.0, "result": encode_value(value).decode()})
 
     def _failed(self, task: str, failure: Any) -> None:
         error = failure.value if isinstance(failure.value, XenAPIError) else None

@@ -18,7 +18,7 @@ class CachedRecord:
     def __init__(self, obj: Any):
         self.obj = obj
 
-    def encoded(self, fmt: str, encode: Callable[[Any], str]) -> str:
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
         cache = self.obj.cache
         text = cache.get(fmt)
         if text is None:

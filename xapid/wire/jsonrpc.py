@@ -34,44 +34,44 @@ def _string(text: str) -> str:
     return encode_basestring_ascii(text) if _SURROGATE.search(text) else encode_basestring(text)
 
 
-def encode_value(value: Any) -> str:
-    out: list[str] = []
+def encode_value(value: Any) -> bytes:
+    """*value* as compact JSON in UTF-8."""
+    out: list[bytes] = []
     _encode(value, out)
-    return "".join(out)
+    return b"".join(out)
 
 
-def _encode(value: Any, out: list[str]) -> None:
+def _encode(value: Any, out: list[bytes]) -> None:
     t = type(value)
     if t is str:
-        out.append(_string(value))
+        out.append(_string(value).encode())
     elif t is bool:
-        out.append("true" if value else "false")
+        out.append(b"true" if value else b"false")
     elif t is int or t is Int32:
-        out.append(str(int(value)))
+        out.append(b"%d" % value)
     elif t is dict:
-        out.append("{")
+        out.append(b"{")
         first = True
         for k, v in value.items():
             if not first:
-                out.append(",")
+                out.append(b",")
             first = False
-            out.append(_string(str(k)))
-            out.append(":")
+            out.append(_string(str(k)).encode() + b":")
             _encode(v, out)
-        out.append("}")
+        out.append(b"}")
     elif t is list or t is tuple:
-        out.append("[")
+        out.append(b"[")
         for i, v in enumerate(value):
             if i:
-                out.append(",")
+                out.append(b",")
             _encode(v, out)
-        out.append("]")
+        out.append(b"]")
     elif t is float:
-        out.append(json.dumps(value))
+        out.append(json.dumps(value).encode())
     elif value is None:
-        out.append("null")
+        out.append(b"null")
     elif isinstance(value, datetime):
-        out.append(_string(format_datetime(value)))
+        out.append(_string(format_datetime(value)).encode())
     elif hasattr(value, "encoded"):
         out.append(value.encoded("json", encode_value))
     elif isinstance(value, str):
@@ -125,16 +125,18 @@ def decode_call(body: bytes, limits: Limits) -> JsonCall:
 
 
 def success(call: JsonCall, value: Any) -> bytes:
-    ident = encode_value(call.id)
-    if call.v2:
-        return f'{{"jsonrpc":"2.0","result":{encode_value(value)},"id":{ident}}}'.encode()
-    return f'{{"result":{encode_value(value)},"error":null,"id":{ident}}}'.encode()
+    out = [b'{"jsonrpc":"2.0","result":' if call.v2 else b'{"result":']
+    _encode(value, out)
+    out.append(b',"id":' if call.v2 else b',"error":null,"id":')
+    _encode(call.id, out)
+    out.append(b"}")
+    return b"".join(out)
 
 
 def failure(call: JsonCall, description: list[str]) -> bytes:
-    ident = encode_value(call.id)
     desc = [str(d) for d in description]
     if call.v2:
-        error = {"code": 1, "message": desc[0], "data": desc[1:]}
-        return f'{{"jsonrpc":"2.0","error":{encode_value(error)},"id":{ident}}}'.encode()
-    return f'{{"result":null,"error":{encode_value(desc)},"id":{ident}}}'.encode()
+        body: dict[str, Any] = {"jsonrpc": "2.0", "error": {"code": 1, "message": desc[0], "data": desc[1:]}}
+    else:
+        body = {"result": None, "error": desc}
+    return encode_value({**body, "id": call.id})

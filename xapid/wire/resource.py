@@ -159,7 +159,8 @@ class LimitedRequest(server.Request):
 def make_site(api_resource: ApiResource, max_body: int) -> server.Site:
     """A Site whose requests enforce *max_body*; access logging off (calls are logged by dispatch)."""
     request_class = type("Request", (LimitedRequest,), {"max_body": max_body})
-    site = server.Site(api_resource, logPath=None)
+    # Bodies are XML or JSON, never HTML forms: skip Twisted's per-request form parsing.
+    site = server.Site(api_resource, logPath=None, parsePOSTFormSubmission=False)
     site.requestFactory = request_class
     site.displayTracebacks = False
     site.timeOut = 3700  # idle connections close after an hour (longer than any event.from wait)

@@ -12,11 +12,11 @@ class Int32(int):
 class Preencoded(Protocol):
     """A value able to give (and cache) its own encoding in a wire format.
 
-    ``encoded(fmt, encode)`` returns the text for format *fmt* ("xml" or "json"), calling
-    ``encode(plain_value)`` at most once per format until the underlying object changes.
+    ``encoded(fmt, encode)`` returns the UTF-8 encoding for format *fmt* ("xml" or "json"),
+    calling ``encode(plain_value)`` at most once per format until the underlying object changes.
     """
 
-    def encoded(self, fmt: str, encode: Callable[[Any], str]) -> str: ...
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes: ...
 
 
 class WireError(Exception):

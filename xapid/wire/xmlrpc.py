@@ -36,43 +36,45 @@ def escape(text: str) -> str:
 
 
 # -- encoding ----------------------------------------------------------------------------
+# Replies are built as a list of UTF-8 byte strings joined once; cached records (see
+# ``Preencoded``) are kept as bytes, so a big get_all_records reply costs one join.
 
 
-def encode_value(value: Any) -> str:
-    """One ``<value>…</value>`` element, compact."""
-    out: list[str] = []
+def encode_value(value: Any) -> bytes:
+    """One ``<value>…</value>`` element, compact, as UTF-8."""
+    out: list[bytes] = []
     _encode(value, out)
-    return "".join(out)
+    return b"".join(out)
 
 
-def _encode(value: Any, out: list[str]) -> None:
+def _encode(value: Any, out: list[bytes]) -> None:
     t = type(value)
     if t is str:
-        out.append(f"<value>{escape(value)}</value>" if value else "<value></value>")
+        out.append(b"<value>" + escape(value).encode() + b"</value>" if value else b"<value></value>")
     elif t is bool:
-        out.append("<value><boolean>1</boolean></value>" if value else "<value><boolean>0</boolean></value>")
+        out.append(b"<value><boolean>1</boolean></value>" if value else b"<value><boolean>0</boolean></value>")
     elif t is int:
-        out.append(f"<value>{value}</value>")
+        out.append(b"<value>%d</value>" % value)
     elif t is dict:
-        out.append("<value><struct>")
+        out.append(b"<value><struct>")
         for k, v in value.items():
-            out.append(f"<member><name>{escape(str(k))}</name>")
+            out.append(b"<member><name>" + escape(str(k)).encode() + b"</name>")
             _encode(v, out)
-            out.append("</member>")
-        out.append("</struct></value>")
+            out.append(b"</member>")
+        out.append(b"</struct></value>")
     elif t is list or t is tuple:
-        out.append("<value><array><data>")
+        out.append(b"<value><array><data>")
         for v in value:
             _encode(v, out)
-        out.append("</data></array></value>")
+        out.append(b"</data></array></value>")
     elif t is float:
-        out.append(f"<value><double>{value!r}</double></value>")
+        out.append(b"<value><double>" + repr(value).encode() + b"</double></value>")
     elif t is Int32:
-        out.append(f"<value><i4>{int(value)}</i4></value>")
+        out.append(b"<value><i4>%d</i4></value>" % value)
     elif value is None:
-        out.append("<value><nil/></value>")
+        out.append(b"<value><nil/></value>")
     elif isinstance(value, datetime):
-        out.append(f"<value><dateTime.iso8601>{format_datetime(value)}</dateTime.iso8601></value>")
+        out.append(b"<value><dateTime.iso8601>" + format_datetime(value).encode() + b"</dateTime.iso8601></value>")
     elif hasattr(value, "encoded"):
         out.append(value.encoded("xml", encode_value))
     elif isinstance(value, str):
@@ -85,31 +87,37 @@ def _encode(value: Any, out: list[str]) -> None:
         raise TypeError(f"cannot encode {t.__name__} as XML-RPC")
 
 
-def _response(param_xml: str) -> bytes:
-    return f"{HEADER}<methodResponse><params><param>{param_xml}</param></params></methodResponse>".encode()
+_HEAD = HEADER.encode() + b"<methodResponse><params><param>"
+_TAIL = b"</param></params></methodResponse>"
+_SUCCESS = _HEAD + (b"<value><struct><member><name>Status</name><value>Success</value></member>"
+                    b"<member><name>Value</name>")
+_FAILURE = _HEAD + (b"<value><struct><member><name>Status</name><value>Failure</value></member>"
+                    b"<member><name>ErrorDescription</name>")
+_STRUCT_TAIL = b"</member></struct></value>" + _TAIL
 
 
 def success(value: Any) -> bytes:
     """The Xen-API success envelope around *value*."""
-    out = ["<value><struct><member><name>Status</name><value>Success</value></member>"
-           "<member><name>Value</name>"]
+    out = [_SUCCESS]
     _encode(value, out)
-    out.append("</member></struct></value>")
-    return _response("".join(out))
+    out.append(_STRUCT_TAIL)
+    return b"".join(out)
 
 
 def failure(description: list[str]) -> bytes:
     """The Xen-API failure envelope: ``ErrorDescription = [code, params…]``."""
-    return _response(
-        "<value><struct><member><name>Status</name><value>Failure</value></member>"
-        "<member><name>ErrorDescription</name>" + encode_value([str(d) for d in description]) +
-        "</member></struct></value>"
-    )
+    out = [_FAILURE]
+    _encode([str(d) for d in description], out)
+    out.append(_STRUCT_TAIL)
+    return b"".join(out)
 
 
 def bare(value: Any) -> bytes:
     """A reply without the envelope (only ``system.listMethods``, as xapi)."""
-    return _response(encode_value(value))
+    out = [_HEAD]
+    _encode(value, out)
+    out.append(_TAIL)
+    return b"".join(out)
 
 
 # -- decoding ----------------------------------------------------------------------------

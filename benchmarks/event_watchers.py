@@ -1,0 +1,820 @@
+"""Event fan-out: N concurrent ``event.from`` watchers on one daemon, woken by one ``VM.set_name_label``.
+
+    python benchmarks/event_watchers.py [--watchers N] [--rounds R] [--clients K] [--sessions MODE]
+
+Each watcher is a client on its own keep-alive TCP connection, doing what a real client does: an
+``event.from(session, ["vm"], "", 30.0)`` for the starting token, then ``event.from`` with the token of
+every reply, sent again at once.  The watchers live in K load processes (asyncio, raw HTTP/1.1), never in
+a server's process.  Per round, the benchmark records ``t0`` just before sending ``VM.set_name_label`` on
+a connection of its own; every watcher stamps ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for all
+processes) when its reply is fully received.  Figures: latency p50/p99/max over all watchers and rounds,
+and the server's RSS growth per blocked watcher (``VmRSS`` before the watchers connect and once all of
+them are parked in the server).  Every round checks that every watcher got exactly the one ``mod`` event
+carrying the new name.
+
+Servers, measured in the same run with their rounds interleaved (A B C A B C ...):
+
+* ``xapid shared``: a real xapid (sim backend), every watcher on one session;
+* ``xapid per-watcher``: another xapid, one session per watcher (so each re-armed call also touches
+  its own session);
+* ``stdlib``: the peer, xend's architecture (``SimpleXMLRPCServer`` + ``ThreadingMixIn``): a thread
+  per connection, each blocked watcher a thread waiting on one ``threading.Condition``.
+
+Only 127.0.0.1 is used; everything started is stopped in ``finally``; ``--time-limit`` bounds the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xmlrpc.client
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable
+from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+USER, PASSWORD = "bench", "bench password"
+CLASSES = ["vm"]
+EVENT_TIMEOUT = 30.0
+GOAL_P99_MS = 50.0
+GOAL_RSS_KB = 50.0
+_START_TIMEOUT = 30.0
+_SETTLE = 1.0  # seconds of quiet once every watcher is parked, before reading RSS
+_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
+_TOKEN = re.compile(rb"<name>token</name>\s*<value>(?:<string>)?([^<]*)<")
+_NO_EVENTS = re.compile(rb"<name>events</name>\s*<value>\s*<array>\s*<data>\s*</data>")
+_TOKEN_MARK = "@@TOKEN@@"
+
+
+class BenchmarkError(Exception):
+    """The benchmark cannot go on (a server failed, a watcher lost an event, time ran out)."""
+
+
+class Deadline:
+    """The run's overall time limit; every wait is bounded by it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float | None = None) -> float:
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise BenchmarkError(f"gave up: the run exceeded its time limit of {self.seconds:.0f} s (--time-limit)")
+        return remaining if cap is None else min(cap, remaining)
+
+
+# -- machine ---------------------------------------------------------------------------------------
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def machine() -> str:
+    """One line naming the machine: CPUs, Python, kernel."""
+    return (f"machine: nproc {os.cpu_count()}, {platform.python_implementation()} {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}, fd limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
+            f"somaxconn {_read_int('/proc/sys/net/core/somaxconn')}")
+
+
+def _read_int(path: str) -> int | str:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return "?"
+
+
+def rss_kb(pid: int) -> int:
+    """The process's resident set size (VmRSS) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchmarkError(f"no VmRSS for process {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_sockets(port: int) -> tuple[int, int]:
+    """Established server-side connections on *port*, and how many hold unread request bytes."""
+    established = unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] != "01" or int(fields[1].rsplit(":", 1)[1], 16) != port:
+            continue
+        established += 1
+        unread += int(fields[4].split(":")[1], 16) > 0
+    return established, unread
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of *values*."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+# -- the wire --------------------------------------------------------------------------------------
+
+
+def http_post(body: bytes) -> bytes:
+    """A complete HTTP/1.1 keep-alive POST of an XML-RPC *body*."""
+    return (f"POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: text/xml\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def take_reply(buffer: bytearray) -> bytes | None:
+    """Remove one complete HTTP reply from *buffer* and return its body, or None while incomplete."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    found = _CONTENT_LENGTH.search(buffer, 0, end)
+    if found is None:
+        raise ConnectionError(f"a reply without Content-Length: {bytes(buffer[:200])!r}")
+    stop = end + 4 + int(found.group(1))
+    if len(buffer) < stop:
+        return None
+    status, body = bytes(buffer[9:12]), bytes(buffer[end + 4:stop])
+    del buffer[:stop]
+    if status != b"200":
+        raise ConnectionError(f"HTTP {status.decode()}: {body[:200]!r}")
+    return body
+
+
+def api_value(body: bytes) -> Any:
+    """The ``Value`` of a Xen-API success reply; BenchmarkError for a failure."""
+    (reply,), _ = xmlrpc.client.loads(body)
+    if not isinstance(reply, dict) or reply.get("Status") != "Success":
+        raise BenchmarkError(f"Xen-API call failed: {reply!r:.300}")
+    return reply["Value"]
+
+
+class EventFromRequest:
+    """The bytes of ``event.from(session, classes, token, timeout)``, as xmlrpc.client encodes them."""
+
+    def __init__(self, session: str):
+        body = xmlrpc.client.dumps((session, CLASSES, _TOKEN_MARK, EVENT_TIMEOUT), "event.from")
+        self.before, self.after = body.split(_TOKEN_MARK)
+
+    def __call__(self, token: str) -> bytes:
+        return http_post((self.before + token + self.after).encode())
+
+
+class Rpc:
+    """A blocking keep-alive XML-RPC connection for set-up and for the changes that start each round."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection((HOST, port), timeout=_START_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = bytearray()
+
+    def call(self, method: str, *params: Any) -> Any:
+        return api_value(self.exchange(http_post(xmlrpc.client.dumps(params, method, allow_none=True).encode())))
+
+    def exchange(self, request: bytes) -> bytes:
+        self.sock.sendall(request)
+        while (body := take_reply(self.buffer)) is None:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise BenchmarkError("the server closed the set-up connection")
+            self.buffer += chunk
+        return body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- servers ---------------------------------------------------------------------------------------
+
+
+def vm_record(name: str) -> dict[str, Any]:
+    """A VM.create record with every field xapi requires (a small PV guest), as tests/conftest.py has it."""
+    return {
+        "name_label": name, "name_description": "", "user_version": "1", "is_a_template": False,
+        "affinity": "OpaqueRef:NULL", "memory_static_max": str(512 << 20), "memory_dynamic_max": str(512 << 20),
+        "memory_dynamic_min": str(256 << 20), "memory_static_min": str(128 << 20), "VCPUs_params": {},
+        "VCPUs_max": "2", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
+        "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "",
+        "PV_kernel": "/boot/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
+        "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "", "HVM_boot_params": {},
+        "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": "",
+    }
+
+
+class ServerProcess:
+    """A server subprocess that logs ``listening on 127.0.0.1:PORT`` on stderr once it accepts calls."""
+
+    def __init__(self, name: str, args: list[str], log: Path):
+        self.name = name
+        self.log = log
+        self._logfile = open(log, "a")
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._logfile, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.pid = self.proc.pid
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log.read_text())
+            if found:
+                return int(found.group(1))
+            if self.proc.poll() is not None:
+                raise BenchmarkError(f"{self.name} exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise BenchmarkError(f"{self.name} did not start within {_START_TIMEOUT:.0f} s: {self.log.read_text()[-2000:]}")
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchmarkError(f"{self.name} exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logfile.close()
+
+
+def start_xapid(workdir: Path, name: str, listen: str, max_sessions: int) -> ServerProcess:
+    """A real daemon on the sim backend with its own state dir and a users file holding one pool-admin."""
+    from xapid.users import UsersFile  # the daemon's own code, for the users file only
+
+    workdir.mkdir()
+    users = UsersFile(workdir / "users", rounds=4)
+    users.load()
+    users.add(USER, "pool-admin", PASSWORD)
+    config = workdir / "xapid.conf"
+    config.write_text(f"[api]\nauth_failure_delay = 0.0\nmax_sessions_per_user = {max_sessions}\n")
+    args = [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--backend", "sim",
+            "--state-dir", str(workdir / "state"), "--users", str(workdir / "users"), "--listen", listen]
+    return ServerProcess(name, args, workdir / "daemon.log")
+
+
+def start_peer(workdir: Path, name: str, record: dict[str, Any], ref: str) -> ServerProcess:
+    """The stdlib threaded peer (this file with ``--serve-peer``), serving a copy of xapid's VM record."""
+    workdir.mkdir()
+    data = workdir / "vm.xml"  # XML-RPC, which keeps the record's dateTime values
+    data.write_text(xmlrpc.client.dumps(({"ref": ref, "record": record},), allow_none=True))
+    args = [sys.executable, str(Path(__file__).resolve()), "--serve-peer", str(data)]
+    return ServerProcess(name, args, workdir / "peer.log")
+
+
+# -- the peer: xend's architecture, a thread per connection ----------------------------------------
+
+
+class PeerApi:
+    """Sessions, one VM and ``event.from`` over a Condition: each blocked watcher is a waiting thread."""
+
+    def __init__(self, ref: str, record: dict[str, Any]):
+        self.ref, self.record = ref, record
+        self.changed = threading.Condition()
+        self.seq = self.modified = 1
+        self.sessions: set[str] = set()
+
+    def login(self, user: str, password: str, *_: Any) -> str:
+        if (user, password) != (USER, PASSWORD):
+            raise PeerFailure("SESSION_AUTHENTICATION_FAILED", user, "bad credentials")
+        session = f"OpaqueRef:peer-session-{len(self.sessions)}"
+        self.sessions.add(session)
+        return session
+
+    def check(self, session: str) -> None:
+        if session not in self.sessions:
+            raise PeerFailure("SESSION_INVALID", session)
+
+    def set_name_label(self, session: str, ref: str, label: str) -> str:
+        self.check(session)
+        with self.changed:
+            self.record["name_label"] = label
+            self.seq += 1
+            self.modified = self.seq
+            self.changed.notify_all()
+        return ""
+
+    def event_from(self, session: str, classes: list[str], token: str, timeout: float) -> dict[str, Any]:
+        self.check(session)
+        since = int(token.split(",")[0]) if token else -1
+        end = time.monotonic() + timeout
+        with self.changed:
+            while self.modified <= since and (left := end - time.monotonic()) > 0:
+                self.changed.wait(left)
+            events = [] if self.modified <= since else [{
+                "id": str(self.modified), "timestamp": f"{time.time():.6f}", "class": "vm",
+                "operation": "add" if since < 0 else "mod", "ref": self.ref, "snapshot": dict(self.record)}]
+            token = f"{self.seq:020d},{0:020d}"
+        return {"events": events, "valid_ref_counts": {"vm": 1}, "token": token}
+
+
+class PeerFailure(Exception):
+    def __init__(self, *description: str):
+        super().__init__(*description)
+        self.description = list(description)
+
+
+class _KeepAliveHandler(SimpleXMLRPCRequestHandler):
+    protocol_version = "HTTP/1.1"
+    rpc_paths = ()  # any path, as xapi
+
+
+class PeerServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's default of 5 cannot take a burst of connects
+
+    def __init__(self, api: PeerApi):
+        super().__init__((HOST, 0), _KeepAliveHandler, logRequests=False, allow_none=True)
+        self.methods: dict[str, Callable[..., Any]] = {
+            "session.login_with_password": api.login, "event.from": api.event_from,
+            "VM.set_name_label": api.set_name_label}
+
+    def _dispatch(self, method: str, params: tuple[Any, ...]) -> Any:
+        try:
+            handler = self.methods.get(method)
+            if handler is None:
+                raise PeerFailure("MESSAGE_METHOD_UNKNOWN", method)
+            return {"Status": "Success", "Value": handler(*params)}
+        except PeerFailure as failure:
+            return {"Status": "Failure", "ErrorDescription": failure.description}
+
+
+def serve_peer(data_path: str) -> None:
+    """Entry point of the peer subprocess."""
+    (data,), _ = xmlrpc.client.loads(Path(data_path).read_text())
+    server = PeerServer(PeerApi(data["ref"], data["record"]))
+    print(f"listening on {HOST}:{server.server_address[1]}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    server.serve_forever()
+
+
+# -- load processes: the watchers ------------------------------------------------------------------
+
+
+class Watcher(asyncio.Protocol):
+    """One watcher: a keep-alive connection looping on ``event.from``."""
+
+    def __init__(self, group: "WatcherGroup", index: int, session: str):
+        self.group, self.index = group, index
+        self.request = EventFromRequest(session)
+        self.buffer = bytearray()
+        self.token: str | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send("")
+
+    def send(self, token: str) -> None:
+        self.transport.write(self.request(token))  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            while (body := take_reply(self.buffer)) is not None:
+                self.group.on_reply(self, time.monotonic(), body)
+        except Exception as exc:  # noqa: BLE001 - reported to the benchmark, which stops
+            self.group.fail(f"watcher {self.index}: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.group.closing:
+            self.group.fail(f"watcher {self.index}: connection lost ({exc or 'closed by the server'})")
+
+
+@dataclass
+class RoundState:
+    label: bytes = b""
+    hits: dict[int, tuple[float, bytes]] = field(default_factory=dict)
+    duplicates: int = 0
+    unexpected: list[str] = field(default_factory=list)
+
+
+class WatcherGroup:
+    """The watchers of one load process, and its side of the pipe to the benchmark.
+
+    Messages to the benchmark: ``("armed", connect_seconds)`` once every watcher has sent its blocking
+    call; ``("ready", label)`` when told a round's label; ``("done", label, times, errors, timeouts)``
+    once every watcher has received that label and sent its next call; ``("failed", text)``.
+    """
+
+    def __init__(self, pipe: Connection, port: int, sessions: list[str], vm_ref: str):
+        self.pipe, self.port, self.sessions, self.vm_ref = pipe, port, sessions, vm_ref
+        self.watchers: list[Watcher] = []
+        self.armed = 0
+        self.timeouts = 0
+        self.round = RoundState()
+        self.closing = False
+        self.started = time.monotonic()
+        self.stopped = asyncio.get_running_loop().create_future()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.pipe.fileno(), self.on_command)
+        connects = [loop.create_connection(lambda i=i, s=s: Watcher(self, i, s), HOST, self.port)
+                    for i, s in enumerate(self.sessions)]
+        for result in await asyncio.gather(*connects, return_exceptions=True):
+            if isinstance(result, BaseException):
+                self.fail(f"connect failed: {result!r}")
+                break
+            self.watchers.append(result[1])
+        await self.stopped
+        self.closing = True
+        for watcher in self.watchers:
+            if watcher.transport is not None:
+                watcher.transport.close()
+
+    def on_command(self, *_: Any) -> None:
+        command = self.pipe.recv()
+        if command[0] == "round":
+            self.round = RoundState(label=command[1].encode())
+            self.pipe.send(("ready", command[1]))
+        elif not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def fail(self, text: str) -> None:
+        if not self.closing:
+            self.closing = True
+            self.pipe.send(("failed", text))
+            if not self.stopped.done():
+                self.stopped.set_result(None)
+
+    def on_reply(self, watcher: Watcher, received: float, body: bytes) -> None:
+        """Re-arm at once with the reply's token, then account for the reply."""
+        token = _TOKEN.search(body)
+        if token is None:
+            raise BenchmarkError(f"a reply without a token: {body[:300]!r}")
+        first, watcher.token = watcher.token is None, token.group(1).decode()
+        watcher.send(watcher.token)
+        if first:
+            self.armed += 1
+            if self.armed == len(self.sessions):
+                self.pipe.send(("armed", time.monotonic() - self.started))
+        elif self.round.label and self.round.label in body:
+            self._hit(watcher, received, body)
+        elif _NO_EVENTS.search(body):
+            self.timeouts += 1
+        else:
+            self.round.unexpected.append(f"watcher {watcher.index}: {body[:300]!r}")
+
+    def _hit(self, watcher: Watcher, received: float, body: bytes) -> None:
+        state = self.round
+        if watcher.index in state.hits:
+            state.duplicates += 1
+            return
+        state.hits[watcher.index] = (received, body)
+        if len(state.hits) == len(self.sessions):
+            errors = [e for _, b in state.hits.values() if (e := self.verify(b, state.label.decode()))]
+            errors += state.unexpected + [f"{state.duplicates} duplicate replies"] * bool(state.duplicates)
+            times = [t for t, _ in state.hits.values()]
+            self.pipe.send(("done", state.label.decode(), times, errors[:5], len(errors), self.timeouts))
+
+    def verify(self, body: bytes, label: str) -> str:
+        """'' when *body* is exactly the one mod event of the VM with its new name, else the problem."""
+        try:
+            events = api_value(body)["events"]
+        except Exception as exc:  # noqa: BLE001
+            return f"unreadable reply: {exc}"
+        if len(events) != 1:
+            return f"{len(events)} events instead of 1: {[(e.get('class'), e.get('operation')) for e in events]}"
+        event = events[0]
+        got = (event.get("class"), event.get("operation"), event.get("ref"), event.get("snapshot", {}).get("name_label"))
+        want = ("vm", "mod", self.vm_ref, label)
+        return "" if got == want else f"event {got} instead of {want}"
+
+
+def load_process(pipe: Connection, port: int, sessions: list[str], vm_ref: str) -> None:
+    """Entry point of a load process: run its watchers until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark stops us
+
+    async def main() -> None:
+        await WatcherGroup(pipe, port, sessions, vm_ref).run()
+
+    asyncio.run(main())
+
+
+class LoadClients:
+    """The load processes watching one server."""
+
+    def __init__(self, port: int, sessions: list[str], vm_ref: str, processes: int):
+        context = multiprocessing.get_context("fork")
+        self.pipes: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        share = math.ceil(len(sessions) / processes)
+        for start in range(0, len(sessions), share):
+            mine, theirs = context.Pipe()
+            proc = context.Process(target=load_process, args=(theirs, port, sessions[start:start + share], vm_ref),
+                                   daemon=True)
+            proc.start()
+            theirs.close()
+            self.pipes.append(mine)
+            self.procs.append(proc)
+
+    def collect(self, kind: str, deadline: Deadline, cap: float) -> list[tuple[Any, ...]]:
+        """One message of *kind* from every process, within *cap* seconds."""
+        messages: dict[Connection, tuple[Any, ...]] = {}
+        end = time.monotonic() + deadline.left(cap)
+        while len(messages) < len(self.pipes):
+            pending = [p for p in self.pipes if p not in messages]
+            ready = wait(pending, timeout=max(0.0, end - time.monotonic()))
+            if not ready:
+                deadline.left()
+                raise BenchmarkError(f"gave up: {len(pending)} load processes sent no {kind!r} within {cap:.0f} s")
+            for pipe in ready:
+                message = pipe.recv()  # type: ignore[union-attr]
+                if message[0] == "failed":
+                    raise BenchmarkError(f"a load process failed: {message[1]}")
+                if message[0] != kind:
+                    raise BenchmarkError(f"expected {kind!r} from a load process, got {message!r:.300}")
+                messages[pipe] = message  # type: ignore[index]
+        return list(messages.values())
+
+    def broadcast(self, *command: Any) -> None:
+        for pipe in self.pipes:
+            pipe.send(command)
+
+    def stop(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(("stop",))
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+# -- a server under test -----------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One server with its watchers, and what was measured on it."""
+
+    name: str
+    server: ServerProcess
+    rpc: Rpc
+    session: str
+    vm_ref: str
+    watchers: int
+    rss_empty: int = 0
+    rss_sessions: int = 0
+    rss_armed: int = 0
+    connect_seconds: float = 0.0
+    clients: LoadClients | None = None
+    latencies: list[float] = field(default_factory=list)
+    round_max: list[float] = field(default_factory=list)
+    change_replies: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    timeouts: int = 0
+
+    def stop(self) -> None:
+        if self.clients is not None:
+            self.clients.stop()
+        self.rpc.close()
+        self.server.stop()
+
+
+def login_sessions(target: Target, per_watcher: bool) -> list[str]:
+    """The session of each watcher: the shared one, or a fresh login each."""
+    if not per_watcher:
+        return [target.session] * target.watchers
+    return [target.rpc.call("session.login_with_password", USER, PASSWORD, "1.0", "event-watcher")
+            for _ in range(target.watchers)]
+
+
+def wait_parked(target: Target, deadline: Deadline, cap: float = 30.0) -> None:
+    """Wait until the server holds every watcher's connection with its request read (nothing unread)."""
+    end = time.monotonic() + deadline.left(cap)
+    quiet = 0
+    while quiet < 3:
+        target.server.check_alive()
+        established, unread = server_sockets(target.server.port)
+        quiet = quiet + 1 if established >= target.watchers + 1 and unread == 0 else 0
+        if time.monotonic() > end:
+            raise BenchmarkError(f"gave up: {target.name} has {established} connections, {unread} with unread "
+                                 f"requests, {cap:.0f} s after every watcher sent its call")
+        time.sleep(0.05)
+
+
+def connect_watchers(target: Target, per_watcher: bool, processes: int, deadline: Deadline) -> None:
+    """Log the sessions in, connect and arm every watcher, and read the server's RSS on the way."""
+    target.rss_empty = rss_kb(target.server.pid)
+    sessions = login_sessions(target, per_watcher)
+    time.sleep(0.2)
+    target.rss_sessions = rss_kb(target.server.pid)
+    target.clients = LoadClients(target.server.port, sessions, target.vm_ref, processes)
+    armed = target.clients.collect("armed", deadline, cap=90.0)
+    target.connect_seconds = max(message[1] for message in armed)
+    wait_parked(target, deadline)
+    time.sleep(_SETTLE)
+    wait_parked(target, deadline)
+    target.rss_armed = rss_kb(target.server.pid)
+
+
+def run_round(target: Target, label: str, deadline: Deadline, record: bool = True) -> None:
+    """Rename the VM and wait for every watcher's reply; records the latencies unless a warm-up."""
+    assert target.clients is not None
+    wait_parked(target, deadline)
+    target.clients.broadcast("round", label)
+    target.clients.collect("ready", deadline, cap=10.0)
+    request = http_post(xmlrpc.client.dumps((target.session, target.vm_ref, label), "VM.set_name_label").encode())
+    cpu_before = cpu_seconds(target.server.pid)
+    t0 = time.monotonic()
+    api_value(target.rpc.exchange(request))
+    replied = time.monotonic() - t0
+    reports = target.clients.collect("done", deadline, cap=60.0)
+    cpu = cpu_seconds(target.server.pid) - cpu_before
+    problems = [error for report in reports for error in report[3]]
+    if problems:
+        count = sum(report[4] for report in reports)
+        raise BenchmarkError(f"{target.name}, round {label}: {count} watchers got something else than the one "
+                             f"event, e.g. {problems[:3]}")
+    latencies = [t - t0 for report in reports for t in report[2]]
+    if len(latencies) != target.watchers:
+        raise BenchmarkError(f"{target.name}: {len(latencies)} replies for {target.watchers} watchers")
+    target.timeouts = sum(report[5] for report in reports)
+    if record:
+        target.latencies += latencies
+        target.round_max.append(max(latencies))
+        target.change_replies.append(replied)
+        target.cpu.append(cpu)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def start_targets(args: argparse.Namespace, workdir: Path, deadline: Deadline) -> list[Target]:
+    """Start the servers (each with one VM), connect their watchers; returns them in measuring order."""
+    targets: list[Target] = []
+    modes = {"shared": [False], "per-watcher": [True], "both": [False, True]}[args.sessions]
+    listen = f"tcp:0:interface={HOST}" + (f":backlog={args.backlog}" if args.backlog else "")
+    try:
+        for per_watcher in modes:
+            name = f"xapid {'per-watcher' if per_watcher else 'shared'}"
+            server = start_xapid(workdir / name.replace(" ", "-"), name, listen, args.watchers + 16)
+            targets.append(xapid_target(name, server, args.watchers))
+            print(f"{name}: daemon pid {server.pid} on port {server.port}, connecting {args.watchers} watchers…",
+                  flush=True)
+            connect_watchers(targets[-1], per_watcher, args.clients, deadline)
+        if args.peer:
+            record = targets[0].rpc.call("VM.get_record", targets[0].session, targets[0].vm_ref)
+            server = start_peer(workdir / "stdlib", "stdlib", record, targets[0].vm_ref)
+            targets.append(peer_target(server, targets[0].vm_ref, args.watchers))
+            print(f"stdlib: peer pid {server.pid} on port {server.port}, connecting {args.watchers} watchers…",
+                  flush=True)
+            connect_watchers(targets[-1], False, args.clients, deadline)
+    except BaseException:
+        for target in targets:
+            target.stop()
+        raise
+    return targets
+
+
+def xapid_target(name: str, server: ServerProcess, watchers: int) -> Target:
+    try:
+        rpc = Rpc(server.port)
+        session = rpc.call("session.login_with_password", USER, PASSWORD, "1.0", "event-watchers-bench")
+        vm_ref = rpc.call("VM.create", session, vm_record("bench-vm"))
+    except BaseException:
+        server.stop()
+        raise
+    return Target(name, server, rpc, session, vm_ref, watchers)
+
+
+def peer_target(server: ServerProcess, vm_ref: str, watchers: int) -> Target:
+    try:
+        rpc = Rpc(server.port)
+        session = rpc.call("session.login_with_password", USER, PASSWORD)
+    except BaseException:
+        server.stop()
+        raise
+    return Target("stdlib", server, rpc, session, vm_ref, watchers)
+
+
+def measure(targets: list[Target], rounds: int, deadline: Deadline) -> None:
+    """A warm-up round each, then *rounds* rounds interleaved across the servers."""
+    for target in targets:
+        run_round(target, f"bench-warmup-{target.name.replace(' ', '-')}", deadline, record=False)
+    for number in range(rounds):
+        for target in targets:
+            run_round(target, f"bench-round-{number:04d}-{target.name.replace(' ', '-')}", deadline)
+        print(f"round {number + 1}/{rounds}: " + ", ".join(
+            f"{t.name} last reply {t.round_max[-1] * 1000:.1f} ms" for t in targets), flush=True)
+
+
+def median(values: list[float]) -> float:
+    return percentile(values, 50)
+
+
+def report(targets: list[Target], args: argparse.Namespace) -> None:
+    """One line per figure, the peer's figure and the ratio beside xapid's, and the goals."""
+    peer = next((t for t in targets if t.name == "stdlib"), None)
+    n = args.watchers
+    print()
+    for target in targets:
+        ms = [v * 1000 for v in target.latencies]
+        per_watcher = (target.rss_armed - target.rss_sessions) / n
+        print(f"{target.name}: connect+arm {n} watchers {target.connect_seconds:.2f} s; RSS {target.rss_empty} KiB "
+              f"empty, +{(target.rss_sessions - target.rss_empty) / n:.1f} KiB per session, "
+              f"+{per_watcher:.1f} KiB per blocked watcher; set_name_label reply {median(target.change_replies) * 1000:.1f} ms; "
+              f"CPU per round {median(target.cpu) * 1000:.0f} ms; "
+              f"latency p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms, max {max(ms):.1f} ms "
+              f"({len(ms)} replies, {target.timeouts} event.from timeouts)")
+    print()
+    for target in (t for t in targets if t is not peer):
+        ms = [v * 1000 for v in target.latencies]
+        p50, p99 = percentile(ms, 50), percentile(ms, 99)
+        per_watcher = (target.rss_armed - target.rss_sessions) / n
+        print(f"event.from fan-out {n} watchers ({target.name}): p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+              f"max {max(ms):.1f} ms (goal p99 ≤ {GOAL_P99_MS:.0f} ms: {'met' if p99 <= GOAL_P99_MS else 'MISSED'})"
+              + _versus(peer, p99, lambda t: percentile([v * 1000 for v in t.latencies], 99), "p99", "ms"))
+        print(f"daemon RSS per blocked watcher ({target.name}): {per_watcher:.1f} KiB "
+              f"(goal ≤ {GOAL_RSS_KB:.0f} KB: {'met' if per_watcher <= GOAL_RSS_KB else 'MISSED'})"
+              + _versus(peer, per_watcher, lambda t: (t.rss_armed - t.rss_sessions) / n, "", "KiB"))
+
+
+def _versus(peer: Target | None, mine: float, figure: Callable[[Target], float], what: str, unit: str) -> str:
+    if peer is None:
+        return ""
+    theirs = figure(peer)
+    ratio = f"{theirs / mine:.1f}x" if mine > 0 else "n/a"
+    return f"; stdlib {what + ' ' if what else ''}{theirs:.1f} {unit}, {ratio}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--watchers", type=int, default=1000, help="concurrent event.from watchers per server")
+    parser.add_argument("--rounds", type=int, default=10, help="measured VM.set_name_label rounds per server")
+    parser.add_argument("--clients", type=int, default=min(4, os.cpu_count() or 1),
+                        help="load processes per server (1-4)")
+    parser.add_argument("--sessions", choices=("shared", "per-watcher", "both"), default="both",
+                        help="xapid watchers on one shared session, a session each, or both (two daemons)")
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the stdlib threaded peer")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="listen backlog for xapid (the endpoint's backlog=; default Twisted's 50)")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="give up after this many seconds")
+    parser.add_argument("--serve-peer", metavar="DATA", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.watchers < 1 or args.rounds < 1 or not 1 <= args.clients <= 4:
+        parser.error("--watchers and --rounds must be positive, --clients 1-4")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_peer:
+        serve_peer(args.serve_peer)
+        return 0
+    raise_fd_limit()
+    print(machine(), flush=True)
+    started = time.monotonic()
+    deadline = Deadline(args.time_limit)
+    with tempfile.TemporaryDirectory(prefix="xapid-event-bench-") as tmp:
+        targets: list[Target] = []
+        try:
+            targets = start_targets(args, Path(tmp), deadline)
+            measure(targets, args.rounds, deadline)
+            report(targets, args)
+        except BenchmarkError as exc:
+            print(f"event_watchers: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for target in targets:
+                target.stop()
+    print(f"(took {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
