@@ -36,7 +36,7 @@ from xapid.storage import have_qemu_img
 from xapid.store import Committer, Database, Store
 from xapid.tasks import TaskManager
 from xapid.users import UsersError, UsersFile
-from xapid.wire.resource import ApiResource, make_site
+from xapid.wire.resource import ApiHandler, make_factory
 from xapid.wire.values import Limits
 
 log = Logger()
@@ -163,7 +163,7 @@ class Daemon(MultiService):
         self.api = await build_api(config, reactor, runner, db_runner, self.schema_path)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
         limits = Limits(config.limits.max_body_bytes, config.limits.max_depth, config.limits.max_elements)
-        site = make_site(ApiResource(self.dispatcher, limits), config.limits.max_body_bytes)
+        site = make_factory(ApiHandler(self.dispatcher, limits), config.limits.max_body_bytes)
         addresses = []
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
