@@ -166,11 +166,10 @@ async def _storage(api: Any) -> None:
 
 
 def _mirror_users(api: Any) -> None:
-    store = api.store
-    known = {o.fields["short_name"]: o.ref for o in store.all("user")}
+    from xapid.objects.session import user_object
+
     for user in api.users.list():
-        if user.name not in known:
-            store.add("user", {"short_name": user.name, "fullname": user.name})
+        user_object(api.store, user.name)
 
 
 def _reconcile(api: Any, host: str, domains: list[DomainInfo], now: datetime) -> None:

@@ -152,8 +152,14 @@ class Store:
         self._emit(self.get(ref), "mod")
 
     def remove(self, ref: str) -> None:
-        """Delete an object; references to it in mirrored sets disappear too."""
+        """Delete an object; references to it in mirrored sets disappear too, and objects
+        still pointing at it through a mirrored ref field (a clone's ``parent``, a snapshot's
+        ``snapshot_of``) get OpaqueRef:NULL there — handlers cascade or refuse before that."""
         obj = self.get(ref)
+        for set_field, (other_cls, ref_field) in self._mirrored_sets(obj.cls):
+            for member in list(obj.fields.get(set_field, ())):
+                if self.exists(member, other_cls) and self._objects[member].fields.get(ref_field) == ref:
+                    self.update(member, {ref_field: NULL_REF})
         del self._objects[ref]
         del self._by_class[obj.cls][ref]
         if "uuid" in obj.fields:
@@ -196,6 +202,10 @@ class Store:
         self._rebuild_inverses()
 
     # -- internals -----------------------------------------------------------------------
+
+    def _mirrored_sets(self, cls: str) -> list[tuple[str, tuple[str, str]]]:
+        spec = self.schema.classes[cls]
+        return [(f.name, f.inverse) for f in spec.fields.values() if f.inverse]
 
     def _index(self, obj: Obj) -> None:
         self._objects[obj.ref] = obj

@@ -10,7 +10,7 @@ import random
 from typing import Any
 
 from xapid.backend.interface import DiskSpec, NicSpec
-from xapid.errors import XenAPIError
+from xapid.errors import XenAPIError, operation_not_allowed, vm_bad_power_state
 from xapid.storage import StorageError, UnknownSRType, open_sr
 
 PV_DISK_SLOTS = 16
@@ -18,9 +18,17 @@ HVM_DISK_SLOTS = 4
 NIC_SLOTS = 7
 
 
-def disk_slots(vm: Any) -> int:
-    from xapid.objects.vm import domain_type
+def domain_type(fields: dict[str, Any]) -> str:
+    """The kind of guest a VM record describes: hvm, pv or pvh (unspecified: by HVM_boot_policy)."""
+    declared = fields["domain_type"]
+    if declared in ("hvm", "pv", "pvh"):
+        return declared
+    if declared == "pv_in_pvh":
+        return "pvh"
+    return "hvm" if fields["HVM_boot_policy"] else "pv"
 
+
+def disk_slots(vm: Any) -> int:
     return HVM_DISK_SLOTS if domain_type(vm.fields) == "hvm" else PV_DISK_SLOTS
 
 
@@ -36,8 +44,6 @@ def allowed_vif_devices(store: Any, vm: Any) -> list[str]:
 
 def disk_device_name(vm: Any, userdevice: str) -> str:
     """Guest device name for a slot: xvda… for PV/PVH, hda… for HVM."""
-    from xapid.objects.vm import domain_type
-
     prefix = "hd" if domain_type(vm.fields) == "hvm" else "xvd"
     return prefix + "abcdefghijklmnop"[int(userdevice)]
 
@@ -89,6 +95,32 @@ def nic_spec(ctx: Any, vif: Any) -> NicSpec:
     f = vif.fields
     bridge = ctx.store.get(f["network"]).fields["bridge"] if ctx.store.exists(f["network"], "network") else ""
     return NicSpec(devid=int(f["device"]), mac=f["MAC"], bridge=bridge, mtu=f["MTU"])
+
+
+def running_vm(ctx: Any, device: Any) -> Any:
+    """The VM of a VBD or VIF, which must be Running for hot-plug (VM_BAD_POWER_STATE)."""
+    vm = ctx.store.get(device.fields["VM"], "VM")
+    if vm.fields["power_state"] != "Running":
+        raise vm_bad_power_state(vm.ref, ["Running"], vm.fields["power_state"])
+    return vm
+
+
+def remove_device(store: Any, ref: str) -> None:
+    """Remove a VBD or VIF with its metrics object."""
+    metrics = store.get(ref).fields["metrics"]
+    if store.find(metrics) is not None:
+        store.remove(metrics)
+    store.remove(ref)
+
+
+def destroy_device(ctx: Any, ref: str, cls: str) -> str:
+    """VBD.destroy / VIF.destroy: refused while attached to a running VM."""
+    device = ctx.store.get(ref, cls)
+    if device.fields["currently_attached"]:
+        raise operation_not_allowed(f"the {cls} is attached to a running VM; unplug it first")
+    with ctx.store.transaction():
+        remove_device(ctx.store, ref)
+    return ""
 
 
 def random_mac(store: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from typing import Any
 
 from twisted.logger import Logger
@@ -13,9 +14,14 @@ from xapid.users import UsersError
 log = Logger()
 
 
-def _user_ref(ctx: Any, name: str) -> str:
-    refs = [o.ref for o in ctx.store.all("user") if o.fields["short_name"] == name]
-    return refs[0] if refs else ctx.store.add("user", {"short_name": name, "fullname": name})
+def user_object(store: Any, name: str) -> str:
+    """The ``user`` object mirroring a users-file entry; ref and uuid derive from the name, so
+    they stay the same across restarts although user objects are not stored."""
+    uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"xapid-user:{name}"))
+    ref = f"OpaqueRef:{uuid}"
+    if store.find(ref) is None:
+        store.add("user", {"uuid": uuid, "short_name": name, "fullname": name}, ref=ref)
+    return ref
 
 
 async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
@@ -33,7 +39,7 @@ async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
         log.warn("failed login for {user!r} by {originator!r}", user=uname, originator=originator)
         await ctx.api.sleep(ctx.api.auth_failure_delay)
         raise XenAPIError("SESSION_AUTHENTICATION_FAILED", uname, "Authentication failure")
-    session = ctx.api.sessions.create(user.name, user.role, originator, ctx.api.host_ref, _user_ref(ctx, user.name))
+    session = ctx.api.sessions.create(user.name, user.role, originator, ctx.api.host_ref, user_object(ctx.store, user.name))
     return session.ref
 
 

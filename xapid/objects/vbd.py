@@ -5,16 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from xapid.apitypes import NULL_REF
-from xapid.errors import XenAPIError, invalid_value, operation_not_allowed, vm_bad_power_state
+from xapid.errors import XenAPIError, invalid_value, operation_not_allowed
 from xapid.objects import generic, message
-from xapid.objects.devices import allowed_vbd_devices, disk_device_name, disk_spec
-
-
-def _running_vm(ctx: Any, vbd: Any) -> Any:
-    vm = ctx.store.get(vbd.fields["VM"], "VM")
-    if vm.fields["power_state"] != "Running":
-        raise vm_bad_power_state(vm.ref, ["Running"], vm.fields["power_state"])
-    return vm
+from xapid.objects.devices import allowed_vbd_devices, destroy_device, disk_device_name, disk_spec, running_vm
 
 
 @message("VBD.create")
@@ -51,21 +44,14 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
 @message("VBD.destroy")
 def destroy(ctx: Any, self: str) -> str:
     """Remove a detached VBD (and its metrics); the VDI stays."""
-    vbd = ctx.store.get(self, "VBD")
-    if vbd.fields["currently_attached"]:
-        raise operation_not_allowed("the VBD is attached to a running VM; unplug it first")
-    with ctx.store.transaction():
-        if ctx.store.find(vbd.fields["metrics"]) is not None:
-            ctx.store.remove(vbd.fields["metrics"])
-        ctx.store.remove(self)
-    return ""
+    return destroy_device(ctx, self, "VBD")
 
 
 @message("VBD.plug")
 async def plug(ctx: Any, self: str) -> str:
     """Hot-plug into the running VM."""
     vbd = ctx.store.get(self, "VBD")
-    vm = _running_vm(ctx, vbd)
+    vm = running_vm(ctx, vbd)
     if vbd.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_ATTACHED", self)
     await ctx.api.hypervisor.call("attach_disk", vm.fields["uuid"], disk_spec(ctx, vm, vbd), vm=vm.ref)
@@ -75,7 +61,7 @@ async def plug(ctx: Any, self: str) -> str:
 
 async def _unplug(ctx: Any, ref: str, force: bool) -> str:
     vbd = ctx.store.get(ref, "VBD")
-    vm = _running_vm(ctx, vbd)
+    vm = running_vm(ctx, vbd)
     if not vbd.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_DETACHED", ref)
     if not vbd.fields["unpluggable"] and not force:

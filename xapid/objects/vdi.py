@@ -11,7 +11,7 @@ from typing import Any
 
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
-from xapid.objects.devices import run_storage, sr_driver
+from xapid.objects.devices import remove_device, run_storage, sr_driver
 from xapid.objects.sr import now, update_sizes
 
 
@@ -55,10 +55,7 @@ async def destroy(ctx: Any, self: str) -> str:
     await run_storage(ctx, driver.mark_deleting, location)
     with store.transaction():
         for vbd in list(vdi.fields["VBDs"]):
-            metrics = store.get(vbd).fields["metrics"]
-            if store.find(metrics) is not None:
-                store.remove(metrics)
-            store.remove(vbd)
+            remove_device(store, vbd)
         store.remove(self)
         update_sizes(ctx, sr)
     await store.flush()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from xapid.errors import XenAPIError, invalid_value, operation_not_allowed, vm_bad_power_state
+from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
-from xapid.objects.devices import allowed_vif_devices, nic_spec, random_mac
+from xapid.objects.devices import allowed_vif_devices, destroy_device, nic_spec, random_mac, running_vm
 
 MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
@@ -39,27 +39,14 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
 
 @message("VIF.destroy")
 def destroy(ctx: Any, self: str) -> str:
-    vif = ctx.store.get(self, "VIF")
-    if vif.fields["currently_attached"]:
-        raise operation_not_allowed("the VIF is attached to a running VM; unplug it first")
-    with ctx.store.transaction():
-        if ctx.store.find(vif.fields["metrics"]) is not None:
-            ctx.store.remove(vif.fields["metrics"])
-        ctx.store.remove(self)
-    return ""
-
-
-def _running_vm(ctx: Any, vif: Any) -> Any:
-    vm = ctx.store.get(vif.fields["VM"], "VM")
-    if vm.fields["power_state"] != "Running":
-        raise vm_bad_power_state(vm.ref, ["Running"], vm.fields["power_state"])
-    return vm
+    """Remove a detached VIF (and its metrics)."""
+    return destroy_device(ctx, self, "VIF")
 
 
 @message("VIF.plug")
 async def plug(ctx: Any, self: str) -> str:
     vif = ctx.store.get(self, "VIF")
-    vm = _running_vm(ctx, vif)
+    vm = running_vm(ctx, vif)
     if vif.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_ATTACHED", self)
     await ctx.api.hypervisor.call("attach_nic", vm.fields["uuid"], nic_spec(ctx, vif), vm=vm.ref)
@@ -69,7 +56,7 @@ async def plug(ctx: Any, self: str) -> str:
 
 async def _unplug(ctx: Any, ref: str) -> str:
     vif = ctx.store.get(ref, "VIF")
-    vm = _running_vm(ctx, vif)
+    vm = running_vm(ctx, vif)
     if not vif.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_DETACHED", ref)
     await ctx.api.hypervisor.call("detach_nic", vm.fields["uuid"], int(vif.fields["device"]), vm=vm.ref)

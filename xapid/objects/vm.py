@@ -15,6 +15,7 @@ from xapid.apitypes import NULL_REF
 from xapid.backend.interface import DomainInfo, DomainSpec
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
+from xapid.objects.devices import disk_spec, domain_type, nic_spec, remove_device
 from xapid.objects.vm_ops import check, operation
 
 MiB = 1 << 20
@@ -43,15 +44,6 @@ def check_vcpus(fields: dict[str, Any]) -> None:
         raise invalid_value("VCPUs_at_startup", fields["VCPUs_at_startup"])
 
 
-def domain_type(fields: dict[str, Any]) -> str:
-    declared = fields["domain_type"]
-    if declared in ("hvm", "pv", "pvh"):
-        return declared
-    if declared == "pv_in_pvh":
-        return "pvh"
-    return "hvm" if fields["HVM_boot_policy"] else "pv"
-
-
 def _int_param(params: dict[str, str], key: str, default: int) -> int:
     value = params.get(key, "")
     return int(value) if value.isdigit() else default
@@ -59,8 +51,6 @@ def _int_param(params: dict[str, str], key: str, default: int) -> int:
 
 def domain_spec(ctx: Any, vm: Any) -> DomainSpec:
     """The driver's view of a VM record and its devices (no refs, no store objects)."""
-    from xapid.objects.devices import disk_spec, nic_spec
-
     f = vm.fields
     store = ctx.store
     vbds = sorted((store.get(r) for r in f["VBDs"]), key=lambda v: int(v.fields["userdevice"]))
@@ -171,12 +161,11 @@ def destroy(ctx: Any, self: str) -> str:
     image = suspend_image(ctx, vm)
     with store.transaction():
         for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:
-            metrics = store.get(device).fields["metrics"]
-            if store.find(metrics) is not None:
-                store.remove(metrics)
-            store.remove(device)
+            remove_device(store, device)
         for ref in [*vm.fields["consoles"], *vm.fields["crash_dumps"]]:
             store.remove(ref)
+        for child in list(vm.fields["children"]):  # as xapi: children are rebased on our parent
+            store.update(child, {"parent": vm.fields["parent"]})
         for field in ("metrics", "guest_metrics"):
             if store.find(vm.fields[field]) is not None:
                 store.remove(vm.fields[field])
