@@ -74,25 +74,23 @@ def _qcow2_virtual_size(path: Path) -> int:
     return int.from_bytes(header[24:32], "big")
 
 
-class FileSR:
-    """A directory; each VDI a sparse raw file ``<uuid>.img`` (or ``<uuid>.qcow2``)."""
+class _DirectorySR:
+    """An SR that is one directory; each VDI a file in it named by its ``location``."""
 
-    type = "file"
-    content_type = "user"
-    read_only = False
+    read_only = True
+    mode = 0o755
 
-    def __init__(self, path: str | Path, disk_format: str = "raw"):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.format = disk_format
 
     def attach(self, create: bool = False) -> None:
         """Check (or create) the directory; StorageError when it is unusable."""
         try:
             if create:
-                self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self.path.mkdir(parents=True, exist_ok=True, mode=self.mode)
             if not self.path.is_dir():
                 raise StorageError(f"{self.path} is not a directory")
-            if not os.access(self.path, os.W_OK | os.X_OK):
+            if not self.read_only and not os.access(self.path, os.W_OK | os.X_OK):
                 raise StorageError(f"{self.path} is not writable")
         except OSError as exc:
             raise _os_error(str(self.path), exc) from None
@@ -101,6 +99,19 @@ class FileSR:
         if "/" in location or location.startswith("."):
             raise StorageError(f"bad VDI location {location!r}")
         return self.path / location
+
+
+class FileSR(_DirectorySR):
+    """A directory; each VDI a sparse raw file ``<uuid>.img`` (or ``<uuid>.qcow2``)."""
+
+    type = "file"
+    content_type = "user"
+    read_only = False
+    mode = 0o700
+
+    def __init__(self, path: str | Path, disk_format: str = "raw"):
+        super().__init__(path)
+        self.format = disk_format
 
     def stats(self) -> SRStats:
         try:
@@ -229,29 +240,11 @@ class FileSR:
         (self.path / name).unlink(missing_ok=True)
 
 
-class IsoSR:
+class IsoSR(_DirectorySR):
     """A read-only directory of ``*.iso`` files, each exposed as a VDI for CD drives."""
 
     type = "iso"
     content_type = "iso"
-    read_only = True
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def attach(self, create: bool = False) -> None:
-        try:
-            if create:
-                self.path.mkdir(parents=True, exist_ok=True, mode=0o755)
-            if not self.path.is_dir():
-                raise StorageError(f"{self.path} is not a directory")
-        except OSError as exc:
-            raise _os_error(str(self.path), exc) from None
-
-    def file(self, location: str) -> Path:
-        if "/" in location or location.startswith("."):
-            raise StorageError(f"bad VDI location {location!r}")
-        return self.path / location
 
     def stats(self) -> SRStats:
         try:
