@@ -191,3 +191,48 @@ def test_schema_doc(tmp_path):
     assert xapid("schema-doc", "--output", str(out)).returncode == 0
     text = out.read_text()
     assert "## VM" in text and "| `start` |" in text and "VM_BAD_POWER_STATE" in text
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway key and certificate for 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def test_tls_listener(tmp_path):
+    """An ssl: endpoint serves the SDK over HTTPS (ignore_ssl for the self-signed certificate)."""
+    key, cert = self_signed(tmp_path)
+    d = RealDaemon(tmp_path, ["--listen", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"])
+    try:
+        s = XenAPI.Session(f"https://127.0.0.1:{d.port}/", ignore_ssl=True)
+        s.login_with_password("admin", PASSWORD)
+        assert s.xenapi.pool.get_all()
+    finally:
+        d.stop()
+
+
+def test_missing_certificate(tmp_path):
+    """An ssl: endpoint whose certificate cannot be read exits 2 naming it."""
+    result = serve(tmp_path, "--listen", f"ssl:0:privateKey={tmp_path}/nokey.pem:certKey={tmp_path}/nocert.pem")
+    assert_one_line_error(result, "bad listen address")
+    assert "nocert.pem" in result.stderr or "nokey.pem" in result.stderr

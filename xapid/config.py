@@ -20,7 +20,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: tuple[str, ...] = ("tcp:9363:interface=127.0.0.1",)
+    listen: tuple[str, ...] = ("tcp:9363:interface=127.0.0.1:backlog=1024",)
     backend: str = "sim"
     state_dir: str = "/var/lib/xapid"
     users: str = "/etc/xapid/users"

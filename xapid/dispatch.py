@@ -23,7 +23,7 @@ from xapid.errors import (
     XenAPIError, handle_invalid, internal_error, method_unknown, parameter_count_mismatch, session_invalid,
 )
 from xapid.objects import generic
-from xapid.schema import MessageSpec
+from xapid.schema import READ_ONLY, MessageSpec
 
 log = Logger()
 
@@ -62,6 +62,8 @@ class Dispatcher:
 
     async def _call(self, method: str, params: list[Any]) -> Any:
         seq_before = self.api.store.seq
+        spec = self.schema.messages.get(method[6:] if method.startswith("Async.") else method)
+        durable = spec is None or spec.role != READ_ONLY  # read-only calls make no stored changes
         try:
             result = await self._dispatch(method, params)
         except (XenAPIError, CancelledError):
@@ -70,7 +72,7 @@ class Dispatcher:
             log.failure("unexpected error in {method}", method=method)
             raise internal_error(f"{type(exc).__name__}: {exc}") from None
         finally:
-            if self.api.store.seq != seq_before:
+            if durable and self.api.store.seq != seq_before:
                 await self.api.store.flush()
         return result
 

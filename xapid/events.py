@@ -64,8 +64,31 @@ class Subscription:
             else:
                 self.classes.add(spec.name)
 
+    @property
+    def key(self) -> tuple[bool, frozenset[str], frozenset[str]]:
+        return (self.all, frozenset(self.classes), frozenset(self.refs))
+
     def matches(self, cls: str, ref: str) -> bool:
         return self.all or cls in self.classes or ref in self.refs
+
+
+class SharedReply:
+    """A reply value that caches its wire encodings (one encode for many identical replies)."""
+
+    __slots__ = ("value", "cache")
+
+    def __init__(self, value: dict[str, Any]):
+        self.value = value
+        self.cache: dict[str, bytes] = {}
+
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
+        text = self.cache.get(fmt)
+        if text is None:
+            text = self.cache[fmt] = encode(self.value)
+        return text
+
+    def __getitem__(self, key: str) -> Any:
+        return self.value[key]
 
 
 @dataclass
@@ -180,17 +203,17 @@ class EventHub:
         return {name.lower(): Int32(self.store.count(name)) for name in self.schema.classes
                 if self.schema.classes[name].persist or name in self._evented}
 
-    def batch(self, subscription: Subscription, since: int) -> dict[str, Any]:
-        return {"events": self.collect(subscription, since), "valid_ref_counts": self.counts(),
-                "token": self.token()}
+    def batch(self, events: list[dict[str, Any]]) -> SharedReply:
+        """An event.from reply; encoded once per wire format however many watchers get it."""
+        return SharedReply({"events": events, "valid_ref_counts": self.counts(), "token": self.token()})
 
     def wait_from(self, session: Any, classes: list[str], token: str, timeout: float) -> Any:
         """The event.from reply now when something changed, else a Deferred for it."""
         subscription = Subscription(self.schema, classes)
         since = self.parse_token(token)
-        result = self.batch(subscription, since)
-        if result["events"] or timeout <= 0:
-            return result
+        events = self.collect(subscription, since)
+        if events or timeout <= 0:
+            return self.batch(events)
         d: Deferred = Deferred(lambda _: self._drop(waiter))
         waiter = _Waiter(subscription, since, d, session)
         timer = self.reactor.callLater(min(timeout, MAX_TIMEOUT), self._timeout, waiter)
@@ -217,16 +240,24 @@ class EventHub:
         waiter.cleanup = [u for u in waiter.cleanup[1:]]  # the timer itself has fired
         self._drop(waiter)
         if not waiter.deferred.called:
-            waiter.deferred.callback(self.batch(waiter.subscription, waiter.token))
+            waiter.deferred.callback(self.batch([]))
 
     def _wake(self) -> None:
+        """Answer every waiter with news; watchers with the same subscription and token (the
+        usual case: a fleet of clients in step) share one reply, built and encoded once."""
         self._wake_pending = False
+        replies: dict[tuple[Any, int], SharedReply | None] = {}
+        woken = []
         for waiter in list(self._waiters):
-            events = self.collect(waiter.subscription, waiter.token)
-            if events:
+            key = (waiter.subscription.key, waiter.token)
+            if key not in replies:
+                events = self.collect(waiter.subscription, waiter.token)
+                replies[key] = self.batch(events) if events else None
+            if replies[key] is not None:
                 self._drop(waiter)
-                waiter.deferred.callback({"events": events, "valid_ref_counts": self.counts(),
-                                          "token": self.token()})
+                woken.append((waiter, replies[key]))
+        for waiter, reply in woken:
+            waiter.deferred.callback(reply)
 
     @property
     def watchers(self) -> int:

@@ -123,8 +123,11 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
 def _endpoint(reactor: Any, description: str) -> Any:
     try:
         return endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, ImportError) as exc:
         raise StartupError(f"bad listen address {description!r}: {exc}") from None
+    except OSError as exc:  # e.g. an ssl: key or certificate file that cannot be read
+        raise StartupError(f"bad listen address {description!r}: {exc.strerror or exc}: "
+                           f"{getattr(exc, 'filename', '') or ''}".rstrip(": ")) from None
 
 
 class Daemon(MultiService):

@@ -48,12 +48,21 @@ class WatchReader:
         return "xenstore-watch"
 
     def doRead(self) -> None:
-        """Drain the pending events; a failing callback is logged and does not stop the others."""
+        """Drain the pending events, then deliver them until a callback stops the reader.
+
+        Draining first means no library call follows a callback, which may close the store.
+        A failing callback is logged and does not stop the others.
+        """
+        events = []
         while (event := self._store.check_watch()) is not None:
+            events.append(event)
+        for path, token in events:
+            if self._reactor is None:
+                break
             try:
-                self._callback(*event)
+                self._callback(path, token)
             except Exception:
-                log.failure("xenstore watch callback failed for {path}", path=event[0])
+                log.failure("xenstore watch callback failed for {path}", path=path)
 
     def connectionLost(self, reason: Failure) -> None:
         self._reactor = None
