@@ -120,7 +120,7 @@ class EventHub:
         self._tombstones: deque[str] = deque()
         self._max_tombstones = tombstones
         self._horizon = 0  # changes at or before this seq may have been forgotten
-        self._waiters: list[_Waiter] = []
+        self._waiters: dict[int, _Waiter] = {}  # by id(): removal is O(1) when many wait
         self._wake_pending = False
         self._queues: dict[str, _Queue] = {}
         self._queue_size = queue_size
@@ -224,14 +224,13 @@ class EventHub:
             if not d.called:
                 d.errback(session_invalid(session.ref))
 
-        session.ended.append(session_ended)
-        waiter.cleanup.append(lambda: session.ended.remove(session_ended))
-        self._waiters.append(waiter)
+        session.ended[id(waiter)] = session_ended
+        waiter.cleanup.append(lambda: session.ended.pop(id(waiter), None))
+        self._waiters[id(waiter)] = waiter
         return d
 
     def _drop(self, waiter: _Waiter) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        self._waiters.pop(id(waiter), None)
         for undo in waiter.cleanup:
             undo()
         waiter.cleanup.clear()
@@ -248,7 +247,7 @@ class EventHub:
         self._wake_pending = False
         replies: dict[tuple[Any, int], SharedReply | None] = {}
         woken = []
-        for waiter in list(self._waiters):
+        for waiter in list(self._waiters.values()):
             key = (waiter.subscription.key, waiter.token)
             if key not in replies:
                 events = self.collect(waiter.subscription, waiter.token)
@@ -271,7 +270,7 @@ class EventHub:
         queue = self._queues.get(session.ref)
         if queue is None:
             queue = self._queues[session.ref] = _Queue(set())
-            session.ended.append(lambda: self._end_queue(session.ref))
+            session.ended[("queue", session.ref)] = lambda: self._end_queue(session.ref)
         queue.classes |= names
 
     def unregister(self, session: Any, classes: list[str]) -> None:

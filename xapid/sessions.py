@@ -24,7 +24,7 @@ class Session:
     role: str
     originator: str
     last_active: float
-    ended: list[Callable[[], None]] = field(default_factory=list)
+    ended: dict[object, Callable[[], None]] = field(default_factory=dict)  # key -> called when it ends
 
 
 class SessionManager:
@@ -77,7 +77,7 @@ class SessionManager:
             return
         if self._store.find(ref) is not None:
             self._store.remove(ref)
-        for callback in list(session.ended):
+        for callback in list(session.ended.values()):
             callback()
         log.info("session of {user} closed ({why})", user=session.user, why=why)
 
