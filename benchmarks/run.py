@@ -8,6 +8,9 @@ on both servers alternately (A B A B …) and prints the medians, one line per f
 
     VM.get_all_records 1000 VMs: xapid 7.9 ms, stdlib 91.0 ms, 11.5x
 
+For the last figure (d) it then gives 1000 guest VMs 2 disks (VDI + VBD) and 1 NIC (VIF) each,
+restarts the baseline on a fresh copy, and times fetching all VM, VBD, VDI and VIF records.
+
 A ratio above 1 means xapid is better.  Figures go to stdout, progress to stderr.  See
 ``benchmarks/README.md`` for what each figure measures.
 """
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+import devices
 import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +46,8 @@ VMS = 1000
 CONNECTIONS = 8
 CREATORS = 16
 START_TIMEOUT = 60.0
+DEVICES_LABEL = (f"VM+VBD+VDI+VIF get_all_records, {VMS} VMs with {devices.DISKS_PER_VM} disks and "
+                 f"{devices.NICS_PER_VM} NIC")
 VM_RECORD: dict[str, Any] = {
     "name_label": "bench-vm", "name_description": "", "user_version": "1", "is_a_template": False,
     "affinity": "OpaqueRef:NULL", "memory_static_max": str(512 << 20), "memory_dynamic_max": str(512 << 20),
@@ -190,12 +196,13 @@ def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str) -> Server
     return wait_listening("xapid", proc, log)
 
 
-def start_baseline(stack: contextlib.ExitStack, tmp: Path, source: Server, password: str) -> Server:
-    """The stdlib baseline, serving a copy of *source*'s records."""
-    log = tmp / "stdlib.log"
+def start_baseline(stack: contextlib.ExitStack, tmp: Path, source: Server, password: str,
+                   log_name: str = "stdlib.log") -> tuple[Server, subprocess.Popen[bytes]]:
+    """The stdlib baseline, serving a copy of *source*'s records as they are now, and its process."""
+    log = tmp / log_name
     proc = spawn(stack, [sys.executable, str(BASELINE), "--copy-from", source.url, "--user", USER], log,
                  stdin_text=f"{password}\n")
-    return wait_listening("stdlib", proc, log)
+    return wait_listening("stdlib", proc, log), proc
 
 
 # -- calls ------------------------------------------------------------------------------------
@@ -210,20 +217,19 @@ def sdk_session(server: Server, password: str) -> Any:
     return session
 
 
-def create_vms(server: Server, password: str, count: int) -> None:
-    """Create *count* halted VMs over *CREATORS* concurrent sessions (not timed)."""
+def create_vms(server: Server, password: str, count: int) -> list[str]:
+    """Create *count* halted VMs over *CREATORS* concurrent sessions (not timed); their refs."""
 
-    def create(share: int) -> None:
+    def create(share: int) -> list[str]:
         session = sdk_session(server, password)
         try:
-            for _ in range(share):
-                session.xenapi.VM.create(VM_RECORD)
+            return [session.xenapi.VM.create(VM_RECORD) for _ in range(share)]
         finally:
             session.xenapi.session.logout()
 
     shares = [count // CREATORS + (i < count % CREATORS) for i in range(CREATORS)]
     with ThreadPoolExecutor(CREATORS) as pool:
-        list(pool.map(create, [s for s in shares if s]))
+        return [ref for refs in pool.map(create, [s for s in shares if s]) for ref in refs]
 
 
 def call_body(method: str, *params: Any) -> bytes:
@@ -316,6 +322,55 @@ def records_figure(servers: list[Server], sessions: dict[str, str], settings: Se
     return Figure(f"VM.get_all_records {VMS} VMs", "ms", samples, higher_is_better=False)
 
 
+def fetch_devices(conn: KeepAlive, bodies: dict[str, bytes]) -> tuple[float, dict[str, float], dict[str, bytes]]:
+    """The four get_all_records of figure d in turn on *conn*, each body read in full.
+
+    Milliseconds from sending the first call to having read the last reply, milliseconds per call,
+    and the replies.
+    """
+    times: dict[str, float] = {}
+    replies: dict[str, bytes] = {}
+    start = time.perf_counter()
+    for cls, body in bodies.items():
+        elapsed, replies[cls] = conn.post(body)
+        times[cls] = elapsed * 1000
+    return (time.perf_counter() - start) * 1000, times, replies
+
+
+def device_bodies(session: str) -> dict[str, bytes]:
+    return {cls: call_body(f"{cls}.get_all_records", session) for cls in devices.CLASSES}
+
+
+@dataclass(frozen=True)
+class DeviceFigure:
+    """Figure d, and the samples of each of its four calls per server."""
+
+    figure: Figure
+    per_call: dict[str, dict[str, list[float]]]  # server -> class -> ms
+
+
+def devices_figure(servers: list[Server], sessions: dict[str, str], settings: Settings) -> DeviceFigure:
+    """Figure d: time to complete VM, VBD, VDI and VIF get_all_records, in turn on one keep-alive connection."""
+    conns = {s.name: KeepAlive(s) for s in servers}
+    bodies = {s.name: device_bodies(sessions[s.name]) for s in servers}
+    per_call: dict[str, dict[str, list[float]]] = {s.name: {cls: [] for cls in devices.CLASSES} for s in servers}
+
+    def measure(server: Server) -> float:
+        total, times, _ = fetch_devices(conns[server.name], bodies[server.name])
+        for cls, ms in times.items():
+            per_call[server.name][cls].append(ms)
+        return total
+
+    try:
+        for server in servers:  # open the connections outside the timings
+            conns[server.name].post(call_body("pool.get_all", sessions[server.name]))
+        samples = alternate(servers, settings.record_calls, measure)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return DeviceFigure(Figure(DEVICES_LABEL, "ms", samples, higher_is_better=False), per_call)
+
+
 def cold_records(server: Server, session: str) -> tuple[float, bytes]:
     """Milliseconds for the first VM.get_all_records (nothing encoded yet), and the reply."""
     conn = KeepAlive(server)
@@ -341,7 +396,7 @@ def compare_records(replies: dict[str, bytes]) -> str:
 # -- main -------------------------------------------------------------------------------------
 
 
-def goals(load: Figure, sdk: Figure, records: Figure) -> list[str]:
+def goals(load: Figure, sdk: Figure, records: Figure, device: Figure) -> list[str]:
     def line(text: str, ratio: float, goal: float | None) -> str:
         verdict = "no goal set" if goal is None else ("met" if ratio >= goal else "NOT met")
         return f"  {text}: {verdict} ({fmt_ratio(ratio)})"
@@ -349,7 +404,8 @@ def goals(load: Figure, sdk: Figure, records: Figure) -> list[str]:
     return ["goals:",
             line("small calls under concurrent load, xapid >= 1.0x stdlib", load.ratio, 1.0),
             line(f"VM.get_all_records {VMS} VMs (warm), xapid >= 5x faster than stdlib", records.ratio, 5.0),
-            line("sequential SDK calls", sdk.ratio, None)]
+            line("sequential SDK calls", sdk.ratio, None),
+            line(f"{DEVICES_LABEL} (warm)", device.ratio, None)]
 
 
 def choose_loader(requested: str) -> str:
@@ -370,6 +426,8 @@ class Testbed:
     vm: str
     cold_ms: float
     note: str
+    guests: list[str]  # every VM but the control domain
+    baseline: subprocess.Popen[bytes]
 
 
 def prepare(stack: contextlib.ExitStack, tmp: Path) -> Testbed:
@@ -382,16 +440,58 @@ def prepare(stack: contextlib.ExitStack, tmp: Path) -> Testbed:
     progress(f"creating {missing} VMs in xapid (not timed)")
     create_vms(xapid, password, missing)
     cold_ms, xapid_reply = cold_records(xapid, admin.handle)
-    vm = next(ref for ref, rec in loadgen.success_value(xapid_reply).items() if not rec["is_control_domain"])
+    guests = [ref for ref, rec in loadgen.success_value(xapid_reply).items() if not rec["is_control_domain"]]
     progress("starting the stdlib baseline (it copies xapid's records)")
-    baseline = start_baseline(stack, tmp, xapid, password)
+    baseline, proc = start_baseline(stack, tmp, xapid, password)
     sessions = {"xapid": admin.handle, "stdlib": sdk_session(baseline, password).handle}
     _, stdlib_reply = cold_records(baseline, sessions["stdlib"])
     note = compare_records({"xapid": xapid_reply, "stdlib": stdlib_reply})
-    return Testbed([xapid, baseline], sessions, password, vm, cold_ms, note)
+    return Testbed([xapid, baseline], sessions, password, guests[0], cold_ms, note, guests, proc)
 
 
-def run_figures(bed: Testbed, settings: Settings, loader: str) -> None:
+@dataclass(frozen=True)
+class DeviceBed:
+    """Both servers serving the same VMs with devices (a new baseline), and xapid's first fetch."""
+
+    servers: list[Server]
+    sessions: dict[str, str]
+    cold_ms: float
+    note: str
+
+
+def prepare_devices(stack: contextlib.ExitStack, tmp: Path, bed: Testbed) -> DeviceBed:
+    """Give VMS guest VMs their disks and NIC, time xapid's first fetch, then restart the baseline on a copy."""
+    xapid = bed.servers[0]
+    guests = bed.guests[:VMS]
+    if len(guests) < VMS:  # figure c counts the control domain among its VMS; here VMS guests have devices
+        progress(f"creating {VMS - len(guests)} more VM(s) in xapid (not timed)")
+        guests += create_vms(xapid, bed.password, VMS - len(guests))
+    disks, nics = len(guests) * devices.DISKS_PER_VM, len(guests) * devices.NICS_PER_VM
+    progress(f"creating {disks} VDIs, {disks} VBDs and {nics} VIFs in xapid over {CREATORS} sessions (not timed)")
+    started = time.monotonic()
+    devices.populate(lambda: sdk_session(xapid, bed.password), guests, CREATORS)
+    took = time.monotonic() - started
+    progress(f"created {2 * disks + nics} objects in {took:.1f} s ({(2 * disks + nics) / took:.0f} creates/s)")
+    conn = KeepAlive(xapid)
+    try:
+        conn.post(call_body("pool.get_all", bed.sessions["xapid"]))
+        cold_ms, _, xapid_replies = fetch_devices(conn, device_bodies(bed.sessions["xapid"]))
+    finally:
+        conn.close()
+    progress("restarting the stdlib baseline (it copies xapid's records, now with devices)")
+    stop(bed.baseline)
+    baseline, _ = start_baseline(stack, tmp, xapid, bed.password, "stdlib-devices.log")
+    sessions = {"xapid": bed.sessions["xapid"], "stdlib": sdk_session(baseline, bed.password).handle}
+    conn = KeepAlive(baseline)
+    try:
+        _, _, stdlib_replies = fetch_devices(conn, device_bodies(sessions["stdlib"]))
+    finally:
+        conn.close()
+    note = devices.compare({"xapid": xapid_replies, "stdlib": stdlib_replies})
+    return DeviceBed([xapid, baseline], sessions, cold_ms, note)
+
+
+def run_figures(stack: contextlib.ExitStack, tmp: Path, bed: Testbed, settings: Settings, loader: str) -> None:
     """Measure and print every figure, then the goals."""
     progress(f"figure a: {CONNECTIONS} concurrent keep-alive connections, {settings.rounds} rounds "
              f"of {settings.load_seconds:g} s per server ({loader})")
@@ -406,14 +506,26 @@ def run_figures(bed: Testbed, settings: Settings, loader: str) -> None:
     stdlib_ms = records.median("stdlib")
     print(f"VM.get_all_records {VMS} VMs, xapid's first call (cold cache): xapid {fmt(bed.cold_ms, 'ms')}, "
           f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / bed.cold_ms)}")
-    print(f"    {bed.note}")
-    print("\n".join(goals(load, sdk, records)), flush=True)
+    print(f"    {bed.note}", flush=True)
+    dev_bed = prepare_devices(stack, tmp, bed)
+    progress(f"figure d: VM+VBD+VDI+VIF get_all_records, {settings.record_calls} fetches per server")
+    device = devices_figure(dev_bed.servers, dev_bed.sessions, settings)
+    report(device.figure)
+    for name, calls in device.per_call.items():
+        medians = ", ".join(f"{cls} {fmt(statistics.median(ms), 'ms')}" for cls, ms in calls.items())
+        print(f"    {name:6} medians per call: {medians}")
+    stdlib_ms = device.figure.median("stdlib")
+    print(f"{DEVICES_LABEL}, xapid's first fetch (cold cache): xapid {fmt(dev_bed.cold_ms, 'ms')}, "
+          f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / dev_bed.cold_ms)}")
+    print(f"    {dev_bed.note}")
+    print("\n".join(goals(load, sdk, records, device.figure)), flush=True)
 
 
 def benchmark(settings: Settings, loader: str) -> None:
     """Everything, in a temporary directory; every process started is stopped on the way out."""
     with tempfile.TemporaryDirectory(prefix="xapid-bench-") as tmpdir, contextlib.ExitStack() as stack:
-        run_figures(prepare(stack, Path(tmpdir)), settings, loader)
+        tmp = Path(tmpdir)
+        run_figures(stack, tmp, prepare(stack, tmp), settings, loader)
         progress("stopping the servers")
 
 
@@ -423,7 +535,7 @@ def _terminated(signum: int, frame: Any) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark xapid against a stdlib threaded XML-RPC server.")
-    parser.add_argument("--quick", action="store_true", help="short measurements (a smoke run, under a minute)")
+    parser.add_argument("--quick", action="store_true", help="short measurements (a smoke run, about a minute)")
     parser.add_argument("--loader", choices=("auto", "wrk", "python"), default="auto",
                         help="load generator for the concurrent figure (auto: wrk when installed)")
     args = parser.parse_args(argv)

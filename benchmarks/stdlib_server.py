@@ -5,8 +5,8 @@ handler on HTTP/1.1 keep-alive, no request logging, one session lookup (a dict) 
 reply marshalled by ``xmlrpc.client.dumps`` inside the Xen-API envelope
 ``{"Status": "Success", "Value": v}``.
 
-It serves a copy of a running xapid's data, fetched at start through XML-RPC, so both servers answer
-with the same records::
+It serves a copy of a running xapid's data (VM, VBD, VDI, VIF, host and pool records), fetched at start
+through XML-RPC, so both servers answer with the same records::
 
     echo PASSWORD | python benchmarks/stdlib_server.py --copy-from http://127.0.0.1:PORT/ --user NAME
 
@@ -26,11 +26,14 @@ from typing import Any, Callable
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 
+RECORD_CLASSES = ("VM", "VBD", "VDI", "VIF")  # served by <class>.get_all_records
+
+
 @dataclass(frozen=True)
 class Inventory:
-    """The data served: VM and host records by ref, pool refs."""
+    """The data served: records by ref of each class in RECORD_CLASSES, host records by ref, pool refs."""
 
-    vms: dict[str, dict[str, Any]]
+    records: dict[str, dict[str, dict[str, Any]]]
     hosts: dict[str, dict[str, Any]]
     pools: list[str]
 
@@ -51,11 +54,12 @@ def _value(result: Any) -> Any:
 
 
 def copy_inventory(url: str, user: str, password: str) -> Inventory:
-    """Fetch the VMs, hosts and pools of the Xen-API server at *url*."""
+    """Fetch the VMs, disks, disk images, network cards, hosts and pools of the Xen-API server at *url*."""
     proxy = xmlrpc.client.ServerProxy(url, allow_none=True)
     session = _value(proxy.session.login_with_password(user, password, "1.0", "stdlib-baseline"))
     try:
-        return Inventory(vms=_value(proxy.VM.get_all_records(session)),
+        return Inventory(records={cls: _value(getattr(proxy, cls).get_all_records(session))
+                                  for cls in RECORD_CLASSES},
                          hosts=_value(proxy.host.get_all_records(session)),
                          pools=_value(proxy.pool.get_all(session)))
     finally:
@@ -72,10 +76,11 @@ class XenApi:
         self.messages: dict[str, Callable[..., Any]] = {
             "session.logout": self.logout,
             "VM.get_power_state": self.vm_get_power_state,
-            "VM.get_all_records": self.vm_get_all_records,
             "pool.get_all": self.pool_get_all,
             "host.get_record": self.host_get_record,
         }
+        for cls in RECORD_CLASSES:
+            self.messages[f"{cls}.get_all_records"] = self._get_all_records(cls)
 
     def _dispatch(self, method: str, params: tuple[Any, ...]) -> dict[str, Any]:
         try:
@@ -106,10 +111,15 @@ class XenApi:
         return ""
 
     def vm_get_power_state(self, session: str, vm: str) -> str:
-        return self._record(self.inventory.vms, "VM", vm)["power_state"]
+        return self._record(self.inventory.records["VM"], "VM", vm)["power_state"]
 
-    def vm_get_all_records(self, session: str) -> dict[str, dict[str, Any]]:
-        return self.inventory.vms
+    def _get_all_records(self, cls: str) -> Callable[[str], dict[str, dict[str, Any]]]:
+        records = self.inventory.records[cls]
+
+        def get_all_records(session: str) -> dict[str, dict[str, Any]]:
+            return records
+
+        return get_all_records
 
     def pool_get_all(self, session: str) -> list[str]:
         return self.inventory.pools

@@ -206,19 +206,8 @@ def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ..
     raise XenAPIError("INTERNAL_ERROR", f"cannot coerce type {t}")
 
 
-def to_json(value: Any) -> Any:
-    """A JSON-able form of an in-memory value (datetimes as xapi text)."""
-    if isinstance(value, datetime):
-        return format_datetime(value)
-    if isinstance(value, list):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
-    return value
-
-
 def from_json(t: Type, value: Any) -> Any:
-    """Inverse of :func:`to_json` for a value of type *t* (trusted: read from our own store)."""
+    """A value of type *t* from the store's JSON (datetimes as xapi text; trusted input)."""
     if t.kind == "datetime":
         return parse_datetime(value) if isinstance(value, str) else EPOCH
     if t.kind == "set":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid as uuidlib
+from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from xapid.apitypes import NULL_REF, from_json, to_json
+from xapid.apitypes import NULL_REF, format_datetime, from_json
 from xapid.errors import handle_invalid
 from xapid.runner import Runner
 from xapid.schema import Schema
@@ -269,6 +270,16 @@ class Store:
                     self._by_class[other_cls][target].fields[set_field] = members
 
 
+def _dump(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    raise TypeError(f"cannot store {type(value).__name__}")
+
+
 class Database:
     """The SQLite file behind the store: one row per object, the record as JSON."""
 
@@ -314,15 +325,16 @@ class Committer:
     def __init__(self, database: Database, runner: Runner):
         self.database = database
         self._runner = runner
-        self._held: dict[str, tuple[str, str | None]] = {}
-        self._ready: dict[str, tuple[str, str | None]] = {}
+        # ref -> (class, the live fields or None when deleted); serialised when a batch is taken,
+        # so an object changed many times between commits is encoded once
+        self._held: dict[str, tuple[str, dict[str, Any] | None]] = {}
+        self._ready: dict[str, tuple[str, dict[str, Any] | None]] = {}
         self._ready_waiters: list[Deferred] = []
         self._inflight_waiters: list[Deferred] | None = None
         self.failed: BaseException | None = None
 
     def record(self, cls: str, ref: str, fields: dict[str, Any] | None) -> None:
-        data = None if fields is None else json.dumps(to_json(fields), separators=(",", ":"))
-        self._held[ref] = (cls, data)
+        self._held[ref] = (cls, fields)
 
     def release(self) -> None:
         """Move held writes to the next batch (the end of a transaction)."""
@@ -344,7 +356,8 @@ class Committer:
     def _kick(self) -> None:
         if self._inflight_waiters is not None or not self._ready:
             return
-        batch, self._ready = self._ready, {}
+        taken, self._ready = self._ready, {}  # no transaction is open here: fields are consistent
+        batch = {ref: (cls, None if fields is None else _dump(fields)) for ref, (cls, fields) in taken.items()}
         waiters, self._ready_waiters = self._ready_waiters, []
         self._inflight_waiters = waiters
 
@@ -364,7 +377,7 @@ class Committer:
             self.failed = failure.value
             log.failure("committing {count} objects to {path} failed", failure, count=len(batch),
                         path=str(self.database.path))
-            self._ready = {**batch, **self._ready}  # kept for the next flush to retry
+            self._ready = {**taken, **self._ready}  # kept for the next flush to retry
             finish(failure.value)
 
         self._runner.run(self.database.write, batch).addCallbacks(done, failed)
