@@ -20,6 +20,10 @@ Servers, measured in the same run with their rounds interleaved (A B C A B C ...
 * ``stdlib``: the peer, xend's architecture (``SimpleXMLRPCServer`` + ``ThreadingMixIn``): a thread
   per connection, each blocked watcher a thread waiting on one ``threading.Condition``.
 
+Also reported: the time to connect and arm every watcher, with the kernel's listen-queue overflow count
+meanwhile (xapid listens with Twisted's default backlog of 50 unless the endpoint says ``backlog=``;
+``--backlog`` sets it), RSS per session, the change call's own reply time and the server's CPU per round.
+
 Only 127.0.0.1 is used; everything started is stopped in ``finally``; ``--time-limit`` bounds the run.
 """
 
@@ -131,6 +135,15 @@ def server_sockets(port: int) -> tuple[int, int]:
         established += 1
         unread += int(fields[4].split(":")[1], 16) > 0
     return established, unread
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt ListenOverflows)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split())).get("ListenOverflows", 0))
+    return 0
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -420,9 +433,11 @@ class RoundState:
 class WatcherGroup:
     """The watchers of one load process, and its side of the pipe to the benchmark.
 
-    Messages to the benchmark: ``("armed", connect_seconds)`` once every watcher has sent its blocking
-    call; ``("ready", label)`` when told a round's label; ``("done", label, times, errors, timeouts)``
-    once every watcher has received that label and sent its next call; ``("failed", text)``.
+    Messages to the benchmark: ``("armed", seconds)`` once every watcher has sent its blocking call;
+    ``("ready", label)`` when told a round's label; ``("done", label, times, timeouts)`` once every
+    watcher has received that label and sent its next call; ``("verified", errors)`` when told to check
+    the round's replies (parsed only then, so that parsing takes no CPU while replies are being timed);
+    ``("failed", text)``.
     """
 
     def __init__(self, pipe: Connection, port: int, sessions: list[str], vm_ref: str):
@@ -456,6 +471,8 @@ class WatcherGroup:
         if command[0] == "round":
             self.round = RoundState(label=command[1].encode())
             self.pipe.send(("ready", command[1]))
+        elif command[0] == "verify":
+            self.pipe.send(("verified", self.problems()))
         elif not self.stopped.done():
             self.stopped.set_result(None)
 
@@ -470,7 +487,8 @@ class WatcherGroup:
         """Re-arm at once with the reply's token, then account for the reply."""
         token = _TOKEN.search(body)
         if token is None:
-            raise BenchmarkError(f"a reply without a token: {body[:300]!r}")
+            api_value(body)  # raises with the Xen-API failure, if that is what it is
+            raise BenchmarkError(f"an event.from reply without a token: {body[:300]!r}")
         first, watcher.token = watcher.token is None, token.group(1).decode()
         watcher.send(watcher.token)
         if first:
@@ -491,10 +509,17 @@ class WatcherGroup:
             return
         state.hits[watcher.index] = (received, body)
         if len(state.hits) == len(self.sessions):
-            errors = [e for _, b in state.hits.values() if (e := self.verify(b, state.label.decode()))]
-            errors += state.unexpected + [f"{state.duplicates} duplicate replies"] * bool(state.duplicates)
             times = [t for t, _ in state.hits.values()]
-            self.pipe.send(("done", state.label.decode(), times, errors[:5], len(errors), self.timeouts))
+            self.pipe.send(("done", state.label.decode(), times, self.timeouts))
+
+    def problems(self) -> list[str]:
+        """What was wrong with the round's replies: each watcher must have got exactly its one event."""
+        state = self.round
+        errors = [e for _, b in state.hits.values() if (e := self.verify(b, state.label.decode()))]
+        errors += state.unexpected
+        if state.duplicates:
+            errors.append(f"{state.duplicates} duplicate replies")
+        return errors
 
     def verify(self, body: bytes, label: str) -> str:
         """'' when *body* is exactly the one mod event of the VM with its new name, else the problem."""
@@ -505,7 +530,8 @@ class WatcherGroup:
         if len(events) != 1:
             return f"{len(events)} events instead of 1: {[(e.get('class'), e.get('operation')) for e in events]}"
         event = events[0]
-        got = (event.get("class"), event.get("operation"), event.get("ref"), event.get("snapshot", {}).get("name_label"))
+        name = event.get("snapshot", {}).get("name_label")
+        got = (event.get("class"), event.get("operation"), event.get("ref"), name)
         want = ("vm", "mod", self.vm_ref, label)
         return "" if got == want else f"event {got} instead of {want}"
 
@@ -537,8 +563,8 @@ class LoadClients:
             self.pipes.append(mine)
             self.procs.append(proc)
 
-    def collect(self, kind: str, deadline: Deadline, cap: float) -> list[tuple[Any, ...]]:
-        """One message of *kind* from every process, within *cap* seconds."""
+    def collect(self, kind: str, deadline: Deadline, cap: float, why: str = "") -> list[tuple[Any, ...]]:
+        """One message of *kind* from every process, within *cap* seconds (*why* explains a timeout)."""
         messages: dict[Connection, tuple[Any, ...]] = {}
         end = time.monotonic() + deadline.left(cap)
         while len(messages) < len(self.pipes):
@@ -546,7 +572,8 @@ class LoadClients:
             ready = wait(pending, timeout=max(0.0, end - time.monotonic()))
             if not ready:
                 deadline.left()
-                raise BenchmarkError(f"gave up: {len(pending)} load processes sent no {kind!r} within {cap:.0f} s")
+                raise BenchmarkError(f"gave up: {len(pending)} load processes sent no {kind!r} within {cap:.0f} s"
+                                     + (f" ({why})" if why else ""))
             for pipe in ready:
                 message = pipe.recv()  # type: ignore[union-attr]
                 if message[0] == "failed":
@@ -590,6 +617,7 @@ class Target:
     rss_sessions: int = 0
     rss_armed: int = 0
     connect_seconds: float = 0.0
+    overflows: int = 0
     clients: LoadClients | None = None
     latencies: list[float] = field(default_factory=list)
     round_max: list[float] = field(default_factory=list)
@@ -632,9 +660,11 @@ def connect_watchers(target: Target, per_watcher: bool, processes: int, deadline
     sessions = login_sessions(target, per_watcher)
     time.sleep(0.2)
     target.rss_sessions = rss_kb(target.server.pid)
+    overflows = listen_overflows()
     target.clients = LoadClients(target.server.port, sessions, target.vm_ref, processes)
     armed = target.clients.collect("armed", deadline, cap=90.0)
     target.connect_seconds = max(message[1] for message in armed)
+    target.overflows = listen_overflows() - overflows
     wait_parked(target, deadline)
     time.sleep(_SETTLE)
     wait_parked(target, deadline)
@@ -652,17 +682,18 @@ def run_round(target: Target, label: str, deadline: Deadline, record: bool = Tru
     t0 = time.monotonic()
     api_value(target.rpc.exchange(request))
     replied = time.monotonic() - t0
-    reports = target.clients.collect("done", deadline, cap=60.0)
+    reports = target.clients.collect("done", deadline, cap=60.0, why="some watchers never got the event")
+    wait_parked(target, deadline)  # the server has read every watcher's next call
     cpu = cpu_seconds(target.server.pid) - cpu_before
-    problems = [error for report in reports for error in report[3]]
+    target.clients.broadcast("verify")
+    problems = [error for report in target.clients.collect("verified", deadline, cap=60.0) for error in report[1]]
     if problems:
-        count = sum(report[4] for report in reports)
-        raise BenchmarkError(f"{target.name}, round {label}: {count} watchers got something else than the one "
-                             f"event, e.g. {problems[:3]}")
+        raise BenchmarkError(f"{target.name}, round {label}: {len(problems)} problems with the replies "
+                             f"(lost, duplicate or wrong events), e.g. {problems[:3]}")
     latencies = [t - t0 for report in reports for t in report[2]]
     if len(latencies) != target.watchers:
         raise BenchmarkError(f"{target.name}: {len(latencies)} replies for {target.watchers} watchers")
-    target.timeouts = sum(report[5] for report in reports)
+    target.timeouts = sum(report[3] for report in reports)
     if record:
         target.latencies += latencies
         target.round_max.append(max(latencies))
@@ -736,39 +767,61 @@ def median(values: list[float]) -> float:
     return percentile(values, 50)
 
 
-def report(targets: list[Target], args: argparse.Namespace) -> None:
-    """One line per figure, the peer's figure and the ratio beside xapid's, and the goals."""
+def latencies_ms(target: Target) -> list[float]:
+    return [v * 1000 for v in target.latencies]
+
+
+def rss_per_watcher(target: Target) -> float:
+    """The server's RSS growth from the watchers alone (sessions were logged in before), KiB each."""
+    return (target.rss_armed - target.rss_sessions) / target.watchers
+
+
+def detail(target: Target) -> str:
+    """Everything measured on one server, on one line."""
+    ms, n = latencies_ms(target), target.watchers
+    return (f"{target.name}: connect+arm {n} watchers {target.connect_seconds:.2f} s ({target.overflows} listen-queue "
+            f"overflows); RSS {target.rss_empty} KiB idle, +{(target.rss_sessions - target.rss_empty) / n:.1f} KiB "
+            f"per session, +{rss_per_watcher(target):.1f} KiB per blocked watcher; set_name_label reply "
+            f"{median(target.change_replies) * 1000:.1f} ms; server CPU per round (wake, replies, re-armed calls) "
+            f"{median(target.cpu) * 1000:.0f} ms; latency min {min(ms):.1f}, p50 {percentile(ms, 50):.1f}, "
+            f"p99 {percentile(ms, 99):.1f}, max {max(ms):.1f} ms ({len(ms)} replies, {target.timeouts} "
+            f"event.from timeouts)")
+
+
+def goals(target: Target) -> list[str]:
+    """The issue's two figures for one xapid, each against its goal."""
+    ms = latencies_ms(target)
+    p99, rss = percentile(ms, 99), rss_per_watcher(target)
+    return [f"event.from fan-out {target.watchers} watchers ({target.name}): p50 {percentile(ms, 50):.1f} ms, "
+            f"p99 {p99:.1f} ms, max {max(ms):.1f} ms (goal p99 ≤ {GOAL_P99_MS:.0f} ms: "
+            f"{'met' if p99 <= GOAL_P99_MS else 'MISSED'})",
+            f"daemon RSS per blocked watcher ({target.name}): {rss:.1f} KiB (goal ≤ {GOAL_RSS_KB:.0f} KB: "
+            f"{'met' if rss <= GOAL_RSS_KB else 'MISSED'})"]
+
+
+def versus(target: Target, peer: Target) -> list[str]:
+    """xapid's figures beside the peer's, with the ratio (peer / xapid: how many times better xapid is)."""
+    def line(what: str, mine: float, theirs: float, unit: str) -> str:
+        ratio = f"{theirs / mine:.1f}x" if mine > 0 else "n/a"
+        return f"{what} ({target.name}): xapid {mine:.1f} {unit}, stdlib {theirs:.1f} {unit}, {ratio}"
+
+    n = target.watchers
+    return [line(f"event.from fan-out {n} watchers p{pct}", percentile(latencies_ms(target), pct),
+                 percentile(latencies_ms(peer), pct), "ms") for pct in (50, 99)] + [
+            line("RSS per blocked watcher", rss_per_watcher(target), rss_per_watcher(peer), "KiB")]
+
+
+def report(targets: list[Target]) -> None:
+    """One line per figure: details, the peer comparison, the goals."""
     peer = next((t for t in targets if t.name == "stdlib"), None)
-    n = args.watchers
+    mine = [t for t in targets if t is not peer]
     print()
     for target in targets:
-        ms = [v * 1000 for v in target.latencies]
-        per_watcher = (target.rss_armed - target.rss_sessions) / n
-        print(f"{target.name}: connect+arm {n} watchers {target.connect_seconds:.2f} s; RSS {target.rss_empty} KiB "
-              f"empty, +{(target.rss_sessions - target.rss_empty) / n:.1f} KiB per session, "
-              f"+{per_watcher:.1f} KiB per blocked watcher; set_name_label reply {median(target.change_replies) * 1000:.1f} ms; "
-              f"CPU per round {median(target.cpu) * 1000:.0f} ms; "
-              f"latency p50 {percentile(ms, 50):.1f} ms, p99 {percentile(ms, 99):.1f} ms, max {max(ms):.1f} ms "
-              f"({len(ms)} replies, {target.timeouts} event.from timeouts)")
+        print(detail(target))
     print()
-    for target in (t for t in targets if t is not peer):
-        ms = [v * 1000 for v in target.latencies]
-        p50, p99 = percentile(ms, 50), percentile(ms, 99)
-        per_watcher = (target.rss_armed - target.rss_sessions) / n
-        print(f"event.from fan-out {n} watchers ({target.name}): p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-              f"max {max(ms):.1f} ms (goal p99 ≤ {GOAL_P99_MS:.0f} ms: {'met' if p99 <= GOAL_P99_MS else 'MISSED'})"
-              + _versus(peer, p99, lambda t: percentile([v * 1000 for v in t.latencies], 99), "p99", "ms"))
-        print(f"daemon RSS per blocked watcher ({target.name}): {per_watcher:.1f} KiB "
-              f"(goal ≤ {GOAL_RSS_KB:.0f} KB: {'met' if per_watcher <= GOAL_RSS_KB else 'MISSED'})"
-              + _versus(peer, per_watcher, lambda t: (t.rss_armed - t.rss_sessions) / n, "", "KiB"))
-
-
-def _versus(peer: Target | None, mine: float, figure: Callable[[Target], float], what: str, unit: str) -> str:
-    if peer is None:
-        return ""
-    theirs = figure(peer)
-    ratio = f"{theirs / mine:.1f}x" if mine > 0 else "n/a"
-    return f"; stdlib {what + ' ' if what else ''}{theirs:.1f} {unit}, {ratio}"
+    for target in mine:
+        for line in (versus(target, peer) if peer else []) + goals(target):
+            print(line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -776,8 +829,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--watchers", type=int, default=1000, help="concurrent event.from watchers per server")
     parser.add_argument("--rounds", type=int, default=10, help="measured VM.set_name_label rounds per server")
-    parser.add_argument("--clients", type=int, default=min(4, os.cpu_count() or 1),
-                        help="load processes per server (1-4)")
+    parser.add_argument("--clients", type=int, default=max(1, min(4, (os.cpu_count() or 1) - 1)),
+                        help="load processes per server, 1-4 (default: one core per process, one left for "
+                             "the server)")
     parser.add_argument("--sessions", choices=("shared", "per-watcher", "both"), default="both",
                         help="xapid watchers on one shared session, a session each, or both (two daemons)")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip the stdlib threaded peer")
@@ -805,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             targets = start_targets(args, Path(tmp), deadline)
             measure(targets, args.rounds, deadline)
-            report(targets, args)
+            report(targets)
         except BenchmarkError as exc:
             print(f"event_watchers: {exc}", file=sys.stderr)
             return 1
