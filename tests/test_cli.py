@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import XenAPI
 
-from conftest import PASSWORD, ROOT, RealDaemon, vm_record
+from support import PASSWORD, ROOT, RealDaemon, vm_record
 from xapid.schema import SchemaError, load_schema
 from xapid.users import UsersFile
 

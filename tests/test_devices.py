@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import vm_record
+from support import vm_record
 
 GiB = 1 << 30
 
@@ -314,3 +314,16 @@ def test_devices_survive_restart(admin, env):
     again = env.login()
     assert again("VM.get_VBDs", vm) == [vbd] and again("VDI.get_VBDs", vdi) == [vbd]
     assert vdi in again("SR.get_VDIs", sr)
+
+
+def test_destroyed_sr_leaves_no_dangling_refs(admin, env, tmp_path):
+    """Refs to a destroyed SR elsewhere (VM.suspend_SR, host's SR fields) become OpaqueRef:NULL."""
+    sr = admin("SR.create", env.api.host_ref, {"location": str(tmp_path / "extra")}, "0", "extra", "", "file", "user",
+               False, {})
+    vm = admin("VM.create", vm_record(suspend_SR=sr))
+    admin("host.set_suspend_image_sr", env.api.host_ref, sr)
+    for pbd in admin("SR.get_PBDs", sr):
+        admin("PBD.unplug", pbd)
+    admin("SR.destroy", sr)
+    assert admin("VM.get_suspend_SR", vm) == "OpaqueRef:NULL"
+    assert admin("host.get_suspend_image_sr", env.api.host_ref) == "OpaqueRef:NULL"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PASSWORD, vm_record
+from support import PASSWORD, vm_record
 from xapid.errors import XenAPIError
 
 
@@ -62,7 +62,7 @@ def test_logout_invalidates(env, admin):
 
 def test_idle_expiry(tmp_path, clock):
     """A session idle past the timeout expires; activity keeps it alive."""
-    from conftest import ApiEnv
+    from support import ApiEnv
 
     env = ApiEnv(tmp_path, clock, session_idle_timeout=100.0)
     client = env.login()

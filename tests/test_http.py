@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PASSWORD, vm_record
+from support import PASSWORD, vm_record
 from xapid.schema import load_schema
 
 MAX_BODY = 8 << 20  # the default [limits] max_body_bytes

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PASSWORD, vm_record
+from support import PASSWORD, vm_record
 
 NPM_DIR = Path(__file__).resolve().parent / "npm"
 SCRIPT = "xen_api_check.mjs"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import XenAPI
 import pytest
 
-from conftest import PASSWORD, vm_record
+from support import PASSWORD, vm_record
 
 
 @pytest.fixture(scope="module")

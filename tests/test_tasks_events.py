@@ -8,7 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from conftest import ApiEnv, resolve, vm_record
+from support import ApiEnv, resolve, vm_record
 from xapid.errors import XenAPIError
 
 

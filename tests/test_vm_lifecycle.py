@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import vm_record
+from support import vm_record
 
 
 @pytest.fixture

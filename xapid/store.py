@@ -71,6 +71,7 @@ class Store:
         self._listeners: list[Callable[[Change], None]] = []
         self._derivers: dict[str, list[Deriver]] = {}
         self._txn_depth = 0
+        self._plain_refs: dict[str, list[tuple[str, str]]] = {}
         self.seq = 0
 
     # -- reading -------------------------------------------------------------------------
@@ -161,6 +162,10 @@ class Store:
             for member in list(obj.fields.get(set_field, ())):
                 if self.exists(member, other_cls) and self._objects[member].fields.get(ref_field) == ref:
                     self.update(member, {ref_field: NULL_REF})
+        for other_cls, ref_field in self._plain_refs_to(obj.cls):  # e.g. VM.suspend_SR, pool.default_SR
+            for other in list(self._by_class[other_cls].values()):
+                if other.fields.get(ref_field) == ref:
+                    self.update(other.ref, {ref_field: NULL_REF})
         del self._objects[ref]
         del self._by_class[obj.cls][ref]
         if "uuid" in obj.fields:
@@ -207,6 +212,17 @@ class Store:
     def _mirrored_sets(self, cls: str) -> list[tuple[str, tuple[str, str]]]:
         spec = self.schema.classes[cls]
         return [(f.name, f.inverse) for f in spec.fields.values() if f.inverse]
+
+    def _plain_refs_to(self, cls: str) -> list[tuple[str, str]]:
+        """Ref fields of type ``cls ref`` that no set mirrors (found by scanning on delete)."""
+        cached = self._plain_refs.get(cls)
+        if cached is None:
+            mirrored = {inverse for spec in self.schema.classes.values() for f in spec.fields.values()
+                        if (inverse := f.inverse) is not None}
+            cached = self._plain_refs[cls] = [
+                (spec.name, f.name) for spec in self.schema.classes.values() for f in spec.fields.values()
+                if f.type.kind == "ref" and f.type.name == cls and (spec.name, f.name) not in mirrored]
+        return cached
 
     def _index(self, obj: Obj) -> None:
         self._objects[obj.ref] = obj

@@ -1,0 +1,168 @@
+"""Test support: an in-process API on the sim driver with a fake clock, a real daemon, record builders."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from xapid.config import ApiConfig, Config, ServerConfig
+from xapid.dispatch import Dispatcher
+from xapid.errors import XenAPIError
+from xapid.objects import collect_handlers
+from xapid.runner import InlineRunner
+from xapid.server import build_api
+from xapid.users import UsersFile
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "s3cret pass"
+USERS = {"admin": "pool-admin", "reader": "read-only", "operator": "vm-operator", "vmadmin": "vm-admin"}
+
+
+def make_users(path: Path) -> None:
+    users = UsersFile(path, rounds=4)
+    users.load()
+    for name, role in USERS.items():
+        users.add(name, role, PASSWORD)
+
+
+def resolve(d: Deferred, clock: Clock) -> Any:
+    """The result of an already (or soon, on the fake clock) fired Deferred; raises its failure."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    for _ in range(1000):
+        if box:
+            break
+        clock.advance(1)
+    assert box, "the call never finished"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+class LocalClient:
+    """Calls the dispatcher in-process the way a wire client would (session first)."""
+
+    def __init__(self, env: "ApiEnv", session: str):
+        self.env = env
+        self.session = session
+
+    def __call__(self, method: str, *args: Any) -> Any:
+        return self.env.raw(method, [self.session, *args])
+
+    def fails(self, method: str, *args: Any) -> list[str]:
+        with pytest.raises(XenAPIError) as info:
+            self(method, *args)
+        return info.value.description
+
+
+class ApiEnv:
+    def __init__(self, tmp_path: Path, clock: Clock, **api_config: Any):
+        self.tmp_path = tmp_path
+        self.clock = clock
+        users = tmp_path / "users"
+        if not users.exists():
+            make_users(users)
+        self.config = Config(
+            server=ServerConfig(state_dir=str(tmp_path / "state"), users=str(users)),
+            api=replace(ApiConfig(auth_failure_delay=0.0), **api_config),
+        )
+        self.start()
+
+    def start(self) -> None:
+        runner = InlineRunner()
+        self.api = resolve(Deferred.fromCoroutine(build_api(self.config, self.clock, runner, runner)), self.clock)
+        self.dispatcher = Dispatcher(self.api, collect_handlers())
+
+    def restart(self) -> None:
+        """Close and reopen on the same state dir, as a daemon restart does."""
+        self.api.hypervisor.driver.close()
+        self.api.database.close()
+        self.start()
+
+    def raw(self, method: str, params: list[Any]) -> Any:
+        value = resolve(self.dispatcher.call(method, params), self.clock)
+        return value.value if hasattr(value, "value") and hasattr(value, "encoded") else _plain(value)
+
+    def login(self, user: str = "admin", password: str = PASSWORD) -> LocalClient:
+        return LocalClient(self, self.raw("session.login_with_password", [user, password]))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (v.value if hasattr(v, "encoded") else _plain(v)) for k, v in value.items()}
+    return value
+
+
+def vm_record(**overrides: Any) -> dict[str, Any]:
+    """A VM.create record with every field xapi requires (a small PV guest)."""
+    record: dict[str, Any] = {
+        "name_label": "test-vm", "name_description": "", "user_version": "1", "is_a_template": False,
+        "affinity": "OpaqueRef:NULL", "memory_static_max": str(512 << 20), "memory_dynamic_max": str(512 << 20),
+        "memory_dynamic_min": str(256 << 20), "memory_static_min": str(128 << 20), "VCPUs_params": {},
+        "VCPUs_max": "2", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
+        "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "",
+        "PV_kernel": "/boot/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
+        "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "", "HVM_boot_params": {},
+        "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": "",
+    }
+    record.update(overrides)
+    return record
+
+
+# -- a real daemon, started as a user would ----------------------------------------------------
+
+
+class RealDaemon:
+    def __init__(self, tmp: Path, extra: list[str] | None = None):
+        self.tmp = tmp
+        self.users = tmp / "users"
+        make_users(self.users)
+        self.state = tmp / "state"
+        self.log = tmp / "daemon.log"
+        config = tmp / "xapid.conf"
+        config.write_text("[api]\nauth_failure_delay = 0.2\n[server]\nthreads = 4\n")
+        self.args = [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir", str(self.state),
+                     "--users", str(self.users), "--listen", "tcp:0:interface=127.0.0.1", *(extra or [])]
+        self.start()
+
+    def start(self) -> None:
+        self.starts = getattr(self, "starts", 0) + 1
+        self.logfile = open(self.log, "a")
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.logfile, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            found = re.findall(r"listening on 127\.0\.0\.1:(\d+)", text)
+            if len(found) >= self.starts:
+                self.port = int(found[-1])
+                self.url = f"http://127.0.0.1:{self.port}/"
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {text}")
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"daemon did not start: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
