@@ -57,7 +57,9 @@ def make_driver(config: Config, reactor: Any) -> IBackend:
         return SimBackend(Path(config.server.state_dir) / "sim", reactor.seconds, cpus=sim.cpus,
                           memory=sim.memory_mib << 20, dom0_memory=sim.dom0_memory_mib << 20,
                           dom0_vcpus=sim.dom0_vcpus, hostname=sim.hostname)
-    raise StartupError(f"the {config.server.backend} backend is not yet available in this build (use --backend sim)")
+    from xapid.backend.xen.driver import XenBackend
+
+    return XenBackend(Path(config.server.state_dir) / "xen", reactor.seconds)
 
 
 def _prepare_state_dir(path: Path) -> None:
