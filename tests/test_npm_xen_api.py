@@ -2,7 +2,8 @@
 
 The connector is installed with npm into a temp dir once per module (node_modules is never kept in
 the tree); ``tests/npm/xen_api_check.mjs`` connects, calls, disconnects and prints one JSON line.
-No node, npm or registry is a failure, not a skip.  Nothing here depends on event watching.
+No node, npm or registry is a failure, not a skip.  One test per transport also watches events:
+the object cache, a VM started elsewhere seen within a second, and callAsync through task events.
 """
 
 from __future__ import annotations
@@ -136,3 +137,40 @@ def test_xen_api_connector(xen_api, daemon, transport):
     assert created["memory_static_max"] == as_int(512 << 20) and created["is_a_template"] is False
     assert created["destroyed"] is True
     assert set(truth(daemon)["vms"]) == set(expected["vms"])
+
+
+@pytest.mark.parametrize("transport", ["auto", "xml-rpc"])
+def test_connector_watches_events(xen_api, daemon, transport):
+    """The connector caches every VM, sees a VM started through the SDK within a second through
+    event.from, and callAsync('VM.clean_shutdown') resolves through task events."""
+    import XenAPI
+
+    shutil.copy(NPM_DIR / "xen_api_watch.mjs", xen_api)
+    sdk = XenAPI.Session(daemon.url)
+    sdk.login_with_password("admin", PASSWORD)
+    vm = sdk.xenapi.VM.create(vm_record(name_label=f"watched-{transport}"))
+    uuid = sdk.xenapi.VM.get_uuid(vm)
+    proc = subprocess.Popen(["node", "xen_api_watch.mjs", daemon.url, "admin", PASSWORD, transport, uuid],
+                            cwd=xen_api, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fetched = json.loads(proc.stdout.readline())
+        assert fetched["stage"] == "fetched", fetched
+        assert uuid in [v["uuid"] for v in fetched["vms"]]
+        assert {"VM", "VM_metrics", "host", "host_cpu", "pool", "SR", "PBD", "network", "PIF"} <= set(fetched["types"])
+        sdk.xenapi.VM.start(vm, False, False)
+        started = time.time()
+        seen = json.loads(proc.stdout.readline())
+        assert seen["stage"] == "running", seen
+        assert seen["at"] / 1000 - started < 1.0
+        stopped = json.loads(proc.stdout.readline())
+        assert stopped["stage"] == "stopped", stopped
+        assert any(t["name_label"] == "Async.VM.clean_shutdown" and t["status"] == "success"
+                   for t in stopped["tasks"]), stopped["tasks"]
+        assert proc.wait(NODE_TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert sdk.xenapi.VM.get_power_state(vm) == "Halted"
+    assert not [t for t in sdk.xenapi.task.get_all_records().values() if t["name_label"] == "Async.VM.clean_shutdown"]
+    sdk.xenapi.VM.destroy(vm)
