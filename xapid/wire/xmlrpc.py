@@ -133,15 +133,16 @@ def decode_call(body: bytes, limits: Limits) -> tuple[str, list[Any]]:
         root = etree.fromstring(body, _PARSER)
     except etree.XMLSyntaxError as exc:
         raise WireError(f"not well-formed XML: {exc}") from None
-    if root.getroottree().docinfo.doctype:  # e.g. a DTD in a UTF-16 body the byte check missed
+    if b"\x00" in body and root.getroottree().docinfo.doctype:  # a DTD in UTF-16/32 the byte check missed
         raise WireError("document type declarations are not accepted")
     if root.tag != "methodCall":
         raise WireError(f"expected <methodCall>, got <{root.tag}>")
-    count = 0
-    for _ in root.iter():
-        count += 1
-        if count > limits.max_elements:
-            raise WireError(f"more than {limits.max_elements} XML elements")
+    if len(body) > 4 * limits.max_elements:  # an element takes at least 4 bytes: small bodies cannot exceed
+        count = 0
+        for _ in root.iter():
+            count += 1
+            if count > limits.max_elements:
+                raise WireError(f"more than {limits.max_elements} XML elements")
     name = root.find("methodName")
     if name is None or not (name.text or "").strip():
         raise WireError("methodCall without methodName")
