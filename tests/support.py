@@ -125,14 +125,14 @@ def vm_record(**overrides: Any) -> dict[str, Any]:
 
 
 class RealDaemon:
-    def __init__(self, tmp: Path, extra: list[str] | None = None):
+    def __init__(self, tmp: Path, extra: list[str] | None = None, config: str = ""):
         self.tmp = tmp
         self.users = tmp / "users"
         make_users(self.users)
         self.state = tmp / "state"
         self.log = tmp / "daemon.log"
-        config = tmp / "xapid.conf"
-        config.write_text("[api]\nauth_failure_delay = 0.2\n[server]\nthreads = 4\n")
+        config_text, config = config, tmp / "xapid.conf"  # *config*: more INI text for the config file
+        config.write_text("[api]\nauth_failure_delay = 0.2\n[server]\nthreads = 4\n" + config_text)
         self.args = [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir", str(self.state),
                      "--users", str(self.users), "--listen", "tcp:0:interface=127.0.0.1", *(extra or [])]
         self.start()

@@ -449,3 +449,19 @@ def test_memory_per_source_is_constant():
     table.advance(5 * 2000 + 30 * DAY)  # a month-long gap is written in bounded time and space
     assert table.nbytes() == size
     assert np.isnan(table.fetch([("vm:0", "cpu0")], start=-7 * DAY).values).all()
+
+
+def test_latest_and_rebase():
+    """latest() is last() for many slots; rebase() makes a DERIVE slot's next update a new baseline."""
+    table = RRDTable(start=0)
+    a = table.ensure(VM, "cpu0", "DERIVE")
+    b = table.ensure(VM, "memory", "GAUGE")
+    idx = np.array([a, b])
+    table.update_indexed(5, idx, np.array([10.0, 7.0]))
+    table.update_indexed(10, idx, np.array([15.0, 7.0]))
+    assert table.latest(idx).tolist() == [table.last(VM, "cpu0"), table.last(VM, "memory")] == [1.0, 7.0]
+    table.rebase(np.array([a]))
+    table.update_indexed(15, idx, np.array([100.0, 8.0]))  # a counter that restarted higher: no bogus rate
+    assert math.isnan(table.last(VM, "cpu0"))
+    table.update_indexed(20, idx, np.array([105.0, 8.0]))
+    assert table.latest(idx).tolist() == [1.0, 8.0]

@@ -31,6 +31,7 @@ class Api:
     public_url: str = "http://127.0.0.1"  # where this daemon is reached (consoles' location)
     tasks: Any = None  # xapid.tasks.TaskManager
     events: Any = None  # xapid.events.EventHub
+    stats: Any = None  # xapid.stats.sampler.Sampler
 
     @property
     def disk_format(self) -> str:

@@ -63,12 +63,19 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class StatsConfig:
+    period: float = 5.0
+    save_interval: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     source: str = "<defaults>"
 
 
@@ -76,7 +83,7 @@ BACKENDS = ("sim", "xen")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 DISK_FORMATS = ("raw", "qcow2")
 _POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
-             "max_depth", "max_elements", "cpus", "memory_mib", "dom0_memory_mib", "dom0_vcpus"}
+             "max_depth", "max_elements", "cpus", "memory_mib", "dom0_memory_mib", "dom0_vcpus", "save_interval"}
 
 
 def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any:
@@ -106,6 +113,8 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
             raise ConfigError(f"{problem}: must not be empty")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")
+    if key == "period" and section == "stats" and value < 1:
+        raise ConfigError(f"{problem}: must be at least 1 (seconds), got {text!r}")
     if key in ("auth_failure_delay",) and value < 0:
         raise ConfigError(f"{problem}: must not be negative, got {text!r}")
     if key == "backend" and value not in BACKENDS:

@@ -32,6 +32,8 @@ from xapid.objects.vm_ops import derive as derive_vm
 from xapid.runner import Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
+from xapid.stats.rrd import RRDTable
+from xapid.stats.sampler import RRD_FILE, Sampler
 from xapid.storage import have_qemu_img
 from xapid.store import Committer, Database, Store
 from xapid.tasks import TaskManager
@@ -119,7 +121,22 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     api.tasks = TaskManager(store, reactor, lambda: api.host_ref, config.api.task_ttl)
     api.events = EventHub(store, reactor, tombstones=config.api.event_history,
                           queue_size=config.api.event_queue_size)
+    api.stats = _build_sampler(config, api, runner)
     return api
+
+
+def _build_sampler(config: Config, api: Api, runner: Runner) -> Sampler:
+    """The metrics sampler, its archives restored from the state dir (not started: Daemon.start does)."""
+    path = api.state_dir / RRD_FILE
+    existed = path.exists()
+    table, warning = RRDTable.load(path, now=api.reactor.seconds())
+    if warning and existed:
+        log.warn("{warning}", warning=warning)
+    elif warning:
+        log.info("{warning}", warning=warning)
+    period = config.stats.period
+    return Sampler(api.hypervisor, api.store, table, api.reactor, period, host_ref=lambda: api.host_ref,
+                   save_path=path, runner=runner, save_every=max(1, round(config.stats.save_interval / period)))
 
 
 def _endpoint(reactor: Any, description: str) -> Any:
@@ -173,6 +190,7 @@ class Daemon(MultiService):
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
         self._publish_url()
+        self.api.stats.start()
         sweeper = LoopingCall(self._housekeeping)
         sweeper.clock = reactor
         sweeper.start(SWEEP_INTERVAL, now=False)
@@ -227,6 +245,11 @@ class Daemon(MultiService):
             await port.stopListening()
         self.ports = []
         if self.api is not None:
+            if self.api.stats is not None:
+                try:
+                    await self.api.stats.stop()
+                except Exception:  # noqa: BLE001
+                    log.failure("saving the metrics archives failed")
             try:
                 await self.api.store.flush()
             except Exception:  # noqa: BLE001

@@ -139,14 +139,52 @@ class DomainInfo:
 
 
 @dataclass(frozen=True)
+class DiskCounters:
+    """Cumulative I/O of one disk of a domain (reset when the domain is rebuilt)."""
+
+    uuid: str  # the domain handle (VM uuid)
+    device: str  # guest device name, e.g. "xvda"
+    read_bytes: int
+    write_bytes: int
+    read_reqs: int
+    write_reqs: int
+
+
+@dataclass(frozen=True)
+class NicCounters:
+    """Cumulative traffic of one network card of a domain, seen from the guest (reset on rebuild)."""
+
+    uuid: str  # the domain handle (VM uuid)
+    devid: int
+    rx_bytes: int
+    tx_bytes: int
+
+
+@dataclass(frozen=True)
+class PifCounters:
+    """Cumulative traffic of one physical network interface of the host."""
+
+    device: str  # e.g. "eth0"
+    rx_bytes: int
+    tx_bytes: int
+
+
+@dataclass(frozen=True)
 class Counters:
-    """One batch of raw counters for the metrics sampler, read in a single call."""
+    """One batch of raw counters for the metrics sampler, read in a single call.
+
+    Every counter is cumulative; a counter may go back to zero (domain rebuilt) or wrap, which
+    the sampler treats as one unknown step.
+    """
 
     timestamp: float
     domains: tuple[DomainInfo, ...]
     pcpus: tuple[PhysicalCPU, ...]
     free_memory: int
     total_memory: int
+    disks: tuple[DiskCounters, ...] = ()
+    nics: tuple[NicCounters, ...] = ()
+    pifs: tuple[PifCounters, ...] = ()
 
 
 class BackendError(Exception):
@@ -279,4 +317,4 @@ class IBackend(Interface):
         """Hot-unplug a network card from a running domain."""
 
     def read_counters() -> Counters:
-        """One batch of raw counters for every domain and physical CPU."""
+        """One batch of raw counters: every domain, physical CPU, domain disk and nic, and PIF."""

@@ -11,10 +11,17 @@ Models, all documented where they are computed:
   ``memory_actual`` (always equal to its target) plus its overhead;
 * CPU time: each online vCPU of a running domain runs ``load`` of the time;
 * physical CPU idle time: time since the simulated host booted minus the CPU time ever
-  consumed by domains, spread evenly over the physical CPUs.
+  consumed by domains, spread evenly over the physical CPUs;
+* disk and network I/O (:data:`IO_RATES`): while a domain runs, each of its disks reads and
+  writes, and each of its network cards receives and sends, at a rate proportional to its
+  ``load`` (or at the rate fixed by :meth:`SimBackend.set_io`); requests are
+  :data:`IO_REQUEST_SIZE` bytes each.  Device counters restart from zero when the domain is
+  rebuilt (reboot, resume) or the device is hot-plugged again;
+* physical NICs: every PIF carries :data:`PIF_BASE_RATE` B/s each way; the first one also
+  carries every guest's traffic (all that domains ever sent and received on this host).
 
 Sim-only helpers for tests: :meth:`SimBackend.devices`, :meth:`SimBackend.set_load`,
-:meth:`SimBackend.inject_fault`, :meth:`SimBackend.clear_faults`.
+:meth:`SimBackend.set_io`, :meth:`SimBackend.inject_fault`, :meth:`SimBackend.clear_faults`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import re
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from zope.interface import implementer
@@ -37,6 +44,7 @@ from xapid.backend.interface import (
     BackendError,
     BadDomainState,
     Counters,
+    DiskCounters,
     DiskSpec,
     DomainInfo,
     DomainSpec,
@@ -45,10 +53,12 @@ from xapid.backend.interface import (
     HypervisorUnavailable,
     IBackend,
     InvalidSpec,
+    NicCounters,
     NicSpec,
     NoSuchDomain,
     NotEnoughMemory,
     PhysicalCPU,
+    PifCounters,
     ShutdownTimeout,
 )
 
@@ -68,6 +78,10 @@ MAX_HVM_DISKS = 4
 MAX_NICS = 7
 GUEST_LOAD = 0.1
 DOM0_LOAD = 0.05
+#: Bytes per second of each device at load 1.0 (scaled by the domain's load unless set_io fixes it).
+IO_RATES = {"disk_read": 4 * MiB, "disk_write": 2 * MiB, "net_rx": 1 * MiB, "net_tx": 512 * 1024}
+IO_REQUEST_SIZE = 64 * 1024  # bytes per simulated disk request
+PIF_BASE_RATE = 1000  # B/s of host traffic on every PIF, each way
 NO_PV_DRIVERS = ["sim-no-pv-drivers", "true"]  # platform entry: the guest ignores requests
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
 
@@ -173,6 +187,28 @@ class _Domain:
     spec: dict[str, Any] | None  # None for dom0
     disks: list[dict[str, Any]]
     nics: list[dict[str, Any]]
+    io: dict[str, float] = field(default_factory=dict)  # set_io overrides of IO_RATES (B/s per device)
+    io_acc: dict[str, list[int]] = field(default_factory=dict)  # "vbd:<dev>"/"vif:<devid>" → bytes up to `since`
+
+    def io_rate(self, kind: str) -> float:
+        """Bytes per second of one device for *kind* (a key of IO_RATES) while running."""
+        return self.io[kind] if kind in self.io else self.load * IO_RATES[kind]
+
+    def io_counters(self, now: float) -> dict[str, list[int]]:
+        """Cumulative bytes of every current device at *now*: ``{"vbd:xvda": [read, write], "vif:0": [rx, tx]}``."""
+        dt = max(0.0, now - self.since) if self.state == "running" else 0.0
+        out: dict[str, list[int]] = {}
+        for key, kinds in [*((f"vbd:{d['device']}", ("disk_read", "disk_write")) for d in self.disks),
+                           *((f"vif:{n['devid']}", ("net_rx", "net_tx")) for n in self.nics)]:
+            base = self.io_acc.get(key, [0, 0])
+            out[key] = [base[i] + round(self.io_rate(k) * dt) for i, k in enumerate(kinds)]
+        return out
+
+    def net_totals(self, now: float) -> tuple[int, int]:
+        """Bytes received and sent by all the domain's network cards (current devices only)."""
+        counters = self.io_counters(now)
+        vifs = [v for k, v in counters.items() if k.startswith("vif:")]
+        return sum(v[0] for v in vifs), sum(v[1] for v in vifs)
 
     def vcpu_times(self, now: float) -> list[int]:
         """Cumulative time of every possible vCPU at *now*."""
@@ -188,6 +224,7 @@ class _Domain:
     def checkpoint(self, now: float) -> None:
         """Fold the time run so far into the accumulators (before a rate changes)."""
         self.vcpu_time_ns = self.vcpu_times(now)
+        self.io_acc = self.io_counters(now)
         self.since = now
 
     def usage(self) -> int:
@@ -229,6 +266,7 @@ class _State:
     next_domid: int
     retired_busy_ns: int  # CPU time consumed by domains that no longer exist
     domains: dict[str, _Domain]  # by uuid
+    retired_net: list[int] = field(default_factory=lambda: [0, 0])  # guest rx/tx bytes of gone domains/devices
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -236,6 +274,7 @@ class _State:
             "boot_time": self.boot_time,
             "next_domid": self.next_domid,
             "retired_busy_ns": self.retired_busy_ns,
+            "retired_net": list(self.retired_net),
             "domains": [asdict(d) for d in self.ordered()],
         }
 
@@ -249,6 +288,7 @@ class _State:
             next_domid=int(data["next_domid"]),
             retired_busy_ns=int(data["retired_busy_ns"]),
             domains={d.uuid: d for d in domains},
+            retired_net=[int(x) for x in data.get("retired_net", [0, 0])],
         )
 
     def ordered(self) -> list[_Domain]:
@@ -266,7 +306,23 @@ class _State:
 
     def remove(self, dom: _Domain, now: float) -> None:
         self.retired_busy_ns += dom.cpu_time(now) - dom.cpu_base_ns
+        self.retire_net(dom, now)
         del self.domains[dom.uuid]
+
+    def retire_net(self, dom: _Domain, now: float, devid: int | None = None) -> None:
+        """Keep the traffic of a domain's nics (or of one nic) that is about to disappear."""
+        for key, (rx, tx) in dom.io_counters(now).items():
+            if key.startswith("vif:") and (devid is None or key == f"vif:{devid}"):
+                self.retired_net[0] += rx
+                self.retired_net[1] += tx
+
+    def net_totals(self, now: float) -> tuple[int, int]:
+        """Bytes every guest ever received and sent on this host."""
+        rx, tx = self.retired_net
+        for dom in self.domains.values():
+            drx, dtx = dom.net_totals(now)
+            rx, tx = rx + drx, tx + dtx
+        return rx, tx
 
 
 @implementer(IBackend)
@@ -496,13 +552,32 @@ class SimBackend:
         """One consistent batch of counters at a single clock reading."""
         with self._operation("read_counters") as state:
             now = self._clock()
+            disks: list[DiskCounters] = []
+            nics: list[NicCounters] = []
+            for dom in state.ordered():
+                for key, (a, b) in dom.io_counters(now).items():
+                    kind, name = key.split(":", 1)
+                    if kind == "vbd":
+                        disks.append(DiskCounters(dom.uuid, name, a, b, a // IO_REQUEST_SIZE, b // IO_REQUEST_SIZE))
+                    else:
+                        nics.append(NicCounters(dom.uuid, int(name), a, b))
             return Counters(
                 timestamp=now,
                 domains=tuple(d.info(now, self._cpus) for d in state.ordered()),
                 pcpus=tuple(self._pcpus(state, now)),
                 free_memory=self._free(state),
                 total_memory=self._memory,
+                disks=tuple(disks),
+                nics=tuple(nics),
+                pifs=tuple(self._pifs(state, now)),
             )
+
+    def _pifs(self, state: _State, now: float) -> list[PifCounters]:
+        """Every PIF: a base rate each way since boot; eth0 also carries all guest traffic."""
+        base = round(max(0.0, now - state.boot_time) * PIF_BASE_RATE)
+        rx, tx = state.net_totals(now)
+        return [PifCounters(f"eth{i}", base + (rx if i == 0 else 0), base + (tx if i == 0 else 0))
+                for i in range(self.nics)]
 
     def _free(self, state: _State) -> int:
         used = sum(d.usage() for d in state.domains.values())
@@ -552,6 +627,24 @@ class SimBackend:
             dom = self._lookup(state, uuid)
             dom.checkpoint(self._clock())
             dom.load = float(load)
+
+    def set_io(self, uuid: str, **rates: float | None) -> None:
+        """Sim only: fix the I/O rate (B/s per device) of a domain's devices.
+
+        Keys: ``disk_read``, ``disk_write``, ``net_rx``, ``net_tx``; a value of None goes back to the
+        load-proportional default (:data:`IO_RATES` × load).
+        """
+        for kind, rate in rates.items():
+            if kind not in IO_RATES or (rate is not None and rate < 0):
+                raise ValueError(f"bad I/O rate {kind}={rate!r}")
+        with self._operation("set_io") as state:
+            dom = self._lookup(state, uuid)
+            dom.checkpoint(self._clock())
+            for kind, rate in rates.items():
+                if rate is None:
+                    dom.io.pop(kind, None)
+                else:
+                    dom.io[kind] = float(rate)
 
     def create_domain(self, spec: DomainSpec, paused: bool) -> DomainInfo:
         """Build a domain from *spec*, paused or running."""
@@ -674,6 +767,8 @@ class SimBackend:
             if any(d["device"] == disk.device for d in dom.disks):
                 raise InvalidSpec(f"domain {dom.domid} already has a disk {disk.device}")
             _check_limits(dom.domain_type, len(dom.disks) + 1, 0)
+            dom.checkpoint(self._clock())
+            dom.io_acc.pop(f"vbd:{disk.device}", None)
             dom.disks.append(asdict(disk))
 
     def detach_disk(self, uuid: str, device: str) -> None:
@@ -683,6 +778,8 @@ class SimBackend:
             kept = [d for d in dom.disks if d["device"] != device]
             if len(kept) == len(dom.disks):
                 raise InvalidSpec(f"domain {dom.domid} has no disk {device}")
+            dom.checkpoint(self._clock())
+            dom.io_acc.pop(f"vbd:{device}", None)
             dom.disks = kept
 
     def attach_nic(self, uuid: str, nic: NicSpec) -> None:
@@ -693,6 +790,8 @@ class SimBackend:
             if any(n["devid"] == nic.devid for n in dom.nics):
                 raise InvalidSpec(f"domain {dom.domid} already has a nic {nic.devid}")
             _check_limits(dom.domain_type, 0, len(dom.nics) + 1)
+            dom.checkpoint(self._clock())
+            dom.io_acc.pop(f"vif:{nic.devid}", None)
             dom.nics.append(asdict(nic))
 
     def detach_nic(self, uuid: str, devid: int) -> None:
@@ -702,6 +801,10 @@ class SimBackend:
             kept = [n for n in dom.nics if n["devid"] != devid]
             if len(kept) == len(dom.nics):
                 raise InvalidSpec(f"domain {dom.domid} has no nic {devid}")
+            now = self._clock()
+            dom.checkpoint(now)
+            state.retire_net(dom, now, devid)
+            dom.io_acc.pop(f"vif:{devid}", None)
             dom.nics = kept
 
     # -- helpers -----------------------------------------------------------------------
@@ -773,6 +876,7 @@ class SimBackend:
         dom.domid = state.take_domid()
         dom.state = "running"
         dom.vcpu_time_ns = [0] * dom.vcpus_max
+        dom.io_acc = {}
         dom.cpu_base_ns = 0
         dom.since = now
         dom.start_time = now

@@ -518,6 +518,19 @@ class RRDTable:
         _, pos = self._archive_rows(0, 1)
         return float(self._rings[0][0].data[pos[0], s])
 
+    def latest(self, idx: np.ndarray) -> np.ndarray:
+        """The last PDP of each slot in *idx* (NaN when unknown or never updated); vectorised :meth:`last`."""
+        if self.last_update is None:
+            return np.full(len(idx), _NAN)
+        _, pos = self._archive_rows(0, 1)
+        return self._rings[0][0].data[pos[0], idx].copy()
+
+    def rebase(self, idx: np.ndarray) -> None:
+        """Forget the DERIVE baseline of the slots *idx* (their counters restarted, e.g. a rebuilt
+        domain): their next update only records the new baseline and yields one unknown step."""
+        self._last_raw[idx] = _NAN
+        self._last_time[idx] = _NAN
+
     def average(self, keys: Sequence[tuple[str, str]], window: float, cf: str = "AVERAGE") -> np.ndarray:
         """The "cooked" statistic: each source consolidated over the last *window* seconds.
 

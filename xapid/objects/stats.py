@@ -1,0 +1,129 @@
+"""Data sources (xapi's ``get_data_sources`` family on VM and host) and xapid's cooked statistics
+calls (``host.query_stats``, ``host.top_VMs``), served from the metrics engine (``ctx.api.stats``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xapid.errors import XenAPIError
+from xapid.objects import message
+from xapid.stats.rrd import CFS, STEP
+
+MIN_WINDOW = float(STEP)
+
+
+def _owner(ctx: Any, ref: str, cls: str) -> str:
+    return f"{cls.lower()}:{ctx.store.get(ref, cls).fields['uuid']}"
+
+
+def _known(ctx: Any, owner: str, name: str) -> None:
+    if not isinstance(name, str) or not ctx.api.stats.has(owner, name):
+        raise XenAPIError("INVALID_VALUE", "data_source", str(name))
+
+
+def _get_data_sources(ctx: Any, ref: str, cls: str) -> list[dict[str, Any]]:
+    return ctx.api.stats.data_sources(_owner(ctx, ref, cls))
+
+
+def _query(ctx: Any, ref: str, cls: str, name: str) -> float:
+    owner = _owner(ctx, ref, cls)
+    _known(ctx, owner, name)
+    return ctx.api.stats.value(owner, name)
+
+
+def _record(ctx: Any, ref: str, cls: str, name: str) -> str:
+    _known(ctx, _owner(ctx, ref, cls), name)  # every known source is archived already
+    return ""
+
+
+def _forget(ctx: Any, ref: str, cls: str, name: str) -> str:
+    owner = _owner(ctx, ref, cls)
+    _known(ctx, owner, name)
+    ctx.api.stats.forget(owner, name)
+    return ""
+
+
+@message("VM.get_data_sources")
+def vm_get_data_sources(ctx: Any, vm: str) -> list[dict[str, Any]]:
+    """Every data source of the VM (archived while it has a domain; kept across reboots)."""
+    return _get_data_sources(ctx, vm, "VM")
+
+
+@message("VM.query_data_source")
+def vm_query_data_source(ctx: Any, vm: str, data_source: str) -> float:
+    return _query(ctx, vm, "VM", data_source)
+
+
+@message("VM.record_data_source")
+def vm_record_data_source(ctx: Any, vm: str, data_source: str) -> str:
+    return _record(ctx, vm, "VM", data_source)
+
+
+@message("VM.forget_data_source_archives")
+def vm_forget_data_source_archives(ctx: Any, vm: str, data_source: str) -> str:
+    return _forget(ctx, vm, "VM", data_source)
+
+
+@message("host.get_data_sources")
+def host_get_data_sources(ctx: Any, host: str) -> list[dict[str, Any]]:
+    return _get_data_sources(ctx, host, "host")
+
+
+@message("host.query_data_source")
+def host_query_data_source(ctx: Any, host: str, data_source: str) -> float:
+    return _query(ctx, host, "host", data_source)
+
+
+@message("host.record_data_source")
+def host_record_data_source(ctx: Any, host: str, data_source: str) -> str:
+    return _record(ctx, host, "host", data_source)
+
+
+@message("host.forget_data_source_archives")
+def host_forget_data_source_archives(ctx: Any, host: str, data_source: str) -> str:
+    return _forget(ctx, host, "host", data_source)
+
+
+def _check_window_cf(window: float, cf: str) -> str:
+    if not window >= MIN_WINDOW:  # also refuses NaN
+        raise XenAPIError("INVALID_VALUE", "window", repr(window))
+    if not isinstance(cf, str) or cf.upper() not in CFS:
+        raise XenAPIError("INVALID_VALUE", "cf", str(cf))
+    return cf.upper()
+
+
+@message("host.query_stats")
+def query_stats(ctx: Any, host: str, sources: list[str], window: float, cf: str) -> dict[str, float]:
+    """The cooked call: every source matching the patterns, consolidated over the window."""
+    ctx.store.get(host, "host")
+    cf = _check_window_cf(window, cf)
+    stats = ctx.api.stats
+    keys: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for pattern in sources:
+        try:
+            matched = stats.select(pattern)
+        except ValueError:
+            raise XenAPIError("INVALID_VALUE", "sources", pattern) from None
+        for key in matched:
+            if key not in seen:
+                seen.add(key)
+                keys.append(key)
+    return stats.cooked(keys, window, cf)
+
+
+@message("host.top_VMs")
+def top_vms(ctx: Any, host: str, source: str, window: float, cf: str, n: int) -> dict[str, float]:
+    """The *n* VMs with the largest consolidated value of *source* (matching sources of a VM summed)."""
+    ctx.store.get(host, "host")
+    cf = _check_window_cf(window, cf)
+    if n < 0:
+        raise XenAPIError("INVALID_VALUE", "n", str(n))
+    if not source or ":" in source:
+        raise XenAPIError("INVALID_VALUE", "source", source)
+    per_vm: dict[str, float] = {}
+    for key, value in ctx.api.stats.cooked(ctx.api.stats.select(f"vm:*:{source}"), window, cf).items():
+        uuid = key.split(":")[1]
+        per_vm[uuid] = per_vm.get(uuid, 0.0) + value
+    ranked = sorted(per_vm.items(), key=lambda item: (-item[1], item[0]))[:n]
+    return dict(ranked)
