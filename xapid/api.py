@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from twisted.internet.task import deferLater
+
 from xapid.backend.proxy import Hypervisor
 from xapid.schema import Schema
 from xapid.sessions import SessionManager
@@ -47,6 +49,4 @@ class Api:
 
     def sleep(self, seconds: float) -> Any:
         """A Deferred firing after *seconds* on the injected reactor."""
-        from twisted.internet.task import deferLater
-
         return deferLater(self.reactor, seconds, lambda: None)
