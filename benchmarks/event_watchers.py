@@ -52,6 +52,9 @@ from pathlib import Path
 from typing import Any, Callable
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support import vm_record  # noqa: E402 - the same valid VM.create record the tests use
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 USER, PASSWORD = "bench", "bench password"
@@ -223,20 +226,6 @@ class Rpc:
 
 
 # -- servers ---------------------------------------------------------------------------------------
-
-
-def vm_record(name: str) -> dict[str, Any]:
-    """A VM.create record with every field xapi requires (a small PV guest), as tests/conftest.py has it."""
-    return {
-        "name_label": name, "name_description": "", "user_version": "1", "is_a_template": False,
-        "affinity": "OpaqueRef:NULL", "memory_static_max": str(512 << 20), "memory_dynamic_max": str(512 << 20),
-        "memory_dynamic_min": str(256 << 20), "memory_static_min": str(128 << 20), "VCPUs_params": {},
-        "VCPUs_max": "2", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
-        "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "",
-        "PV_kernel": "/boot/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
-        "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "", "HVM_boot_params": {},
-        "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": "",
-    }
 
 
 class ServerProcess:
@@ -735,7 +724,7 @@ def xapid_target(name: str, server: ServerProcess, watchers: int) -> Target:
     try:
         rpc = Rpc(server.port)
         session = rpc.call("session.login_with_password", USER, PASSWORD, "1.0", "event-watchers-bench")
-        vm_ref = rpc.call("VM.create", session, vm_record("bench-vm"))
+        vm_ref = rpc.call("VM.create", session, vm_record(name_label="bench-vm"))
     except BaseException:
         server.stop()
         raise

@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import devices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support import vm_record  # noqa: E402 - the same valid VM.create record the tests use
 import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,16 +51,7 @@ CREATORS = 16
 START_TIMEOUT = 60.0
 DEVICES_LABEL = (f"VM+VBD+VDI+VIF get_all_records, {VMS} VMs with {devices.DISKS_PER_VM} disks and "
                  f"{devices.NICS_PER_VM} NIC")
-VM_RECORD: dict[str, Any] = {
-    "name_label": "bench-vm", "name_description": "", "user_version": "1", "is_a_template": False,
-    "affinity": "OpaqueRef:NULL", "memory_static_max": str(512 << 20), "memory_dynamic_max": str(512 << 20),
-    "memory_dynamic_min": str(256 << 20), "memory_static_min": str(128 << 20), "VCPUs_params": {},
-    "VCPUs_max": "2", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
-    "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "",
-    "PV_kernel": "/boot/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
-    "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "", "HVM_boot_params": {},
-    "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": "",
-}
+VM_RECORD: dict[str, Any] = vm_record(name_label="bench-vm")
 
 
 @dataclass(frozen=True)
