@@ -324,3 +324,15 @@ def test_resolve_helper_sees_pending(env, admin, clock):
     d = pending(env, "event.next", admin.session)
     admin("pool.set_name_label", admin("pool.get_all")[0], "p")
     assert resolve(d, clock)[0]["class"] == "pool"
+
+
+def test_waits_expire_independently(env, admin, clock):
+    """Waits with different timeouts each end at their own time with no events."""
+    token = admin("event.from", ["vm"], "", 0.0)["token"]
+    short = pending(env, "event.from", admin.session, ["vm"], token, 5.0)
+    long = pending(env, "event.from", admin.session, ["vm"], token, 10.0)
+    clock.advance(5)
+    assert outcome(short)["events"] == [] and outcome(long) is None
+    clock.advance(5)
+    assert outcome(long)["events"] == []
+    assert env.api.events.watchers == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 
 from xapid.apitypes import coerce
@@ -57,26 +57,42 @@ class Dispatcher:
             raise ValueError(f"handlers and schema disagree: no handler for {missing}, undeclared {undeclared}")
 
     def call(self, method: str, params: list[Any]) -> Deferred:
-        """Run one call; see the module docstring for the order of checks."""
-        return ensureDeferred(self._call(method, params))
+        """Run one call; see the module docstring for the order of checks.
 
-    async def _call(self, method: str, params: list[Any]) -> Any:
+        Calls that finish at once and wrote nothing durable (most reads) are answered without
+        a coroutine; the others finish in :meth:`_finish`.
+        """
         seq_before = self.api.store.seq
+        try:
+            result = self._dispatch(method, params)
+        except XenAPIError as error:
+            return fail(error)
+        except Exception as exc:  # noqa: BLE001 - the one edge where surprises become INTERNAL_ERROR
+            return fail(self._unexpected(method, exc))
         spec = self.schema.messages.get(method[6:] if method.startswith("Async.") else method)
         durable = spec is None or spec.role != READ_ONLY  # read-only calls make no stored changes
+        if not inspect.isawaitable(result) and not (durable and self.api.store.seq != seq_before):
+            return succeed(result)
+        return ensureDeferred(self._finish(method, result, durable, seq_before))
+
+    async def _finish(self, method: str, result: Any, durable: bool, seq_before: int) -> Any:
         try:
-            result = await self._dispatch(method, params)
+            if inspect.isawaitable(result):
+                result = await result
         except (XenAPIError, CancelledError):
             raise
-        except Exception as exc:  # noqa: BLE001 - the one edge where surprises become INTERNAL_ERROR
-            log.failure("unexpected error in {method}", method=method)
-            raise internal_error(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._unexpected(method, exc) from None
         finally:
             if durable and self.api.store.seq != seq_before:
                 await self.api.store.flush()
         return result
 
-    async def _dispatch(self, method: str, params: list[Any]) -> Any:
+    def _unexpected(self, method: str, exc: Exception) -> XenAPIError:
+        log.failure("unexpected error in {method}", method=method)
+        return internal_error(f"{type(exc).__name__}: {exc}")
+
+    def _dispatch(self, method: str, params: list[Any]) -> Any:
         is_async = method.startswith("Async.")
         name = method[6:] if is_async else method
         spec = self.schema.messages.get(name)
@@ -106,8 +122,8 @@ class Dispatcher:
         values = [self._check(p, v) for p, v in zip(spec.params, args)]
         values += [p.default for p in spec.params[len(values):]]
         if is_async:
-            return self.api.tasks.run_async(session, spec, lambda task: self._invoke(spec, session, values, task))
-        return await self._invoke(spec, session, values, None)
+            return self.api.tasks.run_async(session, spec, lambda task: self._run(spec, session, values, task))
+        return self._invoke(spec, session, values, None)
 
     def _check(self, param: Any, value: Any) -> Any:
         value = coerce(param.type, value, param.name, self.schema.enums)
@@ -116,13 +132,15 @@ class Dispatcher:
                 raise handle_invalid(param.type.name, value)
         return value
 
-    async def _invoke(self, spec: MessageSpec, session: Any, values: list[Any], task: str | None) -> Any:
+    def _invoke(self, spec: MessageSpec, session: Any, values: list[Any], task: str | None) -> Any:
+        """The handler's result: a value, or an awaitable for multi-step handlers."""
         ctx = CallContext(self.api, session, spec, task)
         if spec.explicit:
-            result = self.handlers[spec.wire_name](ctx, *values)
-        else:
-            result = generic.run(ctx, spec, values)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
+            return self.handlers[spec.wire_name](ctx, *values)
+        return generic.run(ctx, spec, values)
+
+    async def _run(self, spec: MessageSpec, session: Any, values: list[Any], task: str) -> Any:
+        """An Async.* call's work, awaited inside its task."""
+        result = self._invoke(spec, session, values, task)
+        return await result if inspect.isawaitable(result) else result
 

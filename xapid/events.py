@@ -14,6 +14,7 @@ or when its timeout passes, or failed with SESSION_INVALID when its session ends
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import OrderedDict, deque
@@ -121,6 +122,9 @@ class EventHub:
         self._max_tombstones = tombstones
         self._horizon = 0  # changes at or before this seq may have been forgotten
         self._waiters: dict[int, _Waiter] = {}  # by id(): removal is O(1) when many wait
+        self._buckets: dict[int, dict[int, _Waiter]] = {}  # whole second when the wait times out
+        self._expiry: Any = None  # the one timer, for the earliest bucket
+        self._subscriptions: dict[tuple[str, ...], Subscription] = {}
         self._wake_pending = False
         self._queues: dict[str, _Queue] = {}
         self._queue_size = queue_size
@@ -207,17 +211,35 @@ class EventHub:
         """An event.from reply; encoded once per wire format however many watchers get it."""
         return SharedReply({"events": events, "valid_ref_counts": self.counts(), "token": self.token()})
 
+    def subscription(self, classes: list[str]) -> Subscription:
+        """The parsed subscription, cached: watchers re-send the same list every call."""
+        key = tuple(classes) if all(isinstance(c, str) for c in classes) else None
+        cached = self._subscriptions.get(key) if key is not None else None
+        if cached is None:
+            cached = Subscription(self.schema, classes)
+            if key is not None:
+                if len(self._subscriptions) >= 1024:
+                    self._subscriptions.clear()
+                self._subscriptions[key] = cached
+        return cached
+
     def wait_from(self, session: Any, classes: list[str], token: str, timeout: float) -> Any:
-        """The event.from reply now when something changed, else a Deferred for it."""
-        subscription = Subscription(self.schema, classes)
+        """The event.from reply now when something changed, else a Deferred for it.
+
+        The wait ends on the first whole second at or after *timeout* (timeouts are kept in
+        one-second buckets with one timer for all of them, so arming a wait stays cheap).
+        """
+        subscription = self.subscription(classes)
         since = self.parse_token(token)
         events = self.collect(subscription, since)
         if events or timeout <= 0:
             return self.batch(events)
         d: Deferred = Deferred(lambda _: self._drop(waiter))
         waiter = _Waiter(subscription, since, d, session)
-        timer = self.reactor.callLater(min(timeout, MAX_TIMEOUT), self._timeout, waiter)
-        waiter.cleanup.append(lambda: timer.cancel() if timer.active() else None)
+        bucket = math.ceil(self.reactor.seconds() + min(timeout, MAX_TIMEOUT))
+        self._buckets.setdefault(bucket, {})[id(waiter)] = waiter
+        waiter.cleanup.append(lambda: self._buckets.get(bucket, {}).pop(id(waiter), None))
+        self._schedule_expiry(bucket)
 
         def session_ended() -> None:
             self._drop(waiter)
@@ -235,11 +257,26 @@ class EventHub:
             undo()
         waiter.cleanup.clear()
 
-    def _timeout(self, waiter: _Waiter) -> None:
-        waiter.cleanup = [u for u in waiter.cleanup[1:]]  # the timer itself has fired
-        self._drop(waiter)
-        if not waiter.deferred.called:
-            waiter.deferred.callback(self.batch([]))
+    def _schedule_expiry(self, bucket: int) -> None:
+        timer = self._expiry
+        if timer is not None and timer.active():
+            if timer.getTime() <= bucket:
+                return
+            timer.cancel()
+        self._expiry = self.reactor.callLater(max(0.0, bucket - self.reactor.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        """Answer the waits whose timeout passed: no events and a fresh token."""
+        self._expiry = None
+        now = self.reactor.seconds()
+        for bucket in sorted(b for b in self._buckets if b <= now):
+            for waiter in list(self._buckets.pop(bucket).values()):
+                self._drop(waiter)
+                if not waiter.deferred.called:
+                    waiter.deferred.callback(self.batch([]))
+        pending = [b for b, waiting in self._buckets.items() if waiting]
+        if pending:
+            self._schedule_expiry(min(pending))
 
     def _wake(self) -> None:
         """Answer every waiter with news; watchers with the same subscription and token (the
