@@ -446,6 +446,15 @@ class SimBackend:
             os.close(fd)
 
     @contextlib.contextmanager
+    def _reading(self, name: str) -> Iterator[_State]:
+        """Run a call that only reads, under the lock (no snapshot, nothing to persist)."""
+        with self._lock:
+            self._take_fault(name)
+            if self._state is None:
+                raise HypervisorUnavailable("sim backend is not open")
+            yield self._state
+
+    @contextlib.contextmanager
     def _operation(self, name: str) -> Iterator[_State]:
         """Run one call under the lock as a transaction.
 
@@ -499,7 +508,7 @@ class SimBackend:
 
     def host_info(self) -> HostInfo:
         """Static facts of the simulated host."""
-        with self._operation("host_info"):
+        with self._reading("host_info"):
             return HostInfo(
                 hostname=self._hostname,
                 address=self._address,
@@ -533,24 +542,24 @@ class SimBackend:
 
     def physical_nics(self) -> list[PhysicalNic]:
         """Sim: one or more NICs with stable, locally administered MACs."""
-        with self._operation("physical_nics"):
+        with self._reading("physical_nics"):
             return [PhysicalNic(device=f"eth{i}", mac=f"02:00:00:00:00:{i + 1:02x}", mtu=1500, carrier=True,
                                 speed=10000, duplex=True, vendor_name="xapid", device_name="simulated NIC",
                                 pci_bus_path=f"0000:00:{i + 3:02x}.0") for i in range(self.nics)]
 
     def physical_cpus(self) -> list[PhysicalCPU]:
         """Every physical CPU with its cumulative idle time."""
-        with self._operation("physical_cpus") as state:
+        with self._reading("physical_cpus") as state:
             return self._pcpus(state, self._clock())
 
     def free_memory(self) -> int:
         """Host memory minus Xen's overhead minus what every domain holds."""
-        with self._operation("free_memory") as state:
+        with self._reading("free_memory") as state:
             return self._free(state)
 
     def read_counters(self) -> Counters:
         """One consistent batch of counters at a single clock reading."""
-        with self._operation("read_counters") as state:
+        with self._reading("read_counters") as state:
             now = self._clock()
             disks: list[DiskCounters] = []
             nics: list[NicCounters] = []
@@ -601,18 +610,18 @@ class SimBackend:
 
     def list_domains(self) -> list[DomainInfo]:
         """Every domain, dom0 included, ordered by domid."""
-        with self._operation("list_domains") as state:
+        with self._reading("list_domains") as state:
             now = self._clock()
             return [d.info(now, self._cpus) for d in state.ordered()]
 
     def domain_info(self, uuid: str) -> DomainInfo:
         """One domain by handle; NoSuchDomain when absent."""
-        with self._operation("domain_info") as state:
+        with self._reading("domain_info") as state:
             return self._lookup(state, uuid).info(self._clock(), self._cpus)
 
     def devices(self, uuid: str) -> dict[str, tuple[Any, ...]]:
         """Sim only: the disks and nics a domain currently has, as ``{"disks": …, "nics": …}``."""
-        with self._operation("devices") as state:
+        with self._reading("devices") as state:
             dom = self._lookup(state, uuid)
             return {
                 "disks": tuple(DiskSpec(**d) for d in dom.disks),
