@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import devices
 import loadgen
 from support import ApiEnv, make_users, resolve, vm_record
+from run import machine, stop  # noqa: E402 - shared with the core benchmark
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -94,15 +95,6 @@ def progress(message: str) -> None:
 
 def out(line: str) -> None:
     print(line, flush=True)
-
-
-def machine() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = f" ({found.group(1).strip()})" if found else ""
-    return (f"machine: nproc {os.cpu_count()}{cpu}, {platform.python_implementation()} "
-            f"{platform.python_version()}, {platform.platform()}")
 
 
 def verdict(ok: bool) -> str:
@@ -150,7 +142,6 @@ class TickFigure:
     case: str
     per_tick: list[float]  # CPU seconds
     parts: dict[str, float]  # CPU seconds per tick, mean
-    snapshot: float = 0.0  # CPU seconds of one sim state snapshot (to_json)
     sources: int = 0
 
     def us_per_vm(self, values: list[float] | None = None) -> float:
@@ -224,12 +215,6 @@ def measure_ticks(vms: int, ticks: int, tmp: Path) -> list[TickFigure]:
                 per_tick.append(tick())
             figures.append(TickFigure(vms, case, per_tick, {k: v / ticks for k, v in split.parts.items()},
                                       sources=len(sampler._slots)))
-        start = time.process_time()
-        for _ in range(10):
-            driver._state.to_json()
-        snapshot = (time.process_time() - start) / 10
-        for fig in figures:
-            fig.snapshot = snapshot
         return figures
     finally:
         env.api.hypervisor.driver.close()
@@ -251,8 +236,6 @@ def report_ticks(fig: TickFigure) -> None:
     own = (total - fig.parts["read_counters"]) / fig.vms * 1e6
     out(f"    the sampler's own part (the tick without the backend's read_counters): {own:.1f} µs per VM "
         f"({verdict(own <= GOAL_US_PER_VM)} against {GOAL_US_PER_VM:g} µs)")
-    out(f"    of read_counters: the sim's state snapshot (to_json, taken twice per call by "
-        f"SimBackend._operation) {fig.snapshot / fig.vms * 1e6:.1f} µs per VM each")
 
 
 # -- 2. the dashboard against a real daemon ---------------------------------------------------
@@ -281,17 +264,6 @@ class Daemon:
             with contextlib.suppress(OSError):
                 total += int((task / "schedstat").read_text().split()[0])
         return total
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 15 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def start_daemon(stack: contextlib.ExitStack, tmp: Path) -> Daemon:
