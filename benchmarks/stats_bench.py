@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import re
 import secrets
 import signal
