@@ -64,13 +64,12 @@ class Dispatcher:
         """
         seq_before = self.api.store.seq
         try:
-            result = self._dispatch(method, params)
+            spec, result = self._dispatch(method, params)
         except XenAPIError as error:
             return fail(error)
         except Exception as exc:  # noqa: BLE001 - the one edge where surprises become INTERNAL_ERROR
             return fail(self._unexpected(method, exc))
-        spec = self.schema.messages.get(method[6:] if method.startswith("Async.") else method)
-        durable = spec is None or spec.role != READ_ONLY  # read-only calls make no stored changes
+        durable = spec.role != READ_ONLY  # read-only calls make no stored changes
         if not inspect.isawaitable(result) and not (durable and self.api.store.seq != seq_before):
             return succeed(result)
         return ensureDeferred(self._finish(method, result, durable, seq_before))
@@ -92,7 +91,8 @@ class Dispatcher:
         log.failure("unexpected error in {method}", method=method)
         return internal_error(f"{type(exc).__name__}: {exc}")
 
-    def _dispatch(self, method: str, params: list[Any]) -> Any:
+    def _dispatch(self, method: str, params: list[Any]) -> tuple[MessageSpec, Any]:
+        """The message called and the handler's result (a value or an awaitable)."""
         is_async = method.startswith("Async.")
         name = method[6:] if is_async else method
         spec = self.schema.messages.get(name)
@@ -122,8 +122,8 @@ class Dispatcher:
         values = [self._check(p, v) for p, v in zip(spec.params, args)]
         values += [p.default for p in spec.params[len(values):]]
         if is_async:
-            return self.api.tasks.run_async(session, spec, lambda task: self._run(spec, session, values, task))
-        return self._invoke(spec, session, values, None)
+            return spec, self.api.tasks.run_async(session, spec, lambda task: self._run(spec, session, values, task))
+        return spec, self._invoke(spec, session, values, None)
 
     def _check(self, param: Any, value: Any) -> Any:
         value = coerce(param.type, value, param.name, self.schema.enums)

@@ -25,8 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from xapid.errors import XenAPIError, session_invalid
-from xapid.objects.generic import CachedRecord
-from xapid.store import Change, Store
+from xapid.store import CachedRecord, Change, Store
 from xapid.wire.values import Int32
 
 log = Logger()

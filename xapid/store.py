@@ -47,6 +47,28 @@ class Obj:
         self.cache: dict[str, Any] = {}
 
 
+class CachedRecord:
+    """An object's record on its way to the wire: encoded once per format until the object
+    changes (every write clears ``Obj.cache``)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
+        cache = self.obj.cache
+        text = cache.get(fmt)
+        if text is None:
+            text = cache[fmt] = encode(self.obj.fields)
+        return text
+
+    @property
+    def value(self) -> dict[str, Any]:
+        """The record as a plain dict (a copy)."""
+        return dict(self.obj.fields)
+
+
 @dataclass(frozen=True)
 class Change:
     """One write: ``op`` is add, mod or del; ``seq`` increases by one per change."""

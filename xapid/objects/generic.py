@@ -8,27 +8,7 @@ from typing import Any, Callable
 from xapid.apitypes import coerce
 from xapid.errors import XenAPIError, field_type_error, handle_invalid, uuid_invalid
 from xapid.schema import MessageSpec
-
-
-class CachedRecord:
-    """A record on its way to the wire: encoded once per format until the object changes."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
-        cache = self.obj.cache
-        text = cache.get(fmt)
-        if text is None:
-            text = cache[fmt] = encode(self.obj.fields)
-        return text
-
-    @property
-    def value(self) -> dict[str, Any]:
-        """The record as a plain dict (a copy)."""
-        return dict(self.obj.fields)
+from xapid.store import CachedRecord
 
 
 def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:

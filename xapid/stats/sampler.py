@@ -341,9 +341,8 @@ class Sampler:
                     if o.fields.get("physical") and o.fields.get("host") == host.ref}
             for pif in counters.pifs:
                 if pif.device in pifs:
-                    write(pifs[pif.device], "PIF_metrics", {
-                        "io_read_kbs": rates[(host_owner, f"pif_{pif.device}_rx")] / 1024,
-                        "io_write_kbs": rates[(host_owner, f"pif_{pif.device}_tx")] / 1024})
+                    write(pifs[pif.device], "PIF_metrics", _io_kbs(rates, host_owner, f"pif_{pif.device}_rx",
+                                                                    f"pif_{pif.device}_tx"))
             for vm, dom, owner in vms.values():
                 utilisation = {str(i): rates[(owner, f"cpu{i}")] for i in range(len(dom.vcpu_time_ns))}
                 values: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus}
@@ -355,17 +354,14 @@ class Sampler:
                     if vbd is None or (owner, f"vbd_{vbd.fields['device']}_read") not in rates:
                         continue
                     dev = vbd.fields["device"]
-                    write(vbd.fields["metrics"], "VBD_metrics", {
-                        "io_read_kbs": rates[(owner, f"vbd_{dev}_read")] / 1024,
-                        "io_write_kbs": rates[(owner, f"vbd_{dev}_write")] / 1024})
+                    write(vbd.fields["metrics"], "VBD_metrics",
+                          _io_kbs(rates, owner, f"vbd_{dev}_read", f"vbd_{dev}_write"))
                 for vif_ref in vm.fields.get("VIFs", ()):
                     vif = store.find(vif_ref)
                     if vif is None or (owner, f"vif_{vif.fields['device']}_rx") not in rates:
                         continue
                     dev = vif.fields["device"]
-                    write(vif.fields["metrics"], "VIF_metrics", {
-                        "io_read_kbs": rates[(owner, f"vif_{dev}_rx")] / 1024,
-                        "io_write_kbs": rates[(owner, f"vif_{dev}_tx")] / 1024})
+                    write(vif.fields["metrics"], "VIF_metrics", _io_kbs(rates, owner, f"vif_{dev}_rx", f"vif_{dev}_tx"))
 
     # ------------------------------------------------------------------------------- queries
 
@@ -417,3 +413,8 @@ class Sampler:
             return {}
         values = self.table.average(keys, window, cf)
         return {f"{o}:{n}": float(v) for (o, n), v in zip(keys, values.tolist()) if not math.isnan(v)}
+
+
+def _io_kbs(rates: dict[tuple[str, str], float], owner: str, read: str, write: str) -> dict[str, float]:
+    """The 1.0 ``io_read_kbs``/``io_write_kbs`` fields (KiB/s) from two byte-rate sources."""
+    return {"io_read_kbs": rates[(owner, read)] / 1024, "io_write_kbs": rates[(owner, write)] / 1024}
