@@ -47,9 +47,10 @@ def compile_c(source: Path, output: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_xen_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fake_xen.c built as a shared object (LD_PRELOAD shim and fake libxenctrl)."""
+    """fake_xen.c and fake_xenlight.c built as one shared object (LD_PRELOAD shim, fake libxenctrl,
+    fake libxenlight operations)."""
     out = tmp_path_factory.mktemp("fake_xen") / "fake_xen.so"
-    return compile_c(HERE / "fake_xen.c", out, "-shared", "-fPIC", "-ldl")
+    return compile_c(HERE / "fake_xen.c", out, str(HERE / "fake_xenlight.c"), "-shared", "-fPIC", "-ldl", "-lxenstore")
 
 
 @pytest.fixture(scope="session")
@@ -73,10 +74,14 @@ def fake_xc(fake_xen_so: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[xenc
 
 @pytest.fixture(scope="session")
 def xenstored(fake_xen_so: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real C xenstored (xen-utils-4.17) run by the shim in a temp run dir; yields its socket."""
+    """A real C xenstored (xen-utils-4.17) run by the shim in a temp run dir; yields its socket.
+
+    Its fake hypervisor state is the file ``hypervisor`` beside the socket: a process that sets
+    FAKE_XEN_STATE to it (see :func:`hypervisor_state`) shares the domain table with it."""
     require(XENSTORED.exists(), str(XENSTORED))
     rundir = tmp_path_factory.mktemp("xenstored")
-    env = dict(os.environ, XENSTORED_RUNDIR=str(rundir), LD_PRELOAD=str(fake_xen_so), FAKE_XEN_DOMIDS=FAKE_DOMIDS)
+    env = dict(os.environ, XENSTORED_RUNDIR=str(rundir), LD_PRELOAD=str(fake_xen_so), FAKE_XEN_DOMIDS=FAKE_DOMIDS,
+               FAKE_XEN_STATE=str(rundir / "hypervisor"))
     with open(rundir / "xenstored.log", "wb") as log:
         proc = subprocess.Popen(
             [str(XENSTORED), "-N", "-F", str(rundir / "xenstored.pid"), "-T", str(rundir / "trace.log")],
@@ -100,6 +105,11 @@ def xenstored(fake_xen_so: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def hypervisor_state(xenstored: Path) -> Path:
+    """The file holding the fake hypervisor the test xenstored sees."""
+    return xenstored.parent / "hypervisor"
 
 
 @pytest.fixture

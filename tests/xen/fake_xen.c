@@ -6,11 +6,17 @@
  * 1. LD_PRELOAD for the real C xenstored (xen-utils-4.17): fakes the 17 libxenctrl,
  *    libxenevtchn and libxengnttab functions it imports and interposes open() for
  *    /proc/xen/xsd_port and /proc/xen/xsd_kva, so the daemon runs without a hypervisor.
- * 2. Loaded with ctypes.CDLL as a fake libxenctrl: canned answers for the xc_* calls the
- *    Python bindings make, from a small in-memory domain table.
+ * 2. Loaded with ctypes.CDLL as a fake libxenctrl: the xc_* calls the Python bindings make,
+ *    answered from a domain table with memory accounting (a 4 GiB, 4-CPU host).
  *
  * Domains: dom0 always exists; FAKE_XEN_DOMIDS (e.g. "1,2") adds others.  The table is
- * (re)built from that variable by fake_xen_reset() and lazily on first use.
+ * (re)built from that variable by fake_xen_reset() and lazily on first use.  With
+ * FAKE_XEN_STATE naming a file, the table is shared through it by every process that loads
+ * this object: a fake hypercall that shuts down or destroys a domain then raises
+ * VIRQ_DOM_EXC in the preloaded xenstored (a byte on its event-channel pipe), which fires
+ * @releaseDomain as on a real host.  Time stands still until fake_xen_advance(ns).
+ * fake_xen_create/balloon/set_online_vcpus are the domain builder's and guest's parts, for
+ * the fake libxenlight (fake_xenlight.c) and the fake guest agent of the tests.
  * FAKE_XEN_VERSION ("4.17" by default) is what xc_version(XENVER_version) reports.
  * Prototypes come from the installed headers, so a signature mismatch fails to compile.
  */
@@ -23,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <xenctrl.h>
 #include <xenevtchn.h>
@@ -30,6 +37,10 @@
 
 #define MAX_DOMS 64
 #define PAGE 4096
+#define VIRQ_DOM_EXC 3
+#define MAGIC 0x46616b58u
+#define TOTAL_PAGES (4ULL << 18)   /* a 4 GiB host */
+#define NCPUS 4
 
 struct xc_interface_core { int dummy; };
 struct xenevtchn_handle { int pipe[2]; };
@@ -37,34 +48,86 @@ struct xengntdev_handle { int dummy; };
 
 struct fake_dom {
     uint32_t domid;
-    uint32_t flags;      /* XEN_DOMINF_* */
-    uint64_t max_kib;
-    uint32_t vcpus;
+    uint32_t flags;          /* XEN_DOMINF_* with the shutdown reason in bits 16..23 */
+    uint8_t handle[16];
+    uint64_t max_kib;        /* setmaxmem ceiling */
+    uint64_t tot_pages;      /* allocated now */
+    uint32_t vcpus, max_vcpus;
     uint16_t weight, cap;
+    uint64_t cpu_ns;         /* cumulative, all vCPUs */
 };
 
-static struct fake_dom doms[MAX_DOMS];
-static int ndoms = -1;
-static evtchn_port_t next_port = 10;
+/* The hypervisor: in a file shared by every process that names it in FAKE_XEN_STATE (the
+ * preloaded xenstored and the driver's process), else private to this process. */
+struct fake_hv {
+    uint32_t magic;
+    int32_t ndoms;
+    uint32_t next_domid;
+    int32_t xsd_pid, xsd_wfd;  /* xenstored's event-channel pipe: a byte there is VIRQ_DOM_EXC */
+    uint64_t now_ns;           /* the hypervisor's clock, advanced by fake_xen_advance() */
+    uint64_t idle_ns[NCPUS];
+    struct fake_dom doms[MAX_DOMS];
+};
+
+static struct fake_hv private_hv;
+static struct fake_hv *hv;
+static evtchn_port_t next_port = 10, virq_port = 0;
 
 static void add_dom(uint32_t domid)
 {
-    if (ndoms >= MAX_DOMS)
+    if (hv->ndoms >= MAX_DOMS)
         return;
-    struct fake_dom *d = &doms[ndoms++];
+    struct fake_dom *d = &hv->doms[hv->ndoms++];
     memset(d, 0, sizeof(*d));
     d->domid = domid;
     d->flags = XEN_DOMINF_running;
     d->max_kib = domid ? 262144 : 1048576;
-    d->vcpus = domid ? 2 : 1;
+    d->tot_pages = d->max_kib / 4;
+    d->vcpus = d->max_vcpus = domid ? 2 : 1;
     d->weight = 256;
+    d->cpu_ns = 1000000000ULL * (domid + 1);
+    if (domid)
+        d->handle[15] = domid;
+    if (domid >= hv->next_domid)
+        hv->next_domid = domid + 1;
 }
 
-/* Rebuild the domain table: dom0 plus the comma-separated domids in FAKE_XEN_DOMIDS. */
+static struct fake_hv *map_state(void)
+{
+    const char *path = getenv("FAKE_XEN_STATE");
+    if (path == NULL || *path == 0)
+        return &private_hv;
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return &private_hv;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || (st.st_size < (off_t)sizeof(struct fake_hv) && ftruncate(fd, sizeof(struct fake_hv)) < 0)) {
+        close(fd);
+        return &private_hv;
+    }
+    void *p = mmap(NULL, sizeof(struct fake_hv), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? &private_hv : p;
+}
+
+/* Rebuild the domain table: dom0 plus the comma-separated domids in FAKE_XEN_DOMIDS.  The
+ * table lives in $FAKE_XEN_STATE when set (re-read here).  xenstored's registration survives. */
 void fake_xen_reset(void)
 {
     const char *list = getenv("FAKE_XEN_DOMIDS");
-    ndoms = 0;
+    if (hv != NULL && hv != &private_hv)
+        munmap(hv, sizeof(*hv));
+    hv = map_state();
+    int valid = hv->magic == MAGIC;
+    int32_t pid = valid ? hv->xsd_pid : 0, wfd = valid ? hv->xsd_wfd : 0;
+    uint32_t next = valid ? hv->next_domid : 0;  /* domids are never reused, as in Xen */
+    memset(hv, 0, sizeof(*hv));
+    hv->magic = MAGIC;
+    hv->xsd_pid = pid;
+    hv->xsd_wfd = wfd;
+    hv->next_domid = next;
+    for (int i = 0; i < NCPUS; i++)
+        hv->idle_ns[i] = 1000000000ULL * (i + 1);
     add_dom(0);
     while (list && *list) {
         char *end;
@@ -77,15 +140,126 @@ void fake_xen_reset(void)
     }
 }
 
+static void ensure(void)
+{
+    if (hv == NULL) {
+        hv = map_state();
+        if (hv->magic != MAGIC)
+            fake_xen_reset();
+    }
+}
+
 static struct fake_dom *find_dom(uint32_t domid)
 {
-    if (ndoms < 0)
-        fake_xen_reset();
-    for (int i = 0; i < ndoms; i++)
-        if (doms[i].domid == domid)
-            return &doms[i];
+    ensure();
+    for (int i = 0; i < hv->ndoms; i++)
+        if (hv->doms[i].domid == domid)
+            return &hv->doms[i];
     errno = ESRCH;
     return NULL;
+}
+
+static int runs(const struct fake_dom *d)
+{
+    return (d->flags & XEN_DOMINF_running) && !(d->flags & (XEN_DOMINF_paused | XEN_DOMINF_shutdown | XEN_DOMINF_dying));
+}
+
+/* Advance the hypervisor clock: each running vCPU is busy 10% of the time, the rest is idle. */
+void fake_xen_advance(uint64_t ns)
+{
+    ensure();
+    uint64_t busy = 0;
+    for (int i = 0; i < hv->ndoms; i++)
+        if (runs(&hv->doms[i])) {
+            hv->doms[i].cpu_ns += ns / 10 * hv->doms[i].vcpus;
+            busy += ns / 10 * hv->doms[i].vcpus;
+        }
+    for (int i = 0; i < NCPUS; i++)
+        hv->idle_ns[i] += ns - (busy / NCPUS < ns ? busy / NCPUS : ns);
+    hv->now_ns += ns;
+}
+
+/* Tell xenstored, as Xen's VIRQ_DOM_EXC does, that a domain shut down or died. */
+static void kick_xenstored(void)
+{
+    char path[64];
+    if (hv->xsd_pid <= 0 || hv->xsd_pid == getpid())
+        return;
+    snprintf(path, sizeof(path), "/proc/%d/fd/%d", hv->xsd_pid, hv->xsd_wfd);
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+        if (write(fd, "!", 1) < 0) { /* a full pipe already carries a pending notification */ }
+        close(fd);
+    }
+}
+
+static uint64_t used_pages(void)
+{
+    uint64_t used = 0;
+    for (int i = 0; i < hv->ndoms; i++)
+        used += hv->doms[i].tot_pages;
+    return used;
+}
+
+/* The domain builder's part of a domain creation (for the fake libxenlight): a new paused
+ * domain with *handle*, or -1 with ENOMEM (memory), EEXIST (handle in use) or ENOSPC (table). */
+int fake_xen_create(const uint8_t *handle, int hvm, uint64_t max_kib, uint64_t target_kib,
+                    uint32_t max_vcpus, uint32_t vcpus, uint64_t cpu_ns, uint32_t *domid)
+{
+    ensure();
+    for (int i = 0; i < hv->ndoms; i++)
+        if (memcmp(hv->doms[i].handle, handle, 16) == 0) {
+            errno = EEXIST;
+            return -1;
+        }
+    if (used_pages() + target_kib / 4 > TOTAL_PAGES) {
+        errno = ENOMEM;
+        return -1;
+    }
+    if (hv->ndoms >= MAX_DOMS) {
+        errno = ENOSPC;
+        return -1;
+    }
+    struct fake_dom *d = &hv->doms[hv->ndoms++];
+    memset(d, 0, sizeof(*d));
+    d->domid = hv->next_domid++;
+    memcpy(d->handle, handle, 16);
+    d->flags = XEN_DOMINF_paused | XEN_DOMINF_blocked | (hvm ? XEN_DOMINF_hvm_guest : 0);
+    d->max_kib = max_kib;
+    d->tot_pages = target_kib / 4;
+    d->max_vcpus = max_vcpus;
+    d->vcpus = vcpus;
+    d->weight = 256;
+    d->cpu_ns = cpu_ns;
+    *domid = d->domid;
+    return 0;
+}
+
+/* The guest's side: balloon to *kib*, or bring *vcpus* online. */
+int fake_xen_balloon(uint32_t domid, uint64_t kib)
+{
+    struct fake_dom *d = find_dom(domid);
+    if (d == NULL)
+        return -1;
+    if (kib > d->max_kib || used_pages() - d->tot_pages + kib / 4 > TOTAL_PAGES) {
+        errno = ENOMEM;
+        return -1;
+    }
+    d->tot_pages = kib / 4;
+    return 0;
+}
+
+int fake_xen_set_online_vcpus(uint32_t domid, uint32_t vcpus)
+{
+    struct fake_dom *d = find_dom(domid);
+    if (d == NULL)
+        return -1;
+    if (vcpus < 1 || vcpus > d->max_vcpus) {
+        errno = EINVAL;
+        return -1;
+    }
+    d->vcpus = vcpus;
+    return 0;
 }
 
 /* ---- libxenctrl ---- */
@@ -101,19 +275,28 @@ int xc_interface_close(xc_interface *xch)
     return 0;
 }
 
-/* xenstored: domid D exists iff this returns 1 with info->domid == D. */
+/* xenstored: domid D exists iff this returns 1 with info->domid == D; shutdown, crashed and
+ * dying make it fire @releaseDomain. */
 int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigned int max_doms, xc_dominfo_t *info)
 {
     int n = 0;
     if (find_dom(0) == NULL)
         return -1;
-    for (int i = 0; i < ndoms && (unsigned)n < max_doms; i++) {
-        if (doms[i].domid < first_domid)
+    for (int i = 0; i < hv->ndoms && (unsigned)n < max_doms; i++) {
+        const struct fake_dom *d = &hv->doms[i];
+        if (d->domid < first_domid)
             continue;
+        unsigned reason = (d->flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask;
         memset(&info[n], 0, sizeof(info[n]));
-        info[n].domid = doms[i].domid;
-        info[n].running = 1;
-        info[n].nr_online_vcpus = doms[i].vcpus;
+        info[n].domid = d->domid;
+        info[n].running = runs(d);
+        info[n].paused = !!(d->flags & XEN_DOMINF_paused);
+        info[n].dying = !!(d->flags & XEN_DOMINF_dying);
+        info[n].shutdown = !!(d->flags & XEN_DOMINF_shutdown) && reason != SHUTDOWN_crash;
+        info[n].crashed = !!(d->flags & XEN_DOMINF_shutdown) && reason == SHUTDOWN_crash;
+        info[n].shutdown_reason = reason;
+        info[n].nr_online_vcpus = d->vcpus;
+        memcpy(info[n].handle, d->handle, 16);
         n++;
     }
     return n;
@@ -128,21 +311,21 @@ static int cmp_dom(const void *a, const void *b)
 int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int max_domains, xc_domaininfo_t *info)
 {
     int n = 0;
-    find_dom(0);
-    qsort(doms, ndoms, sizeof(doms[0]), cmp_dom);
-    for (int i = 0; i < ndoms && (unsigned)n < max_domains; i++) {
-        const struct fake_dom *d = &doms[i];
+    ensure();
+    qsort(hv->doms, hv->ndoms, sizeof(hv->doms[0]), cmp_dom);
+    for (int i = 0; i < hv->ndoms && (unsigned)n < max_domains; i++) {
+        const struct fake_dom *d = &hv->doms[i];
         if (d->domid < first_domain)
             continue;
         memset(&info[n], 0, sizeof(info[n]));
         info[n].domain = d->domid;
         info[n].flags = d->flags;
-        info[n].tot_pages = d->max_kib / 4;
+        info[n].tot_pages = d->tot_pages;
         info[n].max_pages = d->max_kib / 4;
-        info[n].cpu_time = 1000000000ULL * (d->domid + 1);
+        info[n].cpu_time = d->cpu_ns;
         info[n].nr_online_vcpus = d->vcpus;
-        info[n].max_vcpu_id = d->vcpus - 1;
-        info[n].handle[15] = d->domid;
+        info[n].max_vcpu_id = d->max_vcpus - 1;
+        memcpy(info[n].handle, d->handle, 16);
         n++;
     }
     return n;
@@ -150,27 +333,29 @@ int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int
 
 int xc_physinfo(xc_interface *xch, xc_physinfo_t *info)
 {
+    ensure();
     memset(info, 0, sizeof(*info));
     info->threads_per_core = 2;
     info->cores_per_socket = 2;
-    info->nr_cpus = 4;
-    info->max_cpu_id = 3;
+    info->nr_cpus = NCPUS;
+    info->max_cpu_id = NCPUS - 1;
     info->nr_nodes = 1;
     info->cpu_khz = 2400000;
     info->capabilities = XEN_SYSCTL_PHYSCAP_hvm | XEN_SYSCTL_PHYSCAP_pv;
-    info->total_pages = 4ULL << 18; /* 4 GiB */
-    info->free_pages = 3ULL << 18;
-    info->max_mfn = (4ULL << 18) - 1;
+    info->total_pages = TOTAL_PAGES;
+    info->free_pages = TOTAL_PAGES - used_pages();
+    info->max_mfn = TOTAL_PAGES - 1;
     return 0;
 }
 
-int xc_get_max_cpus(xc_interface *xch) { return 4; }
+int xc_get_max_cpus(xc_interface *xch) { return NCPUS; }
 
 int xc_getcpuinfo(xc_interface *xch, int max_cpus, xc_cpuinfo_t *info, int *nr_cpus)
 {
-    int n = max_cpus < 4 ? max_cpus : 4;
+    ensure();
+    int n = max_cpus < NCPUS ? max_cpus : NCPUS;
     for (int i = 0; i < n; i++)
-        info[i].idletime = 1000000000ULL * (i + 1);
+        info[i].idletime = hv->idle_ns[i];
     *nr_cpus = n;
     return 0;
 }
@@ -180,15 +365,15 @@ int xc_vcpu_getinfo(xc_interface *xch, uint32_t domid, uint32_t vcpu, xc_vcpuinf
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
-    if (vcpu >= d->vcpus) {
+    if (vcpu >= d->max_vcpus) {
         errno = EINVAL;
         return -1;
     }
-    info->online = 1;
-    info->running = !(d->flags & XEN_DOMINF_paused);
+    info->online = vcpu < d->vcpus;
+    info->running = runs(d) && vcpu < d->vcpus;
     info->blocked = 0;
-    info->cpu_time = 500000000ULL * (vcpu + 1);
-    info->cpu = vcpu % 4;
+    info->cpu_time = vcpu < d->vcpus ? d->cpu_ns / d->vcpus : 0;
+    info->cpu = vcpu % NCPUS;
     return 0;
 }
 
@@ -198,6 +383,8 @@ static int set_flag(uint32_t domid, uint32_t flag, int on)
     if (d == NULL)
         return -1;
     d->flags = on ? (d->flags | flag) : (d->flags & ~flag);
+    if (!on && flag == XEN_DOMINF_paused)
+        d->flags |= XEN_DOMINF_running;
     return 0;
 }
 
@@ -211,6 +398,7 @@ int xc_domain_shutdown(xc_interface *xch, uint32_t domid, int reason)
         return -1;
     d->flags = (d->flags & ~(XEN_DOMINF_running | (XEN_DOMINF_shutdownmask << XEN_DOMINF_shutdownshift)))
                | XEN_DOMINF_shutdown | ((uint32_t)reason << XEN_DOMINF_shutdownshift);
+    kick_xenstored();
     return 0;
 }
 
@@ -223,7 +411,8 @@ int xc_domain_destroy(xc_interface *xch, uint32_t domid)
         errno = EINVAL;
         return -1;
     }
-    *d = doms[--ndoms];
+    *d = hv->doms[--hv->ndoms];
+    kick_xenstored();
     return 0;
 }
 
@@ -241,7 +430,7 @@ int xc_domain_max_vcpus(xc_interface *xch, uint32_t domid, unsigned int max)
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
-    d->vcpus = max;
+    d->max_vcpus = d->vcpus = max;
     return 0;
 }
 
@@ -315,12 +504,12 @@ int xc_version(xc_interface *xch, int cmd, void *arg)
     return -1;
 }
 
-/* ---- libxenevtchn: a pipe whose read end never becomes readable ---- */
+/* ---- libxenevtchn: a pipe that becomes readable when a fake hypercall raises VIRQ_DOM_EXC ---- */
 
 xenevtchn_handle *xenevtchn_open(struct xentoollog_logger *logger, unsigned int flags)
 {
     xenevtchn_handle *h = calloc(1, sizeof(*h));
-    if (h && pipe2(h->pipe, O_CLOEXEC) < 0) {
+    if (h && pipe2(h->pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
         free(h);
         return NULL;
     }
@@ -338,12 +527,26 @@ xenevtchn_port_or_error_t xenevtchn_bind_interdomain(xenevtchn_handle *xce, uint
 {
     return next_port++;
 }
-xenevtchn_port_or_error_t xenevtchn_bind_virq(xenevtchn_handle *xce, unsigned int virq) { return next_port++; }
+/* xenstored binds VIRQ_DOM_EXC: publish its pipe so fake hypercalls can raise the VIRQ. */
+xenevtchn_port_or_error_t xenevtchn_bind_virq(xenevtchn_handle *xce, unsigned int virq)
+{
+    evtchn_port_t port = next_port++;
+    if (virq == VIRQ_DOM_EXC) {
+        ensure();
+        virq_port = port;
+        hv->xsd_pid = getpid();
+        hv->xsd_wfd = xce->pipe[1];
+    }
+    return port;
+}
 int xenevtchn_unbind(xenevtchn_handle *xce, evtchn_port_t port) { return 0; }
 int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port) { return 0; }
 
 xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce)
 {
+    char byte;
+    if (read(xce->pipe[0], &byte, 1) == 1)
+        return virq_port;
     errno = EAGAIN;
     return -1;
 }

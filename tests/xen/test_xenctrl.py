@@ -89,12 +89,13 @@ def test_domain_list_decoding(fake_xc: XenCtrl) -> None:
 def test_host_information(fake_xc: XenCtrl) -> None:
     """physinfo, max_cpus, cpu_idle_times, sched_id and vcpu_getinfo decode their out-structs."""
     info = fake_xc.physinfo()
-    assert (info.nr_cpus, info.threads_per_core, info.total_pages, info.free_pages) == (4, 2, 1 << 20, 3 << 18)
+    # 4 GiB host; dom0 holds 1 GiB and domains 1 and 2 256 MiB each
+    assert (info.nr_cpus, info.threads_per_core, info.total_pages, info.free_pages) == (4, 2, 1 << 20, 10 << 16)
     assert fake_xc.max_cpus() == 4
     assert fake_xc.cpu_idle_times(8) == [1_000_000_000, 2_000_000_000, 3_000_000_000, 4_000_000_000]
     assert fake_xc.sched_id() == "credit"
     vcpu = fake_xc.vcpu_getinfo(1, 1)
-    assert (vcpu.vcpu, vcpu.online, vcpu.cpu_time, vcpu.cpu) == (1, 1, 1_000_000_000, 1)
+    assert (vcpu.vcpu, vcpu.online, vcpu.cpu_time, vcpu.cpu) == (1, 1, 1_000_000_000, 1)  # 2 s over 2 vCPUs
     with pytest.raises(XenError) as caught:
         fake_xc.vcpu_getinfo(1, 5)
     assert caught.value.errno == errno.EINVAL

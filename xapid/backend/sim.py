@@ -1,6 +1,6 @@
 """The ``sim`` driver: a strict, persistent, deterministic simulated Xen host.
 
-It refuses what a real hypervisor would refuse (see :func:`_validate_spec` and the
+It refuses what a real hypervisor would refuse (see :func:`xapid.backend.specs.validate_spec` and the
 per-operation state checks), keeps its domain table in ``<state_dir>/sim-state.json``
 (rewritten atomically after every change, so domains "keep running" across daemon
 restarts) and derives every counter from the injected clock, never from wall time.
@@ -30,9 +30,7 @@ import contextlib
 import json
 import os
 import pathlib
-import re
 import threading
-import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,7 +46,6 @@ from xapid.backend.interface import (
     DiskSpec,
     DomainInfo,
     DomainSpec,
-    PhysicalNic,
     HostInfo,
     HypervisorUnavailable,
     IBackend,
@@ -58,8 +55,16 @@ from xapid.backend.interface import (
     NoSuchDomain,
     NotEnoughMemory,
     PhysicalCPU,
+    PhysicalNic,
     PifCounters,
     ShutdownTimeout,
+)
+from xapid.backend.specs import (
+    MIN_DOMAIN_MEMORY,
+    check_limits,
+    validate_disk,
+    validate_nic,
+    validate_spec,
 )
 
 MiB = 2**20
@@ -71,11 +76,6 @@ STATE_FILE = "sim-state.json"
 STATE_VERSION = 1
 SUSPEND_MAGIC = "xapid-sim-suspend-v1"
 DOM0_UUID = "00000000-0000-0000-0000-000000000000"
-MIN_DOMAIN_MEMORY = 16 * MiB  # a real domain builder refuses less
-MAX_VCPUS = 512
-MAX_PV_DISKS = 16
-MAX_HVM_DISKS = 4
-MAX_NICS = 7
 GUEST_LOAD = 0.1
 DOM0_LOAD = 0.05
 #: Bytes per second of each device at load 1.0 (scaled by the domain's load unless set_io fixes it).
@@ -83,7 +83,6 @@ IO_RATES = {"disk_read": 4 * MiB, "disk_write": 2 * MiB, "net_rx": 1 * MiB, "net
 IO_REQUEST_SIZE = 64 * 1024  # bytes per simulated disk request
 PIF_BASE_RATE = 1000  # B/s of host traffic on every PIF, each way
 NO_PV_DRIVERS = ["sim-no-pv-drivers", "true"]  # platform entry: the guest ignores requests
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
 
 
 def _xen_overhead(total: int) -> int:
@@ -106,64 +105,6 @@ def _spec_to_json(spec: DomainSpec) -> dict[str, Any]:
         nics=list(data["nics"]),
     )
     return data
-
-
-def _validate_spec(spec: DomainSpec) -> None:
-    """Raise InvalidSpec for a spec the domain builder refuses."""
-    try:
-        uuidlib.UUID(spec.uuid)
-    except ValueError:
-        raise InvalidSpec(f"invalid domain handle {spec.uuid!r}") from None
-    if spec.domain_type not in ("pv", "hvm", "pvh"):
-        raise InvalidSpec(f"unknown domain type {spec.domain_type!r}")
-    if not 1 <= spec.vcpus_max <= MAX_VCPUS:
-        raise InvalidSpec(f"vcpus_max {spec.vcpus_max} not in 1..{MAX_VCPUS}")
-    if not 1 <= spec.vcpus_at_startup <= spec.vcpus_max:
-        raise InvalidSpec(f"vcpus_at_startup {spec.vcpus_at_startup} not in 1..{spec.vcpus_max}")
-    if spec.memory_static_max < MIN_DOMAIN_MEMORY:
-        raise InvalidSpec(f"memory_static_max {spec.memory_static_max} below {MIN_DOMAIN_MEMORY}")
-    if not MIN_DOMAIN_MEMORY <= spec.memory_target <= spec.memory_static_max:
-        raise InvalidSpec(
-            f"memory_target {spec.memory_target} not in {MIN_DOMAIN_MEMORY}..{spec.memory_static_max}"
-        )
-    if not 1 <= spec.vcpu_weight <= 65535 or spec.vcpu_cap < 0:
-        raise InvalidSpec(f"bad scheduler parameters weight={spec.vcpu_weight} cap={spec.vcpu_cap}")
-    if spec.domain_type != "hvm" and not (spec.kernel or spec.bootloader):
-        raise InvalidSpec("no kernel or bootloader")
-    for disk in spec.disks:
-        _validate_disk(disk)
-    for nic in spec.nics:
-        _validate_nic(nic)
-    if len({d.device for d in spec.disks}) != len(spec.disks):
-        raise InvalidSpec("duplicate disk device name")
-    _check_limits(spec.domain_type, len(spec.disks), len(spec.nics))
-    if len({n.devid for n in spec.nics}) != len(spec.nics):
-        raise InvalidSpec("duplicate nic devid")
-
-
-def _check_limits(domain_type: str, disks: int, nics: int) -> None:
-    """InvalidSpec beyond the device slots a guest has (xapi's allowed-device lists)."""
-    max_disks = MAX_HVM_DISKS if domain_type == "hvm" else MAX_PV_DISKS
-    if disks > max_disks:
-        raise InvalidSpec(f"{disks} disks: a {domain_type} guest has {max_disks} disk slots")
-    if nics > MAX_NICS:
-        raise InvalidSpec(f"{nics} network cards: a guest has {MAX_NICS} slots")
-
-
-def _validate_disk(disk: DiskSpec) -> None:
-    """Raise InvalidSpec for a disk the backend cannot build."""
-    if not disk.device:
-        raise InvalidSpec("disk without a device name")
-    if disk.kind == "disk" and not disk.path:
-        raise InvalidSpec(f"disk {disk.device} has no path (only a CD drive may be empty)")
-
-
-def _validate_nic(nic: NicSpec) -> None:
-    """Raise InvalidSpec for a network card the backend cannot build."""
-    if nic.devid < 0:
-        raise InvalidSpec(f"negative nic devid {nic.devid}")
-    if not _MAC.match(nic.mac):
-        raise InvalidSpec(f"invalid MAC address {nic.mac!r}")
 
 
 @dataclass
@@ -772,10 +713,10 @@ class SimBackend:
         """Hot-plug a disk; InvalidSpec when the device name is taken."""
         with self._operation("attach_disk") as state:
             dom = self._lookup(state, uuid)
-            _validate_disk(disk)
+            validate_disk(disk)
             if any(d["device"] == disk.device for d in dom.disks):
                 raise InvalidSpec(f"domain {dom.domid} already has a disk {disk.device}")
-            _check_limits(dom.domain_type, len(dom.disks) + 1, 0)
+            check_limits(dom.domain_type, len(dom.disks) + 1, 0)
             dom.checkpoint(self._clock())
             dom.io_acc.pop(f"vbd:{disk.device}", None)
             dom.disks.append(asdict(disk))
@@ -795,10 +736,10 @@ class SimBackend:
         """Hot-plug a network card; InvalidSpec when the devid is taken."""
         with self._operation("attach_nic") as state:
             dom = self._lookup(state, uuid)
-            _validate_nic(nic)
+            validate_nic(nic)
             if any(n["devid"] == nic.devid for n in dom.nics):
                 raise InvalidSpec(f"domain {dom.domid} already has a nic {nic.devid}")
-            _check_limits(dom.domain_type, 0, len(dom.nics) + 1)
+            check_limits(dom.domain_type, 0, len(dom.nics) + 1)
             dom.checkpoint(self._clock())
             dom.io_acc.pop(f"vif:{nic.devid}", None)
             dom.nics.append(asdict(nic))
@@ -846,7 +787,7 @@ class SimBackend:
     @staticmethod
     def _check_buildable(state: _State, spec: DomainSpec) -> None:
         """Refuse an invalid spec or one whose handle is taken."""
-        _validate_spec(spec)
+        validate_spec(spec)
         if spec.uuid in state.domains:
             raise InvalidSpec(f"a domain with handle {spec.uuid} already exists")
 
