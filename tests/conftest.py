@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from support import ApiEnv, LocalClient, RealDaemon
+from xenfakes import fake_xen_so, xen_fakes, xenstored  # noqa: F401 - fixtures for the Xen tests
 
 
 @pytest.fixture

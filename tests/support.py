@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def resolve(d: Deferred, clock: Clock) -> Any:
 class LocalClient:
     """Calls the dispatcher in-process the way a wire client would (session first)."""
 
-    def __init__(self, env: "ApiEnv", session: str):
+    def __init__(self, env: ApiEnv, session: str):
         self.env = env
         self.session = session
 
@@ -68,9 +69,11 @@ class LocalClient:
 
 
 class ApiEnv:
-    def __init__(self, tmp_path: Path, clock: Clock, **api_config: Any):
+    def __init__(self, tmp_path: Path, clock: Clock, driver: Callable[[], Any] | None = None, **api_config: Any):
+        """The API on *tmp_path* with the sim driver, or the unopened driver *driver()* makes."""
         self.tmp_path = tmp_path
         self.clock = clock
+        self.driver = driver
         users = tmp_path / "users"
         if not users.exists():
             make_users(users)
@@ -82,7 +85,9 @@ class ApiEnv:
 
     def start(self) -> None:
         runner = InlineRunner()
-        self.api = resolve(Deferred.fromCoroutine(build_api(self.config, self.clock, runner, runner)), self.clock)
+        driver = self.driver() if self.driver else None
+        self.api = resolve(Deferred.fromCoroutine(build_api(self.config, self.clock, runner, runner, driver=driver)),
+                           self.clock)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
 
     def restart(self) -> None:
@@ -94,6 +99,11 @@ class ApiEnv:
     def raw(self, method: str, params: list[Any]) -> Any:
         value = resolve(self.dispatcher.call(method, params), self.clock)
         return value.value if hasattr(value, "value") and hasattr(value, "encoded") else _plain(value)
+
+    def settle(self) -> None:
+        """Let background work scheduled on the fake clock (not advanced in time) finish."""
+        for _ in range(10):
+            self.clock.advance(0)
 
     def login(self, user: str = "admin", password: str = PASSWORD) -> LocalClient:
         return LocalClient(self, self.raw("session.login_with_password", [user, password]))

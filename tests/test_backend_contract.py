@@ -1,7 +1,9 @@
 """The IBackend contract: behaviour every driver must share.
 
-Each entry of DRIVERS builds an unopened driver from a state directory and a fake clock;
-a driver backed by fakes (e.g. Xen with a canned hypervisor) joins by adding an entry.
+Each entry of DRIVERS builds an unopened driver from a state directory, a fake clock and the
+pytest request (for fixtures such as the fake Xen host).  ``xen`` runs on the fake Xen host of
+tests/xenfakes.py: fake hypervisor and libxl builder, the real libxenlight parsing every
+config, the real C xenstored, cooperative fake guests; the clock advances hypervisor time too.
 Tests use only IBackend methods and the clock's ``advance``.
 """
 
@@ -46,8 +48,21 @@ class FakeClock:
         self.now += amount
 
 
-DRIVERS: dict[str, Callable[[pathlib.Path, FakeClock], Any]] = {
-    "sim": lambda path, clock: SimBackend(path / "state", clock.seconds),
+def _xen(path: pathlib.Path, clock: FakeClock, request: pytest.FixtureRequest) -> Any:
+    fakes = request.getfixturevalue("xen_fakes")
+    advance = clock.advance
+
+    def advance_both(amount: float) -> None:
+        advance(amount)
+        fakes.advance(amount)
+
+    clock.advance = advance_both  # type: ignore[method-assign]
+    return fakes.backend(path / "state", clock.seconds)
+
+
+DRIVERS: dict[str, Callable[[pathlib.Path, FakeClock, pytest.FixtureRequest], Any]] = {
+    "sim": lambda path, clock, request: SimBackend(path / "state", clock.seconds),
+    "xen": _xen,
 }
 
 
@@ -58,7 +73,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture(params=sorted(DRIVERS))
 def driver(request: pytest.FixtureRequest, tmp_path: pathlib.Path, clock: FakeClock) -> Iterator[Any]:
-    backend = DRIVERS[request.param](tmp_path, clock)
+    backend = DRIVERS[request.param](tmp_path, clock, request)
     backend.open()
     yield backend
     backend.close()

@@ -82,6 +82,13 @@ def test_xen_backend_without_a_hypervisor(tmp_path):
                           "no Xen hypervisor: /dev/xen/privcmd not found")
 
 
+def test_auto_backend_without_a_hypervisor(tmp_path):
+    """--backend auto on a machine without Xen is refused with advice (exit 2, one line)."""
+    assert_one_line_error(serve(tmp_path, "--backend", "auto", "--listen", "tcp:0:interface=127.0.0.1"),
+                          "--backend auto: no Xen hypervisor here (/dev/xen/privcmd not found); run xapid in dom0 "
+                          "of a Xen host, or use --backend sim for the simulated host")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signals_stop_cleanly(tmp_path, sig):
     """SIGTERM and SIGINT stop the daemon with status 0 after it served."""

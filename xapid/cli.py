@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="INI config file (default /etc/xapid/xapid.conf if present)")
     serve.add_argument("--listen", action="append", metavar="ENDPOINT",
                        help="Twisted server endpoint string, e.g. tcp:9363:interface=127.0.0.1 (repeatable)")
-    serve.add_argument("--backend", choices=("sim", "xen"), help="hypervisor driver")
+    serve.add_argument("--backend", choices=("sim", "xen", "auto"),
+                       help="hypervisor driver (auto: xen when a Xen hypervisor is present)")
     serve.add_argument("--state-dir", help="directory for the database and driver state")
     serve.add_argument("--users", help="users file")
     add_user_subparsers(sub)

@@ -79,7 +79,7 @@ class Config:
     source: str = "<defaults>"
 
 
-BACKENDS = ("sim", "xen")
+BACKENDS = ("sim", "xen", "auto")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 DISK_FORMATS = ("raw", "qcow2")
 _POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",

@@ -25,10 +25,11 @@ from xapid.backend.interface import BackendError, IBackend
 from xapid.backend.proxy import Hypervisor
 from xapid.config import Config
 from xapid.dispatch import Dispatcher
-from xapid.events import EventHub
 from xapid.errors import XenAPIError
+from xapid.events import EventHub
 from xapid.objects import collect_handlers
 from xapid.objects.vm_ops import derive as derive_vm
+from xapid.objects.vm_watch import domain_changed
 from xapid.runner import Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
@@ -51,8 +52,16 @@ class StartupError(Exception):
 
 
 def make_driver(config: Config, reactor: Any) -> IBackend:
-    """The configured backend driver (not yet opened)."""
-    if config.server.backend == "sim":
+    """The configured backend driver (not yet opened); ``auto`` is ``xen`` on a Xen host, else refused."""
+    backend = config.server.backend
+    if backend == "auto":
+        from xapid.backend.xen.driver import hypervisor_present
+
+        if not hypervisor_present():
+            raise StartupError("--backend auto: no Xen hypervisor here (/dev/xen/privcmd not found); "
+                               "run xapid in dom0 of a Xen host, or use --backend sim for the simulated host")
+        backend = "xen"
+    if backend == "sim":
         from xapid.backend.sim import SimBackend
 
         sim = config.sim
@@ -75,11 +84,13 @@ def _prepare_state_dir(path: Path) -> None:
 
 
 async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Runner,
-                    schema_path: str | Path = DEFAULT_SCHEMA) -> Api:
+                    schema_path: str | Path = DEFAULT_SCHEMA, driver: IBackend | None = None) -> Api:
     """Open the state dir, users file, database and driver; reconcile the inventory.
 
     *reactor* supplies the clock and timers; *runner* runs blocking driver and auth work,
-    *db_runner* the database commits (one at a time).
+    *db_runner* the database commits (one at a time).  *driver* (unopened) replaces the
+    configured one (tests: the xen driver on a fake host).  Domains found shut down or
+    crashed get their VM's actions, as if they had just stopped.
     """
     try:
         schema = load_schema(schema_path)
@@ -100,7 +111,7 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
         store.load()
     except Exception as exc:  # noqa: BLE001 - sqlite reports many kinds of unusable file
         raise StartupError(f"database {db_path} is unusable: {exc}") from None
-    driver = make_driver(config, reactor)
+    driver = driver or make_driver(config, reactor)
     try:
         await runner.run(driver.open)
     except BackendError as exc:
@@ -116,6 +127,10 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     try:
         await inventory.initialise(api)
         await store.flush()
+        driver.watch_domains(reactor, lambda uuid: domain_changed(api, uuid))
+        for domain in await api.hypervisor.call("list_domains"):
+            if domain.state in ("shutdown", "crashed"):
+                domain_changed(api, domain.uuid)
     except (XenAPIError, BackendError) as exc:
         raise StartupError(f"cannot read the host inventory from the {driver.name} driver: {exc}") from None
     api.tasks = TaskManager(store, reactor, lambda: api.host_ref, config.api.task_ttl)
@@ -131,7 +146,7 @@ def _build_sampler(config: Config, api: Api, runner: Runner) -> Sampler:
     existed = path.exists()
     table, warning = RRDTable.load(path, now=api.reactor.seconds())
     if warning and existed:
-        log.warn("{warning}", warning=warning)
+        log.warning("{warning}", warning=warning)
     elif warning:
         log.info("{warning}", warning=warning)
     period = config.stats.period

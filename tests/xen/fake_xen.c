@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -69,6 +70,12 @@ struct fake_hv {
     struct fake_dom doms[MAX_DOMS];
 };
 
+/* One lock for the table: ctypes releases the GIL, so the driver's threads and the fake
+ * guests call in concurrently. */
+static pthread_mutex_t table_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+static void unlock_table(int *unused) { pthread_mutex_unlock(&table_lock); }
+#define LOCKED pthread_mutex_lock(&table_lock); int locked_ __attribute__((cleanup(unlock_table))) = 0; (void)locked_
+
 static struct fake_hv private_hv;
 static struct fake_hv *hv;
 static evtchn_port_t next_port = 10, virq_port = 0;
@@ -90,6 +97,12 @@ static void add_dom(uint32_t domid)
         d->handle[15] = domid;
     if (domid >= hv->next_domid)
         hv->next_domid = domid + 1;
+}
+
+static int cmp_dom(const void *a, const void *b)
+{
+    const struct fake_dom *x = a, *y = b;
+    return (x->domid > y->domid) - (x->domid < y->domid);
 }
 
 static struct fake_hv *map_state(void)
@@ -114,6 +127,7 @@ static struct fake_hv *map_state(void)
  * table lives in $FAKE_XEN_STATE when set (re-read here).  xenstored's registration survives. */
 void fake_xen_reset(void)
 {
+    LOCKED;
     const char *list = getenv("FAKE_XEN_DOMIDS");
     if (hv != NULL && hv != &private_hv)
         munmap(hv, sizeof(*hv));
@@ -138,6 +152,7 @@ void fake_xen_reset(void)
             add_dom(domid);
         list = *end == ',' ? end + 1 : end;
     }
+    qsort(hv->doms, hv->ndoms, sizeof(hv->doms[0]), cmp_dom);
 }
 
 static void ensure(void)
@@ -167,6 +182,7 @@ static int runs(const struct fake_dom *d)
 /* Advance the hypervisor clock: each running vCPU is busy 10% of the time, the rest is idle. */
 void fake_xen_advance(uint64_t ns)
 {
+    LOCKED;
     ensure();
     uint64_t busy = 0;
     for (int i = 0; i < hv->ndoms; i++)
@@ -206,6 +222,7 @@ static uint64_t used_pages(void)
 int fake_xen_create(const uint8_t *handle, int hvm, uint64_t max_kib, uint64_t target_kib,
                     uint32_t max_vcpus, uint32_t vcpus, uint64_t cpu_ns, uint32_t *domid)
 {
+    LOCKED;
     ensure();
     for (int i = 0; i < hv->ndoms; i++)
         if (memcmp(hv->doms[i].handle, handle, 16) == 0) {
@@ -238,6 +255,7 @@ int fake_xen_create(const uint8_t *handle, int hvm, uint64_t max_kib, uint64_t t
 /* The guest's side: balloon to *kib*, or bring *vcpus* online. */
 int fake_xen_balloon(uint32_t domid, uint64_t kib)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -251,6 +269,7 @@ int fake_xen_balloon(uint32_t domid, uint64_t kib)
 
 int fake_xen_set_online_vcpus(uint32_t domid, uint32_t vcpus)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -279,6 +298,7 @@ int xc_interface_close(xc_interface *xch)
  * dying make it fire @releaseDomain. */
 int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigned int max_doms, xc_dominfo_t *info)
 {
+    LOCKED;
     int n = 0;
     if (find_dom(0) == NULL)
         return -1;
@@ -302,17 +322,11 @@ int xc_domain_getinfo(xc_interface *xch, uint32_t first_domid, unsigned int max_
     return n;
 }
 
-static int cmp_dom(const void *a, const void *b)
-{
-    const struct fake_dom *x = a, *y = b;
-    return (x->domid > y->domid) - (x->domid < y->domid);
-}
-
 int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int max_domains, xc_domaininfo_t *info)
 {
+    LOCKED;
     int n = 0;
     ensure();
-    qsort(hv->doms, hv->ndoms, sizeof(hv->doms[0]), cmp_dom);
     for (int i = 0; i < hv->ndoms && (unsigned)n < max_domains; i++) {
         const struct fake_dom *d = &hv->doms[i];
         if (d->domid < first_domain)
@@ -333,6 +347,7 @@ int xc_domain_getinfolist(xc_interface *xch, uint32_t first_domain, unsigned int
 
 int xc_physinfo(xc_interface *xch, xc_physinfo_t *info)
 {
+    LOCKED;
     ensure();
     memset(info, 0, sizeof(*info));
     info->threads_per_core = 2;
@@ -352,6 +367,7 @@ int xc_get_max_cpus(xc_interface *xch) { return NCPUS; }
 
 int xc_getcpuinfo(xc_interface *xch, int max_cpus, xc_cpuinfo_t *info, int *nr_cpus)
 {
+    LOCKED;
     ensure();
     int n = max_cpus < NCPUS ? max_cpus : NCPUS;
     for (int i = 0; i < n; i++)
@@ -362,6 +378,7 @@ int xc_getcpuinfo(xc_interface *xch, int max_cpus, xc_cpuinfo_t *info, int *nr_c
 
 int xc_vcpu_getinfo(xc_interface *xch, uint32_t domid, uint32_t vcpu, xc_vcpuinfo_t *info)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -379,6 +396,7 @@ int xc_vcpu_getinfo(xc_interface *xch, uint32_t domid, uint32_t vcpu, xc_vcpuinf
 
 static int set_flag(uint32_t domid, uint32_t flag, int on)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -393,6 +411,7 @@ int xc_domain_unpause(xc_interface *xch, uint32_t domid) { return set_flag(domid
 
 int xc_domain_shutdown(xc_interface *xch, uint32_t domid, int reason)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -404,6 +423,7 @@ int xc_domain_shutdown(xc_interface *xch, uint32_t domid, int reason)
 
 int xc_domain_destroy(xc_interface *xch, uint32_t domid)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -411,13 +431,14 @@ int xc_domain_destroy(xc_interface *xch, uint32_t domid)
         errno = EINVAL;
         return -1;
     }
-    *d = hv->doms[--hv->ndoms];
+    memmove(d, d + 1, (size_t)(&hv->doms[--hv->ndoms] - d) * sizeof(*d));  /* the table stays in domid order */
     kick_xenstored();
     return 0;
 }
 
 int xc_domain_setmaxmem(xc_interface *xch, uint32_t domid, uint64_t max_memkb)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -427,6 +448,7 @@ int xc_domain_setmaxmem(xc_interface *xch, uint32_t domid, uint64_t max_memkb)
 
 int xc_domain_max_vcpus(xc_interface *xch, uint32_t domid, unsigned int max)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -442,6 +464,7 @@ int xc_sched_id(xc_interface *xch, int *sched_id)
 
 int xc_sched_credit_domain_get(xc_interface *xch, uint32_t domid, struct xen_domctl_sched_credit *sdom)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;
@@ -452,6 +475,7 @@ int xc_sched_credit_domain_get(xc_interface *xch, uint32_t domid, struct xen_dom
 
 int xc_sched_credit_domain_set(xc_interface *xch, uint32_t domid, struct xen_domctl_sched_credit *sdom)
 {
+    LOCKED;
     struct fake_dom *d = find_dom(domid);
     if (d == NULL)
         return -1;

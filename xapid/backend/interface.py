@@ -318,3 +318,8 @@ class IBackend(Interface):
 
     def read_counters() -> Counters:
         """One batch of raw counters: every domain, physical CPU, domain disk and nic, and PIF."""
+
+    def watch_domains(reactor: object, listener: object) -> None:
+        """Report every domain that shuts down, crashes or vanishes on its own (not through this
+        driver's operations) by calling ``listener(uuid)`` in the reactor thread; the listener
+        looks at :meth:`domain_info` to see what happened.  Does not block."""

@@ -21,7 +21,8 @@ Models, all documented where they are computed:
   carries every guest's traffic (all that domains ever sent and received on this host).
 
 Sim-only helpers for tests: :meth:`SimBackend.devices`, :meth:`SimBackend.set_load`,
-:meth:`SimBackend.set_io`, :meth:`SimBackend.inject_fault`, :meth:`SimBackend.clear_faults`.
+:meth:`SimBackend.set_io`, :meth:`SimBackend.guest_shutdown`, :meth:`SimBackend.inject_fault`,
+:meth:`SimBackend.clear_faults`.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class _Domain:
     uuid: str
     name: str
     domain_type: str
-    state: str  # "running" or "paused": the sim has no other live states
+    state: str  # "running", "paused", or "shutdown"/"crashed" after guest_shutdown
     memory_target: int  # memory_actual follows it immediately
     memory_max: int
     vcpus: int
@@ -130,6 +131,7 @@ class _Domain:
     nics: list[dict[str, Any]]
     io: dict[str, float] = field(default_factory=dict)  # set_io overrides of IO_RATES (B/s per device)
     io_acc: dict[str, list[int]] = field(default_factory=dict)  # "vbd:<dev>"/"vif:<devid>" → bytes up to `since`
+    shutdown_reason: str = ""  # why the guest shut down (state "shutdown"/"crashed")
 
     def io_rate(self, kind: str) -> float:
         """Bytes per second of one device for *kind* (a key of IO_RATES) while running."""
@@ -184,7 +186,7 @@ class _Domain:
             uuid=self.uuid,
             name=self.name,
             state=self.state,  # type: ignore[arg-type]
-            shutdown_reason="",
+            shutdown_reason=self.shutdown_reason,  # type: ignore[arg-type]
             memory_actual=self.memory_target,
             memory_target=self.memory_target,
             memory_max=self.memory_max,
@@ -298,6 +300,7 @@ class SimBackend:
             raise ValueError(f"dom0 ({dom0_usage} bytes) does not fit in {memory} bytes")
         self._dir = pathlib.Path(state_dir)
         self._clock = clock
+        self._listener: Callable[[str], Any] | None = None
         self._cpus = cpus
         self._memory = memory
         self._dom0_memory = dom0_memory
@@ -596,6 +599,27 @@ class SimBackend:
                 else:
                     dom.io[kind] = float(rate)
 
+    def guest_shutdown(self, uuid: str, reason: str) -> None:
+        """Sim only: the guest shuts itself down (*reason* poweroff, reboot, crash, watchdog).
+
+        The domain stays, shut down (``crashed`` for crash), until destroyed or rebuilt, and
+        the listener given to :meth:`watch_domains` hears of it.
+        """
+        if reason not in ("poweroff", "reboot", "crash", "watchdog"):
+            raise ValueError(f"unknown shutdown reason {reason!r}")
+        with self._operation("guest_shutdown") as state:
+            dom = self._guest(state, uuid, "shut down")
+            self._require_state(dom, "running", "shut down")
+            dom.checkpoint(self._clock())
+            dom.state = "crashed" if reason == "crash" else "shutdown"
+            dom.shutdown_reason = reason
+        if self._listener is not None:
+            self._listener(uuid)
+
+    def watch_domains(self, reactor: Any, listener: Callable[[str], Any]) -> None:
+        """Report domains that change on their own (only :meth:`guest_shutdown` here) to *listener*."""
+        self._listener = listener
+
     def create_domain(self, spec: DomainSpec, paused: bool) -> DomainInfo:
         """Build a domain from *spec*, paused or running."""
         with self._operation("create_domain") as state:
@@ -825,6 +849,7 @@ class SimBackend:
         state.remove(dom, now)
         dom.domid = state.take_domid()
         dom.state = "running"
+        dom.shutdown_reason = ""
         dom.vcpu_time_ns = [0] * dom.vcpus_max
         dom.io_acc = {}
         dom.cpu_base_ns = 0

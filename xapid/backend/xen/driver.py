@@ -1,47 +1,151 @@
-"""The ``xen`` driver: :class:`IBackend` on libxenctrl and libxenstore (work in progress).
+"""The ``xen`` driver: :class:`IBackend` on libxenctrl, libxenstore and libxenlight.
 
-:meth:`XenBackend.open` refuses with :class:`HypervisorUnavailable` (one line) when there is
-no hypervisor, the libraries are missing or not Xen 4.17, or a connection cannot be made.
-Operations not yet written raise :class:`NotSupported`.
+How it acts, as a toolstack does:
+
+* domains are listed with one ``xc_domain_getinfolist``; a domain's handle is its VM uuid;
+* a build turns the :class:`DomainSpec` into libxl's JSON domain config
+  (:mod:`xapid.backend.xen.domconfig`), has libxl build it paused, applies the credit
+  scheduler parameters and unpauses it unless asked to keep it paused;
+* clean shutdown, reboot and suspend are requests written to the guest's
+  ``control/shutdown`` (suspend through libxl, which does the same and saves the image);
+  the driver then waits for the hypervisor to report the domain shut down, woken by the
+  ``@releaseDomain`` watch, and gives up with :class:`ShutdownTimeout`;
+* the memory target is the guest's ``memory/target`` in xenstore (the balloon driver acts on
+  it), vCPU hot-plug its ``cpu/N/availability`` nodes;
+* domains that shut down, crash or vanish on their own are reported to the listener given
+  to :meth:`XenBackend.watch_domains`, from the ``@releaseDomain`` watch read in the reactor.
+
+What the driver keeps itself (``<state_dir>/domains/<uuid>.json``, rewritten atomically):
+each running domain's spec (to rebuild it on reboot), build time and the CPU time it had
+before a suspend.  :meth:`XenBackend.open` refuses with :class:`HypervisorUnavailable` (one
+line) when there is no hypervisor, the libraries are missing or not Xen 4.17, or a
+connection cannot be made.  Every other method may block: the API layer runs them in a
+thread pool.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import json
+import os
 import pathlib
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from typing import Any
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from xapid.backend.interface import (
+    BackendError,
+    BadDomainState,
     Counters,
+    DiskCounters,
     DiskSpec,
     DomainInfo,
     DomainSpec,
     HostInfo,
     HypervisorUnavailable,
     IBackend,
+    InvalidSpec,
+    NicCounters,
     NicSpec,
-    NotSupported,
+    NoSuchDomain,
+    NotEnoughMemory,
     PhysicalCPU,
     PhysicalNic,
+    PifCounters,
+    ShutdownTimeout,
 )
-from xapid.backend.xen.libs import PRIVCMD_PATHS, XenError, XenUnavailable, check_hypervisor
+from xapid.backend.specs import (
+    MIN_DOMAIN_MEMORY,
+    check_limits,
+    validate_disk,
+    validate_nic,
+    validate_spec,
+)
+from xapid.backend.xen import domconfig
+from xapid.backend.xen.libs import (
+    PRIVCMD_PATHS,
+    XenError,
+    XenUnavailable,
+    check_hypervisor,
+)
 from xapid.backend.xen.toollog import QuietLogger
-from xapid.backend.xen.xenctrl import XenCtrl, load_xenctrl
+from xapid.backend.xen.watches import WatchReader
+from xapid.backend.xen.xenctrl import (
+    XcDomainInfo,
+    XEN_DOMINF_dying,
+    XEN_DOMINF_hvm_guest,
+    XEN_DOMINF_paused,
+    XEN_DOMINF_shutdown,
+    XenCtrl,
+    load_xenctrl,
+)
+from xapid.backend.xen.xenlight import XenLight, XenLightError, load_xenlight
 from xapid.backend.xen.xenstore import XenStore
 
+log = Logger()
+
 PAGE = 4096
+KiB = 1024
+MiB = 2**20
+DOM0_UUID = "00000000-0000-0000-0000-000000000000"
+RELEASE = "@releaseDomain"
+STATE_VERSION = 1
+VCPU_SETTLE = 2.0  # seconds a guest gets to act on vCPU hot-plug before the call returns
+POLL = 0.5  # seconds between domain-table checks while waiting (the watch usually wakes us first)
 
 
-def _todo(operation: str) -> NoReturn:
-    raise NotSupported(f"{operation} is not implemented by the xen driver yet")
+def _state_of(info: XcDomainInfo) -> str:
+    if info.flags & XEN_DOMINF_dying:
+        return "dying"
+    if info.flags & XEN_DOMINF_shutdown:
+        return "crashed" if info.shutdown_reason == "crash" else "shutdown"
+    if info.flags & XEN_DOMINF_paused:
+        return "paused"
+    return "running"
+
+
+def _overhead(spec: DomainSpec) -> int:
+    """Memory a domain costs beyond its RAM: 1 MiB per possible vCPU, page tables (1/256)."""
+    return spec.vcpus_max * MiB + -(-spec.memory_static_max // 256)
+
+
+def _spec_to_json(spec: DomainSpec) -> dict[str, Any]:
+    data = asdict(spec)
+    data.update(platform=[list(p) for p in spec.platform], disks=list(data["disks"]), nics=list(data["nics"]))
+    return data
+
+
+def _spec_from_json(data: dict[str, Any]) -> DomainSpec:
+    fields = dict(data)
+    fields["platform"] = tuple(tuple(p) for p in fields.get("platform", ()))
+    fields["disks"] = tuple(DiskSpec(**d) for d in fields.get("disks", ()))
+    fields["nics"] = tuple(NicSpec(**n) for n in fields.get("nics", ()))
+    return DomainSpec(**fields)
+
+
+def _read_int(path: pathlib.Path) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @implementer(IBackend)
 class XenBackend:
-    """Drives the local Xen hypervisor; *xenctrl_lib* and *privcmd* are seams for tests."""
+    """Drives the local Xen hypervisor.
+
+    *xenctrl_lib*, *xenlight_lib*, *privcmd*, *sysfs* and *procfs* are seams for tests (fake
+    libraries, a fake ``/sys`` tree).
+    """
 
     name = "xen"
 
@@ -52,18 +156,33 @@ class XenBackend:
         *,
         privcmd: Sequence[str] = PRIVCMD_PATHS,
         xenctrl_lib: Callable[[], ctypes.CDLL] = load_xenctrl,
+        xenlight_lib: Callable[[], Any] = load_xenlight,
+        sysfs: pathlib.Path = pathlib.Path("/sys"),
+        procfs: pathlib.Path = pathlib.Path("/proc"),
     ) -> None:
         self._state_dir = state_dir
         self._clock = clock
         self._privcmd = privcmd
         self._xenctrl_lib = xenctrl_lib
+        self._xenlight_lib = xenlight_lib
+        self._sysfs = sysfs
+        self._procfs = procfs
         self._logger: QuietLogger | None = None
         self._xc: XenCtrl | None = None
         self._xs: XenStore | None = None
+        self._xl: XenLight | None = None
+        self._watch_xs: XenStore | None = None
+        self._reader: WatchReader | None = None
+        self._listener: Callable[[str], Any] | None = None
+        self._known: dict[str, tuple[int, str]] = {}  # uuid -> (domid, state) as last reported
+        self._busy: set[str] = set()  # handles with an operation in flight: not reported
+        self._lock = threading.RLock()
         self.xen_version = ""
 
+    # -- connection --------------------------------------------------------------------
+
     def open(self) -> None:
-        """Check for a hypervisor, load the libraries, open libxenctrl and xenstore, check the version."""
+        """Check for a hypervisor, load the libraries, open libxenctrl, xenstore and libxl, check the version."""
         try:
             check_hypervisor(self._privcmd)
             lib = self._xenctrl_lib()
@@ -71,24 +190,113 @@ class XenBackend:
             self._xc = XenCtrl(lib, self._logger.pointer)
             self.xen_version = self._xc.check_abi()
             self._xs = XenStore()
+            self._xl = XenLight(self._xenlight_lib(), self._logger.pointer)
+            (self._state_dir / "domains").mkdir(parents=True, exist_ok=True, mode=0o700)
         except XenUnavailable as exc:
             self.close()
             raise HypervisorUnavailable(str(exc)) from None
-        except XenError as exc:
+        except (XenError, XenLightError) as exc:
             self.close()
-            raise HypervisorUnavailable(f"cannot connect to Xen: {exc.strerror}") from None
+            raise HypervisorUnavailable(f"cannot connect to Xen: {exc.strerror or exc}") from None
+        except OSError as exc:
+            self.close()
+            raise HypervisorUnavailable(f"cannot use {self._state_dir}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
-        """Close xenstore, libxenctrl and the logger; idempotent."""
-        for handle in (self._xs, self._xc, self._logger):
+        """Stop watching, close libxl, xenstore, libxenctrl and the logger; idempotent."""
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
+        for handle in (self._watch_xs, self._xl, self._xs, self._xc, self._logger):
             if handle is not None:
                 handle.close()
-        self._xs = self._xc = self._logger = None
+        self._watch_xs = self._xl = self._xs = self._xc = self._logger = None
 
     def _ctrl(self) -> XenCtrl:
         if self._xc is None:
             raise HypervisorUnavailable("the xen driver is not open")
         return self._xc
+
+    def _store(self) -> XenStore:
+        if self._xs is None:
+            raise HypervisorUnavailable("the xen driver is not open")
+        return self._xs
+
+    def _light(self) -> XenLight:
+        if self._xl is None:
+            raise HypervisorUnavailable("the xen driver is not open")
+        return self._xl
+
+    # -- domain death ------------------------------------------------------------------
+
+    def watch_domains(self, reactor: Any, listener: Callable[[str], Any]) -> None:
+        """Report domains that shut down, crash or vanish on their own to *listener(uuid)*.
+
+        Reads the ``@releaseDomain`` watch in *reactor*; operations of this driver in flight
+        are not reported (their caller sees the outcome).
+        """
+        self._listener = listener
+        self._known = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
+        self._watch_xs = XenStore()
+        self._watch_xs.watch(RELEASE, "xapid")
+        self._reader = WatchReader(self._watch_xs, self._on_release)
+        self._reader.start(reactor)
+
+    def _on_release(self, path: str, token: str) -> None:
+        if path != RELEASE or self._listener is None:
+            return
+        now = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
+        changed = [u for u, (domid, state) in now.items()
+                   if state in ("shutdown", "crashed") and self._known.get(u) != (domid, state)]
+        changed += [u for u in self._known if u not in now]
+        self._known = now
+        for uuid in changed:
+            with self._lock:
+                if uuid in self._busy:
+                    continue
+            log.info("domain {uuid} changed on its own: {state}", uuid=uuid,
+                     state=now.get(uuid, (0, "gone"))[1])
+            self._listener(uuid)
+
+    @contextmanager
+    def _operating(self, uuid: str) -> Iterator[None]:
+        with self._lock:
+            self._busy.add(uuid)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(uuid)
+            if self._listener is not None:
+                self._known.pop(uuid, None)
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _record_path(self, uuid: str) -> pathlib.Path:
+        return self._state_dir / "domains" / f"{uuid}.json"
+
+    def _record(self, uuid: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self._record_path(uuid).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) and data.get("version") == STATE_VERSION else {}
+
+    def _save_record(self, spec: DomainSpec, start_time: float, cpu_offset: int) -> None:
+        path = self._record_path(spec.uuid)
+        tmp = path.with_suffix(".partial")
+        data = {"version": STATE_VERSION, "spec": _spec_to_json(spec), "start_time": start_time,
+                "cpu_offset": cpu_offset}
+        with open(tmp, "w") as out:
+            json.dump(data, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+
+    def _forget(self, uuid: str) -> None:
+        self._record_path(uuid).unlink(missing_ok=True)
+
+    # -- host --------------------------------------------------------------------------
 
     def free_memory(self) -> int:
         """Free host memory in bytes (``xc_physinfo``)."""
@@ -97,61 +305,476 @@ class XenBackend:
     def physical_cpus(self) -> list[PhysicalCPU]:
         """Every physical CPU with its cumulative idle time (``xc_getcpuinfo``)."""
         xc = self._ctrl()
-        return [PhysicalCPU(n, idle) for n, idle in enumerate(xc.cpu_idle_times(xc.max_cpus()))]
+        return [PhysicalCPU(n, idle) for n, idle in enumerate(xc.cpu_idle_times(xc.physinfo().nr_cpus))]
 
     def host_info(self) -> HostInfo:
-        _todo("host_info")
+        """Host facts from ``xc_physinfo``/``xc_version``, ``/proc/cpuinfo`` and the DMI tables."""
+        xc = self._ctrl()
+        phys = xc.physinfo()
+        cpu = self._cpuinfo()
+        sockets = max(1, phys.nr_cpus // max(1, phys.cores_per_socket * phys.threads_per_core))
+        dmi = self._sysfs / "class" / "dmi" / "id"
+        bios = {key: value for key, name in (("bios-vendor", "bios_vendor"), ("bios-version", "bios_version"),
+                                             ("system-manufacturer", "sys_vendor"),
+                                             ("system-product-name", "product_name"),
+                                             ("system-serial-number", "product_serial"))
+                if (value := self._text(dmi / name))}
+        return HostInfo(
+            hostname=socket.gethostname(),
+            address=self._address(),
+            total_memory=phys.total_pages * PAGE,
+            xen_version=self.xen_version,
+            capabilities=tuple(xc.capabilities().split()),
+            sched_policy=xc.sched_id(),
+            cpu_count=phys.nr_cpus,
+            socket_count=sockets,
+            cores_per_socket=phys.cores_per_socket,
+            threads_per_core=phys.threads_per_core,
+            cpu_vendor=cpu.get("vendor_id", ""),
+            cpu_model_name=cpu.get("model name", ""),
+            cpu_speed_mhz=phys.cpu_khz // 1000,
+            cpu_family=int(cpu.get("cpu family", "0") or 0),
+            cpu_model=int(cpu.get("model", "0") or 0),
+            cpu_stepping=int(cpu.get("stepping", "0") or 0),
+            cpu_flags=cpu.get("flags", ""),
+            cpu_features=" ".join(f"{word:08x}" for word in phys.hw_cap),
+            bios_strings=bios,
+        )
+
+    def _cpuinfo(self) -> dict[str, str]:
+        """The first processor's entries of ``/proc/cpuinfo``."""
+        facts: dict[str, str] = {}
+        for line in self._text(self._procfs / "cpuinfo").splitlines():
+            if not line.strip():
+                if facts:
+                    break
+                continue
+            key, _, value = line.partition(":")
+            facts.setdefault(key.strip(), value.strip())
+        return facts
+
+    @staticmethod
+    def _text(path: pathlib.Path) -> str:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return ""
+
+    @staticmethod
+    def _address() -> str:
+        """The address of the interface holding the default route (no packet is sent)."""
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect(("192.0.2.1", 9))
+                return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
     def physical_nics(self) -> list[PhysicalNic]:
-        _todo("physical_nics")
+        """Interfaces under ``/sys/class/net`` backed by a device (not bridges, vifs or loopback)."""
+        nics = []
+        base = self._sysfs / "class" / "net"
+        for entry in sorted(base.iterdir()) if base.is_dir() else []:
+            if not (entry / "device").exists():
+                continue
+            speed = _read_int(entry / "speed")
+            nics.append(PhysicalNic(
+                device=entry.name, mac=self._text(entry / "address"), mtu=_read_int(entry / "mtu"),
+                carrier=_read_int(entry / "carrier") == 1, speed=max(0, speed),
+                duplex=self._text(entry / "duplex") == "full",
+                pci_bus_path=os.path.basename(os.path.realpath(entry / "device")),
+            ))
+        return nics
+
+    # -- domains -----------------------------------------------------------------------
+
+    def _info(self, raw: XcDomainInfo) -> DomainInfo:
+        xc = self._ctrl()
+        domid = raw.domain
+        uuid = raw.uuid
+        record = self._record(uuid) if domid else {}
+        spec = record.get("spec", {})
+        online = raw.nr_online_vcpus
+        vcpu_times, vcpu_cpus = [], []
+        for vcpu in range(raw.max_vcpu_id + 1):
+            try:
+                info = xc.vcpu_getinfo(domid, vcpu)
+            except XenError:
+                continue
+            if info.online:
+                vcpu_times.append(info.cpu_time)
+                vcpu_cpus.append(info.cpu)
+        target = raw.tot_pages * PAGE
+        name = spec.get("name", "")
+        xs = self._store()
+        try:
+            target = int(xs.read(f"/local/domain/{domid}/memory/target")) * KiB
+        except (XenError, ValueError):
+            pass
+        if not name:
+            try:
+                name = xs.read(f"/local/domain/{domid}/name").decode(errors="replace")
+            except XenError:
+                name = "Domain-0" if domid == 0 else ""
+        kind = spec.get("domain_type") or ("hvm" if raw.flags & XEN_DOMINF_hvm_guest else "pv")
+        return DomainInfo(
+            domid=domid, uuid=uuid, name=name, state=_state_of(raw),  # type: ignore[arg-type]
+            shutdown_reason=raw.shutdown_reason if raw.flags & XEN_DOMINF_shutdown else "",  # type: ignore[arg-type]
+            memory_actual=raw.tot_pages * PAGE, memory_target=target, memory_max=raw.max_pages * PAGE,
+            vcpus=online, vcpus_max=raw.max_vcpu_id + 1, cpu_time_ns=raw.cpu_time + record.get("cpu_offset", 0),
+            vcpu_time_ns=tuple(vcpu_times), vcpu_cpu=tuple(vcpu_cpus),
+            start_time=record.get("start_time", 0.0), domain_type=kind, is_control_domain=domid == 0,
+        )
+
+    def _raw_domains(self) -> list[XcDomainInfo]:
+        return self._ctrl().domain_getinfolist()
+
+    def _find(self, uuid: str) -> XcDomainInfo:
+        for raw in self._raw_domains():
+            if raw.uuid == uuid:
+                return raw
+        raise NoSuchDomain(f"no domain with handle {uuid}", uuid)
 
     def list_domains(self) -> list[DomainInfo]:
-        _todo("list_domains")
+        """Every domain, dom0 included, ordered by domid (one ``xc_domain_getinfolist``)."""
+        return [self._info(raw) for raw in self._raw_domains()]
 
     def domain_info(self, uuid: str) -> DomainInfo:
-        _todo("domain_info")
+        """One domain by handle; NoSuchDomain when absent."""
+        return self._info(self._find(uuid))
+
+    def _guest(self, uuid: str, action: str) -> XcDomainInfo:
+        raw = self._find(uuid)
+        if raw.domain == 0:
+            raise BadDomainState(f"cannot {action} the control domain", uuid)
+        return raw
+
+    @staticmethod
+    def _require(raw: XcDomainInfo, wanted: str, action: str) -> None:
+        state = _state_of(raw)
+        if state != wanted:
+            raise BadDomainState(f"cannot {action} a {state} domain", raw.uuid, state)
+
+    def _fail(self, exc: XenLightError | XenError, what: str) -> BackendError:
+        return BackendError(f"{what}: {exc}", what)
 
     def create_domain(self, spec: DomainSpec, paused: bool) -> DomainInfo:
-        _todo("create_domain")
+        """Validate, build through libxl (paused), set the scheduler, unpause unless *paused*."""
+        validate_spec(spec)
+        with self._operating(spec.uuid):
+            self._check_buildable(spec)
+            self._build(spec, paused, self._clock(), 0)
+            return self.domain_info(spec.uuid)
+
+    def _check_buildable(self, spec: DomainSpec) -> None:
+        if spec.uuid == DOM0_UUID or any(raw.uuid == spec.uuid for raw in self._raw_domains()):
+            raise InvalidSpec(f"a domain with handle {spec.uuid} exists", spec.uuid)
+        needed = spec.memory_target + _overhead(spec)
+        available = self.free_memory()
+        if needed > available:
+            raise NotEnoughMemory(f"domain needs {needed} bytes, {available} available", str(needed), str(available))
+
+    def _build(self, spec: DomainSpec, paused: bool, start_time: float, cpu_offset: int,
+               image: pathlib.Path | None = None) -> int:
+        config = domconfig.domain_config_json(spec)
+        xl = self._light()
+        try:
+            if image is None:
+                domid = xl.create(config)
+            else:
+                with open(image, "rb") as stream:
+                    domid = xl.restore(config, stream.fileno())
+        except XenLightError as exc:
+            raise self._fail(exc, "libxl could not build the domain") from None
+        except OSError as exc:
+            raise BackendError(f"cannot read the image {image}: {exc.strerror}", str(image)) from None
+        try:
+            self._save_record(spec, start_time, cpu_offset)
+            self._ctrl().sched_credit_set(domid, spec.vcpu_weight, spec.vcpu_cap)
+            if not paused:
+                xl.unpause(domid)
+        except (XenError, XenLightError, OSError) as exc:
+            self._destroy(domid, spec.uuid)
+            raise BackendError(f"could not start domain {domid}: {exc}", spec.uuid) from None
+        return domid
+
+    def _destroy(self, domid: int, uuid: str) -> None:
+        try:
+            self._light().destroy(domid)
+        except XenLightError as exc:
+            raise self._fail(exc, f"libxl could not destroy domain {domid}") from None
 
     def destroy_domain(self, uuid: str) -> None:
-        _todo("destroy_domain")
+        """Tear the domain down at once, in any state."""
+        with self._operating(uuid):
+            raw = self._guest(uuid, "destroy")
+            self._destroy(raw.domain, uuid)
+            self._forget(uuid)
 
     def pause_domain(self, uuid: str) -> None:
-        _todo("pause_domain")
+        """Pause a running domain."""
+        raw = self._guest(uuid, "pause")
+        self._require(raw, "running", "pause")
+        self._ctrl().domain_pause(raw.domain)
 
     def unpause_domain(self, uuid: str) -> None:
-        _todo("unpause_domain")
+        """Unpause a paused domain."""
+        raw = self._guest(uuid, "unpause")
+        self._require(raw, "paused", "unpause")
+        self._ctrl().domain_unpause(raw.domain)
+
+    def _spec(self, uuid: str) -> DomainSpec:
+        spec = self._record(uuid).get("spec")
+        if not spec:
+            raise BackendError(f"no build record for domain {uuid}: it was not built by xapid", uuid)
+        return _spec_from_json(spec)
+
+    def _wait_shutdown(self, uuid: str, domid: int, timeout: float) -> XcDomainInfo | None:
+        """Wait until domain *domid* has shut down (returned) or vanished (None); ShutdownTimeout."""
+        watcher = XenStore()
+        try:
+            watcher.watch(RELEASE, "wait")
+            deadline = time.monotonic() + timeout
+            while True:
+                raw = next((r for r in self._raw_domains() if r.domain == domid), None)
+                if raw is None or raw.flags & (XEN_DOMINF_shutdown | XEN_DOMINF_dying):
+                    return raw
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ShutdownTimeout(f"domain {domid} did not shut down within {timeout:g} s", uuid)
+                select.select([watcher.fileno()], [], [], min(left, POLL))
+                while watcher.check_watch() is not None:
+                    pass
+        finally:
+            watcher.close()
+
+    def _request(self, raw: XcDomainInfo, request: str) -> None:
+        path = f"/local/domain/{raw.domain}/control/shutdown"
+        try:
+            self._store().write(path, request)
+        except XenError as exc:
+            raise BackendError(f"cannot ask domain {raw.domain} to {request}: {exc.strerror}", raw.uuid) from None
 
     def shutdown_domain(self, uuid: str, reason: str, timeout: float) -> None:
-        _todo("shutdown_domain")
+        """Write *reason* to ``control/shutdown``, wait for the guest, destroy; rebuild for 'reboot'."""
+        if reason not in ("poweroff", "reboot"):
+            raise BackendError(f"unknown shutdown reason {reason!r}", reason)
+        with self._operating(uuid):
+            raw = self._guest(uuid, "shut down")
+            self._require(raw, "running", f"{reason} cleanly")
+            spec = self._spec(uuid) if reason == "reboot" else None
+            self._request(raw, reason)
+            try:
+                self._wait_shutdown(uuid, raw.domain, timeout)
+            except ShutdownTimeout:
+                try:
+                    self._store().write(f"/local/domain/{raw.domain}/control/shutdown", "")
+                except XenError:
+                    pass
+                raise
+            self._destroy(raw.domain, uuid)
+            if spec is None:
+                self._forget(uuid)
+            else:
+                self._build(spec, False, self._clock(), 0)
 
     def reboot_domain(self, uuid: str) -> DomainInfo:
-        _todo("reboot_domain")
+        """Hard reboot: destroy and rebuild from the same spec, running, CPU time reset."""
+        with self._operating(uuid):
+            raw = self._guest(uuid, "reboot")
+            spec = self._spec(uuid)
+            self._destroy(raw.domain, uuid)
+            self._build(spec, False, self._clock(), 0)
+            return self.domain_info(uuid)
 
     def suspend_domain(self, uuid: str, path: str, timeout: float) -> None:
-        _todo("suspend_domain")
+        """Save a running domain through libxl to the file *path* (written then renamed), destroy it."""
+        with self._operating(uuid):
+            raw = self._guest(uuid, "suspend")
+            self._require(raw, "running", "suspend")
+            record = self._record(uuid)
+            partial = f"{path}.partial"
+            try:
+                with open(partial, "wb") as out:
+                    self._light().suspend(raw.domain, out.fileno())
+                    out.flush()
+                    os.fsync(out.fileno())
+                done = self._wait_shutdown(uuid, raw.domain, timeout)
+                if done is not None and done.shutdown_reason != "suspend":
+                    raise BackendError(f"domain {raw.domain} shut down ({done.shutdown_reason}) while suspending", uuid)
+                os.replace(partial, path)
+            except XenLightError as exc:
+                raise self._fail(exc, f"libxl could not suspend domain {raw.domain}") from None
+            except OSError as exc:
+                raise BackendError(f"cannot write the image {path}: {exc.strerror}", path) from None
+            finally:
+                if os.path.exists(partial):
+                    os.unlink(partial)
+            cpu = raw.cpu_time + record.get("cpu_offset", 0)
+            self._destroy(raw.domain, uuid)
+            if record:
+                spec = _spec_from_json(record["spec"])
+                self._save_record(spec, record.get("start_time", 0.0), cpu)
 
     def resume_domain(self, spec: DomainSpec, path: str, paused: bool) -> DomainInfo:
-        _todo("resume_domain")
+        """Rebuild a suspended domain from the image at *path*, keeping its CPU time."""
+        validate_spec(spec)
+        if not os.path.isfile(path):
+            raise BackendError(f"no suspend image at {path}", path)
+        with self._operating(spec.uuid):
+            self._check_buildable(spec)
+            record = self._record(spec.uuid)
+            self._build(spec, paused, self._clock(), record.get("cpu_offset", 0), image=pathlib.Path(path))
+            return self.domain_info(spec.uuid)
 
     def set_vcpus(self, uuid: str, count: int) -> None:
-        _todo("set_vcpus")
+        """Bring vCPUs 0..count-1 online and the rest offline (``cpu/N/availability``)."""
+        raw = self._guest(uuid, "change the vCPUs of")
+        maximum = raw.max_vcpu_id + 1
+        if not 1 <= count <= maximum:
+            raise InvalidSpec(f"{count} vCPUs not in 1..{maximum}", uuid)
+        base = f"/local/domain/{raw.domain}/cpu"
+
+        def write(t: int) -> None:
+            for vcpu in range(maximum):
+                self._store().write(f"{base}/{vcpu}/availability", "online" if vcpu < count else "offline", t)
+
+        self._store().transact(write)
+        deadline = time.monotonic() + VCPU_SETTLE
+        while self._find(uuid).nr_online_vcpus != count and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def set_memory_target(self, uuid: str, target: int) -> None:
-        _todo("set_memory_target")
+        """Write the balloon target (KiB) to ``memory/target``; at most the domain's maximum."""
+        raw = self._guest(uuid, "set the memory of")
+        maximum = raw.max_pages * PAGE
+        if not MIN_DOMAIN_MEMORY <= target <= maximum:
+            raise InvalidSpec(f"memory target {target} not in {MIN_DOMAIN_MEMORY}..{maximum}", uuid)
+        self._store().write(f"/local/domain/{raw.domain}/memory/target", str(target // KiB))
+
+    # -- devices -----------------------------------------------------------------------
+
+    def _backends(self, domid: int, kind: str) -> dict[str, str]:
+        """The domain's devices of *kind* (``vbd``/``vif``): devid -> backend path."""
+        base = f"/local/domain/0/backend/{kind}/{domid}"
+        try:
+            return {devid: f"{base}/{devid}" for devid in self._store().directory(base)}
+        except XenError as exc:
+            if exc.errno == errno.ENOENT:
+                return {}
+            raise
+
+    def _disks(self, domid: int) -> dict[str, str]:
+        """The domain's disks: guest device name -> devid."""
+        disks = {}
+        for devid, path in self._backends(domid, "vbd").items():
+            try:
+                disks[self._store().read(f"{path}/dev").decode()] = devid
+            except XenError:
+                continue
+        return disks
+
+    def _spec_update(self, uuid: str, change: Callable[[DomainSpec], DomainSpec]) -> None:
+        record = self._record(uuid)
+        if record:
+            spec = change(_spec_from_json(record["spec"]))
+            self._save_record(spec, record.get("start_time", 0.0), record.get("cpu_offset", 0))
 
     def attach_disk(self, uuid: str, disk: DiskSpec) -> None:
-        _todo("attach_disk")
+        """Hot-plug a disk (libxl device add)."""
+        raw = self._guest(uuid, "attach a disk to")
+        validate_disk(disk)
+        disks = self._disks(raw.domain)
+        if disk.device in disks:
+            raise InvalidSpec(f"disk {disk.device} already attached", uuid)
+        check_limits(self._kind(raw), len(disks) + 1, 0)
+        try:
+            self._light().disk_add(raw.domain, domconfig.disk_json(disk))
+        except XenLightError as exc:
+            raise self._fail(exc, f"libxl could not attach {disk.device}") from None
+        self._spec_update(uuid, lambda s: replace(s, disks=(*s.disks, disk)))
 
     def detach_disk(self, uuid: str, device: str) -> None:
-        _todo("detach_disk")
+        """Hot-unplug a disk."""
+        raw = self._guest(uuid, "detach a disk from")
+        if device not in self._disks(raw.domain):
+            raise InvalidSpec(f"no disk {device}", uuid)
+        try:
+            self._light().disk_remove(raw.domain, domconfig.disk_json(DiskSpec(device=device, path="", mode="r",
+                                                                              kind="cdrom")))
+        except XenLightError as exc:
+            raise self._fail(exc, f"libxl could not detach {device}") from None
+        self._spec_update(uuid, lambda s: replace(s, disks=tuple(d for d in s.disks if d.device != device)))
 
     def attach_nic(self, uuid: str, nic: NicSpec) -> None:
-        _todo("attach_nic")
+        """Hot-plug a network card."""
+        raw = self._guest(uuid, "attach a network card to")
+        validate_nic(nic)
+        nics = self._backends(raw.domain, "vif")
+        if str(nic.devid) in nics:
+            raise InvalidSpec(f"network card {nic.devid} already attached", uuid)
+        check_limits(self._kind(raw), 0, len(nics) + 1)
+        try:
+            self._light().nic_add(raw.domain, domconfig.nic_json(nic))
+        except XenLightError as exc:
+            raise self._fail(exc, f"libxl could not attach network card {nic.devid}") from None
+        self._spec_update(uuid, lambda s: replace(s, nics=(*s.nics, nic)))
 
     def detach_nic(self, uuid: str, devid: int) -> None:
-        _todo("detach_nic")
+        """Hot-unplug a network card."""
+        raw = self._guest(uuid, "detach a network card from")
+        if str(devid) not in self._backends(raw.domain, "vif"):
+            raise InvalidSpec(f"no network card {devid}", uuid)
+        try:
+            self._light().nic_remove(raw.domain, domconfig.nic_json(NicSpec(devid=devid, mac="00:00:00:00:00:00",
+                                                                            bridge="")))
+        except XenLightError as exc:
+            raise self._fail(exc, f"libxl could not detach network card {devid}") from None
+        self._spec_update(uuid, lambda s: replace(s, nics=tuple(n for n in s.nics if n.devid != devid)))
+
+    def _kind(self, raw: XcDomainInfo) -> str:
+        spec = self._record(raw.uuid).get("spec", {})
+        return spec.get("domain_type") or ("hvm" if raw.flags & XEN_DOMINF_hvm_guest else "pv")
+
+    # -- counters ----------------------------------------------------------------------
 
     def read_counters(self) -> Counters:
-        _todo("read_counters")
+        """One ``xc_domain_getinfolist`` for every domain, plus pCPU idle times, blkback and netback statistics."""
+        xc = self._ctrl()
+        phys = xc.physinfo()
+        domains = [self._info(raw) for raw in xc.domain_getinfolist()]
+        disks: list[DiskCounters] = []
+        nics: list[NicCounters] = []
+        devices = self._sysfs / "bus" / "xen-backend" / "devices"
+        net = self._sysfs / "class" / "net"
+        for dom in domains:
+            if dom.domid == 0:
+                continue
+            for device, devid in self._disks(dom.domid).items():
+                stats = devices / f"vbd-{dom.domid}-{devid}" / "statistics"
+                disks.append(DiskCounters(dom.uuid, device, _read_int(stats / "rd_sect") * 512,
+                                          _read_int(stats / "wr_sect") * 512, _read_int(stats / "rd_req"),
+                                          _read_int(stats / "wr_req")))
+            for devid in self._backends(dom.domid, "vif"):
+                stats = net / f"vif{dom.domid}.{devid}" / "statistics"
+                # the backend's transmit is the guest's receive
+                nics.append(NicCounters(dom.uuid, int(devid), _read_int(stats / "tx_bytes"),
+                                        _read_int(stats / "rx_bytes")))
+        pifs = [PifCounters(nic.device, _read_int(net / nic.device / "statistics" / "rx_bytes"),
+                            _read_int(net / nic.device / "statistics" / "tx_bytes")) for nic in self.physical_nics()]
+        return Counters(
+            timestamp=self._clock(), domains=tuple(domains),
+            pcpus=tuple(PhysicalCPU(n, idle) for n, idle in enumerate(xc.cpu_idle_times(phys.nr_cpus))),
+            free_memory=phys.free_pages * PAGE, total_memory=phys.total_pages * PAGE,
+            disks=tuple(disks), nics=tuple(nics), pifs=tuple(pifs),
+        )
+
+
+def hypervisor_present(privcmd: Sequence[str] = PRIVCMD_PATHS) -> bool:
+    """Whether this machine runs on Xen with a hypercall interface (``--backend auto``)."""
+    try:
+        check_hypervisor(privcmd)
+    except XenUnavailable:
+        return False
+    return True
+
