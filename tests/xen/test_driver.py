@@ -189,7 +189,7 @@ def test_suspend_resume_keeps_cpu_time(xen: Any, xen_fakes: XenFakes, tmp_path: 
     assert (resumed.state, resumed.cpu_time_ns) == ("paused", cpu)
 
 
-def test_memory_target_and_vcpus_reach_the_guest(xen: Any) -> None:
+def test_memory_target_and_vcpus_reach_the_guest(xen: Any, xen_fakes: XenFakes) -> None:
     """memory/target and cpu/N/availability are written; the guest balloons and hot-plugs."""
     s = spec()
     xen.create_domain(s, paused=False)
@@ -200,6 +200,13 @@ def test_memory_target_and_vcpus_reach_the_guest(xen: Any) -> None:
         time.sleep(0.01)
     info = xen.domain_info(s.uuid)
     assert (info.memory_target, info.memory_actual, info.vcpus) == (128 * MiB, 128 * MiB, 3)
+    xc = xenctrl.XenCtrl(xen_fakes.xenctrl_lib(), None)
+    try:
+        assert xc.domain_getinfo(info.domid).max_pages * 4 == 128 * 1024 + 1024  # ceiling: target + slack
+        xen.set_memory_target(s.uuid, 512 * MiB)  # back up to the static maximum: ceiling raised first
+        assert xc.domain_getinfo(info.domid).max_pages * 4 == 512 * 1024 + 1024
+    finally:
+        xc.close()
 
 
 def test_counters_in_one_batch(xen: Any, xen_fakes: XenFakes, tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ DOM0_UUID = "00000000-0000-0000-0000-000000000000"
 RELEASE = "@releaseDomain"
 STATE_VERSION = 1
 VCPU_SETTLE = 2.0  # seconds a guest gets to act on vCPU hot-plug before the call returns
+MAXMEM_SLACK_KIB = 1024  # libxl's slack above the balloon target
 POLL = 0.5  # seconds between domain-table checks while waiting (the watch usually wakes us first)
 
 
@@ -420,7 +421,8 @@ class XenBackend:
         return DomainInfo(
             domid=domid, uuid=uuid, name=name, state=_state_of(raw),  # type: ignore[arg-type]
             shutdown_reason=raw.shutdown_reason if raw.flags & XEN_DOMINF_shutdown else "",  # type: ignore[arg-type]
-            memory_actual=raw.tot_pages * PAGE, memory_target=target, memory_max=raw.max_pages * PAGE,
+            memory_actual=raw.tot_pages * PAGE, memory_target=target,
+            memory_max=int(spec.get("memory_static_max") or raw.max_pages * PAGE),
             vcpus=online, vcpus_max=raw.max_vcpu_id + 1, cpu_time_ns=raw.cpu_time + record.get("cpu_offset", 0),
             vcpu_time_ns=tuple(vcpu_times), vcpu_cpu=tuple(vcpu_cpus),
             start_time=record.get("start_time", 0.0), domain_type=kind, is_control_domain=domid == 0,
@@ -645,12 +647,28 @@ class XenBackend:
             time.sleep(0.01)
 
     def set_memory_target(self, uuid: str, target: int) -> None:
-        """Write the balloon target (KiB) to ``memory/target``; at most the domain's maximum."""
+        """Set the balloon target, at most the static maximum, as libxl does: the hypervisor's
+        ceiling (``setmaxmem``, target plus 1 MiB of slack) and the guest's ``memory/target``,
+        raising the ceiling before the target and lowering it after."""
         raw = self._guest(uuid, "set the memory of")
-        maximum = raw.max_pages * PAGE
+        maximum = self._static_max(raw)
         if not MIN_DOMAIN_MEMORY <= target <= maximum:
             raise InvalidSpec(f"memory target {target} not in {MIN_DOMAIN_MEMORY}..{maximum}", uuid)
-        self._store().write(f"/local/domain/{raw.domain}/memory/target", str(target // KiB))
+        ceiling = target // KiB + MAXMEM_SLACK_KIB
+        raising = ceiling > raw.max_pages * PAGE // KiB
+        try:
+            if raising:
+                self._ctrl().domain_setmaxmem(raw.domain, ceiling)
+            self._store().write(f"/local/domain/{raw.domain}/memory/target", str(target // KiB))
+            if not raising:
+                self._ctrl().domain_setmaxmem(raw.domain, ceiling)
+        except XenError as exc:
+            raise BackendError(f"cannot set the memory target of domain {raw.domain}: {exc.strerror}", uuid) from None
+
+    def _static_max(self, raw: XcDomainInfo) -> int:
+        """The domain's static memory maximum (its build spec; the hypervisor ceiling otherwise)."""
+        spec = self._record(raw.uuid).get("spec", {})
+        return int(spec.get("memory_static_max") or raw.max_pages * PAGE)
 
     # -- devices -----------------------------------------------------------------------
 
