@@ -307,3 +307,13 @@ def test_reconciliation_adopts_and_halts(xen_fakes: XenFakes, tmp_path: Path) ->
     assert admin("host.get_cpu_info", env.api.host_ref)["cpu_count"] == "4"
     assert [admin("PIF.get_device", p) for p in admin("PIF.get_all")] == ["eth0"]
     env.api.hypervisor.driver.close()
+
+
+@pytest.mark.parametrize(("vdev", "devid"), [("xvda", 51712), ("xvdd", 51760), ("xvdp", 51952),
+                                             ("xvdq", (1 << 28) | (16 << 8)), ("hda", 768), ("hdd", 5696),
+                                             ("sdb", 2064), ("xvd", -1), ("eth0", -1)])
+def test_disk_devid(vdev: str, devid: int) -> None:
+    """Guest disk names map to Linux's device numbers (blkback's vbd-<domid>-<devid>)."""
+    from xapid.backend.xen.driver import disk_devid
+
+    assert disk_devid(vdev) == devid

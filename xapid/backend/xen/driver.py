@@ -133,6 +133,26 @@ def _spec_from_json(data: dict[str, Any]) -> DomainSpec:
     return DomainSpec(**fields)
 
 
+def disk_devid(vdev: str) -> int:
+    """Linux's device number of a guest disk name, as blkback names its statistics directory."""
+    letters = vdev[3:] if vdev.startswith("xvd") else vdev[2:]
+    index = 0
+    for char in letters:
+        if not "a" <= char <= "z":
+            return -1
+        index = index * 26 + ord(char) - ord("a") + 1
+    index -= 1
+    if index < 0:
+        return -1
+    if vdev.startswith("xvd"):
+        return (202 << 8) | (index << 4) if index < 16 else (1 << 28) | (index << 8)
+    if vdev.startswith("hd") and index < 4:
+        return ((3 if index < 2 else 22) << 8) | ((index & 1) << 6)
+    if vdev.startswith("sd") and index < 16:
+        return (8 << 8) | (index << 4)
+    return -1
+
+
 def _read_int(path: pathlib.Path) -> int:
     try:
         return int(path.read_text().split()[0])
@@ -177,6 +197,7 @@ class XenBackend:
         self._listener: Callable[[str], Any] | None = None
         self._known: dict[str, tuple[int, str]] = {}  # uuid -> (domid, state) as last reported
         self._busy: set[str] = set()  # handles with an operation in flight: not reported
+        self._records: dict[str, dict[str, Any]] = {}  # build records by handle (cache of the files)
         self._lock = threading.RLock()
         self.xen_version = ""
 
@@ -277,25 +298,36 @@ class XenBackend:
         return self._state_dir / "domains" / f"{uuid}.json"
 
     def _record(self, uuid: str) -> dict[str, Any]:
+        """The build record of domain *uuid* ({} for a domain xapid did not build), cached."""
+        cached = self._records.get(uuid)
+        if cached is not None:
+            return cached
         try:
             data = json.loads(self._record_path(uuid).read_text())
         except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) and data.get("version") == STATE_VERSION else {}
+            data = {}
+        if not (isinstance(data, dict) and data.get("version") == STATE_VERSION):
+            data = {}
+        self._records[uuid] = data
+        return data
 
-    def _save_record(self, spec: DomainSpec, start_time: float, cpu_offset: int) -> None:
+    def _save_record(self, spec: DomainSpec, start_time: float, cpu_offset: int,
+                     memory_target: int | None = None) -> None:
         path = self._record_path(spec.uuid)
         tmp = path.with_suffix(".partial")
         data = {"version": STATE_VERSION, "spec": _spec_to_json(spec), "start_time": start_time,
-                "cpu_offset": cpu_offset}
+                "cpu_offset": cpu_offset,
+                "memory_target": spec.memory_target if memory_target is None else memory_target}
         with open(tmp, "w") as out:
             json.dump(data, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
+        self._records[spec.uuid] = data
 
     def _forget(self, uuid: str) -> None:
         self._record_path(uuid).unlink(missing_ok=True)
+        self._records.pop(uuid, None)
 
     # -- host --------------------------------------------------------------------------
 
@@ -405,13 +437,14 @@ class XenBackend:
             if info.online:
                 vcpu_times.append(info.cpu_time)
                 vcpu_cpus.append(info.cpu)
-        target = raw.tot_pages * PAGE
+        target = record.get("memory_target") or raw.tot_pages * PAGE
         name = spec.get("name", "")
         xs = self._store()
-        try:
-            target = int(xs.read(f"/local/domain/{domid}/memory/target")) * KiB
-        except (XenError, ValueError):
-            pass
+        if not record:  # a domain xapid did not build (or dom0): ask xenstore
+            try:
+                target = int(xs.read(f"/local/domain/{domid}/memory/target")) * KiB
+            except (XenError, ValueError):
+                pass
         if not name:
             try:
                 name = xs.read(f"/local/domain/{domid}/name").decode(errors="replace")
@@ -662,7 +695,11 @@ class XenBackend:
             self._store().write(f"/local/domain/{raw.domain}/memory/target", str(target // KiB))
             if not raising:
                 self._ctrl().domain_setmaxmem(raw.domain, ceiling)
-        except XenError as exc:
+            record = self._record(uuid)
+            if record:
+                self._save_record(_spec_from_json(record["spec"]), record.get("start_time", 0.0),
+                                  record.get("cpu_offset", 0), target)
+        except (XenError, OSError) as exc:
             raise BackendError(f"cannot set the memory target of domain {raw.domain}: {exc.strerror}", uuid) from None
 
     def _static_max(self, raw: XcDomainInfo) -> int:
@@ -696,7 +733,8 @@ class XenBackend:
         record = self._record(uuid)
         if record:
             spec = change(_spec_from_json(record["spec"]))
-            self._save_record(spec, record.get("start_time", 0.0), record.get("cpu_offset", 0))
+            self._save_record(spec, record.get("start_time", 0.0), record.get("cpu_offset", 0),
+                              record.get("memory_target"))
 
     def attach_disk(self, uuid: str, disk: DiskSpec) -> None:
         """Hot-plug a disk (libxl device add)."""
@@ -750,6 +788,19 @@ class XenBackend:
             raise self._fail(exc, f"libxl could not detach network card {devid}") from None
         self._spec_update(uuid, lambda s: replace(s, nics=tuple(n for n in s.nics if n.devid != devid)))
 
+    def _device_ids(self, dom: DomainInfo) -> dict[str, str]:
+        """Disk name -> devid: from the build record without asking xenstore, else from xenstore."""
+        spec = self._record(dom.uuid).get("spec")
+        if spec is None:
+            return self._disks(dom.domid)
+        return {d["device"]: str(disk_devid(d["device"])) for d in spec.get("disks", ())}
+
+    def _nic_ids(self, dom: DomainInfo) -> list[str]:
+        spec = self._record(dom.uuid).get("spec")
+        if spec is None:
+            return list(self._backends(dom.domid, "vif"))
+        return [str(n["devid"]) for n in spec.get("nics", ())]
+
     def _kind(self, raw: XcDomainInfo) -> str:
         spec = self._record(raw.uuid).get("spec", {})
         return spec.get("domain_type") or ("hvm" if raw.flags & XEN_DOMINF_hvm_guest else "pv")
@@ -768,12 +819,12 @@ class XenBackend:
         for dom in domains:
             if dom.domid == 0:
                 continue
-            for device, devid in self._disks(dom.domid).items():
+            for device, devid in self._device_ids(dom).items():
                 stats = devices / f"vbd-{dom.domid}-{devid}" / "statistics"
                 disks.append(DiskCounters(dom.uuid, device, _read_int(stats / "rd_sect") * 512,
                                           _read_int(stats / "wr_sect") * 512, _read_int(stats / "rd_req"),
                                           _read_int(stats / "wr_req")))
-            for devid in self._backends(dom.domid, "vif"):
+            for devid in self._nic_ids(dom):
                 stats = net / f"vif{dom.domid}.{devid}" / "statistics"
                 # the backend's transmit is the guest's receive
                 nics.append(NicCounters(dom.uuid, int(devid), _read_int(stats / "tx_bytes"),
