@@ -195,6 +195,7 @@ class XenBackend:
         self._watch_xs: XenStore | None = None
         self._reader: WatchReader | None = None
         self._listener: Callable[[str], Any] | None = None
+        self._reactor: Any = None
         self._known: dict[str, tuple[int, str]] = {}  # uuid -> (domid, state) as last reported
         self._busy: set[str] = set()  # handles with an operation in flight: not reported
         self._records: dict[str, dict[str, Any]] = {}  # build records by handle (cache of the files)
@@ -254,31 +255,42 @@ class XenBackend:
     def watch_domains(self, reactor: Any, listener: Callable[[str], Any]) -> None:
         """Report domains that shut down, crash or vanish on their own to *listener(uuid)*.
 
-        Reads the ``@releaseDomain`` watch in *reactor*; operations of this driver in flight
-        are not reported (their caller sees the outcome).
+        The ``@releaseDomain`` watch is read in *reactor*; the domain table is then compared
+        in a reactor pool thread (hypercalls), and the listener called back in the reactor
+        thread.  Operations of this driver in flight are not reported (their caller sees the
+        outcome).
         """
         self._listener = listener
+        self._reactor = reactor
         self._known = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
-        self._watch_xs = XenStore()
-        self._watch_xs.watch(RELEASE, "xapid")
+        try:
+            self._watch_xs = XenStore()
+            self._watch_xs.watch(RELEASE, "xapid")
+        except XenError as exc:
+            raise BackendError(f"cannot watch {RELEASE}: {exc.strerror}") from None
         self._reader = WatchReader(self._watch_xs, self._on_release)
         self._reader.start(reactor)
 
     def _on_release(self, path: str, token: str) -> None:
-        if path != RELEASE or self._listener is None:
-            return
-        now = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
-        changed = [u for u, (domid, state) in now.items()
-                   if state in ("shutdown", "crashed") and self._known.get(u) != (domid, state)]
-        changed += [u for u in self._known if u not in now]
-        self._known = now
+        if path == RELEASE and self._listener is not None:
+            self._reactor.callInThread(self._compare)
+
+    def _compare(self) -> None:
+        """In a pool thread: the domains that stopped or vanished since the last look, reported."""
+        with self._lock:
+            try:
+                now = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
+            except (BackendError, XenError) as exc:
+                log.warn("cannot list domains after {watch}: {error}", watch=RELEASE, error=str(exc))
+                return
+            changed = [u for u, (domid, state) in now.items()
+                       if state in ("shutdown", "crashed") and self._known.get(u) != (domid, state)]
+            changed += [u for u in self._known if u not in now]
+            self._known = now
+            changed = [u for u in changed if u not in self._busy]
         for uuid in changed:
-            with self._lock:
-                if uuid in self._busy:
-                    continue
-            log.info("domain {uuid} changed on its own: {state}", uuid=uuid,
-                     state=now.get(uuid, (0, "gone"))[1])
-            self._listener(uuid)
+            log.info("domain {uuid} changed on its own: {state}", uuid=uuid, state=now.get(uuid, (0, "gone"))[1])
+            self._reactor.callFromThread(self._listener, uuid)
 
     @contextmanager
     def _operating(self, uuid: str) -> Iterator[None]:
@@ -289,8 +301,7 @@ class XenBackend:
         finally:
             with self._lock:
                 self._busy.discard(uuid)
-            if self._listener is not None:
-                self._known.pop(uuid, None)
+                self._known.pop(uuid, None)  # what the operation did is not news
 
     # -- bookkeeping -------------------------------------------------------------------
 
