@@ -263,6 +263,8 @@ def test_not_enough_memory(driver: Any) -> None:
         pytest.param({"kernel": "", "bootloader": ""}, id="pv-without-kernel"),
         pytest.param({"domain_type": "hvm-ish"}, id="unknown-type"),
         pytest.param({"uuid": "not-a-uuid"}, id="bad-handle"),
+        pytest.param({"domain_type": "hvm", "firmware": "coreboot"}, id="unknown-firmware"),
+        pytest.param({"on_crash": "explode"}, id="unknown-crash-action"),
         pytest.param(
             {"disks": (DiskSpec("xvda", "/a", "w"), DiskSpec("xvda", "/b", "w"))}, id="duplicate-disk"
         ),

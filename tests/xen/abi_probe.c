@@ -7,10 +7,12 @@
 #include <stdio.h>
 #include <xenctrl.h>
 #include <xenstore.h>
+#include <libxl.h>
 
 #define S(T) printf("S|%s|%zu|%zu\n", #T, sizeof(T), _Alignof(T))
 #define F(T, f) printf("F|%s|%s|%zu|%zu\n", #T, #f, offsetof(T, f), sizeof(((T *)0)->f))
 #define C(name) printf("C|%s|%lld\n", #name, (long long)(name))
+#define E(name) printf("E|%s|%d\n", #name, (int)(name))
 
 int main(void)
 {
@@ -64,5 +66,21 @@ int main(void)
     C(XEN_DOMINF_hap); C(XEN_DOMINF_shutdownshift); C(XEN_DOMINF_shutdownmask);
     C(XBT_NULL); C(XS_WATCH_PATH); C(XS_WATCH_TOKEN);
     C(XS_PERM_NONE); C(XS_PERM_READ); C(XS_PERM_WRITE); C(XS_PERM_OWNER);
+
+    /* libxenlight: opaque buffers of these sizes, and its error codes */
+    S(libxl_domain_config);
+    S(libxl_domain_restore_params);
+    S(libxl_device_disk);
+    S(libxl_device_nic);
+    C(LIBXL_SUSPEND_LIVE);
+    E(ERROR_NONSPECIFIC); E(ERROR_VERSION); E(ERROR_FAIL); E(ERROR_NI); E(ERROR_NOMEM); E(ERROR_INVAL);
+    E(ERROR_BADFAIL); E(ERROR_GUEST_TIMEDOUT); E(ERROR_TIMEDOUT); E(ERROR_NOPARAVIRT);
+    E(ERROR_NOT_READY); E(ERROR_OSEVENT_REG_FAIL); E(ERROR_BUFFERFULL); E(ERROR_UNKNOWN_CHILD);
+    E(ERROR_LOCK_FAIL); E(ERROR_JSON_CONFIG_EMPTY); E(ERROR_DEVICE_EXISTS);
+    E(ERROR_CHECKPOINT_DEVOPS_DOES_NOT_MATCH); E(ERROR_CHECKPOINT_DEVICE_NOT_SUPPORTED);
+    E(ERROR_VNUMA_CONFIG_INVALID); E(ERROR_DOMAIN_NOTFOUND); E(ERROR_ABORTED); E(ERROR_NOTFOUND);
+    E(ERROR_DOMAIN_DESTROYED); E(ERROR_FEATURE_REMOVED); E(ERROR_PROTOCOL_ERROR_QMP);
+    E(ERROR_UNKNOWN_QMP_ERROR); E(ERROR_QMP_GENERIC_ERROR); E(ERROR_QMP_COMMAND_NOT_FOUND);
+    E(ERROR_QMP_DEVICE_NOT_ACTIVE); E(ERROR_QMP_DEVICE_NOT_FOUND); E(ERROR_QEMU_API);
     return 0;
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-from xapid.backend.xen import xenctrl, xenstore
+from xapid.backend.xen import xenctrl, xenlight, xenstore
 
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "xc_domaininfo_t": xenctrl.XcDomainInfo,
@@ -22,8 +22,12 @@ SCALARS: dict[str, int] = {
     "xen_extraversion_t": 16,
     "xen_capabilities_info_t": 1024,
     "xen_changeset_info_t": 64,
+    "libxl_domain_config": xenlight.DOMAIN_CONFIG_SIZE,
+    "libxl_domain_restore_params": xenlight.RESTORE_PARAMS_SIZE,
+    "libxl_device_disk": xenlight.DEVICE_DISK_SIZE,
+    "libxl_device_nic": xenlight.DEVICE_NIC_SIZE,
 }
-CONSTANT_MODULES = (xenctrl, xenstore)
+CONSTANT_MODULES = (xenctrl, xenstore, xenlight)
 
 
 def ctypes_layout() -> set[tuple[str, ...]]:
@@ -53,3 +57,9 @@ def test_constants_match_headers(abi_probe: list[list[str]]) -> None:
         name: next(getattr(mod, name) for mod in CONSTANT_MODULES if hasattr(mod, name)) for name in constants
     }
     assert ours == constants
+
+
+def test_libxl_error_names_match_headers(abi_probe: list[list[str]]) -> None:
+    """libxl's error codes, by name, as the bindings report them."""
+    probed = {int(line[2]): line[1] for line in abi_probe if line[0] == "E"}
+    assert probed == xenlight.ERRORS

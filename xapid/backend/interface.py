@@ -106,6 +106,7 @@ class DomainSpec:
     bootloader: str = ""
     bootloader_args: str = ""
     boot_order: str = ""  # HVM boot order, e.g. "cd"
+    firmware: str = "bios"  # HVM firmware: "bios" or "uefi"
     platform: tuple[tuple[str, str], ...] = ()
     vcpu_weight: int = 256
     vcpu_cap: int = 0

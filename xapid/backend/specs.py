@@ -14,6 +14,8 @@ MAX_VCPUS = 512
 MAX_PV_DISKS = 16
 MAX_HVM_DISKS = 4
 MAX_NICS = 7
+ACTIONS = frozenset({"destroy", "restart", "preserve", "rename_restart", "coredump_and_destroy",
+                     "coredump_and_restart", "soft_reboot"})
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
 
 
@@ -37,6 +39,11 @@ def validate_spec(spec: DomainSpec) -> None:
         )
     if not 1 <= spec.vcpu_weight <= 65535 or spec.vcpu_cap < 0:
         raise InvalidSpec(f"bad scheduler parameters weight={spec.vcpu_weight} cap={spec.vcpu_cap}")
+    if spec.firmware not in ("bios", "uefi"):
+        raise InvalidSpec(f"unknown firmware {spec.firmware!r}")
+    for name, action in (("on_poweroff", spec.on_poweroff), ("on_reboot", spec.on_reboot), ("on_crash", spec.on_crash)):
+        if action not in ACTIONS:
+            raise InvalidSpec(f"unknown {name} action {action!r}")
     if spec.domain_type != "hvm" and not (spec.kernel or spec.bootloader):
         raise InvalidSpec("no kernel or bootloader")
     for disk in spec.disks:

@@ -12,6 +12,7 @@ SUPPORTED_ABI = "4.17"
 PRIVCMD_PATHS = ("/dev/xen/privcmd", "/proc/xen/privcmd")
 PACKAGES = {
     "xenctrl": "libxenmisc4.17",
+    "xenlight": "libxenmisc4.17",
     "xenstore": "libxenstore4",
     "xentoollog": "libxentoollog1",
 }

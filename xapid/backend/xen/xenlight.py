@@ -17,6 +17,7 @@ RESTORE_PARAMS_SIZE = 24
 DEVICE_DISK_SIZE = 144
 DEVICE_NIC_SIZE = 504
 LIBXL_VERSION = 0
+LIBXL_SUSPEND_LIVE = 2
 
 ERRORS = {-1: "ERROR_NONSPECIFIC", -2: "ERROR_VERSION", -3: "ERROR_FAIL", -4: "ERROR_NI", -5: "ERROR_NOMEM",
           -6: "ERROR_INVAL", -7: "ERROR_BADFAIL", -8: "ERROR_GUEST_TIMEDOUT", -9: "ERROR_TIMEDOUT",
@@ -182,7 +183,7 @@ class XenLight:
 
     def suspend(self, domid: int, fd: int, live: bool = False) -> None:
         """Save the domain to *fd*; it is left shut down (reason suspend) for the caller to destroy."""
-        self._domain_call("libxl_domain_suspend", domid, fd, 2 if live else 0, None)
+        self._domain_call("libxl_domain_suspend", domid, fd, LIBXL_SUSPEND_LIVE if live else 0, None)
 
     def _device(self, kind: str, action: str, domid: int, device_json: str) -> None:
         size = DEVICE_DISK_SIZE if kind == "disk" else DEVICE_NIC_SIZE
