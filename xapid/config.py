@@ -66,6 +66,7 @@ class SimConfig:
 class StatsConfig:
     period: float = 5.0
     save_interval: float = 300.0
+    prometheus_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
             raise ConfigError(f"{problem}: expected a number, got {text!r}") from None
     else:
         value = text.strip()
-        if not value and key not in ("hostname", "local_sr", "iso_library"):
+        if not value and key not in ("hostname", "local_sr", "iso_library", "prometheus_listen"):
             raise ConfigError(f"{problem}: must not be empty")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")

@@ -27,6 +27,7 @@ from xapid.config import Config
 from xapid.dispatch import Dispatcher
 from xapid.errors import XenAPIError
 from xapid.events import EventHub
+from xapid.http_exports import HttpExports
 from xapid.objects import collect_handlers
 from xapid.objects.vm_ops import derive as derive_vm
 from xapid.objects.vm_watch import domain_changed
@@ -154,13 +155,15 @@ def _build_sampler(config: Config, api: Api, runner: Runner) -> Sampler:
                    save_path=path, runner=runner, save_every=max(1, round(config.stats.save_interval / period)))
 
 
-def _endpoint(reactor: Any, description: str) -> Any:
+def _endpoint(reactor: Any, description: str, key: str = "") -> Any:
+    """The server endpoint of *description*; StartupError naming it (and the config *key*)."""
+    where = f"{key}: " if key else ""
     try:
         return endpoints.serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError, ImportError) as exc:
-        raise StartupError(f"bad listen address {description!r}: {exc}") from None
+        raise StartupError(f"{where}bad listen address {description!r}: {exc}") from None
     except OSError as exc:  # e.g. an ssl: key or certificate file that cannot be read
-        raise StartupError(f"bad listen address {description!r}: {exc.strerror or exc}: "
+        raise StartupError(f"{where}bad listen address {description!r}: {exc.strerror or exc}: "
                            f"{getattr(exc, 'filename', '') or ''}".rstrip(": ")) from None
 
 
@@ -182,6 +185,8 @@ class Daemon(MultiService):
         """Refuse what can be refused before touching anything: endpoints and backend."""
         for description in self.config.server.listen:
             _endpoint(self.reactor, description)
+        if self.config.stats.prometheus_listen:
+            _endpoint(self.reactor, self.config.stats.prometheus_listen, "[stats] prometheus_listen")
         make_driver(self.config, self.reactor)
         if self.config.storage.disk_format == "qcow2" and not have_qemu_img():
             raise StartupError("[storage] disk_format = qcow2 needs qemu-img, which is not installed")
@@ -200,10 +205,14 @@ class Daemon(MultiService):
         self.api = await build_api(config, reactor, runner, db_runner, self.schema_path)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
         limits = Limits(config.limits.max_body_bytes, config.limits.max_depth, config.limits.max_elements)
-        site = make_factory(ApiHandler(self.dispatcher, limits), config.limits.max_body_bytes)
+        exports = HttpExports(self.api)
+        site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes()), config.limits.max_body_bytes)
         addresses = []
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
+        if config.stats.prometheus_listen:
+            scrape = make_factory(ApiHandler(self.dispatcher, limits, exports.open_routes()), 1 << 16)
+            addresses.append(await self._listen(config.stats.prometheus_listen, scrape, "[stats] prometheus_listen"))
         self._publish_url()
         self.api.stats.start()
         sweeper = LoopingCall(self._housekeeping)
@@ -212,8 +221,8 @@ class Daemon(MultiService):
         self._timers.append(sweeper)
         return addresses
 
-    async def _listen(self, description: str, site: Any) -> str:
-        endpoint = _endpoint(self.reactor, description)
+    async def _listen(self, description: str, site: Any, key: str = "") -> str:
+        endpoint = _endpoint(self.reactor, description, key)
         try:
             port = await endpoint.listen(site)
         except CannotListenError as exc:
@@ -221,13 +230,17 @@ class Daemon(MultiService):
             text = getattr(reason, "strerror", None) or str(reason)
             if getattr(reason, "errno", None) == errno.EADDRINUSE:
                 text = "address already in use"
-            raise StartupError(f"cannot listen on {description}: {text}") from None
+            raise StartupError(f"{key + ': ' if key else ''}cannot listen on {description}: {text}") from None
         except OSError as exc:
-            raise StartupError(f"cannot listen on {description}: {exc.strerror or exc}") from None
+            raise StartupError(f"{key + ': ' if key else ''}cannot listen on {description}: {exc.strerror or exc}") from None
         self.ports.append(port)
         address = port.getHost()
         where = getattr(address, "name", None) or f"{address.host}:{address.port}"
-        log.info("listening on {where} ({description})", where=where, description=description)
+        if key:
+            log.info("{key}: serving /metrics without authentication on {where} ({description})", key=key,
+                     where=where, description=description)
+        else:
+            log.info("listening on {where} ({description})", where=where, description=description)
         return where if isinstance(where, str) else where.decode()
 
     def _publish_url(self) -> None:

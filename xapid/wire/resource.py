@@ -8,6 +8,7 @@ ordinary 200 replies; a body that is not a call gets HTTP 500 with a one-line re
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -27,23 +28,50 @@ XML = [(b"Content-Type", b"text/xml"), *CORS]
 JSON = [(b"Content-Type", b"application/json"), *CORS]
 
 
-class ApiHandler:
-    """Answers one HTTP request: a call, a CORS pre-flight, or a short note for GET."""
+Route = Callable[[HttpRequest], "HttpResponse | Deferred"]
 
-    def __init__(self, dispatcher: Any, limits: Limits):
+
+def _headless(response: HttpResponse) -> HttpResponse:
+    response.body = b""
+    return response
+
+
+class ApiHandler:
+    """Answers one HTTP request: a call, a CORS pre-flight, a GET route, or a short note.
+
+    *routes* maps a GET path (no query, no trailing slash) to its handler; the wiring supplies
+    them (the wire knows no endpoint).  GET / is the note; other unknown paths are 404.
+    """
+
+    def __init__(self, dispatcher: Any, limits: Limits, routes: dict[bytes, Route] | None = None):
         self.dispatcher = dispatcher
         self.limits = limits
+        self.routes = dict(routes or {})
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Deferred:
         if request.method == b"POST":
             return self._call(request)
         if request.method == b"OPTIONS":
-            return HttpResponse(200, b"", [(b"Access-Control-Allow-Methods", b"POST, OPTIONS"), *CORS])
+            return HttpResponse(200, b"", [(b"Access-Control-Allow-Methods", b"GET, POST, OPTIONS"), *CORS])
         if request.method in (b"GET", b"HEAD"):
-            body = b"xapid: the Xen-API is served by POST (XML-RPC on any path, JSON-RPC on /jsonrpc)\n"
-            return HttpResponse(200, b"" if request.method == b"HEAD" else body, [(b"Content-Type", b"text/plain")])
+            return self._get(request)
         return HttpResponse(405, b"method not allowed\n", [(b"Content-Type", b"text/plain"),
                                                           (b"Allow", b"GET, HEAD, POST, OPTIONS")])
+
+    def _get(self, request: HttpRequest) -> HttpResponse | Deferred:
+        path = request.path.rstrip(b"/") or b"/"
+        route = self.routes.get(path)
+        if route is not None:
+            response = route(request)
+            if request.method == b"HEAD":
+                return response.addCallback(_headless) if isinstance(response, Deferred) else _headless(response)
+            return response
+        if path == b"/":
+            body = b"xapid: the Xen-API is served by POST (XML-RPC on any path, JSON-RPC on /jsonrpc)\n"
+            status = 200
+        else:
+            body, status = b"not found\n", 404
+        return HttpResponse(status, b"" if request.method == b"HEAD" else body, [(b"Content-Type", b"text/plain")])
 
     def _call(self, request: HttpRequest) -> HttpResponse | Deferred:
         is_json = request.path.rstrip(b"/") == b"/jsonrpc"

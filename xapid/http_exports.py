@@ -1,0 +1,254 @@
+"""The GET endpoints of the API port: the metrics exports, authenticated as xapi does.
+
+============================  ==============================================================
+``/rrd_updates``              xapi's xport rows: ``start`` (required; negative = relative),
+                              ``cf``, ``interval``, ``host=true``, ``vm_uuid`` (repeatable),
+                              ``json=true`` (or ``Accept: application/json``)
+``/host_rrd``                 the host's whole RRD, rrdtool-dump XML (``json=true``: JSON)
+``/vm_rrd?uuid=``             one VM's whole RRD; 404 when it has none
+``/metrics``                  Prometheus text exposition (also on ``[stats] prometheus_listen``,
+                              without authentication)
+============================  ==============================================================
+
+Credentials: ``session_id`` as a query parameter or a cookie (a live API session), or HTTP
+Basic ``user:password`` checked against the users file (in the thread pool; a failure waits
+``auth_failure_delay`` like a failed login).  None or a bad one is 401 with
+``WWW-Authenticate: Basic realm="xapid"``; a role below read-only would be 403.  ``task_id`` is
+accepted (Xen Orchestra sends one) and not needed.  Bad parameters are 400 with one line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Callable
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+from urllib.parse import parse_qs
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from xapid.roles import ROLES, role_at_least
+from xapid.stats import export, prometheus
+from xapid.wire.http import HttpRequest, HttpResponse
+
+log = Logger()
+
+CORS = (b"Access-Control-Allow-Origin", b"*")
+TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
+READ_ROLE = "read-only"
+
+
+class HttpError(Exception):
+    """An HTTP refusal: *status* and a one-line reason for the body."""
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.headers = headers
+
+
+def _response(error: HttpError) -> HttpResponse:
+    return HttpResponse(error.status, f"{error}\n".encode(), [TEXT, CORS, *error.headers])
+
+
+def parse_query(request: HttpRequest) -> dict[str, list[str]]:
+    """The query parameters (repeatable); 400 for a query that is not UTF-8."""
+    try:
+        return parse_qs(request.query.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "the query string is not valid UTF-8") from None
+
+
+def _one(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
+    values = params.get(name)
+    return values[-1] if values else default
+
+
+def _number(params: dict[str, list[str]], name: str, default: float | None = None) -> float | None:
+    text = _one(params, name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise HttpError(400, f"{name} must be a number, not {text!r}")
+    return value
+
+
+def _flag(params: dict[str, list[str]], name: str) -> bool:
+    return (_one(params, name) or "").lower() in ("true", "1", "yes", "on")
+
+
+def _wants_json(request: HttpRequest, params: dict[str, list[str]]) -> bool:
+    """``json=true``, else the Accept header's preference between application/json and text/xml."""
+    if "json" in params:
+        return _flag(params, "json") or _one(params, "json") == ""
+    accept = request.headers.get(b"accept", b"").decode("latin-1")
+    best_json = best_xml = -1.0
+    for item in accept.split(","):
+        kind, _, rest = item.strip().partition(";")
+        quality = 1.0
+        for param in rest.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        kind = kind.strip().lower()
+        if kind in ("application/json", "*/*"):
+            best_json = max(best_json, quality)
+        elif kind in ("text/xml", "application/xml"):
+            best_xml = max(best_xml, quality)
+    return best_json > best_xml
+
+
+class HttpExports:
+    """Builds the GET routes from the API (sessions, users, runner, metrics engine, store)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.registry = prometheus.registry_for(
+            prometheus.MetricsCollector(api.stats.table, self._owner_names, self._power_states))
+
+    def routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred]]:
+        """The authenticated routes of the API port."""
+        return {b"/rrd_updates": self._guarded(self._rrd_updates), b"/host_rrd": self._guarded(self._host_rrd),
+                b"/vm_rrd": self._guarded(self._vm_rrd), b"/metrics": self._guarded(self._metrics)}
+
+    def open_routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred]]:
+        """``/metrics`` without authentication, for a dedicated Prometheus endpoint."""
+        return {b"/metrics": lambda request: self._answer_now(request, self._metrics)}
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def _answer_now(self, request: HttpRequest, handler: Callable[..., Any]) -> HttpResponse | Deferred:
+        return Deferred.fromCoroutine(self._serve(request, handler, authenticate=False))
+
+    def _guarded(self, handler: Callable[..., Any]) -> Callable[[HttpRequest], Deferred]:
+        return lambda request: Deferred.fromCoroutine(self._serve(request, handler, authenticate=True))
+
+    async def _serve(self, request: HttpRequest, handler: Callable[..., Any], authenticate: bool) -> HttpResponse:
+        try:
+            params = parse_query(request)
+            if authenticate:
+                await self._authenticate(request, params)
+            return await handler(request, params)
+        except HttpError as error:
+            return _response(error)
+        except Exception:  # noqa: BLE001 - never a traceback to the client, never a dead connection
+            log.failure("GET {path} failed", path=request.path.decode("latin-1"))
+            return _response(HttpError(500, "internal error (see the daemon log)"))
+
+    async def _authenticate(self, request: HttpRequest, params: dict[str, list[str]]) -> str:
+        """The caller's role, from a session (query or cookie) or HTTP Basic; HttpError otherwise."""
+        challenge = ((b"WWW-Authenticate", b'Basic realm="xapid"'),)
+        session_ref = _one(params, "session_id") or self._cookie_session(request)
+        role: str | None = None
+        if session_ref:
+            session = self.api.sessions.touch(session_ref)
+            if session is None:
+                raise HttpError(401, "invalid or expired session_id", challenge)
+            role = session.role
+        else:
+            header = request.headers.get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"basic":
+                raise HttpError(401, "authentication required: session_id or HTTP Basic", challenge)
+            try:
+                name, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                raise HttpError(401, "malformed Basic credentials", challenge) from None
+            user = await self.api.runner.run(self.api.users.verify, name, password) if sep else None
+            if user is None:
+                log.warning("failed HTTP login for {user!r} from {peer}", user=name, peer=request.peer)
+                await self.api.sleep(self.api.auth_failure_delay)
+                raise HttpError(401, "authentication failed", challenge)
+            role = user.role
+        if role not in ROLES or not role_at_least(role, READ_ROLE):
+            raise HttpError(403, f"role {role} may not read metrics")
+        return role
+
+    @staticmethod
+    def _cookie_session(request: HttpRequest) -> str | None:
+        header = request.headers.get(b"cookie")
+        if not header:
+            return None
+        try:
+            cookie = SimpleCookie(header.decode("latin-1"))
+        except CookieError:
+            return None
+        morsel = cookie.get("session_id")
+        return morsel.value if morsel else None
+
+    def _owner_names(self) -> dict[str, str]:
+        store = self.api.store
+        names = {f"vm:{vm.fields['uuid']}": vm.fields["name_label"] for vm in store.all("VM")}
+        names.update({f"host:{h.fields['uuid']}": h.fields["hostname"] for h in store.all("host")})
+        return names
+
+    def _power_states(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for vm in self.api.store.all("VM"):
+            f = vm.fields
+            if not f["is_a_template"] and not f["is_control_domain"] and not f["is_a_snapshot"]:
+                counts[f["power_state"]] = counts.get(f["power_state"], 0) + 1
+        return counts
+
+    def _reply(self, body: bytes, as_json: bool) -> HttpResponse:
+        kind = b"application/json" if as_json else b"text/xml"
+        return HttpResponse(200, body, [(b"Content-Type", kind), CORS])
+
+    # ---------------------------------------------------------------------------- endpoints
+
+    async def _rrd_updates(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        start = _number(params, "start")
+        if start is None:
+            raise HttpError(400, "start is required (Unix seconds; negative: relative to the last update)")
+        interval = _number(params, "interval", 0.0) or 0.0
+        cf = _one(params, "cf") or None
+        as_json = _wants_json(request, params)
+        table = self.api.stats.table
+        owners: list[str] = []
+        if _flag(params, "host"):
+            owners.append(f"host:{self.api.store.get(self.api.host_ref).fields['uuid']}")
+        wanted = params.get("vm_uuid")
+        if wanted:
+            owners += [f"vm:{u}" for u in dict.fromkeys(wanted)]
+        else:
+            owners += [f"vm:{vm.fields['uuid']}" for vm in self.api.store.all("VM")
+                       if vm.fields["power_state"] in ("Running", "Paused")]
+        known = set(table.owners())
+        keys = [(owner, ds.name) for owner in owners if owner in known for ds in table.sources(owner)]
+        try:
+            rows = export.xport_rows(table, keys, start, interval, cf.upper() if cf else None)
+        except export.ExportError as exc:
+            raise HttpError(400, str(exc)) from None
+        body = await self.api.runner.run(export.render_xport, rows, as_json)
+        return self._reply(body, as_json)
+
+    async def _dump(self, owner: str, as_json: bool, missing: str) -> HttpResponse:
+        try:
+            rrd = self.api.stats.table.dump(owner)
+        except KeyError:
+            raise HttpError(404, missing) from None
+        return self._reply(await self.api.runner.run(export.render_dump, rrd, as_json), as_json)
+
+    async def _host_rrd(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        host_uuid = self.api.store.get(self.api.host_ref).fields["uuid"]
+        return await self._dump(f"host:{host_uuid}", _flag(params, "json"), "the host has no metrics archives yet")
+
+    async def _vm_rrd(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        uuid = _one(params, "uuid")
+        if not uuid:
+            raise HttpError(400, "uuid is required")
+        return await self._dump(f"vm:{uuid}", _flag(params, "json"), f"no metrics archives for VM {uuid}")
+
+    async def _metrics(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        body = prometheus.exposition(self.registry)
+        return HttpResponse(200, body, [(b"Content-Type", prometheus.CONTENT_TYPE)])
