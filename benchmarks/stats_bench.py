@@ -109,6 +109,7 @@ class BenchEnv(ApiEnv):
     def __init__(self, tmp_path: Path, clock: Clock, memory_mib: int):
         self.tmp_path = tmp_path
         self.clock = clock
+        self.driver = None
         make_users(tmp_path / "users")
         self.config = Config(server=ServerConfig(state_dir=str(tmp_path / "state"), users=str(tmp_path / "users")),
                              api=ApiConfig(auth_failure_delay=0.0), sim=SimConfig(memory_mib=memory_mib))

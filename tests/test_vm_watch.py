@@ -69,3 +69,19 @@ def test_operation_in_flight_is_left_alone(admin, env):
     domain_changed(env.api, uuid)
     env.settle()
     assert admin("VM.get_power_state", vm) == "Running"
+
+
+def test_failing_action_is_logged_and_leaves_the_vm(admin, env):
+    """When the restart action fails in the driver, the failure is logged and nothing crashes."""
+    from xapid.backend.interface import BackendError
+
+    vm = admin("VM.create", vm_record(actions_after_crash="restart"))
+    admin("VM.start", vm, False, False)
+    uuid = admin("VM.get_uuid", vm)
+    sim = env.api.hypervisor.driver
+    sim.inject_fault("reboot_domain", BackendError("the host is out of luck"))
+    sim.guest_shutdown(uuid, "crash")
+    env.settle()
+    assert admin("VM.get_power_state", vm) == "Running"  # unchanged: the domain is still there, crashed
+    assert admin("VM.get_current_operations", vm) == {}
+    assert sim.domain_info(uuid).state == "crashed"

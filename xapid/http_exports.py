@@ -166,7 +166,7 @@ class HttpExports:
                 raise HttpError(401, "malformed Basic credentials", challenge) from None
             user = await self.api.runner.run(self.api.users.verify, name, password) if sep else None
             if user is None:
-                log.warning("failed HTTP login for {user!r} from {peer}", user=name, peer=request.peer)
+                log.warn("failed HTTP login for {user!r} from {peer}", user=name, peer=request.peer)
                 await self.api.sleep(self.api.auth_failure_delay)
                 raise HttpError(401, "authentication failed", challenge)
             role = user.role

@@ -147,7 +147,7 @@ def _build_sampler(config: Config, api: Api, runner: Runner) -> Sampler:
     existed = path.exists()
     table, warning = RRDTable.load(path, now=api.reactor.seconds())
     if warning and existed:
-        log.warning("{warning}", warning=warning)
+        log.warn("{warning}", warning=warning)
     elif warning:
         log.info("{warning}", warning=warning)
     period = config.stats.period

@@ -91,6 +91,7 @@ class Store:
         self._by_uuid: dict[str, str] = {}
         self._by_name: dict[str, dict[str, set[str]]] = {name: {} for name in schema.classes}
         self._listeners: list[Callable[[Change], None]] = []
+        self._live_ok: set[str] = set()  # classes set_live was checked for
         self._derivers: dict[str, list[Deriver]] = {}
         self._txn_depth = 0
         self._plain_refs: dict[str, list[tuple[str, str]]] = {}
@@ -156,8 +157,12 @@ class Store:
         self._link(cls, ref, {}, record)
         return ref
 
-    def update(self, ref: str, changes: dict[str, Any]) -> None:
-        """Change some fields of an object (no-op when nothing differs)."""
+    def update(self, ref: str, changes: dict[str, Any], *, volatile: bool = False) -> None:
+        """Change some fields of an object (no-op when nothing differs).
+
+        A *volatile* change (live metrics, rewritten by every sample) emits its event but is not
+        committed on its own: it reaches the database with the object's next ordinary write.
+        """
         obj = self.get(ref)
         fields = obj.fields
         changed = {k: v for k, v in changes.items() if fields.get(k) != v}
@@ -168,8 +173,31 @@ class Store:
         fields.update(changed)
         self._index_names(obj)
         self._apply_derivers(obj)
-        self._emit(obj, "mod")
+        self._emit(obj, "mod", volatile)
         self._link(obj.cls, ref, old, changed)
+
+    def set_live(self, ref: str, changes: dict[str, Any]) -> None:
+        """The fast path for live metrics values, rewritten by every sample: set *changes* and emit
+        the event, like a volatile :meth:`update`, but without comparing, indexing or linking —
+        so only for plain value fields (no name_label, no refs) of classes without derivers
+        (checked on a class's first use; ValueError otherwise)."""
+        obj = self._objects[ref]
+        cls = obj.cls
+        if cls not in self._live_ok:
+            self._check_live(cls, changes)
+        obj.fields.update(changes)
+        obj.cache.clear()
+        self.seq += 1
+        change = Change(self.seq, cls, "mod", ref)
+        for listener in self._listeners:
+            listener(change)
+
+    def _check_live(self, cls: str, changes: dict[str, Any]) -> None:
+        linked = {name for (c, name) in self.schema.inverses if c == cls}
+        bad = [k for k in changes if k in ("name_label", "uuid") or k in linked]
+        if self._derivers.get(cls) or bad:
+            raise ValueError(f"set_live cannot write {cls} {bad or '(derived class)'}")
+        self._live_ok.add(cls)
 
     def touch(self, ref: str) -> None:
         """Emit a mod for an object without changing it (event.inject)."""
@@ -270,11 +298,11 @@ class Store:
         for deriver in self._derivers.get(obj.cls, ()):
             obj.fields.update(deriver(self, obj))
 
-    def _emit(self, obj: Obj, op: str) -> None:
+    def _emit(self, obj: Obj, op: str, volatile: bool = False) -> None:
         obj.cache.clear()
         self.seq += 1
         spec = self.schema.classes[obj.cls]
-        if self._committer is not None and spec.persist:
+        if self._committer is not None and spec.persist and not volatile:
             self._committer.record(obj.cls, obj.ref, None if op == "del" else obj.fields)
             if self._txn_depth == 0:
                 self._committer.release()

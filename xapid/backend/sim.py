@@ -141,10 +141,18 @@ class _Domain:
         """Cumulative bytes of every current device at *now*: ``{"vbd:xvda": [read, write], "vif:0": [rx, tx]}``."""
         dt = max(0.0, now - self.since) if self.state == "running" else 0.0
         out: dict[str, list[int]] = {}
-        for key, kinds in [*((f"vbd:{d['device']}", ("disk_read", "disk_write")) for d in self.disks),
-                           *((f"vif:{n['devid']}", ("net_rx", "net_tx")) for n in self.nics)]:
-            base = self.io_acc.get(key, [0, 0])
-            out[key] = [base[i] + round(self.io_rate(k) * dt) for i, k in enumerate(kinds)]
+        if not (self.disks or self.nics):
+            return out
+        rates = {k: self.io_rate(k) * dt for k in IO_RATES}
+        acc = self.io_acc
+        for d in self.disks:
+            key = f"vbd:{d['device']}"
+            r, w = acc.get(key, (0, 0))
+            out[key] = [r + round(rates["disk_read"]), w + round(rates["disk_write"])]
+        for n in self.nics:
+            key = f"vif:{n['devid']}"
+            r, w = acc.get(key, (0, 0))
+            out[key] = [r + round(rates["net_rx"]), w + round(rates["net_tx"])]
         return out
 
     def net_totals(self, now: float) -> tuple[int, int]:
@@ -502,33 +510,40 @@ class SimBackend:
             return self._free(state)
 
     def read_counters(self) -> Counters:
-        """One consistent batch of counters at a single clock reading."""
+        """One consistent batch of counters at a single clock reading (each domain computed once)."""
         with self._reading("read_counters") as state:
             now = self._clock()
             disks: list[DiskCounters] = []
             nics: list[NicCounters] = []
+            domains = []
+            busy = state.retired_busy_ns
+            rx, tx = state.retired_net
             for dom in state.ordered():
+                info = dom.info(now, self._cpus)
+                domains.append(info)
+                busy += info.cpu_time_ns - dom.cpu_base_ns
+                uuid = dom.uuid
                 for key, (a, b) in dom.io_counters(now).items():
-                    kind, name = key.split(":", 1)
-                    if kind == "vbd":
-                        disks.append(DiskCounters(dom.uuid, name, a, b, a // IO_REQUEST_SIZE, b // IO_REQUEST_SIZE))
-                    else:
-                        nics.append(NicCounters(dom.uuid, int(name), a, b))
+                    if key[1] == "b":  # "vbd:<device>"
+                        disks.append(DiskCounters(uuid, key[4:], a, b, a // IO_REQUEST_SIZE, b // IO_REQUEST_SIZE))
+                    else:  # "vif:<devid>"
+                        nics.append(NicCounters(uuid, int(key[4:]), a, b))
+                        rx, tx = rx + a, tx + b
             return Counters(
                 timestamp=now,
-                domains=tuple(d.info(now, self._cpus) for d in state.ordered()),
-                pcpus=tuple(self._pcpus(state, now)),
+                domains=tuple(domains),
+                pcpus=tuple(self._pcpus(state, now, busy)),
                 free_memory=self._free(state),
                 total_memory=self._memory,
                 disks=tuple(disks),
                 nics=tuple(nics),
-                pifs=tuple(self._pifs(state, now)),
+                pifs=tuple(self._pifs(state, now, (rx, tx))),
             )
 
-    def _pifs(self, state: _State, now: float) -> list[PifCounters]:
+    def _pifs(self, state: _State, now: float, totals: tuple[int, int] | None = None) -> list[PifCounters]:
         """Every PIF: a base rate each way since boot; eth0 also carries all guest traffic."""
         base = round(max(0.0, now - state.boot_time) * PIF_BASE_RATE)
-        rx, tx = state.net_totals(now)
+        rx, tx = totals if totals is not None else state.net_totals(now)
         return [PifCounters(f"eth{i}", base + (rx if i == 0 else 0), base + (tx if i == 0 else 0))
                 for i in range(self.nics)]
 
@@ -536,10 +551,11 @@ class SimBackend:
         used = sum(d.usage() for d in state.domains.values())
         return self._memory - _xen_overhead(self._memory) - used
 
-    def _pcpus(self, state: _State, now: float) -> list[PhysicalCPU]:
+    def _pcpus(self, state: _State, now: float, busy: int | None = None) -> list[PhysicalCPU]:
         """Idle = time since boot − busy time / CPUs; held when overcommitted, so never decreasing."""
         elapsed = round(max(0.0, now - state.boot_time) * NS)
-        idle = max(self._idle_floor_ns, elapsed - state.busy_ns(now) // self._cpus)
+        busy = state.busy_ns(now) if busy is None else busy
+        idle = max(self._idle_floor_ns, elapsed - busy // self._cpus)
         self._idle_floor_ns = idle
         return [PhysicalCPU(number=i, idle_time_ns=idle) for i in range(self._cpus)]
 

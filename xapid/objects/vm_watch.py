@@ -74,4 +74,4 @@ async def _handle(api: Any, uuid: str) -> None:
                 await api.runner.run(driver.destroy_domain, uuid)
                 record_halted(ctx, vm.ref)
     except (BackendError, XenAPIError) as exc:
-        log.warning("could not apply {action} to VM {uuid}: {error}", action=action, uuid=uuid, error=str(exc))
+        log.warn("could not apply {action} to VM {uuid}: {error}", action=action, uuid=uuid, error=str(exc))

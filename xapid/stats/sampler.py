@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import math
 import re
 from datetime import datetime, timezone
@@ -49,6 +50,13 @@ NAN = float("nan")
 DEFAULT_PERIOD = 5.0
 MIN_PERIOD = 1.0
 RRD_FILE = "rrd.npz"
+
+
+class _Segment(NamedTuple):
+    """A group of sources of one owner recorded together (a VM's CPU and memory, one disk …)."""
+
+    slots: tuple[int, ...]
+    names: tuple[str, ...]
 
 
 class Spec(NamedTuple):
@@ -138,6 +146,10 @@ class Sampler:
         self.failures = 0
         self._loop: LoopingCall | None = None
         self._slots: dict[tuple[str, str], int] = {}
+        self._segments: dict[tuple[str, tuple[Any, ...]], _Segment] = {}
+        self._owners: dict[str, str] = {}  # domain handle → owner of the VM's sources
+        self._device_refs: dict[str, tuple[Any, dict[str, str], dict[str, str]]] = {}  # VM ref → metrics refs
+        self._previous: tuple[np.ndarray, np.ndarray] | None = None  # (idx, latest values) of the last tick
         self._domids: dict[str, int] = {}  # VM uuid → domid at the previous tick
         self._prev_host: tuple[float, tuple[int, ...]] | None = None  # (t, idle ns per pCPU)
         self._prev_cpu: dict[str, tuple[float, int, int]] = {}  # VM uuid → (t, domid, cpu ns)
@@ -209,12 +221,8 @@ class Sampler:
         store = self.store
         host = store.get(self.host_ref(), "host")
         host_owner = f"host:{host.fields['uuid']}"
-        keys: list[tuple[str, str]] = []
+        segs: list[tuple[str, _Segment]] = []  # in idx order
         raws: list[float] = []
-
-        def put(owner: str, name: str, raw: float) -> None:
-            keys.append((owner, name))
-            raws.append(raw)
 
         # -- host
         idle = tuple(p.idle_time_ns for p in counters.pcpus)
@@ -225,70 +233,113 @@ class Sampler:
             host_cpu = [NAN if i1 < i0 else min(1.0, max(0.0, 1.0 - (i1 - i0) / wall))
                         for i0, i1 in zip(prev[1], idle)]
         self._prev_host = (t, idle)
-        for p, value in zip(counters.pcpus, host_cpu):
-            put(host_owner, f"cpu{p.number}", value)
         known = [v for v in host_cpu if not math.isnan(v)]
-        put(host_owner, "cpu_avg", sum(known) / len(known) if known and len(known) == len(host_cpu) else NAN)
-        put(host_owner, "memory_total_kib", counters.total_memory / 1024)
-        put(host_owner, "memory_free_kib", counters.free_memory / 1024)
+        raws.extend(host_cpu)
+        raws.append(sum(known) / len(known) if known and len(known) == len(host_cpu) else NAN)
+        raws.append(counters.total_memory / 1024)
+        raws.append(counters.free_memory / 1024)
         for pif in counters.pifs:
-            put(host_owner, f"pif_{pif.device}_rx", float(pif.rx_bytes))
-            put(host_owner, f"pif_{pif.device}_tx", float(pif.tx_bytes))
+            raws.append(float(pif.rx_bytes))
+            raws.append(float(pif.tx_bytes))
+        segs.append((host_owner, self._segment(host_owner, ("host", tuple(p.number for p in counters.pcpus),
+                                                            tuple(p.device for p in counters.pifs)))))
 
         # -- VMs
         vms: dict[str, Any] = {}
         rebuilt: list[str] = []
-        usage: dict[str, float] = {}
         control = host.fields.get("control_domain")
+        prev_cpu = self._prev_cpu
         for dom in counters.domains:
             # The domain handle is the VM uuid, except for the control domain (found through the host).
             vm = store.find(control) if dom.is_control_domain and control else store.by_uuid(dom.uuid)
             if vm is None or vm.cls != "VM":
                 continue
-            owner = f"vm:{vm.fields['uuid']}"
+            owner = self._owners.get(dom.uuid)
+            if owner is None or owner[5:] != vm.fields["uuid"]:
+                owner = self._owners[dom.uuid] = f"vm:{vm.fields['uuid']}"
             vms[dom.uuid] = (vm, dom, owner)
             if self._domids.get(dom.uuid, dom.domid) != dom.domid:
                 rebuilt.append(owner)
             self._domids[dom.uuid] = dom.domid
-            for i, ns in enumerate(dom.vcpu_time_ns):
-                put(owner, f"cpu{i}", ns / NS)
-            before = self._prev_cpu.get(dom.uuid)
+            times = dom.vcpu_time_ns
+            raws.extend([ns / NS for ns in times])
+            before = prev_cpu.get(dom.uuid)
             value = NAN
             if before is not None and before[1] == dom.domid and dom.cpu_time_ns >= before[2] \
                     and 0 < t - before[0] <= HEARTBEAT and dom.vcpus:
                 value = (dom.cpu_time_ns - before[2]) / ((t - before[0]) * NS * dom.vcpus)
-            self._prev_cpu[dom.uuid] = (t, dom.domid, dom.cpu_time_ns)
-            usage[dom.uuid] = value
-            put(owner, "cpu_usage", value)
-            put(owner, "memory", float(dom.memory_actual))
-            put(owner, "memory_target", float(dom.memory_target))
+            prev_cpu[dom.uuid] = (t, dom.domid, dom.cpu_time_ns)
+            raws.append(value)
+            raws.append(float(dom.memory_actual))
+            raws.append(float(dom.memory_target))
+            segs.append((owner, self._segment(owner, ("vm", len(times)))))
         for disk in counters.disks:
-            if disk.uuid in vms:
-                owner = vms[disk.uuid][2]
-                put(owner, f"vbd_{disk.device}_read", float(disk.read_bytes))
-                put(owner, f"vbd_{disk.device}_write", float(disk.write_bytes))
-                put(owner, f"vbd_{disk.device}_iops_read", float(disk.read_reqs))
-                put(owner, f"vbd_{disk.device}_iops_write", float(disk.write_reqs))
+            entry = vms.get(disk.uuid)
+            if entry is not None:
+                raws += (float(disk.read_bytes), float(disk.write_bytes), float(disk.read_reqs),
+                         float(disk.write_reqs))
+                segs.append((entry[2], self._segment(entry[2], ("vbd", disk.device))))
         for nic in counters.nics:
-            if nic.uuid in vms:
-                owner = vms[nic.uuid][2]
-                put(owner, f"vif_{nic.devid}_rx", float(nic.rx_bytes))
-                put(owner, f"vif_{nic.devid}_tx", float(nic.tx_bytes))
-        for uuid in list(self._prev_cpu):
-            if uuid not in vms:  # no domain now: the next one starts a fresh cpu_usage baseline
-                self._prev_cpu.pop(uuid)
+            entry = vms.get(nic.uuid)
+            if entry is not None:
+                raws += (float(nic.rx_bytes), float(nic.tx_bytes))
+                segs.append((entry[2], self._segment(entry[2], ("vif", nic.devid))))
+        if len(self._device_refs) > 2 * len(vms) + 16:  # VMs gone: drop their cached metrics refs
+            self._device_refs = {k: v for k, v in self._device_refs.items() if store.find(k) is not None}
+        if len(prev_cpu) > len(vms):
+            for uuid in [u for u in prev_cpu if u not in vms]:
+                del prev_cpu[uuid]  # no domain now: the next one starts a fresh cpu_usage baseline
         # (_domids keeps halted VMs' last domid: a new domain after a halt is detected as rebuilt too)
 
-        idx = np.fromiter((self._slot(o, n) for o, n in keys), dtype=np.intp, count=len(keys))
-        raw = np.array(raws, dtype=np.float64)
+        idx = np.fromiter(itertools.chain.from_iterable(seg.slots for _, seg in segs), dtype=np.intp,
+                          count=len(raws))
         if rebuilt:
             owners = set(rebuilt)
-            self.table.rebase(np.array([s for (o, _), s in zip(keys, idx) if o in owners], dtype=np.intp))
-        self.table.update_indexed(t, idx, raw)
+            self.table.rebase(np.fromiter(itertools.chain.from_iterable(
+                seg.slots for o, seg in segs if o in owners), dtype=np.intp))
+        self.table.update_indexed(t, idx, np.array(raws, dtype=np.float64))
         self.ticks += 1
         self._forget_destroyed()
-        rates = dict(zip(keys, self.table.latest(idx).tolist()))
-        self._write_live(t, host, host_owner, host_cpu, counters, vms, rates)
+        rates = self.table.latest(idx)
+        changed = self._changed_owners(idx, rates, segs)
+        if changed is not None:
+            changed.update(rebuilt)
+        self._write_live(t, host, host_owner, host_cpu, counters, vms, segs, rates, changed)
+
+    def _segment(self, owner: str, shape: tuple[Any, ...]) -> _Segment:
+        """The slots (and names) of one group of an owner's sources, cached by its shape."""
+        key = (owner, shape)
+        seg = self._segments.get(key)
+        if seg is None:
+            kind = shape[0]
+            if kind == "host":
+                names = [f"cpu{n}" for n in shape[1]] + ["cpu_avg", "memory_total_kib", "memory_free_kib"]
+                names += [f"pif_{d}_{x}" for d in shape[2] for x in ("rx", "tx")]
+            elif kind == "vm":
+                names = [f"cpu{i}" for i in range(shape[1])] + ["cpu_usage", "memory", "memory_target"]
+            elif kind == "vbd":
+                names = [f"vbd_{shape[1]}_{x}" for x in ("read", "write", "iops_read", "iops_write")]
+            else:
+                names = [f"vif_{shape[1]}_{x}" for x in ("rx", "tx")]
+            seg = self._segments[key] = _Segment(tuple(self._slot(owner, n) for n in names), tuple(names))
+        return seg
+
+    def _changed_owners(self, idx: np.ndarray, rates: np.ndarray, segs: list[tuple[str, _Segment]]) -> set[str] | None:
+        """Owners with a source whose latest value differs from the previous tick's, or None when
+        the set of sources changed (then every owner is looked at)."""
+        previous = self._previous
+        self._previous = (idx, rates)
+        if previous is None or previous[0].shape != idx.shape or not np.array_equal(previous[0], idx):
+            return None
+        old = previous[1]
+        # the same value give or take float noise (a DERIVE of large counters wobbles in the last bits)
+        differs = ~(np.isclose(rates, old, rtol=1e-9, atol=0.0) | (np.isnan(rates) & np.isnan(old)))
+        if not differs.any():
+            return set()
+        starts = np.fromiter(itertools.accumulate((len(seg.slots) for _, seg in segs), initial=0),
+                             dtype=np.intp, count=len(segs) + 1)[:-1]
+        hit = np.searchsorted(starts, np.flatnonzero(differs), side="right") - 1
+        return {segs[i][0] for i in np.unique(hit).tolist()}
 
     def _slot(self, owner: str, name: str) -> int:
         key = (owner, name)
@@ -304,6 +355,13 @@ class Sampler:
         """Drop a source's archives (forget_data_source_archives); it is recreated by the next tick."""
         self.table.forget(owner, name)
         self._slots.pop((owner, name), None)
+        self._drop_segments(owner)
+
+    def _drop_segments(self, owner: str) -> None:
+        """Forget the cached slot groups of *owner* (its slots were freed and may be reused)."""
+        for key in [k for k in self._segments if k[0] == owner]:
+            del self._segments[key]
+        self._previous = None
 
     def _forget_destroyed(self) -> None:
         """Drop the archives of VMs that no longer exist."""
@@ -314,54 +372,89 @@ class Sampler:
                 self._domids.pop(uuid, None)
                 for key in [k for k in self._slots if k[0] == owner]:
                     del self._slots[key]
+                self._drop_segments(owner)
 
     def _write_live(self, t: float, host: Any, host_owner: str, host_cpu: list[float], counters: Counters,
-                    vms: dict[str, Any], rates: dict[tuple[str, str], float]) -> None:
-        """Update the live metrics objects: one update per object, only when something changed."""
+                    vms: dict[str, Any], segs: list[tuple[str, _Segment]], latest: np.ndarray,
+                    changed: set[str] | None) -> None:
+        """Update the live metrics objects of the owners in *changed* (every owner when None): at
+        most one event per object per tick, only when a value changed, through the store's live
+        path (metrics are rewritten by the next sample, so they are not committed on their own)."""
         store = self.store
         now = datetime.fromtimestamp(int(t), tz=timezone.utc)
+        values = latest.tolist()
+        by_owner: dict[str, list[tuple[_Segment, int]]] = {}
+        position = 0
+        for owner, seg in segs:
+            if changed is None or owner in changed:
+                by_owner.setdefault(owner, []).append((seg, position))
+            position += len(seg.slots)
+        if not by_owner:
+            return
 
-        def write(ref: str, cls: str, values: dict[str, Any]) -> None:
+        def put(ref: str, cls: str, live: dict[str, Any]) -> None:
             obj = store.find(ref)
             if obj is None or obj.cls != cls:
                 return
-            values = {k: v for k, v in values.items()
-                      if not (isinstance(v, float) and math.isnan(v)) and obj.fields.get(k) != v}
-            if values:
-                store.update(ref, {**values, "last_updated": now} if "last_updated" in obj.fields else values)
+            fields = obj.fields
+            fresh = {k: v for k, v in live.items() if v == v and fields.get(k) != v}  # v == v: not NaN
+            if fresh:
+                if "last_updated" in fields:
+                    fresh["last_updated"] = now
+                store.set_live(ref, fresh)
+
+        def kbs(start: int) -> dict[str, float]:
+            return {"io_read_kbs": values[start] / 1024, "io_write_kbs": values[start + 1] / 1024}
 
         with store.transaction():
-            by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu") if o.fields["host"] == host.ref}
-            for p, value in zip(counters.pcpus, host_cpu):
-                if p.number in by_number:
-                    write(by_number[p.number], "host_cpu", {"utilisation": value})
-            write(host.fields["metrics"], "host_metrics",
-                  {"memory_free": counters.free_memory, "memory_total": counters.total_memory})
-            pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
-                    if o.fields.get("physical") and o.fields.get("host") == host.ref}
-            for pif in counters.pifs:
-                if pif.device in pifs:
-                    write(pifs[pif.device], "PIF_metrics", _io_kbs(rates, host_owner, f"pif_{pif.device}_rx",
-                                                                    f"pif_{pif.device}_tx"))
+            if host_owner in by_owner:
+                by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
+                             if o.fields["host"] == host.ref}
+                for p, value in zip(counters.pcpus, host_cpu):
+                    if p.number in by_number:
+                        put(by_number[p.number], "host_cpu", {"utilisation": value})
+                put(host.fields["metrics"], "host_metrics",
+                    {"memory_free": counters.free_memory, "memory_total": counters.total_memory})
+                pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
+                        if o.fields.get("physical") and o.fields.get("host") == host.ref}
+                seg, start = by_owner[host_owner][0]
+                first_pif = start + len(counters.pcpus) + 3
+                for i, pif in enumerate(counters.pifs):
+                    if pif.device in pifs:
+                        put(pifs[pif.device], "PIF_metrics", kbs(first_pif + 2 * i))
             for vm, dom, owner in vms.values():
-                utilisation = {str(i): rates[(owner, f"cpu{i}")] for i in range(len(dom.vcpu_time_ns))}
-                values: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus}
-                if not any(math.isnan(v) for v in utilisation.values()):
-                    values["VCPUs_utilisation"] = utilisation
-                write(vm.fields["metrics"], "VM_metrics", values)
-                for vbd_ref in vm.fields.get("VBDs", ()):
-                    vbd = store.find(vbd_ref)
-                    if vbd is None or (owner, f"vbd_{vbd.fields['device']}_read") not in rates:
-                        continue
-                    dev = vbd.fields["device"]
-                    write(vbd.fields["metrics"], "VBD_metrics",
-                          _io_kbs(rates, owner, f"vbd_{dev}_read", f"vbd_{dev}_write"))
-                for vif_ref in vm.fields.get("VIFs", ()):
-                    vif = store.find(vif_ref)
-                    if vif is None or (owner, f"vif_{vif.fields['device']}_rx") not in rates:
-                        continue
-                    dev = vif.fields["device"]
-                    write(vif.fields["metrics"], "VIF_metrics", _io_kbs(rates, owner, f"vif_{dev}_rx", f"vif_{dev}_tx"))
+                groups = by_owner.get(owner)
+                if groups is None:
+                    continue
+                vbds, vifs = self._device_metrics(vm)
+                for seg, start in groups:
+                    kind = seg.names[-1]
+                    if kind == "memory_target":  # the VM's own group: cpu0.., cpu_usage, memory, memory_target
+                        count = len(seg.names) - 3
+                        utilisation = {str(i): values[start + i] for i in range(count)}
+                        live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus}
+                        if all(v == v for v in utilisation.values()):
+                            live["VCPUs_utilisation"] = utilisation
+                        put(vm.fields["metrics"], "VM_metrics", live)
+                    elif kind.startswith("vbd_"):
+                        ref = vbds.get(kind[4:-len("_iops_write")])
+                        if ref:
+                            put(ref, "VBD_metrics", kbs(start))
+                    else:
+                        ref = vifs.get(kind[4:-len("_tx")])
+                        if ref:
+                            put(ref, "VIF_metrics", kbs(start))
+
+    def _device_metrics(self, vm: Any) -> tuple[dict[str, str], dict[str, str]]:
+        """A VM's disk name → VBD_metrics ref and VIF device → VIF_metrics ref, cached per device list."""
+        key = (tuple(vm.fields.get("VBDs", ())), tuple(vm.fields.get("VIFs", ())))
+        cached = self._device_refs.get(vm.ref)
+        if cached is None or cached[0] != key:
+            store = self.store
+            vbds = {o.fields["device"]: o.fields["metrics"] for r in key[0] if (o := store.find(r)) is not None}
+            vifs = {o.fields["device"]: o.fields["metrics"] for r in key[1] if (o := store.find(r)) is not None}
+            cached = self._device_refs[vm.ref] = (key, vbds, vifs)
+        return cached[1], cached[2]
 
     # ------------------------------------------------------------------------------- queries
 
@@ -413,8 +506,3 @@ class Sampler:
             return {}
         values = self.table.average(keys, window, cf)
         return {f"{o}:{n}": float(v) for (o, n), v in zip(keys, values.tolist()) if not math.isnan(v)}
-
-
-def _io_kbs(rates: dict[tuple[str, str], float], owner: str, read: str, write: str) -> dict[str, float]:
-    """The 1.0 ``io_read_kbs``/``io_write_kbs`` fields (KiB/s) from two byte-rate sources."""
-    return {"io_read_kbs": rates[(owner, read)] / 1024, "io_write_kbs": rates[(owner, write)] / 1024}
