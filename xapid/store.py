@@ -157,12 +157,8 @@ class Store:
         self._link(cls, ref, {}, record)
         return ref
 
-    def update(self, ref: str, changes: dict[str, Any], *, volatile: bool = False) -> None:
-        """Change some fields of an object (no-op when nothing differs).
-
-        A *volatile* change (live metrics, rewritten by every sample) emits its event but is not
-        committed on its own: it reaches the database with the object's next ordinary write.
-        """
+    def update(self, ref: str, changes: dict[str, Any]) -> None:
+        """Change some fields of an object (no-op when nothing differs)."""
         obj = self.get(ref)
         fields = obj.fields
         changed = {k: v for k, v in changes.items() if fields.get(k) != v}
@@ -173,12 +169,13 @@ class Store:
         fields.update(changed)
         self._index_names(obj)
         self._apply_derivers(obj)
-        self._emit(obj, "mod", volatile)
+        self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
 
     def set_live(self, ref: str, changes: dict[str, Any]) -> None:
         """The fast path for live metrics values, rewritten by every sample: set *changes* and emit
-        the event, like a volatile :meth:`update`, but without comparing, indexing or linking —
+        the event without committing (the values reach the database with the object's next
+        ordinary write) and without comparing, indexing or linking —
         so only for plain value fields (no name_label, no refs) of classes without derivers
         (checked on a class's first use; ValueError otherwise)."""
         obj = self._objects[ref]
@@ -298,11 +295,11 @@ class Store:
         for deriver in self._derivers.get(obj.cls, ()):
             obj.fields.update(deriver(self, obj))
 
-    def _emit(self, obj: Obj, op: str, volatile: bool = False) -> None:
+    def _emit(self, obj: Obj, op: str) -> None:
         obj.cache.clear()
         self.seq += 1
         spec = self.schema.classes[obj.cls]
-        if self._committer is not None and spec.persist and not volatile:
+        if self._committer is not None and spec.persist:
             self._committer.record(obj.cls, obj.ref, None if op == "del" else obj.fields)
             if self._txn_depth == 0:
                 self._committer.release()

@@ -63,6 +63,7 @@ from xapid.backend.interface import (
 from xapid.backend.specs import (
     MIN_DOMAIN_MEMORY,
     check_limits,
+    spec_to_json,
     validate_disk,
     validate_nic,
     validate_spec,
@@ -95,17 +96,6 @@ def _domain_overhead(vcpus_max: int, memory_max: int) -> int:
     """Per-domain overhead: 1 MiB per possible vCPU plus memory_max/256 (page tables), page-rounded."""
     page_tables = -(-memory_max // 256)
     return vcpus_max * MiB + -(-page_tables // PAGE) * PAGE
-
-
-def _spec_to_json(spec: DomainSpec) -> dict[str, Any]:
-    """The spec as plain JSON types (lists, not tuples), as stored in the state file."""
-    data = asdict(spec)
-    data.update(
-        platform=[list(entry) for entry in spec.platform],
-        disks=list(data["disks"]),
-        nics=list(data["nics"]),
-    )
-    return data
 
 
 @dataclass
@@ -850,7 +840,7 @@ class SimBackend:
             start_time=now,
             load=GUEST_LOAD,
             cpu_base_ns=0,
-            spec=_spec_to_json(spec),
+            spec=spec_to_json(spec),
             disks=[asdict(d) for d in spec.disks],
             nics=[asdict(n) for n in spec.nics],
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
+from dataclasses import asdict
+from typing import Any
 
 from xapid.backend.interface import DiskSpec, DomainSpec, InvalidSpec, NicSpec
 
@@ -80,3 +82,19 @@ def validate_nic(nic: NicSpec) -> None:
         raise InvalidSpec(f"negative nic devid {nic.devid}")
     if not _MAC.match(nic.mac):
         raise InvalidSpec(f"invalid MAC address {nic.mac!r}")
+
+
+def spec_to_json(spec: DomainSpec) -> dict[str, Any]:
+    """The spec as plain JSON types (lists, not tuples), as drivers keep it in their state files."""
+    data = asdict(spec)
+    data.update(platform=[list(entry) for entry in spec.platform], disks=list(data["disks"]), nics=list(data["nics"]))
+    return data
+
+
+def spec_from_json(data: dict[str, Any]) -> DomainSpec:
+    """The spec :func:`spec_to_json` wrote."""
+    fields = dict(data)
+    fields["platform"] = tuple(tuple(p) for p in fields.get("platform", ()))
+    fields["disks"] = tuple(DiskSpec(**d) for d in fields.get("disks", ()))
+    fields["nics"] = tuple(NicSpec(**n) for n in fields.get("nics", ()))
+    return DomainSpec(**fields)

@@ -41,8 +41,8 @@ def domain_changed(api: Any, uuid: str) -> Deferred:
 
 async def _handle(api: Any, uuid: str) -> None:
     store = api.store
-    vm = next((o for o in store.all("VM") if o.fields["uuid"] == uuid), None)
-    if vm is None or vm.fields["is_control_domain"] or vm.fields["current_operations"]:
+    vm = store.by_uuid(uuid)  # the domain handle is the VM uuid
+    if vm is None or vm.cls != "VM" or vm.fields["is_control_domain"] or vm.fields["current_operations"]:
         return
     ctx = SimpleNamespace(api=api, store=store, task="")
     driver = api.hypervisor.driver

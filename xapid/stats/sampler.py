@@ -406,44 +406,43 @@ class Sampler:
         def kbs(start: int) -> dict[str, float]:
             return {"io_read_kbs": values[start] / 1024, "io_write_kbs": values[start + 1] / 1024}
 
-        with store.transaction():
-            if host_owner in by_owner:
-                by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
-                             if o.fields["host"] == host.ref}
-                for p, value in zip(counters.pcpus, host_cpu):
-                    if p.number in by_number:
-                        put(by_number[p.number], "host_cpu", {"utilisation": value})
-                put(host.fields["metrics"], "host_metrics",
-                    {"memory_free": counters.free_memory, "memory_total": counters.total_memory})
-                pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
-                        if o.fields.get("physical") and o.fields.get("host") == host.ref}
-                seg, start = by_owner[host_owner][0]
-                first_pif = start + len(counters.pcpus) + 3
-                for i, pif in enumerate(counters.pifs):
-                    if pif.device in pifs:
-                        put(pifs[pif.device], "PIF_metrics", kbs(first_pif + 2 * i))
-            for vm, dom, owner in vms.values():
-                groups = by_owner.get(owner)
-                if groups is None:
-                    continue
-                vbds, vifs = self._device_metrics(vm)
-                for seg, start in groups:
-                    kind = seg.names[-1]
-                    if kind == "memory_target":  # the VM's own group: cpu0.., cpu_usage, memory, memory_target
-                        count = len(seg.names) - 3
-                        utilisation = {str(i): values[start + i] for i in range(count)}
-                        live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus}
-                        if all(v == v for v in utilisation.values()):
-                            live["VCPUs_utilisation"] = utilisation
-                        put(vm.fields["metrics"], "VM_metrics", live)
-                    elif kind.startswith("vbd_"):
-                        ref = vbds.get(kind[4:-len("_iops_write")])
-                        if ref:
-                            put(ref, "VBD_metrics", kbs(start))
-                    else:
-                        ref = vifs.get(kind[4:-len("_tx")])
-                        if ref:
-                            put(ref, "VIF_metrics", kbs(start))
+        if host_owner in by_owner:
+            by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
+                         if o.fields["host"] == host.ref}
+            for p, value in zip(counters.pcpus, host_cpu):
+                if p.number in by_number:
+                    put(by_number[p.number], "host_cpu", {"utilisation": value})
+            put(host.fields["metrics"], "host_metrics",
+                {"memory_free": counters.free_memory, "memory_total": counters.total_memory})
+            pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
+                    if o.fields.get("physical") and o.fields.get("host") == host.ref}
+            _, start = by_owner[host_owner][0]
+            first_pif = start + len(counters.pcpus) + 3
+            for i, pif in enumerate(counters.pifs):
+                if pif.device in pifs:
+                    put(pifs[pif.device], "PIF_metrics", kbs(first_pif + 2 * i))
+        for vm, dom, owner in vms.values():
+            groups = by_owner.get(owner)
+            if groups is None:
+                continue
+            vbds, vifs = self._device_metrics(vm)
+            for seg, start in groups:
+                kind = seg.names[-1]
+                if kind == "memory_target":  # the VM's own group: cpu0.., cpu_usage, memory, memory_target
+                    count = len(seg.names) - 3
+                    utilisation = {str(i): values[start + i] for i in range(count)}
+                    live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus}
+                    if all(v == v for v in utilisation.values()):
+                        live["VCPUs_utilisation"] = utilisation
+                    put(vm.fields["metrics"], "VM_metrics", live)
+                elif kind.startswith("vbd_"):
+                    ref = vbds.get(kind[4:-len("_iops_write")])
+                    if ref:
+                        put(ref, "VBD_metrics", kbs(start))
+                else:
+                    ref = vifs.get(kind[4:-len("_tx")])
+                    if ref:
+                        put(ref, "VIF_metrics", kbs(start))
 
     def _device_metrics(self, vm: Any) -> tuple[dict[str, str], dict[str, str]]:
         """A VM's disk name → VBD_metrics ref and VIF device → VIF_metrics ref, cached per device list."""

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 from twisted.logger import Logger
@@ -66,6 +66,8 @@ from xapid.backend.interface import (
 from xapid.backend.specs import (
     MIN_DOMAIN_MEMORY,
     check_limits,
+    spec_from_json,
+    spec_to_json,
     validate_disk,
     validate_nic,
     validate_spec,
@@ -117,20 +119,6 @@ def _state_of(info: XcDomainInfo) -> str:
 def _overhead(spec: DomainSpec) -> int:
     """Memory a domain costs beyond its RAM: 1 MiB per possible vCPU, page tables (1/256)."""
     return spec.vcpus_max * MiB + -(-spec.memory_static_max // 256)
-
-
-def _spec_to_json(spec: DomainSpec) -> dict[str, Any]:
-    data = asdict(spec)
-    data.update(platform=[list(p) for p in spec.platform], disks=list(data["disks"]), nics=list(data["nics"]))
-    return data
-
-
-def _spec_from_json(data: dict[str, Any]) -> DomainSpec:
-    fields = dict(data)
-    fields["platform"] = tuple(tuple(p) for p in fields.get("platform", ()))
-    fields["disks"] = tuple(DiskSpec(**d) for d in fields.get("disks", ()))
-    fields["nics"] = tuple(NicSpec(**n) for n in fields.get("nics", ()))
-    return DomainSpec(**fields)
 
 
 def disk_devid(vdev: str) -> int:
@@ -326,7 +314,7 @@ class XenBackend:
                      memory_target: int | None = None) -> None:
         path = self._record_path(spec.uuid)
         tmp = path.with_suffix(".partial")
-        data = {"version": STATE_VERSION, "spec": _spec_to_json(spec), "start_time": start_time,
+        data = {"version": STATE_VERSION, "spec": spec_to_json(spec), "start_time": start_time,
                 "cpu_offset": cpu_offset,
                 "memory_target": spec.memory_target if memory_target is None else memory_target}
         with open(tmp, "w") as out:
@@ -573,7 +561,7 @@ class XenBackend:
         spec = self._record(uuid).get("spec")
         if not spec:
             raise BackendError(f"no build record for domain {uuid}: it was not built by xapid", uuid)
-        return _spec_from_json(spec)
+        return spec_from_json(spec)
 
     def _wait_shutdown(self, uuid: str, domid: int, timeout: float) -> XcDomainInfo | None:
         """Wait until domain *domid* has shut down (returned) or vanished (None); ShutdownTimeout."""
@@ -659,7 +647,7 @@ class XenBackend:
             cpu = raw.cpu_time + record.get("cpu_offset", 0)
             self._destroy(raw.domain, uuid)
             if record:
-                spec = _spec_from_json(record["spec"])
+                spec = spec_from_json(record["spec"])
                 self._save_record(spec, record.get("start_time", 0.0), cpu)
 
     def resume_domain(self, spec: DomainSpec, path: str, paused: bool) -> DomainInfo:
@@ -708,7 +696,7 @@ class XenBackend:
                 self._ctrl().domain_setmaxmem(raw.domain, ceiling)
             record = self._record(uuid)
             if record:
-                self._save_record(_spec_from_json(record["spec"]), record.get("start_time", 0.0),
+                self._save_record(spec_from_json(record["spec"]), record.get("start_time", 0.0),
                                   record.get("cpu_offset", 0), target)
         except (XenError, OSError) as exc:
             raise BackendError(f"cannot set the memory target of domain {raw.domain}: {exc.strerror}", uuid) from None
@@ -743,7 +731,7 @@ class XenBackend:
     def _spec_update(self, uuid: str, change: Callable[[DomainSpec], DomainSpec]) -> None:
         record = self._record(uuid)
         if record:
-            spec = change(_spec_from_json(record["spec"]))
+            spec = change(spec_from_json(record["spec"]))
             self._save_record(spec, record.get("start_time", 0.0), record.get("cpu_offset", 0),
                               record.get("memory_target"))
 

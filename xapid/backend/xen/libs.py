@@ -6,7 +6,10 @@ import ctypes
 import ctypes.util
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+L = TypeVar("L")
 
 SUPPORTED_ABI = "4.17"
 PRIVCMD_PATHS = ("/dev/xen/privcmd", "/proc/xen/privcmd")
@@ -75,3 +78,12 @@ def load_libc() -> ctypes.CDLL:
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.fclose.restype = ctypes.c_int
     return libc
+
+
+def declare(lib: L, prototypes: Mapping[str, tuple[Any, list[Any]]]) -> L:
+    """Set restype and argtypes of every function in *prototypes* (name -> (restype, argtypes)) on *lib*."""
+    for name, (restype, argtypes) in prototypes.items():
+        func = getattr(lib, name)
+        func.restype = restype
+        func.argtypes = argtypes
+    return lib

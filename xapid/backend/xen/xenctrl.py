@@ -12,7 +12,7 @@ import errno
 import uuid as uuidlib
 from ctypes import POINTER, c_char, c_int, c_uint, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
 
-from xapid.backend.xen.libs import SUPPORTED_ABI, UnsupportedAbi, XenError, last_error, load
+from xapid.backend.xen.libs import SUPPORTED_ABI, UnsupportedAbi, XenError, declare, last_error, load
 
 XENVER_version = 0
 XENVER_extraversion = 1
@@ -163,11 +163,7 @@ _PROTOTYPES: dict[str, tuple[type | None, list[type]]] = {
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare argtypes/restype of every libxenctrl function used here on *lib*."""
-    for name, (restype, argtypes) in _PROTOTYPES.items():
-        func = getattr(lib, name)
-        func.restype = restype
-        func.argtypes = argtypes
-    return lib
+    return declare(lib, _PROTOTYPES)
 
 
 def load_xenctrl() -> ctypes.CDLL:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_uint, c_uint32, c_void_p
 
-from xapid.backend.xen.libs import SUPPORTED_ABI, load, load_libc
+from xapid.backend.xen.libs import SUPPORTED_ABI, declare, load, load_libc
 
 DOMAIN_CONFIG_SIZE = 1288
 RESTORE_PARAMS_SIZE = 24
@@ -72,11 +72,7 @@ class XenLightError(Exception):
 
 def bind(lib: object) -> object:
     """Declare argtypes/restype of every libxenlight function used here on *lib*."""
-    for name, (restype, argtypes) in _PROTOTYPES.items():
-        func = getattr(lib, name)
-        func.restype = restype
-        func.argtypes = argtypes
-    return lib
+    return declare(lib, _PROTOTYPES)
 
 
 def load_xenlight() -> ctypes.CDLL:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ctypes import POINTER, c_bool, c_char_p, c_int, c_uint, c_uint32, c_ulong, c_void_p
 from typing import TypeVar
 
-from xapid.backend.xen.libs import XenError, last_error, load, load_libc
+from xapid.backend.xen.libs import XenError, declare, last_error, load, load_libc
 
 T = TypeVar("T")
 
@@ -61,11 +61,7 @@ _PROTOTYPES: dict[str, tuple[type | None, list[type]]] = {
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare argtypes/restype of every libxenstore function used here on *lib*."""
-    for name, (restype, argtypes) in _PROTOTYPES.items():
-        func = getattr(lib, name)
-        func.restype = restype
-        func.argtypes = argtypes
-    return lib
+    return declare(lib, _PROTOTYPES)
 
 
 class XenStore:
