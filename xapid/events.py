@@ -131,7 +131,7 @@ class EventHub:
         for cls in self._evented:
             for obj in store.all(cls):
                 self._entries[obj.ref] = _Entry(0, cls, 0, 0.0)
-        store.subscribe(self._on_change)
+        store.subscribe(self._on_change, self._on_live)
 
     # -- recording changes -----------------------------------------------------------------
 
@@ -148,6 +148,28 @@ class EventHub:
             self._tombstones.append(change.ref)
             self._compact()
         self._queue(change, now)
+        if self._waiters and not self._wake_pending:
+            self._wake_pending = True
+            self.reactor.callLater(0, self._wake)
+
+    def _on_live(self, first: int, pairs: list[tuple[str, str]]) -> None:
+        """A batch of metrics writes (:meth:`Store.set_live`): mods of existing objects."""
+        now = self.reactor.seconds()
+        entries = self._entries
+        evented = self._evented
+        seq = first - 1
+        for cls, ref in pairs:
+            seq += 1
+            if cls not in evented:
+                continue
+            entry = entries.pop(ref, None)
+            if entry is None:
+                entry = _Entry(seq, cls, seq, now)
+            else:
+                entry.seq, entry.when, entry.deleted = seq, now, False
+            entries[ref] = entry
+            if self._queues:
+                self._queue(Change(seq, cls, "mod", ref), now)
         if self._waiters and not self._wake_pending:
             self._wake_pending = True
             self.reactor.callLater(0, self._wake)

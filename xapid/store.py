@@ -90,7 +90,7 @@ class Store:
         self._by_class: dict[str, dict[str, Obj]] = {name: {} for name in schema.classes}
         self._by_uuid: dict[str, str] = {}
         self._by_name: dict[str, dict[str, set[str]]] = {name: {} for name in schema.classes}
-        self._listeners: list[Callable[[Change], None]] = []
+        self._listeners: list[tuple[Callable[[Change], None], Any]] = []
         self._live_ok: set[str] = set()  # classes set_live was checked for
         self._derivers: dict[str, list[Deriver]] = {}
         self._txn_depth = 0
@@ -131,10 +131,14 @@ class Store:
 
     # -- listeners and derived fields ------------------------------------------------------
 
-    def subscribe(self, listener: Callable[[Change], None]) -> Callable[[], None]:
-        """Call *listener* after every write; returns a function that unsubscribes."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+    def subscribe(self, listener: Callable[[Change], None],
+                  batch: Callable[[int, list[tuple[str, str]]], None] | None = None) -> Callable[[], None]:
+        """Call *listener* after every write; returns a function that unsubscribes.  With *batch*,
+        a :meth:`set_live` write of n objects is one ``batch(first_seq, [(cls, ref), …])`` call
+        instead (the objects' changes are ``first_seq`` … ``first_seq + n - 1``, all ``mod``)."""
+        entry = (listener, batch)
+        self._listeners.append(entry)
+        return lambda: self._listeners.remove(entry)
 
     def derive(self, cls: str, deriver: Deriver) -> None:
         """Register a function computing derived fields of *cls* objects after each write."""
@@ -172,22 +176,36 @@ class Store:
         self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
 
-    def set_live(self, ref: str, changes: dict[str, Any]) -> None:
-        """The fast path for live metrics values, rewritten by every sample: set *changes* and emit
-        the event without committing (the values reach the database with the object's next
-        ordinary write) and without comparing, indexing or linking —
-        so only for plain value fields (no name_label, no refs) of classes without derivers
-        (checked on a class's first use; ValueError otherwise)."""
-        obj = self._objects[ref]
-        cls = obj.cls
-        if cls not in self._live_ok:
-            self._check_live(cls, changes)
-        obj.fields.update(changes)
-        obj.cache.clear()
-        self.seq += 1
-        change = Change(self.seq, cls, "mod", ref)
-        for listener in self._listeners:
-            listener(change)
+    def set_live(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """The fast path for live metrics values, rewritten by every sample: for each
+        ``(ref, changes)`` set the fields and emit a mod, without committing (the values reach
+        the database with the object's next ordinary write) and without comparing, indexing or
+        linking — so only for plain value fields (no name_label, no refs) of classes without
+        derivers (checked on a class's first use; ValueError otherwise).  Refs of objects that
+        no longer exist are skipped.  Listeners subscribed
+        with a *batch* function get the whole write as one call."""
+        if not items:
+            return
+        objects = self._objects
+        pairs = []
+        for ref, changes in items:
+            obj = objects.get(ref)
+            if obj is None:  # gone since the caller looked it up
+                continue
+            cls = obj.cls
+            if cls not in self._live_ok:
+                self._check_live(cls, changes)
+            obj.fields.update(changes)
+            obj.cache.clear()
+            pairs.append((cls, ref))
+        first = self.seq + 1
+        self.seq += len(pairs)
+        for listener, batch in list(self._listeners):
+            if batch is not None:
+                batch(first, pairs)
+            else:
+                for offset, (cls, ref) in enumerate(pairs):
+                    listener(Change(first + offset, cls, "mod", ref))
 
     def _check_live(self, cls: str, changes: dict[str, Any]) -> None:
         linked = {name for (c, name) in self.schema.inverses if c == cls}
@@ -304,7 +322,7 @@ class Store:
             if self._txn_depth == 0:
                 self._committer.release()
         change = Change(self.seq, obj.cls, op, obj.ref)
-        for listener in list(self._listeners):
+        for listener, _ in list(self._listeners):
             listener(change)
 
     def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The driver boundary: what xapid asks of a hypervisor backend.
 
-Drivers take and return the small frozen records defined here; they never see API
+Drivers take and return the small immutable records defined here (named tuples for those the
+metrics sampler reads by the thousand every tick, cheap to build); they never see API
 references, store objects or wire values, and the API layer never sees a driver's
 internals (ctypes objects, xenstore paths).  Every method may block: callers run them
 through :class:`xapid.backend.runner.Runner` (a thread pool in the daemon, inline in tests).
@@ -12,7 +13,7 @@ Xen-API error codes in one place (:mod:`xapid.backend.errors`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from zope.interface import Attribute, Interface
 
@@ -45,8 +46,7 @@ class HostInfo:
     bios_strings: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class PhysicalCPU:
+class PhysicalCPU(NamedTuple):
     """One physical CPU as the hypervisor reports it."""
 
     number: int
@@ -117,8 +117,7 @@ class DomainSpec:
     nics: tuple[NicSpec, ...] = ()
 
 
-@dataclass(frozen=True)
-class DomainInfo:
+class DomainInfo(NamedTuple):
     """A domain as the hypervisor sees it right now."""
 
     domid: int
@@ -139,8 +138,7 @@ class DomainInfo:
     is_control_domain: bool = False
 
 
-@dataclass(frozen=True)
-class DiskCounters:
+class DiskCounters(NamedTuple):
     """Cumulative I/O of one disk of a domain (reset when the domain is rebuilt)."""
 
     uuid: str  # the domain handle (VM uuid)
@@ -151,8 +149,7 @@ class DiskCounters:
     write_reqs: int
 
 
-@dataclass(frozen=True)
-class NicCounters:
+class NicCounters(NamedTuple):
     """Cumulative traffic of one network card of a domain, seen from the guest (reset on rebuild)."""
 
     uuid: str  # the domain handle (VM uuid)
@@ -161,8 +158,7 @@ class NicCounters:
     tx_bytes: int
 
 
-@dataclass(frozen=True)
-class PifCounters:
+class PifCounters(NamedTuple):
     """Cumulative traffic of one physical network interface of the host."""
 
     device: str  # e.g. "eth0"

@@ -28,6 +28,7 @@ Sim-only helpers for tests: :meth:`SimBackend.devices`, :meth:`SimBackend.set_lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -87,6 +88,12 @@ PIF_BASE_RATE = 1000  # B/s of host traffic on every PIF, each way
 NO_PV_DRIVERS = ["sim-no-pv-drivers", "true"]  # platform entry: the guest ignores requests
 
 
+@functools.lru_cache(maxsize=4096)
+def _placement(domid: int, vcpus: int, cpus: int) -> tuple[int, ...]:
+    """The physical CPU each vCPU of a domain last ran on (round robin from the domid)."""
+    return tuple((domid + i) % cpus for i in range(vcpus))
+
+
 def _xen_overhead(total: int) -> int:
     """Memory Xen keeps for itself: 64 MiB plus 1 MiB per GiB of host memory."""
     return 64 * MiB + (total // GiB) * MiB
@@ -129,21 +136,38 @@ class _Domain:
 
     def io_counters(self, now: float) -> dict[str, list[int]]:
         """Cumulative bytes of every current device at *now*: ``{"vbd:xvda": [read, write], "vif:0": [rx, tx]}``."""
-        dt = max(0.0, now - self.since) if self.state == "running" else 0.0
-        out: dict[str, list[int]] = {}
-        if not (self.disks or self.nics):
-            return out
-        rates = {k: self.io_rate(k) * dt for k in IO_RATES}
-        acc = self.io_acc
-        for d in self.disks:
-            key = f"vbd:{d['device']}"
-            r, w = acc.get(key, (0, 0))
-            out[key] = [r + round(rates["disk_read"]), w + round(rates["disk_write"])]
-        for n in self.nics:
-            key = f"vif:{n['devid']}"
-            r, w = acc.get(key, (0, 0))
-            out[key] = [r + round(rates["net_rx"]), w + round(rates["net_tx"])]
+        disks, nics = self.device_counters(now)
+        out = {f"vbd:{device}": [r, w] for device, r, w in disks}
+        out.update((f"vif:{devid}", [r, w]) for devid, r, w in nics)
         return out
+
+    def device_counters(self, now: float) -> tuple[list[tuple[str, int, int]], list[tuple[int, int, int]]]:
+        """Cumulative bytes of every current device at *now*: ``[(device, read, write)]`` of the
+        disks and ``[(devid, rx, tx)]`` of the network cards."""
+        if not (self.disks or self.nics):
+            return [], []
+        dt = max(0.0, now - self.since) if self.state == "running" else 0.0
+        acc = self.io_acc
+        io = self.io
+        load = self.load
+        zero = (0, 0)
+        disks = []
+        if self.disks:
+            rd = round((io["disk_read"] if "disk_read" in io else load * IO_RATES["disk_read"]) * dt)
+            wr = round((io["disk_write"] if "disk_write" in io else load * IO_RATES["disk_write"]) * dt)
+            for d in self.disks:
+                device = d["device"]
+                r, w = acc.get(f"vbd:{device}", zero)
+                disks.append((device, r + rd, w + wr))
+        nics = []
+        if self.nics:
+            rx = round((io["net_rx"] if "net_rx" in io else load * IO_RATES["net_rx"]) * dt)
+            tx = round((io["net_tx"] if "net_tx" in io else load * IO_RATES["net_tx"]) * dt)
+            for n in self.nics:
+                devid = int(n["devid"])
+                r, w = acc.get(f"vif:{devid}", zero)
+                nics.append((devid, r + rx, w + tx))
+        return disks, nics
 
     def net_totals(self, now: float) -> tuple[int, int]:
         """Bytes received and sent by all the domain's network cards (current devices only)."""
@@ -156,7 +180,9 @@ class _Domain:
         if self.state != "running":
             return list(self.vcpu_time_ns)
         growth = round(self.load * max(0.0, now - self.since) * NS)
-        return [t + growth if i < self.vcpus else t for i, t in enumerate(self.vcpu_time_ns)]
+        online = self.vcpus
+        times = self.vcpu_time_ns
+        return [t + growth for t in times[:online]] + times[online:]
 
     def cpu_time(self, now: float) -> int:
         """Cumulative CPU time of the whole domain at *now*."""
@@ -192,7 +218,7 @@ class _Domain:
             vcpus_max=self.vcpus_max,
             cpu_time_ns=sum(times),
             vcpu_time_ns=tuple(times[: self.vcpus]),
-            vcpu_cpu=tuple((self.domid + i) % cpus for i in range(self.vcpus)),
+            vcpu_cpu=_placement(self.domid, self.vcpus, cpus),
             start_time=self.start_time,
             domain_type=self.domain_type,
             is_control_domain=self.domid == 0,
@@ -513,12 +539,12 @@ class SimBackend:
                 domains.append(info)
                 busy += info.cpu_time_ns - dom.cpu_base_ns
                 uuid = dom.uuid
-                for key, (a, b) in dom.io_counters(now).items():
-                    if key[1] == "b":  # "vbd:<device>"
-                        disks.append(DiskCounters(uuid, key[4:], a, b, a // IO_REQUEST_SIZE, b // IO_REQUEST_SIZE))
-                    else:  # "vif:<devid>"
-                        nics.append(NicCounters(uuid, int(key[4:]), a, b))
-                        rx, tx = rx + a, tx + b
+                dom_disks, dom_nics = dom.device_counters(now)
+                for device, a, b in dom_disks:
+                    disks.append(DiskCounters(uuid, device, a, b, a // IO_REQUEST_SIZE, b // IO_REQUEST_SIZE))
+                for devid, a, b in dom_nics:
+                    nics.append(NicCounters(uuid, devid, a, b))
+                    rx, tx = rx + a, tx + b
             return Counters(
                 timestamp=now,
                 domains=tuple(domains),

@@ -5,8 +5,9 @@ Every *period* seconds (on the injected clock) :meth:`Sampler.tick` reads
 (``metrics.md`` §3) of the host (owner ``host:<uuid>``) and of every VM with a domain
 (owner ``vm:<uuid>``; the domain handle is the VM uuid, so a VM's archives survive its reboots),
 records them with a single :meth:`RRDTable.update_indexed`, and writes the live 1.0 metrics
-fields (VM_metrics, host_cpu, host_metrics, VBD_metrics, VIF_metrics, PIF_metrics) — one
-``store.update`` per object per tick, only when a value changed.
+fields (VM_metrics, host_cpu, host_metrics, VBD_metrics, VIF_metrics, PIF_metrics) in one
+``Store.set_live`` batch: only the objects with a changed value, so at most one event per object
+per tick.
 
 How each source is derived:
 
@@ -147,8 +148,13 @@ class Sampler:
         self._loop: LoopingCall | None = None
         self._slots: dict[tuple[str, str], int] = {}
         self._segments: dict[tuple[str, tuple[Any, ...]], _Segment] = {}
-        self._owners: dict[str, str] = {}  # domain handle → owner of the VM's sources
         self._device_refs: dict[str, tuple[Any, dict[str, str], dict[str, str]]] = {}  # VM ref → metrics refs
+        # per domain handle (VM object, owner, its VM segment) and per (handle, kind, device) its
+        # segment, reused every tick so that an unchanged host yields an identical segment list
+        self._layouts: dict[str, tuple[Any, str, tuple[str, _Segment, Any]]] = {}
+        self._device_segs: dict[tuple[str, str, Any], tuple[str, _Segment, Any]] = {}
+        self._prev_segs: list[tuple[str, _Segment, Any]] = []
+        self._prev_layout: tuple[np.ndarray, list[int]] = (np.zeros(0, dtype=np.intp), [])
         self._previous: tuple[np.ndarray, np.ndarray] | None = None  # (idx, latest values) of the last tick
         self._domids: dict[str, int] = {}  # VM uuid → domid at the previous tick
         self._prev_host: tuple[float, tuple[int, ...]] | None = None  # (t, idle ns per pCPU)
@@ -221,7 +227,7 @@ class Sampler:
         store = self.store
         host = store.get(self.host_ref(), "host")
         host_owner = f"host:{host.fields['uuid']}"
-        segs: list[tuple[str, _Segment]] = []  # in idx order
+        segs: list[tuple[str, _Segment, Any]] = []  # (owner, slots, what they measure), in idx order
         raws: list[float] = []
 
         # -- host
@@ -242,48 +248,68 @@ class Sampler:
             raws.append(float(pif.rx_bytes))
             raws.append(float(pif.tx_bytes))
         segs.append((host_owner, self._segment(host_owner, ("host", tuple(p.number for p in counters.pcpus),
-                                                            tuple(p.device for p in counters.pifs)))))
+                                                            tuple(p.device for p in counters.pifs))), ("host",)))
 
         # -- VMs
-        vms: dict[str, Any] = {}
+        vms: dict[str, Any] = {}  # domain handle → (VM object, owner)
         rebuilt: list[str] = []
         control = host.fields.get("control_domain")
         prev_cpu = self._prev_cpu
+        domids = self._domids
+        layouts = self._layouts
+        doms: dict[str, Any] = {}  # owner → its domain's counters
         for dom in counters.domains:
+            uuid = dom.uuid
             # The domain handle is the VM uuid, except for the control domain (found through the host).
-            vm = store.find(control) if dom.is_control_domain and control else store.by_uuid(dom.uuid)
+            vm = store.find(control) if dom.is_control_domain and control else store.by_uuid(uuid)
             if vm is None or vm.cls != "VM":
                 continue
-            owner = self._owners.get(dom.uuid)
-            if owner is None or owner[5:] != vm.fields["uuid"]:
-                owner = self._owners[dom.uuid] = f"vm:{vm.fields['uuid']}"
-            vms[dom.uuid] = (vm, dom, owner)
-            if self._domids.get(dom.uuid, dom.domid) != dom.domid:
-                rebuilt.append(owner)
-            self._domids[dom.uuid] = dom.domid
             times = dom.vcpu_time_ns
+            layout = layouts.get(uuid)
+            if layout is None or layout[0] is not vm or len(layout[2][1].slots) != len(times) + 3:
+                owner = f"vm:{vm.fields['uuid']}"
+                layout = layouts[uuid] = (vm, owner, (owner, self._segment(owner, ("vm", len(times))), ("vm", vm)))
+            owner = layout[1]
+            vms[uuid] = layout
+            doms[owner] = dom
+            domid = dom.domid
+            if domids.get(uuid, domid) != domid:
+                rebuilt.append(owner)
+            domids[uuid] = domid
             raws.extend([ns / NS for ns in times])
-            before = prev_cpu.get(dom.uuid)
+            before = prev_cpu.get(uuid)
             value = NAN
-            if before is not None and before[1] == dom.domid and dom.cpu_time_ns >= before[2] \
+            cpu = dom.cpu_time_ns
+            if before is not None and before[1] == domid and cpu >= before[2] \
                     and 0 < t - before[0] <= HEARTBEAT and dom.vcpus:
-                value = (dom.cpu_time_ns - before[2]) / ((t - before[0]) * NS * dom.vcpus)
-            prev_cpu[dom.uuid] = (t, dom.domid, dom.cpu_time_ns)
-            raws.append(value)
-            raws.append(float(dom.memory_actual))
-            raws.append(float(dom.memory_target))
-            segs.append((owner, self._segment(owner, ("vm", len(times)))))
+                value = (cpu - before[2]) / ((t - before[0]) * NS * dom.vcpus)
+            prev_cpu[uuid] = (t, domid, cpu)
+            raws += (value, dom.memory_actual, dom.memory_target)
+            segs.append(layout[2])
+        devices = self._device_segs
         for disk in counters.disks:
             entry = vms.get(disk.uuid)
             if entry is not None:
-                raws += (float(disk.read_bytes), float(disk.write_bytes), float(disk.read_reqs),
-                         float(disk.write_reqs))
-                segs.append((entry[2], self._segment(entry[2], ("vbd", disk.device))))
+                raws += disk[2:]  # read and write bytes, read and write requests
+                key = (disk.uuid, "vbd", disk.device)
+                seg = devices.get(key)
+                if seg is None or seg[2][1] is not entry[0]:
+                    owner = entry[1]
+                    seg = devices[key] = (owner, self._segment(owner, key[1:]), ("vbd", entry[0], disk.device))
+                segs.append(seg)
         for nic in counters.nics:
             entry = vms.get(nic.uuid)
             if entry is not None:
-                raws += (float(nic.rx_bytes), float(nic.tx_bytes))
-                segs.append((entry[2], self._segment(entry[2], ("vif", nic.devid))))
+                raws += nic[2:]  # rx and tx bytes
+                key = (nic.uuid, "vif", nic.devid)
+                seg = devices.get(key)
+                if seg is None or seg[2][1] is not entry[0]:
+                    owner = entry[1]
+                    seg = devices[key] = (owner, self._segment(owner, key[1:]), ("vif", entry[0], str(nic.devid)))
+                segs.append(seg)
+        if len(layouts) > len(vms) + 16 or len(devices) > 2 * len(segs) + 16:  # domains gone: drop their caches
+            self._layouts = {u: v for u, v in layouts.items() if u in vms}
+            self._device_segs = {k: v for k, v in devices.items() if k[0] in vms}
         if len(self._device_refs) > 2 * len(vms) + 16:  # VMs gone: drop their cached metrics refs
             self._device_refs = {k: v for k, v in self._device_refs.items() if store.find(k) is not None}
         if len(prev_cpu) > len(vms):
@@ -291,20 +317,31 @@ class Sampler:
                 del prev_cpu[uuid]  # no domain now: the next one starts a fresh cpu_usage baseline
         # (_domids keeps halted VMs' last domid: a new domain after a halt is detected as rebuilt too)
 
-        idx = np.fromiter(itertools.chain.from_iterable(seg.slots for _, seg in segs), dtype=np.intp,
-                          count=len(raws))
+        if segs == self._prev_segs:  # the usual tick: the same sources in the same order
+            idx, starts = self._prev_layout
+        else:
+            sizes = [len(seg.slots) for _, seg, _ in segs]
+            idx = np.fromiter(itertools.chain.from_iterable(seg.slots for _, seg, _ in segs), dtype=np.intp,
+                              count=len(raws))
+            starts = list(itertools.accumulate(sizes, initial=0))[:-1]
+            self._prev_segs, self._prev_layout = segs, (idx, starts)
         if rebuilt:
             owners = set(rebuilt)
             self.table.rebase(np.fromiter(itertools.chain.from_iterable(
-                seg.slots for o, seg in segs if o in owners), dtype=np.intp))
+                seg.slots for o, seg, _ in segs if o in owners), dtype=np.intp))
         self.table.update_indexed(t, idx, np.array(raws, dtype=np.float64))
         self.ticks += 1
         self._forget_destroyed()
         rates = self.table.latest(idx)
-        changed = self._changed_owners(idx, rates, segs)
-        if changed is not None:
-            changed.update(rebuilt)
-        self._write_live(t, host, host_owner, host_cpu, counters, vms, segs, rates, changed)
+        changed = self._changed_segments(idx, rates, starts)
+        if changed is None:
+            order = range(len(segs))
+        else:
+            if rebuilt:
+                changed |= np.fromiter((o in owners for o, _, _ in segs), dtype=bool, count=len(segs))
+            order = np.flatnonzero(changed).tolist()
+        if order:
+            self._write_live(t, host, host_cpu, counters, doms, segs, starts, order, rates.tolist())
 
     def _segment(self, owner: str, shape: tuple[Any, ...]) -> _Segment:
         """The slots (and names) of one group of an owner's sources, cached by its shape."""
@@ -324,22 +361,20 @@ class Sampler:
             seg = self._segments[key] = _Segment(tuple(self._slot(owner, n) for n in names), tuple(names))
         return seg
 
-    def _changed_owners(self, idx: np.ndarray, rates: np.ndarray, segs: list[tuple[str, _Segment]]) -> set[str] | None:
-        """Owners with a source whose latest value differs from the previous tick's, or None when
-        the set of sources changed (then every owner is looked at)."""
+    def _changed_segments(self, idx: np.ndarray, rates: np.ndarray, starts: list[int]) -> np.ndarray | None:
+        """Per segment, whether a source's latest value differs from the previous tick's; None
+        when the set of sources changed (then every segment is looked at)."""
         previous = self._previous
         self._previous = (idx, rates)
-        if previous is None or previous[0].shape != idx.shape or not np.array_equal(previous[0], idx):
+        if previous is None or (previous[0] is not idx and (previous[0].shape != idx.shape
+                                                             or not np.array_equal(previous[0], idx))):
             return None
         old = previous[1]
         # the same value give or take float noise (a DERIVE of large counters wobbles in the last bits)
         differs = ~(np.isclose(rates, old, rtol=1e-9, atol=0.0) | (np.isnan(rates) & np.isnan(old)))
-        if not differs.any():
-            return set()
-        starts = np.fromiter(itertools.accumulate((len(seg.slots) for _, seg in segs), initial=0),
-                             dtype=np.intp, count=len(segs) + 1)[:-1]
-        hit = np.searchsorted(starts, np.flatnonzero(differs), side="right") - 1
-        return {segs[i][0] for i in np.unique(hit).tolist()}
+        if not starts:
+            return np.zeros(0, dtype=bool)
+        return np.logical_or.reduceat(differs, starts)
 
     def _slot(self, owner: str, name: str) -> int:
         key = (owner, name)
@@ -361,6 +396,9 @@ class Sampler:
         """Forget the cached slot groups of *owner* (its slots were freed and may be reused)."""
         for key in [k for k in self._segments if k[0] == owner]:
             del self._segments[key]
+        self._layouts = {u: v for u, v in self._layouts.items() if v[1] != owner}
+        self._device_segs = {k: v for k, v in self._device_segs.items() if v[0] != owner}
+        self._prev_segs = []
         self._previous = None
 
     def _forget_destroyed(self) -> None:
@@ -374,75 +412,60 @@ class Sampler:
                     del self._slots[key]
                 self._drop_segments(owner)
 
-    def _write_live(self, t: float, host: Any, host_owner: str, host_cpu: list[float], counters: Counters,
-                    vms: dict[str, Any], segs: list[tuple[str, _Segment]], latest: np.ndarray,
-                    changed: set[str] | None) -> None:
-        """Update the live metrics objects of the owners in *changed* (every owner when None): at
-        most one event per object per tick, only when a value changed, through the store's live
-        path (metrics are rewritten by the next sample, so they are not committed on their own)."""
+    def _write_live(self, t: float, host: Any, host_cpu: list[float], counters: Counters, doms: dict[str, Any],
+                    segs: list[tuple[str, _Segment, Any]], starts: list[int], order: Any,
+                    values: list[float]) -> None:
+        """Update the live metrics objects of the segments numbered in *order* (those with a
+        changed source) in one :meth:`Store.set_live` batch: at most one event per object per tick.
+        Unknown (NaN) values are not written: the field keeps its last known value."""
         store = self.store
         now = datetime.fromtimestamp(int(t), tz=timezone.utc)
-        values = latest.tolist()
-        by_owner: dict[str, list[tuple[_Segment, int]]] = {}
-        position = 0
-        for owner, seg in segs:
-            if changed is None or owner in changed:
-                by_owner.setdefault(owner, []).append((seg, position))
-            position += len(seg.slots)
-        if not by_owner:
-            return
+        items: list[tuple[str, dict[str, Any]]] = []
+        devices: dict[str, tuple[dict[str, str], dict[str, str]]] = {}  # VM ref → its metrics refs, this tick
 
-        def put(ref: str, cls: str, live: dict[str, Any]) -> None:
-            obj = store.find(ref)
-            if obj is None or obj.cls != cls:
-                return
-            fields = obj.fields
-            fresh = {k: v for k, v in live.items() if v == v and fields.get(k) != v}  # v == v: not NaN
-            if fresh:
-                if "last_updated" in fields:
-                    fresh["last_updated"] = now
-                store.set_live(ref, fresh)
+        def kbs(start: int) -> dict[str, Any]:
+            read, write = values[start] / 1024, values[start + 1] / 1024
+            if read == read and write == write:  # not NaN
+                return {"io_read_kbs": read, "io_write_kbs": write, "last_updated": now}
+            fresh = {k: v for k, v in (("io_read_kbs", read), ("io_write_kbs", write)) if v == v}
+            return {**fresh, "last_updated": now} if fresh else {}
 
-        def kbs(start: int) -> dict[str, float]:
-            return {"io_read_kbs": values[start] / 1024, "io_write_kbs": values[start + 1] / 1024}
-
-        if host_owner in by_owner:
-            by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
-                         if o.fields["host"] == host.ref}
-            for p, value in zip(counters.pcpus, host_cpu):
-                if p.number in by_number:
-                    put(by_number[p.number], "host_cpu", {"utilisation": value})
-            put(host.fields["metrics"], "host_metrics",
-                {"memory_free": counters.free_memory, "memory_total": counters.total_memory})
-            pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
-                    if o.fields.get("physical") and o.fields.get("host") == host.ref}
-            _, start = by_owner[host_owner][0]
-            first_pif = start + len(counters.pcpus) + 3
-            for i, pif in enumerate(counters.pifs):
-                if pif.device in pifs:
-                    put(pifs[pif.device], "PIF_metrics", kbs(first_pif + 2 * i))
-        for vm, dom, owner in vms.values():
-            groups = by_owner.get(owner)
-            if groups is None:
-                continue
-            vbds, vifs = self._device_metrics(vm)
-            for seg, start in groups:
-                kind = seg.names[-1]
-                if kind == "memory_target":  # the VM's own group: cpu0.., cpu_usage, memory, memory_target
-                    count = len(seg.names) - 3
-                    utilisation = {str(i): values[start + i] for i in range(count)}
-                    live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus}
-                    if all(v == v for v in utilisation.values()):
-                        live["VCPUs_utilisation"] = utilisation
-                    put(vm.fields["metrics"], "VM_metrics", live)
-                elif kind.startswith("vbd_"):
-                    ref = vbds.get(kind[4:-len("_iops_write")])
-                    if ref:
-                        put(ref, "VBD_metrics", kbs(start))
-                else:
-                    ref = vifs.get(kind[4:-len("_tx")])
-                    if ref:
-                        put(ref, "VIF_metrics", kbs(start))
+        for i in order:
+            owner, seg, subject = segs[i]
+            kind = subject[0]
+            if kind == "vbd" or kind == "vif":
+                vm = subject[1]
+                refs = devices.get(vm.ref)
+                if refs is None:
+                    refs = devices[vm.ref] = self._device_metrics(vm)
+                ref = refs[kind == "vif"].get(subject[2])
+                if ref is not None and (fresh := kbs(starts[i])):
+                    items.append((ref, fresh))
+            elif kind == "vm":  # cpu0.., cpu_usage, memory, memory_target
+                vm, dom = subject[1], doms[owner]
+                start = starts[i]
+                live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus,
+                                        "last_updated": now}
+                utilisation = values[start:start + len(seg.slots) - 3]
+                if all(v == v for v in utilisation):
+                    live["VCPUs_utilisation"] = {str(n): v for n, v in enumerate(utilisation)}
+                items.append((vm.fields["metrics"], live))
+            else:  # the host: host_cpu, host_metrics, PIF_metrics
+                by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
+                             if o.fields["host"] == host.ref}
+                for p, value in zip(counters.pcpus, host_cpu):
+                    if p.number in by_number and value == value:
+                        items.append((by_number[p.number], {"utilisation": value}))
+                items.append((host.fields["metrics"], {"memory_free": counters.free_memory,
+                                                       "memory_total": counters.total_memory, "last_updated": now}))
+                pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
+                        if o.fields.get("physical") and o.fields.get("host") == host.ref}
+                first_pif = starts[i] + len(counters.pcpus) + 3
+                for n, pif in enumerate(counters.pifs):
+                    ref = pifs.get(pif.device)
+                    if ref is not None and (fresh := kbs(first_pif + 2 * n)):
+                        items.append((ref, fresh))
+        store.set_live(items)
 
     def _device_metrics(self, vm: Any) -> tuple[dict[str, str], dict[str, str]]:
         """A VM's disk name → VBD_metrics ref and VIF device → VIF_metrics ref, cached per device list."""
