@@ -311,6 +311,32 @@ def test_keep_alive_connection_serves_several_calls(daemon):
         conn.close()
 
 
+def test_pipelined_big_and_small_replies_arrive_whole_and_in_order(daemon, session):
+    """Replies larger than a socket takes at once, pipelined with small ones on one connection
+    while the client reads nothing, all arrive complete and in request order."""
+    big = "d" * (600 << 10)
+    vm = xml_call(daemon, "VM.create", session, vm_record(name_label="pipelined", name_description=big))
+    try:
+        calls = [("VM.get_record", vm), ("VM.get_name_label", vm)] * 3
+        raw, error = send_raw(daemon, [b"".join(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (len(body), b"Connection: close\r\n" if i == len(calls) - 1 else b"", body)
+            for i, body in enumerate(xml_body(method, session, ref).encode() for method, ref in calls))],
+            timeout=30)
+        assert error is None
+        values = []
+        while raw:
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            values.append(xmlrpc.client.loads(rest[:length])[0][0]["Value"])
+            raw = rest[length:]
+        assert len(values) == len(calls)
+        for record, label in zip(values[::2], values[1::2]):
+            assert record["name_description"] == big and label == "pipelined"
+    finally:
+        xml_call(daemon, "VM.destroy", session, vm)
+
+
 # -- system.listMethods ------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 import xmlrpc.client as stdlib_xmlrpc
 from datetime import datetime, timezone
 
@@ -64,6 +66,72 @@ def test_decode_forms_clients_send():
     assert xmlrpc.decode_call(compact, LIMITS) == ("x.y", ["s", "", [], {}, None, 4294967296])
 
 
+def _flat_bodies() -> list[bytes]:
+    """Flat calls as clients write them, in the forms the fast path must read exactly as lxml does."""
+    rng = random.Random(7)
+    alphabet = "abcXYZ019 :,._-/\té€😀\n"
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
+    def scalar() -> object:
+        return rng.choice([text, lambda: rng.randrange(-(1 << 31), 1 << 31), lambda: rng.random() * 1e6,
+                           lambda: rng.random() < 0.5])()
+
+    bodies = []
+    for _ in range(300):
+        params = tuple(scalar() if rng.random() < 0.7 else [text() for _ in range(rng.randrange(0, 4))]
+                       for _ in range(rng.randrange(0, 5)))
+        body = stdlib_xmlrpc.dumps(params, rng.choice(["event.from", "VM.get_record", "session.login_with_password"]))
+        variant = rng.randrange(4)
+        if variant == 1:  # compact, with xapi's declaration
+            body = '<?xml version="1.0"?>' + body.split("?>", 1)[1].replace("\n", "")
+        elif variant == 2:  # CRLF line ends, encoding declared
+            body = body.replace("<?xml version='1.0'?>", '<?xml version="1.0" encoding="UTF-8"?>').replace("\n", "\r\n")
+        elif variant == 3:  # no declaration, untyped strings
+            body = body.split("?>", 1)[1].replace("<string>", "").replace("</string>", "")
+        bodies.append(body.encode())
+    return bodies
+
+
+def test_fast_path_reads_flat_calls_exactly_as_lxml():
+    """Every flat call takes the fast path and decodes to what the general lxml path gives."""
+    for body in _flat_bodies():
+        fast = xmlrpc._fast_call(body, LIMITS)
+        assert fast is not None, body
+        assert fast == xmlrpc._lxml_call(body, LIMITS), body
+
+
+@pytest.mark.parametrize("body", [
+    b"<?xml version='1.0'?><methodCall><methodName>a</methodName><params><param><value>x&amp;y</value></param>"
+    b"</params></methodCall>",  # a reference
+    b"<methodCall><methodName>a</methodName><params><param><value><struct><member><name>k</name><value>1</value>"
+    b"</member></struct></value></param></params></methodCall>",  # a struct
+    b"<methodCall><methodName>a</methodName><!-- c --><params/></methodCall>",  # a comment
+    b"<methodCall><methodName>a</methodName><params><param><value><![CDATA[<x>]]></value></param></params>"
+    b"</methodCall>",  # CDATA
+    b"<methodCall x='1'><methodName>a</methodName></methodCall>",  # an attribute
+    b" <?xml version='1.0'?><methodCall><methodName>a</methodName></methodCall>",  # text before the declaration
+    b"<?xml version='1.0' encoding='latin-1'?><methodCall><methodName>\xe9</methodName></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value><int>x</int></value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>\x01</value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>]]></value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>\xef\xbf\xbe</value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>x</value></params></methodCall>",  # unclosed
+    b"<methodCall><methodName>a</methodName></methodCall><methodCall/>",  # two roots
+])
+def test_fast_path_leaves_everything_else_to_lxml(body):
+    """Bodies outside the flat plain subset are not read by the fast path; the general path decides."""
+    assert xmlrpc._fast_call(body, LIMITS) is None
+    try:
+        expected = xmlrpc._lxml_call(body, LIMITS)
+    except WireError as error:
+        with pytest.raises(WireError, match=re.escape(str(error))):
+            xmlrpc.decode_call(body, LIMITS)
+    else:
+        assert xmlrpc.decode_call(body, LIMITS) == expected
+
+
 @pytest.mark.parametrize("body, reason", [
     (b"not xml", "not well-formed"),
     (b"<methodResponse/>", "expected <methodCall>"),
@@ -107,6 +175,72 @@ def test_jsonrpc_v1_and_v2_shapes():
         b'{"jsonrpc":"2.0","result":{"n":1099511627776,"i":2},"id":"q"}'
     assert jsonrpc.failure(v2, ["SESSION_INVALID", "s"]) == \
         b'{"jsonrpc":"2.0","error":{"code":1,"message":"SESSION_INVALID","data":["s"]},"id":"q"}'
+
+
+def _flat_bodies() -> list[bytes]:
+    """Flat calls as clients write them, in the forms the fast path must read exactly as lxml does."""
+    rng = random.Random(7)
+    alphabet = "abcXYZ019 :,._-/\té€😀\n"
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
+    def scalar() -> object:
+        return rng.choice([text, lambda: rng.randrange(-(1 << 31), 1 << 31), lambda: rng.random() * 1e6,
+                           lambda: rng.random() < 0.5])()
+
+    bodies = []
+    for _ in range(300):
+        params = tuple(scalar() if rng.random() < 0.7 else [text() for _ in range(rng.randrange(0, 4))]
+                       for _ in range(rng.randrange(0, 5)))
+        body = stdlib_xmlrpc.dumps(params, rng.choice(["event.from", "VM.get_record", "session.login_with_password"]))
+        variant = rng.randrange(4)
+        if variant == 1:  # compact, with xapi's declaration
+            body = '<?xml version="1.0"?>' + body.split("?>", 1)[1].replace("\n", "")
+        elif variant == 2:  # CRLF line ends, encoding declared
+            body = body.replace("<?xml version='1.0'?>", '<?xml version="1.0" encoding="UTF-8"?>').replace("\n", "\r\n")
+        elif variant == 3:  # no declaration, untyped strings
+            body = body.split("?>", 1)[1].replace("<string>", "").replace("</string>", "")
+        bodies.append(body.encode())
+    return bodies
+
+
+def test_fast_path_reads_flat_calls_exactly_as_lxml():
+    """Every flat call takes the fast path and decodes to what the general lxml path gives."""
+    for body in _flat_bodies():
+        fast = xmlrpc._fast_call(body, LIMITS)
+        assert fast is not None, body
+        assert fast == xmlrpc._lxml_call(body, LIMITS), body
+
+
+@pytest.mark.parametrize("body", [
+    b"<?xml version='1.0'?><methodCall><methodName>a</methodName><params><param><value>x&amp;y</value></param>"
+    b"</params></methodCall>",  # a reference
+    b"<methodCall><methodName>a</methodName><params><param><value><struct><member><name>k</name><value>1</value>"
+    b"</member></struct></value></param></params></methodCall>",  # a struct
+    b"<methodCall><methodName>a</methodName><!-- c --><params/></methodCall>",  # a comment
+    b"<methodCall><methodName>a</methodName><params><param><value><![CDATA[<x>]]></value></param></params>"
+    b"</methodCall>",  # CDATA
+    b"<methodCall x='1'><methodName>a</methodName></methodCall>",  # an attribute
+    b" <?xml version='1.0'?><methodCall><methodName>a</methodName></methodCall>",  # text before the declaration
+    b"<?xml version='1.0' encoding='latin-1'?><methodCall><methodName>\xe9</methodName></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value><int>x</int></value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>\x01</value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>]]></value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>\xef\xbf\xbe</value></param></params></methodCall>",
+    b"<methodCall><methodName>a</methodName><params><param><value>x</value></params></methodCall>",  # unclosed
+    b"<methodCall><methodName>a</methodName></methodCall><methodCall/>",  # two roots
+])
+def test_fast_path_leaves_everything_else_to_lxml(body):
+    """Bodies outside the flat plain subset are not read by the fast path; the general path decides."""
+    assert xmlrpc._fast_call(body, LIMITS) is None
+    try:
+        expected = xmlrpc._lxml_call(body, LIMITS)
+    except WireError as error:
+        with pytest.raises(WireError, match=re.escape(str(error))):
+            xmlrpc.decode_call(body, LIMITS)
+    else:
+        assert xmlrpc.decode_call(body, LIMITS) == expected
 
 
 @pytest.mark.parametrize("body, reason", [

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from xapid.apitypes import coerce
 from xapid.errors import (
@@ -70,9 +71,17 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - the one edge where surprises become INTERNAL_ERROR
             return fail(self._unexpected(method, exc))
         durable = spec.role != READ_ONLY  # read-only calls make no stored changes
-        if not inspect.isawaitable(result) and not (durable and self.api.store.seq != seq_before):
+        if isinstance(result, Deferred):
+            if not durable:  # a deferred reply (event.from): no coroutine around it
+                return result.addErrback(self._failed, method)
+        elif not inspect.isawaitable(result) and not (durable and self.api.store.seq != seq_before):
             return succeed(result)
         return ensureDeferred(self._finish(method, result, durable, seq_before))
+
+    def _failed(self, failure: Any, method: str) -> Any:
+        if failure.check(XenAPIError, CancelledError):
+            return failure
+        return Failure(self._unexpected(method, failure.value, failure))
 
     async def _finish(self, method: str, result: Any, durable: bool, seq_before: int) -> Any:
         try:
@@ -87,8 +96,8 @@ class Dispatcher:
                 await self.api.store.flush()
         return result
 
-    def _unexpected(self, method: str, exc: Exception) -> XenAPIError:
-        log.failure("unexpected error in {method}", method=method)
+    def _unexpected(self, method: str, exc: BaseException, failure: Failure | None = None) -> XenAPIError:
+        log.failure("unexpected error in {method}", failure, method=method)
         return internal_error(f"{type(exc).__name__}: {exc}")
 
     def _dispatch(self, method: str, params: list[Any]) -> tuple[MessageSpec, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -81,6 +82,7 @@ class HttpChannel(Protocol, TimeoutMixin):
         self._chunks: list[bytes] | None = None  # chunked body so far
         self._busy: Deferred | None = None  # a reply being computed
         self._closing = False
+        self._direct = True  # nothing of ours is queued in the transport: replies may go straight out
 
     def connectionMade(self) -> None:
         self.setTimeout(self.idle_timeout)
@@ -168,7 +170,7 @@ class HttpChannel(Protocol, TimeoutMixin):
             if self._remaining > self.max_body:
                 raise _Refused(413, "request body is too large")
         if headers.get(b"expect", b"").lower() == b"100-continue":
-            self.transport.write(version + b" 100 Continue\r\n\r\n")
+            self._send(version + b" 100 Continue\r\n\r\n")
         self._request = request
 
     def _read_chunks(self) -> bool:
@@ -259,7 +261,32 @@ class HttpChannel(Protocol, TimeoutMixin):
         elif version == b"HTTP/1.0":
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
-        self.transport.writeSequence([b"".join(head), response.body])
+        self._send(b"".join(head) + response.body)
+
+    def _send(self, data: bytes) -> None:
+        """Write *data*: straight to the socket while nothing is queued in the transport (so when
+        many deferred replies are answered at once — event.from watchers woken together — they all
+        reach the wire before the reactor goes back to reading requests, without registering each
+        socket for writing); through the transport's queue otherwise, and from then on, so that
+        nothing overtakes queued data.  Only plain sockets (TCP, UNIX) write this way; TLS
+        connections (whose socket carries ciphertext) queue and send on the reactor's turn."""
+        transport = self.transport
+        if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+            transport.write(data)  # a wrapper (TLS, tests), or a socket carrying ciphertext
+            return
+        if self._direct:
+            if transport.connected and not transport.disconnecting:
+                sent = transport.writeSomeData(data)
+                if isinstance(sent, int) and sent == len(data):
+                    return
+                if isinstance(sent, int) and sent > 0:
+                    data = data[sent:]
+            self._direct = False
+        transport.write(data)
+        if transport.connected and not transport.disconnecting:
+            # still send what the socket takes now; a failed send leaves the data queued, and the
+            # reactor's own doWrite then reports the lost connection
+            transport.doWrite()
 
     def _refuse(self, status: int, reason: str) -> None:
         log.info("refused a request from {peer}: {status} {reason}", peer=self._peer, status=status, reason=reason)

@@ -11,7 +11,7 @@ import base64
 import re
 import xmlrpc.client
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from lxml import etree
 
@@ -124,9 +124,20 @@ def bare(value: Any) -> bytes:
 
 
 def decode_call(body: bytes, limits: Limits) -> tuple[str, list[Any]]:
-    """Parse a ``methodCall``; raises WireError with a clear reason for anything else."""
+    """Parse a ``methodCall``; raises WireError with a clear reason for anything else.
+
+    Flat plain calls (scalars and string arrays in UTF-8, without references, comments,
+    attributes or a DTD: what clients send most) take :func:`_fast_call`; anything else,
+    including every malformed body, goes through lxml.
+    """
     if len(body) > limits.max_body:
         raise WireError(f"request body larger than {limits.max_body} bytes")
+    fast = _fast_call(body, limits)
+    return fast if fast is not None else _lxml_call(body, limits)
+
+
+def _lxml_call(body: bytes, limits: Limits) -> tuple[str, list[Any]]:
+    """decode_call's general path: any XML, hardened lxml parsing."""
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body or b"<!doctype" in body:
         raise WireError("document type declarations are not accepted")
     try:
@@ -143,18 +154,27 @@ def decode_call(body: bytes, limits: Limits) -> tuple[str, list[Any]]:
             count += 1
             if count > limits.max_elements:
                 raise WireError(f"more than {limits.max_elements} XML elements")
-    name = root.find("methodName")
+    name = _child(root, "methodName")
     if name is None or not (name.text or "").strip():
         raise WireError("methodCall without methodName")
     params: list[Any] = []
-    pnode = root.find("params")
+    pnode = _child(root, "params")
     if pnode is not None:
-        for param in pnode.iterfind("param"):
-            value = param.find("value")
-            if value is None:
-                raise WireError("<param> without <value>")
-            params.append(_decode(value, 1, limits.max_depth))
+        for param in pnode:
+            if param.tag == "param":
+                value = _child(param, "value")
+                if value is None:
+                    raise WireError("<param> without <value>")
+                params.append(_decode(value, 1, limits.max_depth))
     return name.text.strip(), params
+
+
+def _child(node: etree._Element, tag: str) -> etree._Element | None:
+    """The first child named *tag* (``find`` without its path parsing)."""
+    for child in node:
+        if child.tag == tag:
+            return child
+    return None
 
 
 def _decode(node: etree._Element, depth: int, max_depth: int) -> Any:
@@ -186,14 +206,98 @@ def _decode(node: etree._Element, depth: int, max_depth: int) -> Any:
     except ValueError as exc:
         raise WireError(f"bad <{tag}> value: {exc}") from None
     if tag == "array":
-        data = typed.find("data")
+        data = _child(typed, "data")
         return [] if data is None else [_decode(v, depth + 1, max_depth) for v in data]
     if tag == "struct":
         result: dict[str, Any] = {}
-        for member in typed.iterfind("member"):
-            mname, mvalue = member.find("name"), member.find("value")
+        for member in typed:
+            if member.tag != "member":
+                continue
+            mname, mvalue = _child(member, "name"), _child(member, "value")
             if mname is None or mvalue is None:
                 raise WireError("<member> needs <name> and <value>")
             result[mname.text or ""] = _decode(mvalue, depth + 1, max_depth)
         return result
     raise WireError(f"unknown value type <{tag}>")
+
+
+# -- the fast path ------------------------------------------------------------------------
+# Most calls are flat: a method name and parameters that are scalars or arrays of strings, in
+# UTF-8 without references, comments, CDATA, attributes or a DTD.  Those are read with a few
+# regular expressions; any body outside that subset (structs, nesting, entities, anything
+# malformed) makes _fast_call return None and is parsed by lxml, which gives the same values
+# for the subset and the errors for the rest.
+
+_W = "[ \t\n]*"
+_FAST_CALL = re.compile(
+    r"""(?:<\?xml[ \t\n]+version[ \t\n]*=[ \t\n]*(["'])1\.[0-9]+\1"""
+    r"""(?:[ \t\n]+encoding[ \t\n]*=[ \t\n]*(["'])(?i:utf-?8)\2)?[ \t\n]*\?>)?"""
+    + _W + "<methodCall>" + _W + "<methodName>" + _W + r"([A-Za-z0-9_.]+)" + _W + "</methodName>" + _W
+    + r"(?:<params>(.*)</params>|<params/>)?" + _W + "</methodCall>" + _W, re.S)
+_FAST_PARAM = re.compile(
+    _W + "<param>" + _W + "<value>(?:"
+    r"<(string|int|i4|i8|double|boolean)>([^<]*)</\1>|"  # typed scalar
+    r"([^<]*)|"  # untyped: a string
+    r"<array>" + _W + "<data>((?:" + _W + "<value>(?:<string>[^<]*</string>|[^<]*)</value>)*)" + _W
+    + "</data>" + _W + "</array>|<array>" + _W + "<data/>" + _W + "</array>"
+    r")</value>" + _W + "</param>" + _W)
+_FAST_ITEM = re.compile(r"<value>(?:<string>([^<]*)</string>|([^<]*))</value>")
+# bytes that leave a body to lxml: control characters XML forbids, references, "]" (of "]]>"),
+# and 0xEF, the lead byte of U+F000…U+FFFF (so of U+FFFE and U+FFFF, which XML forbids too)
+_NOT_FAST = bytes(c for c in range(32) if c not in b"\t\n\r") + b"&]\xef"
+
+
+def _fast_call(body: bytes, limits: Limits) -> tuple[str, list[Any]] | None:
+    """The call in a flat, plain body, or None to leave the body to lxml."""
+    if len(body) > 4 * limits.max_elements or limits.max_depth < 2:  # lxml's path counts and refuses
+        return None
+    if len(body.translate(None, _NOT_FAST)) != len(body):
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\r" in text:  # XML's end-of-line handling comes before parsing
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    call = _FAST_CALL.fullmatch(text)
+    if call is None:
+        return None
+    params: list[Any] = []
+    body_text = call.group(4)
+    if body_text and body_text.strip(" \t\n"):
+        pos, end = 0, len(body_text)
+        while pos < end:
+            m = _FAST_PARAM.match(body_text, pos)
+            if m is None or m.end() == pos:
+                return None
+            pos = m.end()
+            tag, typed, untyped, items = m.group(1, 2, 3, 4)
+            if tag is not None:
+                try:
+                    params.append(_FAST_SCALARS[tag](typed))
+                except ValueError:
+                    return None  # lxml's path words the error
+            elif untyped is not None:
+                params.append(untyped)
+            elif items is not None:  # (the group that did not match is "")
+                params.append([typed_item or plain_item for typed_item, plain_item in _FAST_ITEM.findall(items)])
+            else:
+                params.append([])
+    return call.group(3), params
+
+
+def _fast_boolean(text: str) -> bool:
+    text = text.strip()
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
+
+
+_FAST_SCALARS: dict[str, Callable[[str], Any]] = {
+    "string": str,
+    "int": lambda text: int(text.strip()),
+    "i4": lambda text: int(text.strip()),
+    "i8": lambda text: int(text.strip()),
+    "double": lambda text: float(text.strip()),
+    "boolean": _fast_boolean,
+}
