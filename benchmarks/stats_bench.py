@@ -63,6 +63,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from xapid.config import ApiConfig, Config, ServerConfig, SimConfig
+from xapid.wire.http import HttpRequest
+from xapid.wire.resource import ApiHandler
+from xapid.wire.values import Limits
 
 T0 = 1_700_000_000  # the fake clock's start, on a 5-s step boundary (as tests/conftest.py)
 PERIOD = 5
@@ -143,6 +146,7 @@ class TickFigure:
     per_tick: list[float]  # CPU seconds
     parts: dict[str, float]  # CPU seconds per tick, mean
     sources: int = 0
+    poll_call: float = 0.0  # CPU seconds of one in-process XML-RPC VM_metrics.get_record (the baseline)
 
     def us_per_vm(self, values: list[float] | None = None) -> float:
         return statistics.median(values or self.per_tick) / self.vms * 1e6
@@ -203,6 +207,8 @@ def measure_ticks(vms: int, ticks: int, tmp: Path) -> list[TickFigure]:
             resolve(Deferred.fromCoroutine(sampler.tick()), clock)
             return time.process_time() - start
 
+        poll = poll_baseline(env)
+
         figures = []
         for case in ("steady", "changing"):
             for _ in range(3):  # baselines, first writes, archive slots
@@ -214,11 +220,32 @@ def measure_ticks(vms: int, ticks: int, tmp: Path) -> list[TickFigure]:
                     set_loads(env, uuids, n + 1)
                 per_tick.append(tick())
             figures.append(TickFigure(vms, case, per_tick, {k: v / ticks for k, v in split.parts.items()},
-                                      sources=len(sampler._slots)))
+                                      sources=len(sampler._slots), poll_call=poll()))
         return figures
     finally:
         env.api.hypervisor.driver.close()
         env.api.database.close()
+
+
+def poll_baseline(env: BenchEnv) -> Callable[[], float]:
+    """A function measuring the baseline: the median CPU of one ``VM_metrics.get_record`` XML-RPC
+    call handled in process (body decoded, dispatched, reply encoded; no socket), over every VM.
+    A polling tool pays at least four such calls per VM per poll (VM, 2 VBD, VIF metrics)."""
+    handler = ApiHandler(env.dispatcher, Limits())
+    session = env.login("admin").session
+    refs = [o.ref for o in env.api.store.all("VM_metrics")]
+    bodies = [xmlrpc.client.dumps((session, ref), "VM_metrics.get_record").encode() for ref in refs]
+
+    def measure() -> float:
+        times = []
+        for body in bodies:
+            request = HttpRequest(b"POST", b"/", b"HTTP/1.1", {}, body)
+            start = time.process_time()
+            response = handler(request)
+            times.append(time.process_time() - start)
+            assert response.status == 200 and b"Success" in response.body
+        return statistics.median(times)
+    return measure
 
 
 def report_ticks(fig: TickFigure) -> None:
@@ -236,6 +263,9 @@ def report_ticks(fig: TickFigure) -> None:
     own = (total - fig.parts["read_counters"]) / fig.vms * 1e6
     out(f"    the sampler's own part (the tick without the backend's read_counters): {own:.1f} µs per VM "
         f"({verdict(own <= GOAL_US_PER_VM)} against {GOAL_US_PER_VM:g} µs)")
+    poll = fig.poll_call * 1e6
+    out(f"    baseline, same run: one in-process XML-RPC VM_metrics.get_record costs {poll:.1f} µs; a tick per VM "
+        f"= {us / poll:.2f}× one such call, {us / (4 * poll):.2f}× the 4 calls a poller makes per VM")
 
 
 # -- 2. the dashboard against a real daemon ---------------------------------------------------

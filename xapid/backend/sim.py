@@ -205,24 +205,13 @@ class _Domain:
     def info(self, now: float, cpus: int) -> DomainInfo:
         """The domain as the hypervisor reports it at *now*."""
         times = self.vcpu_times(now)
-        return DomainInfo(
-            domid=self.domid,
-            uuid=self.uuid,
-            name=self.name,
-            state=self.state,  # type: ignore[arg-type]
-            shutdown_reason=self.shutdown_reason,  # type: ignore[arg-type]
-            memory_actual=self.memory_target,
-            memory_target=self.memory_target,
-            memory_max=self.memory_max,
-            vcpus=self.vcpus,
-            vcpus_max=self.vcpus_max,
-            cpu_time_ns=sum(times),
-            vcpu_time_ns=tuple(times[: self.vcpus]),
-            vcpu_cpu=_placement(self.domid, self.vcpus, cpus),
-            start_time=self.start_time,
-            domain_type=self.domain_type,
-            is_control_domain=self.domid == 0,
-        )
+        online = self.vcpus
+        return DomainInfo(  # positional: built for every domain on every metrics tick
+            self.domid, self.uuid, self.name, self.state,  # type: ignore[arg-type]
+            self.shutdown_reason,  # type: ignore[arg-type]
+            self.memory_target,  # memory_actual follows the target at once
+            self.memory_target, self.memory_max, online, self.vcpus_max, sum(times), tuple(times[:online]),
+            _placement(self.domid, online, cpus), self.start_time, self.domain_type, self.domid == 0)
 
 
 @dataclass
@@ -534,9 +523,11 @@ class SimBackend:
             domains = []
             busy = state.retired_busy_ns
             rx, tx = state.retired_net
+            used = 0
             for dom in state.ordered():
                 info = dom.info(now, self._cpus)
                 domains.append(info)
+                used += dom.usage()
                 busy += info.cpu_time_ns - dom.cpu_base_ns
                 uuid = dom.uuid
                 dom_disks, dom_nics = dom.device_counters(now)
@@ -549,7 +540,7 @@ class SimBackend:
                 timestamp=now,
                 domains=tuple(domains),
                 pcpus=tuple(self._pcpus(state, now, busy)),
-                free_memory=self._free(state),
+                free_memory=self._memory - _xen_overhead(self._memory) - used,  # as _free, in the same pass
                 total_memory=self._memory,
                 disks=tuple(disks),
                 nics=tuple(nics),

@@ -158,7 +158,7 @@ class Sampler:
         self._previous: tuple[np.ndarray, np.ndarray] | None = None  # (idx, latest values) of the last tick
         self._domids: dict[str, int] = {}  # VM uuid → domid at the previous tick
         self._prev_host: tuple[float, tuple[int, ...]] | None = None  # (t, idle ns per pCPU)
-        self._prev_cpu: dict[str, tuple[float, int, int]] = {}  # VM uuid → (t, domid, cpu ns)
+        self._prev_cpu: dict[str, list[Any]] = {}  # VM uuid → [t, domid, cpu ns]
         self._saving = False
         self._failing = 0  # consecutive failed ticks
 
@@ -280,10 +280,12 @@ class Sampler:
             before = prev_cpu.get(uuid)
             value = NAN
             cpu = dom.cpu_time_ns
-            if before is not None and before[1] == domid and cpu >= before[2] \
-                    and 0 < t - before[0] <= HEARTBEAT and dom.vcpus:
-                value = (cpu - before[2]) / ((t - before[0]) * NS * dom.vcpus)
-            prev_cpu[uuid] = (t, domid, cpu)
+            if before is None:
+                prev_cpu[uuid] = [t, domid, cpu]
+            else:  # updated in place: no new object per VM per tick
+                if before[1] == domid and cpu >= before[2] and 0 < t - before[0] <= HEARTBEAT and dom.vcpus:
+                    value = (cpu - before[2]) / ((t - before[0]) * NS * dom.vcpus)
+                before[0], before[1], before[2] = t, domid, cpu
             raws += (value, dom.memory_actual, dom.memory_target)
             segs.append(layout[2])
         devices = self._device_segs
