@@ -120,6 +120,27 @@ def test_unchanged_values_write_nothing(env, admin):
     assert admin("event.from", ["vm_metrics", "host_cpu", "host_metrics"], token, 0)["events"] == []
 
 
+def test_changed_values_are_one_event_per_object_for_every_watcher(env, admin):
+    """A tick that changes a VM's metrics gives event.from watchers one mod per object, carrying the
+    new values, and legacy event.register/next sessions the same mods."""
+    vm, uuid = running_vm(admin, env, 0.25)
+    tick(env)
+    tick(env)
+    legacy = env.login("admin")
+    legacy("event.register", ["vm_metrics"])
+    token = admin("event.from", ["vm_metrics", "vm"], "", 0)["token"]
+    env.api.hypervisor.driver.set_load(uuid, 0.75)
+    tick(env)
+    tick(env)  # two ticks, both changing the rate: still one event per object
+    events = admin("event.from", ["vm_metrics", "vm"], token, 0)["events"]
+    metrics = admin("VM.get_metrics", vm)
+    assert [(e["class"], e["operation"], e["ref"]) for e in events] == [("vm_metrics", "mod", metrics)]
+    assert events[0]["snapshot"].value["VCPUs_utilisation"] == {"0": pytest.approx(0.75)}
+    queued = legacy("event.next")
+    assert {(e["class"], e["operation"], e["ref"]) for e in queued} == {("vm_metrics", "mod", metrics)}
+    assert queued[-1]["snapshot"]["VCPUs_utilisation"] == {"0": pytest.approx(0.75)}
+
+
 def test_failing_tick_is_skipped_and_loop_goes_on(env, admin):
     """A read_counters failure is logged and skipped; the next tick samples normally."""
     _, uuid = running_vm(admin, env, 0.5)

@@ -152,13 +152,13 @@ class EventHub:
             self._wake_pending = True
             self.reactor.callLater(0, self._wake)
 
-    def _on_live(self, first: int, pairs: list[tuple[str, str]]) -> None:
-        """A batch of metrics writes (:meth:`Store.set_live`): mods of existing objects."""
+    def _on_live(self, first: int, classes: list[str], refs: list[str]) -> None:
+        """A batch of metrics writes (:meth:`Store.live_batch`): mods of existing objects."""
         now = self.reactor.seconds()
         entries = self._entries
         evented = self._evented
         seq = first - 1
-        for cls, ref in pairs:
+        for cls, ref in zip(classes, refs):
             seq += 1
             if cls not in evented:
                 continue

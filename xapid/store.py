@@ -176,42 +176,36 @@ class Store:
         self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
 
-    def set_live(self, items: list[tuple[str, dict[str, Any]]]) -> None:
-        """The fast path for live metrics values, rewritten by every sample: for each
-        ``(ref, changes)`` set the fields and emit a mod, without committing (the values reach
-        the database with the object's next ordinary write) and without comparing, indexing or
-        linking — so only for plain value fields (no name_label, no refs) of classes without
-        derivers (checked on a class's first use; ValueError otherwise).  Refs of objects that
-        no longer exist are skipped.  Listeners subscribed
-        with a *batch* function get the whole write as one call."""
-        if not items:
+    def live_batch(self) -> "LiveBatch":
+        """The fast path for live metrics values, rewritten by every sample::
+
+            with store.live_batch() as batch:
+                batch.set(ref, {"io_read_kbs": 1.5})
+
+        Each ``set`` applies at once; the changes are emitted (as mods) when the block ends —
+        to listeners subscribed with a *batch* function as one call.  Nothing is committed (the
+        values reach the database with the object's next ordinary write) and nothing is
+        compared, indexed or linked, so only plain value fields (no name_label, no refs) of
+        classes without derivers may be set (checked on a class's first use; ValueError)."""
+        return LiveBatch(self)
+
+    def _emit_live(self, classes: list[str], refs: list[str]) -> None:
+        if not refs:
             return
-        objects = self._objects
-        pairs = []
-        for ref, changes in items:
-            obj = objects.get(ref)
-            if obj is None:  # gone since the caller looked it up
-                continue
-            cls = obj.cls
-            if cls not in self._live_ok:
-                self._check_live(cls, changes)
-            obj.fields.update(changes)
-            obj.cache.clear()
-            pairs.append((cls, ref))
         first = self.seq + 1
-        self.seq += len(pairs)
+        self.seq += len(refs)
         for listener, batch in list(self._listeners):
             if batch is not None:
-                batch(first, pairs)
+                batch(first, classes, refs)
             else:
-                for offset, (cls, ref) in enumerate(pairs):
+                for offset, (cls, ref) in enumerate(zip(classes, refs)):
                     listener(Change(first + offset, cls, "mod", ref))
 
     def _check_live(self, cls: str, changes: dict[str, Any]) -> None:
         linked = {name for (c, name) in self.schema.inverses if c == cls}
         bad = [k for k in changes if k in ("name_label", "uuid") or k in linked]
         if self._derivers.get(cls) or bad:
-            raise ValueError(f"set_live cannot write {cls} {bad or '(derived class)'}")
+            raise ValueError(f"live writes cannot set {cls} {bad or '(derived class)'}")
         self._live_ok.add(cls)
 
     def touch(self, ref: str) -> None:
@@ -349,6 +343,40 @@ class Store:
                         sets[target].append(obj.ref)
                 for target, members in sets.items():
                     self._by_class[other_cls][target].fields[set_field] = members
+
+
+class LiveBatch:
+    """Live metrics writes applied at once and emitted together (:meth:`Store.live_batch`).
+
+    Only the class and ref of each write are kept until the end (strings, which the garbage
+    collector does not track), so a tick's thousands of change dicts die as soon as applied."""
+
+    __slots__ = ("store", "classes", "refs")
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.classes: list[str] = []
+        self.refs: list[str] = []
+
+    def __enter__(self) -> "LiveBatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.store._emit_live(self.classes, self.refs)
+
+    def set(self, ref: str, changes: dict[str, Any]) -> None:
+        """Set *changes* on the object *ref*; a ref that no longer exists is skipped."""
+        store = self.store
+        obj = store._objects.get(ref)
+        if obj is None:
+            return
+        cls = obj.cls
+        if cls not in store._live_ok:
+            store._check_live(cls, changes)
+        obj.fields.update(changes)
+        obj.cache.clear()
+        self.classes.append(cls)
+        self.refs.append(ref)
 
 
 def _dump(fields: dict[str, Any]) -> str:

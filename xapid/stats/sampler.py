@@ -6,7 +6,7 @@ Every *period* seconds (on the injected clock) :meth:`Sampler.tick` reads
 (owner ``vm:<uuid>``; the domain handle is the VM uuid, so a VM's archives survive its reboots),
 records them with a single :meth:`RRDTable.update_indexed`, and writes the live 1.0 metrics
 fields (VM_metrics, host_cpu, host_metrics, VBD_metrics, VIF_metrics, PIF_metrics) in one
-``Store.set_live`` batch: only the objects with a changed value, so at most one event per object
+``Store.live_batch``: only the objects with a changed value, so at most one event per object
 per tick.
 
 How each source is derived:
@@ -418,11 +418,18 @@ class Sampler:
                     segs: list[tuple[str, _Segment, Any]], starts: list[int], order: Any,
                     values: list[float]) -> None:
         """Update the live metrics objects of the segments numbered in *order* (those with a
-        changed source) in one :meth:`Store.set_live` batch: at most one event per object per tick.
+        changed source) in one :meth:`Store.live_batch`: at most one event per object per tick.
         Unknown (NaN) values are not written: the field keeps its last known value."""
         store = self.store
         now = datetime.fromtimestamp(int(t), tz=timezone.utc)
-        items: list[tuple[str, dict[str, Any]]] = []
+        with store.live_batch() as batch:
+            self._write_segments(batch, now, host, host_cpu, counters, doms, segs, starts, order, values)
+
+    def _write_segments(self, batch: Any, now: datetime, host: Any, host_cpu: list[float], counters: Counters,
+                        doms: dict[str, Any], segs: list[tuple[str, _Segment, Any]], starts: list[int], order: Any,
+                        values: list[float]) -> None:
+        store = self.store
+        put = batch.set
         devices: dict[str, tuple[dict[str, str], dict[str, str]]] = {}  # VM ref → its metrics refs, this tick
 
         def kbs(start: int) -> dict[str, Any]:
@@ -442,7 +449,7 @@ class Sampler:
                     refs = devices[vm.ref] = self._device_metrics(vm)
                 ref = refs[kind == "vif"].get(subject[2])
                 if ref is not None and (fresh := kbs(starts[i])):
-                    items.append((ref, fresh))
+                    put(ref, fresh)
             elif kind == "vm":  # cpu0.., cpu_usage, memory, memory_target
                 vm, dom = subject[1], doms[owner]
                 start = starts[i]
@@ -451,23 +458,22 @@ class Sampler:
                 utilisation = values[start:start + len(seg.slots) - 3]
                 if all(v == v for v in utilisation):
                     live["VCPUs_utilisation"] = {str(n): v for n, v in enumerate(utilisation)}
-                items.append((vm.fields["metrics"], live))
+                put(vm.fields["metrics"], live)
             else:  # the host: host_cpu, host_metrics, PIF_metrics
                 by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
                              if o.fields["host"] == host.ref}
                 for p, value in zip(counters.pcpus, host_cpu):
                     if p.number in by_number and value == value:
-                        items.append((by_number[p.number], {"utilisation": value}))
-                items.append((host.fields["metrics"], {"memory_free": counters.free_memory,
-                                                       "memory_total": counters.total_memory, "last_updated": now}))
+                        put(by_number[p.number], {"utilisation": value})
+                put(host.fields["metrics"], {"memory_free": counters.free_memory,
+                                              "memory_total": counters.total_memory, "last_updated": now})
                 pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
                         if o.fields.get("physical") and o.fields.get("host") == host.ref}
                 first_pif = starts[i] + len(counters.pcpus) + 3
                 for n, pif in enumerate(counters.pifs):
                     ref = pifs.get(pif.device)
                     if ref is not None and (fresh := kbs(first_pif + 2 * n)):
-                        items.append((ref, fresh))
-        store.set_live(items)
+                        put(ref, fresh)
 
     def _device_metrics(self, vm: Any) -> tuple[dict[str, str], dict[str, str]]:
         """A VM's disk name → VBD_metrics ref and VIF device → VIF_metrics ref, cached per device list."""
