@@ -227,6 +227,9 @@ def test_query_stats_with_wildcards(env, admin):
     assert f"vm:{admin('VM.get_uuid', admin('host.get_control_domain', host))}:cpu3" in result  # dom0 is a VM
     one = admin("host.query_stats", host, [f"vm:{a}:cpu*"], 5, "average")
     assert one == {f"vm:{a}:cpu0": pytest.approx(0.2), f"vm:{a}:cpu_usage": pytest.approx(0.2)}
+    both = admin("host.query_stats", host, [f"vm:{a}:cpu[0]", f"vm:{a}:cpu*", f"vm:{b[:4]}*:mem?ry"], 5, "AVERAGE")
+    assert list(both) == [f"vm:{a}:cpu0", f"vm:{a}:cpu_usage", f"vm:{b}:memory"]  # overlaps once, first-match order
+    assert admin("host.query_stats", host, [f"vm:{a.upper()}:cpu0", "vm:*:CPU0"], 5, "AVERAGE") == {}  # case matters
     assert admin.fails("host.query_stats", host, ["vm:*:cpu0"], 30.0, "LAST") == ["INVALID_VALUE", "cf", "LAST"]
     assert admin.fails("host.query_stats", host, ["vm:*:cpu0"], 1.0, "AVERAGE")[:2] == ["INVALID_VALUE", "window"]
     assert admin.fails("host.query_stats", host, ["sr:*:x"], 30.0, "AVERAGE") == ["INVALID_VALUE", "sources", "sr:*:x"]

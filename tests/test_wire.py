@@ -54,6 +54,17 @@ def test_stdlib_client_reads_our_replies():
     assert decoded["Value"] == {"n": "5", "big": str(1 << 40), "s": "x&y", "l": ["a", True, 1.5], "m": {}, "e": ""}
 
 
+def test_struct_members_of_every_kind_keep_their_order_and_values():
+    """A struct mixing scalar and nested members (as metrics maps and records do) reads back
+    member by member, in order, with markup in names and values escaped."""
+    value = {"f": 0.1, "n": -3, "s": "a<b", "e": "", "b": False, "x": None, "d": {"in": 2.5, "deep": ["q"]},
+             "<k&>": 1e300, 7: "seven", "t": 1.5, "l": [{"z": 0.5}]}
+    (decoded,), _ = stdlib_xmlrpc.loads(xmlrpc.success(value), use_builtin_types=True)
+    assert list(decoded["Value"].items()) == [
+        ("f", 0.1), ("n", "-3"), ("s", "a<b"), ("e", ""), ("b", False), ("x", None),
+        ("d", {"in": 2.5, "deep": ["q"]}), ("<k&>", 1e300), ("7", "seven"), ("t", 1.5), ("l", [{"z": 0.5}])]
+
+
 def test_decode_forms_clients_send():
     """Typed and untyped strings, ints, nil, self-closing containers and pretty XML all decode."""
     pretty = stdlib_xmlrpc.dumps(("OpaqueRef:x", 5, None, [], {}), "VM.start", allow_none=True).encode()

@@ -132,9 +132,9 @@ class Store:
     # -- listeners and derived fields ------------------------------------------------------
 
     def subscribe(self, listener: Callable[[Change], None],
-                  batch: Callable[[int, list[tuple[str, str]]], None] | None = None) -> Callable[[], None]:
+                  batch: Callable[[int, list[str], list[str]], None] | None = None) -> Callable[[], None]:
         """Call *listener* after every write; returns a function that unsubscribes.  With *batch*,
-        a :meth:`set_live` write of n objects is one ``batch(first_seq, [(cls, ref), …])`` call
+        a :meth:`live_batch` of n writes is one ``batch(first_seq, classes, refs)`` call
         instead (the objects' changes are ``first_seq`` … ``first_seq + n - 1``, all ``mod``)."""
         entry = (listener, batch)
         self._listeners.append(entry)

@@ -98,17 +98,16 @@ def query_stats(ctx: Any, host: str, sources: list[str], window: float, cf: str)
     ctx.store.get(host, "host")
     cf = _check_window_cf(window, cf)
     stats = ctx.api.stats
-    keys: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    selected: list[list[tuple[str, str]]] = []
     for pattern in sources:
         try:
-            matched = stats.select(pattern)
+            selected.append(stats.select(pattern))
         except ValueError:
             raise XenAPIError("INVALID_VALUE", "sources", pattern) from None
-        for key in matched:
-            if key not in seen:
-                seen.add(key)
-                keys.append(key)
+    if len(selected) == 1:
+        keys = selected[0]  # one pattern: distinct keys already
+    else:  # several: each key once, in first-match order
+        keys = list(dict.fromkeys(key for matched in selected for key in matched))
     return stats.cooked(keys, window, cf)
 
 

@@ -280,6 +280,10 @@ class RRDTable:
         """Owners that have at least one source, in insertion order."""
         return list(self._slots)
 
+    def names(self, owner: str) -> list[str]:
+        """The source names of *owner*, in insertion order (empty if unknown)."""
+        return list(self._slots.get(owner, ()))
+
     def sources(self, owner: str) -> list[DataSource]:
         """The sources of *owner*, in insertion order (empty if unknown)."""
         return [self._info[s] for s in self._slots.get(owner, {}).values()]  # type: ignore[misc]
@@ -539,7 +543,11 @@ class RRDTable:
         known rows; NaN where every row is unknown.  E.g. 30 s = the mean of the last six 5-s PDPs.
         """
         cf = _check_cf(cf)
-        slots = np.array([self.slot(o, n) for o, n in keys], dtype=np.intp)
+        try:
+            table = self._slots
+            slots = np.fromiter((table[o][n] for o, n in keys), dtype=np.intp, count=len(keys))
+        except KeyError:
+            slots = self.slots(keys)  # raises the KeyError naming the unknown key
         if self.last_update is None or window <= 0:
             return np.full(len(slots), _NAN)
         candidates = [a for a, cfs in enumerate(ARCHIVE_CFS) if cf in cfs]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import itertools
 import math
 import re
@@ -119,6 +120,15 @@ def spec_of(owner_kind: str, name: str) -> tuple[Spec, str]:
     if best is None:
         raise KeyError(name)
     return best
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@functools.lru_cache(maxsize=256)
+def _glob(pattern: str) -> Callable[[str], Any]:
+    """A case-sensitive matcher of a shell glob (``fnmatch`` semantics), compiled once."""
+    return re.compile(fnmatch.translate(pattern)).match
 
 
 class Sampler:
@@ -522,17 +532,21 @@ class Sampler:
         if len(parts) != 3 or parts[0] not in ("vm", "host") or not parts[1] or not parts[2]:
             raise ValueError(pattern)
         kind, uuid_glob, name_glob = parts
-        keys = []
-        for owner in self.table.owners():
-            okind, _, uuid = owner.partition(":")
-            if okind == kind and fnmatch.fnmatchcase(uuid, uuid_glob):
-                keys.extend((owner, ds.name) for ds in self.table.sources(owner)
-                            if fnmatch.fnmatchcase(ds.name, name_glob))
-        return keys
+        table = self.table
+        if _GLOB_CHARS.search(uuid_glob):
+            uuid_match = _glob(uuid_glob)
+            prefix = kind + ":"
+            owners = [o for o in table.owners() if o.startswith(prefix) and uuid_match(o[len(prefix):])]
+        else:  # one owner: no scan
+            owners = [f"{kind}:{uuid_glob}"]
+        if name_glob == "*":
+            return [(owner, name) for owner in owners for name in table.names(owner)]
+        name_match = _glob(name_glob)
+        return [(owner, name) for owner in owners for name in table.names(owner) if name_match(name)]
 
     def cooked(self, keys: list[tuple[str, str]], window: float, cf: str) -> dict[str, float]:
         """``{"<owner>:<uuid>:<name>": value}`` consolidated over the last *window* s; unknown values omitted."""
         if not keys:
             return {}
         values = self.table.average(keys, window, cf)
-        return {f"{o}:{n}": float(v) for (o, n), v in zip(keys, values.tolist()) if not math.isnan(v)}
+        return {f"{o}:{n}": v for (o, n), v in zip(keys, values.tolist()) if v == v}  # NaN (unknown) left out

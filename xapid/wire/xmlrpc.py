@@ -56,12 +56,25 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif t is int:
         out.append(b"<value>%d</value>" % value)
     elif t is dict:
-        out.append(b"<value><struct>")
+        # scalar members are formatted as text and encoded in runs (big metrics maps, records)
+        run = ["<value><struct>"]
         for k, v in value.items():
-            out.append(b"<member><name>" + escape(str(k)).encode() + b"</name>")
-            _encode(v, out)
-            out.append(b"</member>")
-        out.append(b"</struct></value>")
+            name = escape(k if type(k) is str else str(k))
+            tv = type(v)
+            if tv is float:
+                run.append(f"<member><name>{name}</name><value><double>{v!r}</double></value></member>")
+            elif tv is str:
+                run.append(f"<member><name>{name}</name><value>{escape(v)}</value></member>")
+            elif tv is int:
+                run.append(f"<member><name>{name}</name><value>{v:d}</value></member>")
+            else:
+                run.append(f"<member><name>{name}</name>")
+                out.append("".join(run).encode())
+                run.clear()
+                _encode(v, out)
+                run.append("</member>")
+        run.append("</struct></value>")
+        out.append("".join(run).encode())
     elif t is list or t is tuple:
         out.append(b"<value><array><data>")
         for v in value:
