@@ -382,6 +382,30 @@ def test_save_with_compression_and_fresh_slots_after_load(tmp_path):
     assert loaded.ensure(HOST, "loadavg") != slot
 
 
+def test_save_writes_only_the_slots_in_use_and_loads_into_full_capacity(tmp_path):
+    """The file holds the columns up to the highest slot in use (not the spare capacity); a table
+    loaded from it has the saved capacity, and its free slots are reused by new sources."""
+    table = RRDTable(start=0, capacity=64)
+    a = table.ensure(VM, "a", "GAUGE")
+    b = table.ensure(VM, "b", "GAUGE")
+    c = table.ensure(VM, "c", "GAUGE")
+    table.forget(VM, "b")  # a hole below the highest slot in use
+    for t, values in ((5, [1.0, 3.0]), (10, [2.0, 4.0])):
+        table.update_indexed(t, np.array([a, c]), np.array(values))
+    path = tmp_path / "rrd.npz"
+    table.save(path)
+    with np.load(path) as z:
+        assert z["rra0_AVERAGE"].shape == (120, max(a, c) + 1) and z["last_raw"].shape == (max(a, c) + 1,)
+    loaded, warning = RRDTable.load(path)
+    assert warning is None
+    assert [loaded.last(VM, "a"), loaded.last(VM, "c")] == [2.0, 4.0]
+    assert loaded.owners() == [VM] and [s.name for s in loaded.sources(VM)] == ["a", "c"]
+    assert loaded.ensure(VM, "b2", "GAUGE") == b  # the hole first
+    assert math.isnan(loaded.last(VM, "b2"))
+    fresh = {loaded.ensure(VM, f"n{i}", "GAUGE") for i in range(61)}
+    assert len(fresh) == 61 and max(fresh) == 63  # the rest of the capacity
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage, not a zip file", b"PK\x03\x04truncated"])
 def test_corrupt_file_gives_empty_table_and_warning(tmp_path, content):
     """An unreadable archive file: a fresh empty table and a warning for the log, never an exception."""

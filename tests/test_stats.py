@@ -13,6 +13,7 @@ from support import ApiEnv, RealDaemon, resolve, vm_record
 from test_devices import default_sr, network, vbd_record, vdi_record, vif_record
 from xapid.backend.interface import BackendError
 from xapid.config import ConfigError, parse_config
+from xapid.stats.rrd import RRDTable
 
 T0 = 1_700_000_000  # the fake clock's start (tests/conftest.py), a multiple of the 5-s step
 
@@ -304,18 +305,64 @@ def test_sdk_query_stats_and_data_sources(fast_daemon):
 
 
 def test_periodic_save(env, admin):
-    """The running loop saves the archives every save_interval seconds (300 s = 60 ticks by default)."""
+    """The running loop saves the archives every save_interval seconds (3600 s = 720 ticks by default)."""
     path = env.tmp_path / "state" / "rrd.npz"
     stats = env.api.stats
     stats.start()
     try:
-        for _ in range(59):
+        for _ in range(719):
             env.clock.advance(5)
         assert not path.exists()
         env.clock.advance(5)
-        assert path.exists() and stats.ticks == 60
+        assert path.exists() and stats.ticks == 720
+        saved = path.stat().st_mtime_ns
+        path.unlink()
+        for _ in range(720):
+            env.clock.advance(5)
+        assert path.exists() and stats.ticks == 1440 and path.stat().st_mtime_ns >= saved
     finally:
         resolve(Deferred.fromCoroutine(stats.stop()), env.clock)
+
+
+class HeldRunner:
+    """A runner whose calls wait until the test releases them (a slow worker thread, made deterministic)."""
+
+    def __init__(self):
+        self.held = []
+
+    def run(self, fn, *args):
+        d = Deferred()
+        self.held.append((fn, args, d))
+        return d
+
+    def release(self):
+        fn, args, d = self.held.pop(0)
+        d.callback(fn(*args))
+
+
+def test_save_copies_off_the_reactor_and_a_tick_waits_for_the_copy(env, admin):
+    """A save exports (copies) the table in the runner; a tick due meanwhile waits for the copy,
+    so the file holds the table as it was, whole, and the tick's sample is not lost."""
+    _, uuid = running_vm(admin, env, 0.5)
+    stats = env.api.stats
+    for _ in range(3):
+        tick(env)
+    saved_at = stats.table.last_update
+    runner = stats.runner = HeldRunner()
+    saving = Deferred.fromCoroutine(stats.save())
+    assert [fn.__name__ for fn, _, _ in runner.held] == ["export"]
+    env.clock.advance(5)
+    ticking = Deferred.fromCoroutine(stats.tick())
+    env.clock.advance(0)
+    assert not ticking.called and stats.table.last_update == saved_at  # held behind the copy
+    runner.release()  # the copy is done: the tick runs while the file is written
+    assert ticking.called and stats.table.last_update == saved_at + 5
+    assert [fn.__name__ for fn, _, _ in runner.held] == ["write_image"] and not saving.called
+    runner.release()
+    assert saving.called
+    loaded, warning = RRDTable.load(env.tmp_path / "state" / "rrd.npz")
+    assert warning is None and loaded.last_update == saved_at
+    assert loaded.last(f"vm:{uuid}", "cpu0") == pytest.approx(0.5)
 
 
 def test_destroyed_vm_archives_are_dropped(env, admin):

@@ -65,7 +65,7 @@ class SimConfig:
 @dataclass(frozen=True)
 class StatsConfig:
     period: float = 5.0
-    save_interval: float = 300.0
+    save_interval: float = 3600.0
     prometheus_listen: str = ""
 
 

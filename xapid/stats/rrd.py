@@ -57,6 +57,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -142,6 +143,8 @@ class RRDTable:
         self._slots: dict[str, dict[str, int]] = {}
         self._info: list[DataSource | None] = []
         self._free: list[int] = []
+        #: held by :meth:`export` (which may run in a worker thread) and by :meth:`forget`
+        self.lock = threading.Lock()
         self._alloc(max(1, int(capacity)))
 
     # ----------------------------------------------------------------------------------- storage
@@ -233,30 +236,35 @@ class RRDTable:
         if kind not in KINDS:
             raise ValueError(f"unknown data source kind {kind!r} (expected one of {', '.join(KINDS)})")
         lo, hi = float(min), float(max)
-        names = self._slots.setdefault(owner, {})
-        s = names.get(name)
-        if s is None:
-            if not self._free:
-                self._alloc(self._cap * 2)
-            s = self._free.pop()
-            names[name] = s
-            self._reset_slot(s)
-        else:
-            old = self._info[s]
-            if old is not None and old.kind != kind:
-                self._last_raw[s] = _NAN
-                self._last_time[s] = _NAN
-        code = KINDS.index(kind)
-        self._kind[s] = code
-        self._not_derive[s] = code != _DERIVE
-        self._min[s], self._max[s] = lo, hi
-        self._lo[s] = -_HUGE if math.isnan(lo) else lo
-        self._hi[s] = _HUGE if math.isnan(hi) else hi
-        self._info[s] = DataSource(owner, name, kind, lo, hi, units, description, s)
-        return s
+        with self.lock:  # an export may be copying in a worker thread
+            names = self._slots.setdefault(owner, {})
+            s = names.get(name)
+            if s is None:
+                if not self._free:
+                    self._alloc(self._cap * 2)
+                s = self._free.pop()
+                names[name] = s
+                self._reset_slot(s)
+            else:
+                old = self._info[s]
+                if old is not None and old.kind != kind:
+                    self._last_raw[s] = _NAN
+                    self._last_time[s] = _NAN
+            code = KINDS.index(kind)
+            self._kind[s] = code
+            self._not_derive[s] = code != _DERIVE
+            self._min[s], self._max[s] = lo, hi
+            self._lo[s] = -_HUGE if math.isnan(lo) else lo
+            self._hi[s] = _HUGE if math.isnan(hi) else hi
+            self._info[s] = DataSource(owner, name, kind, lo, hi, units, description, s)
+            return s
 
     def forget(self, owner: str, name: str) -> None:
         """Drop the archives of ``(owner, name)`` and free its slot for reuse (no-op if unknown)."""
+        with self.lock:
+            self._forget(owner, name)
+
+    def _forget(self, owner: str, name: str) -> None:
         names = self._slots.get(owner)
         if not names or name not in names:
             return
@@ -654,38 +662,33 @@ class RRDTable:
 
         *compress* trades CPU for disk (mostly-NaN archives compress well).
         """
-        path = os.fspath(path)
-        meta = {
-            "version": FORMAT_VERSION,
-            "step": STEP,
-            "archives": [list(x) for x in ARCHIVES],
-            "capacity": self._cap,
-            "last_update": self.last_update,
-            "sources": [
-                [i.slot, i.owner, i.name, i.kind, i.min, i.max, i.units, i.description]
-                for i in self._info if i is not None
-            ],
-        }
-        arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
-        for name in self._ARRAYS:
-            arrays[name.lstrip("_")] = getattr(self, name)
-        for a, rings in enumerate(self._rings):
-            for ring in rings:
-                arrays[f"rra{a}_{ring.cf}"] = ring.data
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".rrd-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                (np.savez_compressed if compress else np.savez)(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_image(path, self.export(), compress)
+
+    def export(self) -> dict[str, np.ndarray]:
+        """A copy of the table's state for :func:`write_image`, sharing nothing with the table.
+
+        Only the slots up to the highest one in use are copied.  Holds :attr:`lock` while copying,
+        so it may run in a worker thread: :meth:`forget` waits for it, and the caller must not
+        update the table meanwhile (the sampler's tick waits for the export)."""
+        with self.lock:
+            used = [i for i in self._info if i is not None]
+            width = max((i.slot for i in used), default=-1) + 1
+            meta = {
+                "version": FORMAT_VERSION,
+                "step": STEP,
+                "archives": [list(x) for x in ARCHIVES],
+                "capacity": self._cap,
+                "width": width,
+                "last_update": self.last_update,
+                "sources": [[i.slot, i.owner, i.name, i.kind, i.min, i.max, i.units, i.description] for i in used],
+            }
+            image: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+            for name in self._ARRAYS:
+                image[name.lstrip("_")] = getattr(self, name)[..., :width].copy()
+            for a, rings in enumerate(self._rings):
+                for ring in rings:
+                    image[f"rra{a}_{ring.cf}"] = ring.data[:, :width].copy()
+        return image
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], now: float | None = None) -> tuple[RRDTable, str | None]:
@@ -719,25 +722,28 @@ class RRDTable:
             cap = int(meta["capacity"])
             if cap < 1:
                 raise ValueError("bad capacity")
+            width = int(meta.get("width", cap))  # the saved columns: slots 0 … width - 1
+            if not 0 <= width <= cap:
+                raise ValueError("bad width")
             table = cls(capacity=cap)
             lu = meta["last_update"]
             table.last_update = None if lu is None else float(lu)
             for name in cls._ARRAYS:
                 value = z[name.lstrip("_")]
-                current = getattr(table, name)
+                current = getattr(table, name)[..., :width]
                 if value.shape != current.shape:
                     raise ValueError(f"{name.lstrip('_')}: shape {value.shape}, expected {current.shape}")
                 current[...] = value
             for a, rings in enumerate(table._rings):
                 for ring in rings:
                     value = z[f"rra{a}_{ring.cf}"]
-                    if value.shape != ring.data.shape:
+                    if value.shape != ring.data[:, :width].shape:
                         raise ValueError(f"rra{a}_{ring.cf}: shape {value.shape}")
-                    ring.data[...] = value
+                    ring.data[:, :width] = value
         used = set()
         for slot, owner, name, kind, lo, hi, units, description in meta["sources"]:
             slot = int(slot)
-            if not 0 <= slot < cap or slot in used or kind not in KINDS:
+            if not 0 <= slot < width or slot in used or kind not in KINDS:
                 raise ValueError(f"bad source entry {owner}/{name}")
             used.add(slot)
             table._slots.setdefault(owner, {})[name] = slot
@@ -750,3 +756,22 @@ class RRDTable:
             table._info[slot] = DataSource(owner, name, kind, lo, hi, units, description, slot)
         table._free = [s for s in range(cap - 1, -1, -1) if s not in used]
         return table
+
+
+def write_image(path: str | os.PathLike[str], image: dict[str, np.ndarray], compress: bool = False) -> None:
+    """Write an :meth:`RRDTable.export` image to *path* atomically (temp file, fsync, rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".rrd-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (np.savez_compressed if compress else np.savez)(f, **image)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -22,13 +22,12 @@ How each source is derived:
 * Memory sources are ``GAUGE``.
 
 A tick that fails is logged and skipped; the loop goes on.  The table is saved to
-``<state_dir>/rrd.npz`` every *save_every* ticks and at :meth:`stop`, through the runner (the
-reactor thread only copies the arrays).
+``<state_dir>/rrd.npz`` every *save_every* ticks and at :meth:`stop`; the copy and the write
+both run through the runner, off the reactor thread.
 """
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import functools
 import itertools
@@ -39,11 +38,12 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from xapid.backend.interface import Counters
-from xapid.stats.rrd import HEARTBEAT, RRDTable
+from xapid.stats.rrd import HEARTBEAT, RRDTable, write_image
 
 log = Logger()
 
@@ -170,6 +170,7 @@ class Sampler:
         self._prev_host: tuple[float, tuple[int, ...]] | None = None  # (t, idle ns per pCPU)
         self._prev_cpu: dict[str, list[Any]] = {}  # VM uuid → [t, domid, cpu ns]
         self._saving = False
+        self._exporting: Deferred[None] | None = None  # fires when a save's copy of the table is done
         self._failing = 0  # consecutive failed ticks
 
     # ---------------------------------------------------------------------------------- loop
@@ -211,16 +212,22 @@ class Sampler:
                 log.failure("saving the metrics archives failed")
 
     async def save(self) -> None:
-        """Write the table to the save path: copied on the reactor thread, written by the runner."""
+        """Write the table to the save path: copied (:meth:`RRDTable.export`) and written by the
+        runner, off the reactor thread; a tick arriving during the copy waits for it."""
         if self.save_path is None or self._saving:
             return
         self._saving = True
         try:
-            snapshot = copy.deepcopy(self.table)
-            if self.runner is not None:
-                await self.runner.run(snapshot.save, self.save_path)
-            else:
-                snapshot.save(self.save_path)
+            if self.runner is None:
+                self.table.save(self.save_path)
+                return
+            exported = self._exporting = Deferred()
+            try:
+                image = await self.runner.run(self.table.export)
+            finally:
+                self._exporting = None
+                exported.callback(None)
+            await self.runner.run(write_image, self.save_path, image)
         finally:
             self._saving = False
 
@@ -229,6 +236,8 @@ class Sampler:
     async def tick(self) -> None:
         """Read the counters once and record them; raises on failure (the loop logs and skips)."""
         counters: Counters = await self.hypervisor.call("read_counters")
+        while self._exporting is not None:  # a save is copying the table in a worker thread
+            await self._exporting
         t = float(counters.timestamp)
         if self.table.last_update is not None and not t > self.table.last_update:
             log.warn("metrics sample at {t} is not after the last one ({last}); skipped", t=t,
