@@ -379,6 +379,22 @@ def test_destroyed_vm_archives_are_dropped(env, admin):
     assert f"vm:{uuid}" not in env.api.stats.table.owners()
 
 
+def test_archives_of_a_vm_destroyed_while_stopped_are_dropped_after_restart(env, admin):
+    """Archives restored at start whose VM no longer exists go at the first tick."""
+    vm, uuid = running_vm(admin, env, 0.5)
+    _, keep = running_vm(admin, env, 0.5, "kept")
+    tick(env)
+    tick(env)
+    resolve(Deferred.fromCoroutine(env.api.stats.stop()), env.clock)
+    admin("VM.hard_shutdown", vm)
+    admin("VM.destroy", vm)
+    env.restart()
+    assert {f"vm:{uuid}", f"vm:{keep}"} <= set(env.api.stats.table.owners())  # as saved
+    tick(env)
+    owners = env.api.stats.table.owners()
+    assert f"vm:{uuid}" not in owners and f"vm:{keep}" in owners
+
+
 def test_restart_after_halt_is_not_a_spike(env, admin):
     """A VM started again after a halt (new domain, counters from zero) gives one unknown step, not a bogus rate."""
     vm, uuid = running_vm(admin, env, 0.01)

@@ -59,6 +59,7 @@ class _Segment(NamedTuple):
 
     slots: tuple[int, ...]
     names: tuple[str, ...]
+    live: tuple[bool, ...]  # per source, whether a live metrics field shows it
 
 
 class Spec(NamedTuple):
@@ -122,6 +123,12 @@ def spec_of(owner_kind: str, name: str) -> tuple[Spec, str]:
     return best
 
 
+#: VCPUs_utilisation's keys, vCPU numbers as strings (as xapi's map)
+_VCPU_KEYS = tuple(str(n) for n in range(128))
+
+#: Sources no live metrics field shows: their changes alone write nothing.
+_NOT_LIVE = re.compile(r"cpu_usage|cpu_avg|memory_target|vbd_.+_iops_(read|write)")
+
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -129,6 +136,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 def _glob(pattern: str) -> Callable[[str], Any]:
     """A case-sensitive matcher of a shell glob (``fnmatch`` semantics), compiled once."""
     return re.compile(fnmatch.translate(pattern)).match
+
+
+def _ignore_live(first: int, classes: list[str], refs: list[str]) -> None:
+    pass
 
 
 class Sampler:
@@ -164,7 +175,8 @@ class Sampler:
         self._layouts: dict[str, tuple[Any, str, tuple[str, _Segment, Any]]] = {}
         self._device_segs: dict[tuple[str, str, Any], tuple[str, _Segment, Any]] = {}
         self._prev_segs: list[tuple[str, _Segment, Any]] = []
-        self._prev_layout: tuple[np.ndarray, list[int]] = (np.zeros(0, dtype=np.intp), [])
+        self._prev_layout: tuple[np.ndarray, list[int], np.ndarray] = (np.zeros(0, dtype=np.intp), [],
+                                                                       np.zeros(0, dtype=bool))
         self._previous: tuple[np.ndarray, np.ndarray] | None = None  # (idx, latest values) of the last tick
         self._domids: dict[str, int] = {}  # VM uuid → domid at the previous tick
         self._prev_host: tuple[float, tuple[int, ...]] | None = None  # (t, idle ns per pCPU)
@@ -172,6 +184,8 @@ class Sampler:
         self._saving = False
         self._exporting: Deferred[None] | None = None  # fires when a save's copy of the table is done
         self._failing = 0  # consecutive failed ticks
+        self._vm_destroyed = True  # look for archives of gone VMs at the next tick (also those restored at start)
+        store.subscribe(self._on_change, _ignore_live)  # live batches are metrics mods, never a VM's del
 
     # ---------------------------------------------------------------------------------- loop
 
@@ -339,22 +353,26 @@ class Sampler:
         # (_domids keeps halted VMs' last domid: a new domain after a halt is detected as rebuilt too)
 
         if segs == self._prev_segs:  # the usual tick: the same sources in the same order
-            idx, starts = self._prev_layout
+            idx, starts, live = self._prev_layout
         else:
             sizes = [len(seg.slots) for _, seg, _ in segs]
             idx = np.fromiter(itertools.chain.from_iterable(seg.slots for _, seg, _ in segs), dtype=np.intp,
                               count=len(raws))
             starts = list(itertools.accumulate(sizes, initial=0))[:-1]
-            self._prev_segs, self._prev_layout = segs, (idx, starts)
+            live = np.fromiter(itertools.chain.from_iterable(seg.live for _, seg, _ in segs), dtype=bool,
+                               count=len(raws))
+            self._prev_segs, self._prev_layout = segs, (idx, starts, live)
         if rebuilt:
             owners = set(rebuilt)
             self.table.rebase(np.fromiter(itertools.chain.from_iterable(
                 seg.slots for o, seg, _ in segs if o in owners), dtype=np.intp))
         self.table.update_indexed(t, idx, np.array(raws, dtype=np.float64))
         self.ticks += 1
-        self._forget_destroyed()
+        if self._vm_destroyed:
+            self._vm_destroyed = False
+            self._forget_destroyed()
         rates = self.table.latest(idx)
-        changed = self._changed_segments(idx, rates, starts)
+        changed = self._changed_segments(idx, rates, starts, live)
         if changed is None:
             order = range(len(segs))
         else:
@@ -379,12 +397,15 @@ class Sampler:
                 names = [f"vbd_{shape[1]}_{x}" for x in ("read", "write", "iops_read", "iops_write")]
             else:
                 names = [f"vif_{shape[1]}_{x}" for x in ("rx", "tx")]
-            seg = self._segments[key] = _Segment(tuple(self._slot(owner, n) for n in names), tuple(names))
+            seg = self._segments[key] = _Segment(tuple(self._slot(owner, n) for n in names), tuple(names),
+                                                 tuple(not _NOT_LIVE.fullmatch(n) for n in names))
         return seg
 
-    def _changed_segments(self, idx: np.ndarray, rates: np.ndarray, starts: list[int]) -> np.ndarray | None:
-        """Per segment, whether a source's latest value differs from the previous tick's; None
-        when the set of sources changed (then every segment is looked at)."""
+    def _changed_segments(self, idx: np.ndarray, rates: np.ndarray, starts: list[int],
+                          live: np.ndarray) -> np.ndarray | None:
+        """Per segment, whether a source shown by a live field (*live*) has a latest value that
+        differs from the previous tick's; None when the set of sources changed (then every
+        segment is looked at)."""
         previous = self._previous
         self._previous = (idx, rates)
         if previous is None or (previous[0] is not idx and (previous[0].shape != idx.shape
@@ -393,6 +414,7 @@ class Sampler:
         old = previous[1]
         # the same value give or take float noise (a DERIVE of large counters wobbles in the last bits)
         differs = ~(np.isclose(rates, old, rtol=1e-9, atol=0.0) | (np.isnan(rates) & np.isnan(old)))
+        differs &= live
         if not starts:
             return np.zeros(0, dtype=bool)
         return np.logical_or.reduceat(differs, starts)
@@ -422,8 +444,12 @@ class Sampler:
         self._prev_segs = []
         self._previous = None
 
+    def _on_change(self, change: Any) -> None:
+        if change.op == "del" and change.cls == "VM":
+            self._vm_destroyed = True
+
     def _forget_destroyed(self) -> None:
-        """Drop the archives of VMs that no longer exist."""
+        """Drop the archives of VMs that no longer exist (run by the tick after a VM is destroyed)."""
         for owner in self.table.owners():
             kind, _, uuid = owner.partition(":")
             if kind == "vm" and self.store.by_uuid(uuid) is None:
@@ -475,8 +501,10 @@ class Sampler:
                 live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus,
                                         "last_updated": now}
                 utilisation = values[start:start + len(seg.slots) - 3]
-                if all(v == v for v in utilisation):
-                    live["VCPUs_utilisation"] = {str(n): v for n, v in enumerate(utilisation)}
+                known = sum(utilisation)
+                if known == known:  # no NaN among them
+                    live["VCPUs_utilisation"] = (dict(zip(_VCPU_KEYS, utilisation)) if len(utilisation) <= len(_VCPU_KEYS)
+                                                 else {str(n): v for n, v in enumerate(utilisation)})
                 put(vm.fields["metrics"], live)
             else:  # the host: host_cpu, host_metrics, PIF_metrics
                 by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
