@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -122,24 +123,63 @@ def test_unchanged_values_write_nothing(env, admin):
 
 
 def test_changed_values_are_one_event_per_object_for_every_watcher(env, admin):
-    """A tick that changes a VM's metrics gives event.from watchers one mod per object, carrying the
-    new values, and legacy event.register/next sessions the same mods."""
+    """A tick that changes a VM's memory gives event.from watchers one mod per object, carrying the
+    new values, and legacy event.register/next sessions the same mods; a changed CPU rate alone is
+    no event, yet reads show it."""
     vm, uuid = running_vm(admin, env, 0.25)
     tick(env)
     tick(env)
     legacy = env.login("admin")
     legacy("event.register", ["vm_metrics"])
     token = admin("event.from", ["vm_metrics", "vm"], "", 0)["token"]
-    env.api.hypervisor.driver.set_load(uuid, 0.75)
+    sim = env.api.hypervisor.driver
+    sim.set_load(uuid, 0.75)
     tick(env)
-    tick(env)  # two ticks, both changing the rate: still one event per object
+    assert admin("event.from", ["vm_metrics", "vm"], token, 0)["events"] == []
+    sim.set_memory_target(uuid, 384 << 20)  # behind the API's back: only the sampler notices
+    tick(env)
+    sim.set_memory_target(uuid, 256 << 20)
+    tick(env)  # two ticks, both changing the memory: still one event per object
     events = admin("event.from", ["vm_metrics", "vm"], token, 0)["events"]
     metrics = admin("VM.get_metrics", vm)
     assert [(e["class"], e["operation"], e["ref"]) for e in events] == [("vm_metrics", "mod", metrics)]
-    assert events[0]["snapshot"].value["VCPUs_utilisation"] == {"0": pytest.approx(0.75)}
+    assert events[0]["snapshot"].value["memory_actual"] == 256 << 20
+    assert events[0]["snapshot"].value["VCPUs_utilisation"] == {"0": pytest.approx(0.75)}  # read fresh
     queued = legacy("event.next")
     assert {(e["class"], e["operation"], e["ref"]) for e in queued} == {("vm_metrics", "mod", metrics)}
-    assert queued[-1]["snapshot"]["VCPUs_utilisation"] == {"0": pytest.approx(0.75)}
+    assert queued[-1]["snapshot"]["memory_actual"] == 256 << 20
+
+
+def test_device_rates_are_computed_when_read_without_events(env, admin):
+    """VBD_metrics and VIF_metrics rates follow the latest sample on every read (getter, record,
+    all records) but change without events: a rate is not a write (xapi moved them to RRDs)."""
+    vm = admin("VM.create", vm_record())
+    vbd = admin("VBD.create", vbd_record(vm, admin("VDI.create", vdi_record(default_sr(admin)))))
+    vif = admin("VIF.create", vif_record(vm, network(admin)))
+    vbd_metrics, vif_metrics = admin("VBD.get_metrics", vbd), admin("VIF.get_metrics", vif)
+    admin("VM.start", vm, False, False)
+    uuid = admin("VM.get_uuid", vm)
+    sim = env.api.hypervisor.driver
+    sim.set_io(uuid, disk_read=2048, disk_write=1024, net_rx=512, net_tx=4096)
+    tick(env)
+    tick(env)
+    assert admin("VBD_metrics.get_record", vbd_metrics)["io_read_kbs"] == 2.0
+    token = admin("event.from", ["vbd_metrics", "vif_metrics"], "", 0)["token"]
+    sim.set_io(uuid, disk_read=8192, disk_write=0, net_rx=1024, net_tx=0)
+    tick(env)
+    assert admin("VBD_metrics.get_io_read_kbs", vbd_metrics) == 8.0
+    assert admin("VBD_metrics.get_all_records")[vbd_metrics]["io_write_kbs"] == 0.0
+    record = admin("VIF_metrics.get_record", vif_metrics)
+    assert (record["io_read_kbs"], record["io_write_kbs"]) == (1.0, 0.0)
+    assert record["last_updated"] == datetime.fromtimestamp(T0 + 15, tz=timezone.utc)  # the last sample
+    assert admin("event.from", ["vbd_metrics", "vif_metrics"], token, 0)["events"] == []
+    host = admin("host.get_all")[0]
+    eth0 = next(r for r, rec in admin("PIF.get_all_records").items() if rec["device"] == "eth0")
+    pif = admin("PIF_metrics.get_record", admin("PIF.get_metrics", eth0))
+    assert pif["io_read_kbs"] == admin("host.query_data_source", host, "pif_eth0_rx") / 1024 > 1.0  # guests' rx too
+    assert pif["io_write_kbs"] == admin("host.query_data_source", host, "pif_eth0_tx") / 1024
+    vbd2 = admin("VBD.create", vbd_record(vm, admin("VDI.create", vdi_record(default_sr(admin))), userdevice="1"))
+    assert admin("VBD_metrics.get_io_read_kbs", admin("VBD.get_metrics", vbd2)) == 0.0  # not sampled yet
 
 
 def test_failing_tick_is_skipped_and_loop_goes_on(env, admin):

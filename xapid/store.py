@@ -95,6 +95,7 @@ class Store:
         self._derivers: dict[str, list[Deriver]] = {}
         self._txn_depth = 0
         self._plain_refs: dict[str, list[tuple[str, str]]] = {}
+        self._refreshers: dict[str, Callable[[Obj], None]] = {}
         self.seq = 0
 
     # -- reading -------------------------------------------------------------------------
@@ -104,17 +105,27 @@ class Store:
         obj = self._objects.get(ref) if isinstance(ref, str) else None
         if obj is None or (cls is not None and obj.cls != cls):
             raise handle_invalid(cls or "object", ref)
+        if obj.cls in self._refreshers:
+            self._refreshers[obj.cls](obj)
         return obj
 
     def find(self, ref: str) -> Obj | None:
-        return self._objects.get(ref)
+        obj = self._objects.get(ref)
+        if obj is not None and obj.cls in self._refreshers:
+            self._refreshers[obj.cls](obj)
+        return obj
 
     def exists(self, ref: str, cls: str) -> bool:
         obj = self._objects.get(ref)
         return obj is not None and obj.cls == cls
 
     def all(self, cls: str) -> list[Obj]:
-        return list(self._by_class[cls].values())
+        objs = list(self._by_class[cls].values())
+        refresh = self._refreshers.get(cls)
+        if refresh is not None:
+            for obj in objs:
+                refresh(obj)
+        return objs
 
     def refs(self, cls: str) -> list[str]:
         return list(self._by_class[cls])
@@ -124,7 +135,7 @@ class Store:
 
     def by_uuid(self, uuid: str) -> Obj | None:
         ref = self._by_uuid.get(uuid)
-        return self._objects.get(ref) if ref else None
+        return self.find(ref) if ref else None
 
     def by_name_label(self, cls: str, label: str) -> list[str]:
         return sorted(self._by_name[cls].get(label, ()))
@@ -139,6 +150,13 @@ class Store:
         entry = (listener, batch)
         self._listeners.append(entry)
         return lambda: self._listeners.remove(entry)
+
+    def compute_on_read(self, cls: str, refresh: Callable[[Obj], None]) -> None:
+        """Have *refresh* bring an object of *cls* up to date, in place, each time it is read
+        (:meth:`get`, :meth:`find`, :meth:`all`, :meth:`by_uuid`): for fields computed from
+        outside the store (metrics rates).  A refresh is not a write: no event, no commit; it
+        must clear ``obj.cache`` when it changes a field."""
+        self._refreshers[cls] = refresh
 
     def derive(self, cls: str, deriver: Deriver) -> None:
         """Register a function computing derived fields of *cls* objects after each write."""

@@ -145,6 +145,7 @@ class RRDTable:
         self._free: list[int] = []
         #: held by :meth:`export` (which may run in a worker thread) and by :meth:`forget`
         self.lock = threading.Lock()
+        self._latest_row: tuple[float, np.ndarray, np.ndarray] | None = None
         self._alloc(max(1, int(capacity)))
 
     # ----------------------------------------------------------------------------------- storage
@@ -529,6 +530,21 @@ class RRDTable:
             return _NAN
         _, pos = self._archive_rows(0, 1)
         return float(self._rings[0][0].data[pos[0], s])
+
+    def latest_row(self) -> np.ndarray | None:
+        """A read-only view of the newest 5-s row (the last PDP of every slot, by slot), or None
+        before the first update; the same view until the next update."""
+        lu = self.last_update
+        if lu is None:
+            return None
+        data = self._rings[0][0].data
+        cached = self._latest_row
+        if cached is None or cached[0] != lu or cached[1] is not data:
+            _, pos = self._archive_rows(0, 1)
+            view = data[pos[0]]
+            view.flags.writeable = False
+            cached = self._latest_row = (lu, data, view)
+        return cached[2]
 
     def latest(self, idx: np.ndarray) -> np.ndarray:
         """The last PDP of each slot in *idx* (NaN when unknown or never updated); vectorised :meth:`last`."""

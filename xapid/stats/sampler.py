@@ -4,10 +4,16 @@ Every *period* seconds (on the injected clock) :meth:`Sampler.tick` reads
 :meth:`IBackend.read_counters` once, turns the counters into xapi's data sources
 (``metrics.md`` §3) of the host (owner ``host:<uuid>``) and of every VM with a domain
 (owner ``vm:<uuid>``; the domain handle is the VM uuid, so a VM's archives survive its reboots),
-records them with a single :meth:`RRDTable.update_indexed`, and writes the live 1.0 metrics
-fields (VM_metrics, host_cpu, host_metrics, VBD_metrics, VIF_metrics, PIF_metrics) in one
-``Store.live_batch``: only the objects with a changed value, so at most one event per object
-per tick.
+records them with a single :meth:`RRDTable.update_indexed`, and keeps the live 1.0 metrics
+fields current in two ways:
+
+* state (``VM_metrics.memory_actual``/``VCPUs_number``, ``host_metrics.memory_free``/``memory_total``)
+  is written in one ``Store.live_batch``, only for the objects whose value changed, so watchers get
+  at most one event per object per tick;
+* rates (``VM_metrics.VCPUs_utilisation``, ``host_cpu.utilisation``, ``io_read_kbs``/``io_write_kbs``
+  of VBD, VIF and PIF metrics) are computed when the object is read (``Store.compute_on_read``)
+  from the latest sample: always current, never an event (xapi moved them to RRDs too), and no
+  work per tick.
 
 How each source is derived:
 
@@ -59,7 +65,7 @@ class _Segment(NamedTuple):
 
     slots: tuple[int, ...]
     names: tuple[str, ...]
-    live: tuple[bool, ...]  # per source, whether a live metrics field shows it
+    live: tuple[bool, ...]  # per source, whether a written live field (memory) shows it
 
 
 class Spec(NamedTuple):
@@ -123,11 +129,12 @@ def spec_of(owner_kind: str, name: str) -> tuple[Spec, str]:
     return best
 
 
-#: VCPUs_utilisation's keys, vCPU numbers as strings (as xapi's map)
-_VCPU_KEYS = tuple(str(n) for n in range(128))
-
 #: Sources no live metrics field shows: their changes alone write nothing.
-_NOT_LIVE = re.compile(r"cpu_usage|cpu_avg|memory_target|vbd_.+_iops_(read|write)")
+#: The sources a written field shows (memory_actual, host memory); the rates are computed on read.
+_WRITTEN = re.compile(r"memory|memory_total_kib|memory_free_kib")
+#: Classes whose rate fields are computed on read, and those whose changes alter where they come from.
+_RATE_CLASSES = ("VM_metrics", "host_cpu", "VBD_metrics", "VIF_metrics", "PIF_metrics")
+_RATE_OWNERS = frozenset(("VM", "VBD", "VIF", "host", "host_cpu", "PIF"))
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -169,7 +176,10 @@ class Sampler:
         self._loop: LoopingCall | None = None
         self._slots: dict[tuple[str, str], int] = {}
         self._segments: dict[tuple[str, tuple[Any, ...]], _Segment] = {}
-        self._device_refs: dict[str, tuple[Any, dict[str, str], dict[str, str]]] = {}  # VM ref → metrics refs
+        # objects with rate fields → (kind, owner, sources), built on demand; None = to rebuild
+        self._rate_sources: dict[str, tuple[str, str, tuple[str, ...]]] | None = None
+        self._rates_fresh: dict[str, float] = {}  # ref → the table's last update it was refreshed at
+        self._building = False
         # per domain handle (VM object, owner, its VM segment) and per (handle, kind, device) its
         # segment, reused every tick so that an unchanged host yields an identical segment list
         self._layouts: dict[str, tuple[Any, str, tuple[str, _Segment, Any]]] = {}
@@ -186,6 +196,8 @@ class Sampler:
         self._failing = 0  # consecutive failed ticks
         self._vm_destroyed = True  # look for archives of gone VMs at the next tick (also those restored at start)
         store.subscribe(self._on_change, _ignore_live)  # live batches are metrics mods, never a VM's del
+        for cls in _RATE_CLASSES:
+            store.compute_on_read(cls, self._refresh_rates)
 
     # ---------------------------------------------------------------------------------- loop
 
@@ -345,8 +357,6 @@ class Sampler:
         if len(layouts) > len(vms) + 16 or len(devices) > 2 * len(segs) + 16:  # domains gone: drop their caches
             self._layouts = {u: v for u, v in layouts.items() if u in vms}
             self._device_segs = {k: v for k, v in devices.items() if k[0] in vms}
-        if len(self._device_refs) > 2 * len(vms) + 16:  # VMs gone: drop their cached metrics refs
-            self._device_refs = {k: v for k, v in self._device_refs.items() if store.find(k) is not None}
         if len(prev_cpu) > len(vms):
             for uuid in [u for u in prev_cpu if u not in vms]:
                 del prev_cpu[uuid]  # no domain now: the next one starts a fresh cpu_usage baseline
@@ -380,7 +390,7 @@ class Sampler:
                 changed |= np.fromiter((o in owners for o, _, _ in segs), dtype=bool, count=len(segs))
             order = np.flatnonzero(changed).tolist()
         if order:
-            self._write_live(t, host, host_cpu, counters, doms, segs, starts, order, rates.tolist())
+            self._write_live(t, host, counters, doms, segs, order)
 
     def _segment(self, owner: str, shape: tuple[Any, ...]) -> _Segment:
         """The slots (and names) of one group of an owner's sources, cached by its shape."""
@@ -398,7 +408,7 @@ class Sampler:
             else:
                 names = [f"vif_{shape[1]}_{x}" for x in ("rx", "tx")]
             seg = self._segments[key] = _Segment(tuple(self._slot(owner, n) for n in names), tuple(names),
-                                                 tuple(not _NOT_LIVE.fullmatch(n) for n in names))
+                                                 tuple(bool(_WRITTEN.fullmatch(n)) for n in names))
         return seg
 
     def _changed_segments(self, idx: np.ndarray, rates: np.ndarray, starts: list[int],
@@ -445,7 +455,11 @@ class Sampler:
         self._previous = None
 
     def _on_change(self, change: Any) -> None:
-        if change.op == "del" and change.cls == "VM":
+        cls = change.cls
+        if cls in _RATE_OWNERS and (change.op != "mod" or cls in ("VBD", "VIF", "PIF")):
+            self._rate_sources = None  # an object added or removed, a device renamed
+            self._rates_fresh = {}
+        if change.op == "del" and cls == "VM":
             self._vm_destroyed = True
 
     def _forget_destroyed(self) -> None:
@@ -459,79 +473,92 @@ class Sampler:
                     del self._slots[key]
                 self._drop_segments(owner)
 
-    def _write_live(self, t: float, host: Any, host_cpu: list[float], counters: Counters, doms: dict[str, Any],
-                    segs: list[tuple[str, _Segment, Any]], starts: list[int], order: Any,
-                    values: list[float]) -> None:
-        """Update the live metrics objects of the segments numbered in *order* (those with a
-        changed source) in one :meth:`Store.live_batch`: at most one event per object per tick.
-        Unknown (NaN) values are not written: the field keeps its last known value."""
-        store = self.store
+    def _write_live(self, t: float, host: Any, counters: Counters, doms: dict[str, Any],
+                    segs: list[tuple[str, _Segment, Any]], order: Any) -> None:
+        """Write the state fields (memory, vCPU count) of the segments numbered in *order* (those
+        whose written sources changed) in one :meth:`Store.live_batch`: at most one event per
+        object per tick.  Rates are not written: :meth:`_refresh_rates` computes them on read."""
         now = datetime.fromtimestamp(int(t), tz=timezone.utc)
-        with store.live_batch() as batch:
-            self._write_segments(batch, now, host, host_cpu, counters, doms, segs, starts, order, values)
+        with self.store.live_batch() as batch:
+            for i in order:
+                owner, _, subject = segs[i]
+                kind = subject[0]
+                if kind == "vm":
+                    dom = doms[owner]
+                    batch.set(subject[1].fields["metrics"], {"memory_actual": dom.memory_actual,
+                                                             "VCPUs_number": dom.vcpus, "last_updated": now})
+                elif kind == "host":
+                    batch.set(host.fields["metrics"], {"memory_free": counters.free_memory,
+                                                       "memory_total": counters.total_memory, "last_updated": now})
 
-    def _write_segments(self, batch: Any, now: datetime, host: Any, host_cpu: list[float], counters: Counters,
-                        doms: dict[str, Any], segs: list[tuple[str, _Segment, Any]], starts: list[int], order: Any,
-                        values: list[float]) -> None:
+    def _refresh_rates(self, obj: Any) -> None:
+        """Bring an object's rate fields to the latest sample, in place and without an event, at
+        most once per sample: ``VM_metrics.VCPUs_utilisation``, ``host_cpu.utilisation`` and
+        ``io_read_kbs``/``io_write_kbs`` of VBD, VIF and PIF metrics (read / rx and write / tx).
+        Unknown values leave a field as it was; an object with no archives yet is left alone."""
+        last = self.table.last_update
+        ref = obj.ref
+        if last is None or self._rates_fresh.get(ref) == last or self._building:
+            return
+        sources = self._rate_sources
+        if sources is None:
+            self._building = True  # reading host_cpu objects to build the map must not refresh them
+            try:
+                sources = self._rate_sources = self._build_rate_sources()
+            finally:
+                self._building = False
+        self._rates_fresh[ref] = last
+        where = sources.get(ref)
+        if where is None:
+            return
+        kind, owner, names = where
+        fields = obj.fields
+        row = self.table.latest_row()
+        slot = self.table.slot
+        try:
+            if kind == "vcpus":
+                online = fields.get("VCPUs_number", 0)
+                values = [float(row[slot(owner, f"cpu{n}")]) for n in range(online if isinstance(online, int) else 0)]
+                if not values or sum(values) != sum(values):  # none, or one unknown
+                    return
+                fresh: dict[str, Any] = {"VCPUs_utilisation": {str(n): v for n, v in enumerate(values)}}
+            elif kind == "cpu":
+                value = float(row[slot(owner, names[0])])
+                fresh = {"utilisation": value} if value == value else {}
+            else:
+                read, write = float(row[slot(owner, names[0])]) / 1024, float(row[slot(owner, names[1])]) / 1024
+                fresh = {k: v for k, v in (("io_read_kbs", read), ("io_write_kbs", write)) if v == v}
+        except KeyError:  # not sampled yet (e.g. a device added since the VM last ran)
+            return
+        fresh = {k: v for k, v in fresh.items() if fields.get(k) != v}
+        if fresh:
+            if "last_updated" in fields:
+                fresh["last_updated"] = datetime.fromtimestamp(int(last), tz=timezone.utc)
+            fields.update(fresh)
+            obj.cache.clear()
+
+    def _build_rate_sources(self) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+        """Every object with rate fields → (kind, owner, its sources)."""
         store = self.store
-        put = batch.set
-        devices: dict[str, tuple[dict[str, str], dict[str, str]]] = {}  # VM ref → its metrics refs, this tick
-
-        def kbs(start: int) -> dict[str, Any]:
-            read, write = values[start] / 1024, values[start + 1] / 1024
-            if read == read and write == write:  # not NaN
-                return {"io_read_kbs": read, "io_write_kbs": write, "last_updated": now}
-            fresh = {k: v for k, v in (("io_read_kbs", read), ("io_write_kbs", write)) if v == v}
-            return {**fresh, "last_updated": now} if fresh else {}
-
-        for i in order:
-            owner, seg, subject = segs[i]
-            kind = subject[0]
-            if kind == "vbd" or kind == "vif":
-                vm = subject[1]
-                refs = devices.get(vm.ref)
-                if refs is None:
-                    refs = devices[vm.ref] = self._device_metrics(vm)
-                ref = refs[kind == "vif"].get(subject[2])
-                if ref is not None and (fresh := kbs(starts[i])):
-                    put(ref, fresh)
-            elif kind == "vm":  # cpu0.., cpu_usage, memory, memory_target
-                vm, dom = subject[1], doms[owner]
-                start = starts[i]
-                live: dict[str, Any] = {"memory_actual": dom.memory_actual, "VCPUs_number": dom.vcpus,
-                                        "last_updated": now}
-                utilisation = values[start:start + len(seg.slots) - 3]
-                known = sum(utilisation)
-                if known == known:  # no NaN among them
-                    live["VCPUs_utilisation"] = (dict(zip(_VCPU_KEYS, utilisation)) if len(utilisation) <= len(_VCPU_KEYS)
-                                                 else {str(n): v for n, v in enumerate(utilisation)})
-                put(vm.fields["metrics"], live)
-            else:  # the host: host_cpu, host_metrics, PIF_metrics
-                by_number = {o.fields["number"]: o.ref for o in store.all("host_cpu")
-                             if o.fields["host"] == host.ref}
-                for p, value in zip(counters.pcpus, host_cpu):
-                    if p.number in by_number and value == value:
-                        put(by_number[p.number], {"utilisation": value})
-                put(host.fields["metrics"], {"memory_free": counters.free_memory,
-                                              "memory_total": counters.total_memory, "last_updated": now})
-                pifs = {o.fields["device"]: o.fields["metrics"] for o in store.all("PIF")
-                        if o.fields.get("physical") and o.fields.get("host") == host.ref}
-                first_pif = starts[i] + len(counters.pcpus) + 3
-                for n, pif in enumerate(counters.pifs):
-                    ref = pifs.get(pif.device)
-                    if ref is not None and (fresh := kbs(first_pif + 2 * n)):
-                        put(ref, fresh)
-
-    def _device_metrics(self, vm: Any) -> tuple[dict[str, str], dict[str, str]]:
-        """A VM's disk name → VBD_metrics ref and VIF device → VIF_metrics ref, cached per device list."""
-        key = (tuple(vm.fields.get("VBDs", ())), tuple(vm.fields.get("VIFs", ())))
-        cached = self._device_refs.get(vm.ref)
-        if cached is None or cached[0] != key:
-            store = self.store
-            vbds = {o.fields["device"]: o.fields["metrics"] for r in key[0] if (o := store.find(r)) is not None}
-            vifs = {o.fields["device"]: o.fields["metrics"] for r in key[1] if (o := store.find(r)) is not None}
-            cached = self._device_refs[vm.ref] = (key, vbds, vifs)
-        return cached[1], cached[2]
+        out: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        for vm in store.all("VM"):
+            out[vm.fields["metrics"]] = ("vcpus", f"vm:{vm.fields['uuid']}", ())
+        for cls, names in (("VBD", ("vbd_{}_read", "vbd_{}_write")), ("VIF", ("vif_{}_rx", "vif_{}_tx"))):
+            for dev in store.all(cls):
+                vm = store.find(dev.fields.get("VM", ""))
+                device = dev.fields.get("device")
+                if vm is not None and device:
+                    out[dev.fields["metrics"]] = ("io", f"vm:{vm.fields['uuid']}",
+                                                  (names[0].format(device), names[1].format(device)))
+        hosts = {h.ref: f"host:{h.fields['uuid']}" for h in store.all("host")}
+        for cpu in store.all("host_cpu"):
+            if cpu.fields.get("host") in hosts:
+                out[cpu.ref] = ("cpu", hosts[cpu.fields["host"]], (f"cpu{cpu.fields['number']}",))
+        for pif in store.all("PIF"):
+            if pif.fields.get("physical") and pif.fields.get("host") in hosts:
+                device = pif.fields["device"]
+                out[pif.fields["metrics"]] = ("io", hosts[pif.fields["host"]], (f"pif_{device}_rx", f"pif_{device}_tx"))
+        return out
 
     # ------------------------------------------------------------------------------- queries
 
