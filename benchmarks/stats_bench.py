@@ -5,10 +5,10 @@
 1. **Sampler CPU per VM per tick** (in process, sim backend, fake clock, InlineRunner): N running
    VMs with 2 vCPUs, 2 disks (VDI + VBD) and 1 NIC (VIF) each; ``api.stats.tick()`` — the whole
    tick: ``read_counters``, derivation, the archive update and the live metrics field writes — is
-   timed with ``time.process_time`` over many ticks 5 s apart on the fake clock.  Two cases:
-   *steady* (every VM's load constant, so the live fields do not change and nothing is written) and
-   *changing* (every VM's load changes before every tick, outside the timing, so every VM_metrics,
-   VBD_metrics and VIF_metrics object is written).  The split of a tick (the backend's
+   timed with ``time.process_time`` over many ticks 5 s apart on the fake clock.  Three cases:
+   *steady* (every VM's load constant), *changing* (every VM's load changes before every tick,
+   outside the timing: every rate changes, and rates are computed on read, so nothing is written)
+   and *memory* (also every VM's memory, so every VM_metrics object is written: the worst case).  The split of a tick (the backend's
    ``read_counters``, ``RRDTable.update_indexed``, the live writes, the rest) is measured by
    wrapping those calls.  Goal: ≤ 20 µs per VM per tick.
 2. **Dashboard** against a real daemon (``python -m xapid serve``, sim backend, loopback,
@@ -173,8 +173,9 @@ def populate_inprocess(env: BenchEnv, vms: int) -> list[str]:
     return uuids
 
 
-def set_loads(env: BenchEnv, uuids: list[str], tick_no: int) -> None:
-    """Give every guest a new load (outside the timing), without the sim's per-call state save."""
+def set_loads(env: BenchEnv, uuids: list[str], tick_no: int, memory: bool = False) -> None:
+    """Give every guest a new load (outside the timing), without the sim's per-call state save;
+    with *memory*, also a new memory size (as a balloon driver moving every tick would)."""
     driver = env.api.hypervisor.driver
     now = env.clock.seconds()
     with driver._lock:
@@ -183,6 +184,8 @@ def set_loads(env: BenchEnv, uuids: list[str], tick_no: int) -> None:
             dom = doms[uuid]
             dom.checkpoint(now)
             dom.load = 0.05 + ((i * 7 + tick_no * 13) % 90) / 100
+            if memory:
+                dom.memory_target = (128 - 8 * (tick_no % 2)) * MIB
 
 
 def measure_ticks(vms: int, ticks: int, tmp: Path) -> list[TickFigure]:
@@ -211,14 +214,14 @@ def measure_ticks(vms: int, ticks: int, tmp: Path) -> list[TickFigure]:
         poll = poll_baseline(env)
 
         figures = []
-        for case in ("steady", "changing"):
+        for case in ("steady", "changing", "memory"):
             for _ in range(3):  # baselines, first writes, archive slots
                 tick()
             split.reset()
             per_tick = []
             for n in range(ticks):
-                if case == "changing":
-                    set_loads(env, uuids, n + 1)
+                if case != "steady":
+                    set_loads(env, uuids, n + 1, memory=case == "memory")
                 per_tick.append(tick())
             figures.append(TickFigure(vms, case, per_tick, {k: v / ticks for k, v in split.parts.items()},
                                       sources=len(sampler._slots), poll_call=poll()))
