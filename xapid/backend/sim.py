@@ -137,19 +137,19 @@ class _Domain:
     def io_counters(self, now: float) -> dict[str, list[int]]:
         """Cumulative bytes of every current device at *now*: ``{"vbd:xvda": [read, write], "vif:0": [rx, tx]}``."""
         disks, nics = self.device_counters(now)
-        out = {f"vbd:{device}": [r, w] for device, r, w in disks}
-        out.update((f"vif:{devid}", [r, w]) for devid, r, w in nics)
+        out = {f"vbd:{d.device}": [d.read_bytes, d.write_bytes] for d in disks}
+        out.update((f"vif:{n.devid}", [n.rx_bytes, n.tx_bytes]) for n in nics)
         return out
 
-    def device_counters(self, now: float) -> tuple[list[tuple[str, int, int]], list[tuple[int, int, int]]]:
-        """Cumulative bytes of every current device at *now*: ``[(device, read, write)]`` of the
-        disks and ``[(devid, rx, tx)]`` of the network cards."""
+    def device_counters(self, now: float) -> tuple[list[DiskCounters], list[NicCounters]]:
+        """The counters of every current disk and network card at *now*, as the driver reports them."""
         if not (self.disks or self.nics):
             return [], []
         dt = max(0.0, now - self.since) if self.state == "running" else 0.0
         acc = self.io_acc
         io = self.io
         load = self.load
+        uuid = self.uuid
         zero = (0, 0)
         disks = []
         if self.disks:
@@ -158,7 +158,8 @@ class _Domain:
             for d in self.disks:
                 device = d["device"]
                 r, w = acc.get(f"vbd:{device}", zero)
-                disks.append((device, r + rd, w + wr))
+                r, w = r + rd, w + wr
+                disks.append(DiskCounters(uuid, device, r, w, r // IO_REQUEST_SIZE, w // IO_REQUEST_SIZE))
         nics = []
         if self.nics:
             rx = round((io["net_rx"] if "net_rx" in io else load * IO_RATES["net_rx"]) * dt)
@@ -166,7 +167,7 @@ class _Domain:
             for n in self.nics:
                 devid = int(n["devid"])
                 r, w = acc.get(f"vif:{devid}", zero)
-                nics.append((devid, r + rx, w + tx))
+                nics.append(NicCounters(uuid, devid, r + rx, w + tx))
         return disks, nics
 
     def net_totals(self, now: float) -> tuple[int, int]:
@@ -528,18 +529,17 @@ class SimBackend:
             busy = state.retired_busy_ns
             rx, tx = state.retired_net
             used = 0
-            for dom in state.ordered():
+            for dom in state.domains.values():  # the order does not matter here: no sort per tick
                 info = dom.info(now, self._cpus)
                 domains.append(info)
                 used += dom.usage()
                 busy += info.cpu_time_ns - dom.cpu_base_ns
-                uuid = dom.uuid
-                dom_disks, dom_nics = dom.device_counters(now)
-                for device, a, b in dom_disks:
-                    disks.append(DiskCounters(uuid, device, a, b, a // IO_REQUEST_SIZE, b // IO_REQUEST_SIZE))
-                for devid, a, b in dom_nics:
-                    nics.append(NicCounters(uuid, devid, a, b))
-                    rx, tx = rx + a, tx + b
+                if dom.disks or dom.nics:
+                    dom_disks, dom_nics = dom.device_counters(now)
+                    disks += dom_disks
+                    for n in dom_nics:
+                        nics.append(n)
+                        rx, tx = rx + n.rx_bytes, tx + n.tx_bytes
             return Counters(
                 timestamp=now,
                 domains=tuple(domains),
