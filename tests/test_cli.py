@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,9 @@ def test_unix_socket_listener(tmp_path):
     sock = tmp_path / "xapid.sock"
     d = RealDaemon(tmp_path, ["--listen", f"unix:{sock}:mode=600"])
     try:
+        deadline = time.monotonic() + 10  # RealDaemon returns once the TCP listener (the first) is up
+        while f"listening on {sock} (" not in d.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
         import http.client
 

@@ -8,6 +8,7 @@ only then listens.  Any start-up problem raises :class:`StartupError` with one l
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -236,12 +237,14 @@ class Daemon(MultiService):
         self.ports.append(port)
         address = port.getHost()
         where = getattr(address, "name", None) or f"{address.host}:{address.port}"
+        if isinstance(where, bytes):  # a UNIX socket's path
+            where = os.fsdecode(where)
         if key:
             log.info("{key}: serving /metrics without authentication on {where} ({description})", key=key,
                      where=where, description=description)
         else:
             log.info("listening on {where} ({description})", where=where, description=description)
-        return where if isinstance(where, str) else where.decode()
+        return where
 
     def _publish_url(self) -> None:
         """Tell the API where it is reached (console locations) from the first TCP listener."""
