@@ -105,14 +105,17 @@ class Store:
         obj = self._objects.get(ref) if isinstance(ref, str) else None
         if obj is None or (cls is not None and obj.cls != cls):
             raise handle_invalid(cls or "object", ref)
-        if obj.cls in self._refreshers:
-            self._refreshers[obj.cls](obj)
+        refresh = self._refreshers.get(obj.cls)
+        if refresh is not None:
+            refresh(obj)
         return obj
 
     def find(self, ref: str) -> Obj | None:
         obj = self._objects.get(ref)
-        if obj is not None and obj.cls in self._refreshers:
-            self._refreshers[obj.cls](obj)
+        if obj is not None:
+            refresh = self._refreshers.get(obj.cls)
+            if refresh is not None:
+                refresh(obj)
         return obj
 
     def exists(self, ref: str, cls: str) -> bool:

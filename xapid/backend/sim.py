@@ -534,12 +534,11 @@ class SimBackend:
                 domains.append(info)
                 used += dom.usage()
                 busy += info.cpu_time_ns - dom.cpu_base_ns
-                if dom.disks or dom.nics:
-                    dom_disks, dom_nics = dom.device_counters(now)
-                    disks += dom_disks
-                    for n in dom_nics:
-                        nics.append(n)
-                        rx, tx = rx + n.rx_bytes, tx + n.tx_bytes
+                dom_disks, dom_nics = dom.device_counters(now)
+                disks += dom_disks
+                for n in dom_nics:
+                    nics.append(n)
+                    rx, tx = rx + n.rx_bytes, tx + n.tx_bytes
             return Counters(
                 timestamp=now,
                 domains=tuple(domains),

@@ -98,17 +98,13 @@ def query_stats(ctx: Any, host: str, sources: list[str], window: float, cf: str)
     ctx.store.get(host, "host")
     cf = _check_window_cf(window, cf)
     stats = ctx.api.stats
-    selected: list[list[tuple[str, str]]] = []
+    keys: dict[tuple[str, str], None] = {}  # each key once, in first-match order
     for pattern in sources:
         try:
-            selected.append(stats.select(pattern))
+            keys.update(dict.fromkeys(stats.select(pattern)))
         except ValueError:
             raise XenAPIError("INVALID_VALUE", "sources", pattern) from None
-    if len(selected) == 1:
-        keys = selected[0]  # one pattern: distinct keys already
-    else:  # several: each key once, in first-match order
-        keys = list(dict.fromkeys(key for matched in selected for key in matched))
-    return stats.cooked(keys, window, cf)
+    return stats.cooked(list(keys), window, cf)
 
 
 @message("host.top_VMs")

@@ -526,10 +526,8 @@ class RRDTable:
     def last(self, owner: str, name: str) -> float:
         """The latest value of a source: its last PDP (NaN if unknown or never updated)."""
         s = self.slot(owner, name)
-        if self.last_update is None:
-            return _NAN
-        _, pos = self._archive_rows(0, 1)
-        return float(self._rings[0][0].data[pos[0], s])
+        row = self.latest_row()
+        return _NAN if row is None else float(row[s])
 
     def latest_row(self) -> np.ndarray | None:
         """A read-only view of the newest 5-s row (the last PDP of every slot, by slot), or None
@@ -548,10 +546,8 @@ class RRDTable:
 
     def latest(self, idx: np.ndarray) -> np.ndarray:
         """The last PDP of each slot in *idx* (NaN when unknown or never updated); vectorised :meth:`last`."""
-        if self.last_update is None:
-            return np.full(len(idx), _NAN)
-        _, pos = self._archive_rows(0, 1)
-        return self._rings[0][0].data[pos[0], idx].copy()
+        row = self.latest_row()
+        return np.full(len(idx), _NAN) if row is None else row[idx]  # fancy indexing: a copy
 
     def rebase(self, idx: np.ndarray) -> None:
         """Forget the DERIVE baseline of the slots *idx* (their counters restarted, e.g. a rebuilt

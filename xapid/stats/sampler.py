@@ -129,7 +129,6 @@ def spec_of(owner_kind: str, name: str) -> tuple[Spec, str]:
     return best
 
 
-#: Sources no live metrics field shows: their changes alone write nothing.
 #: The sources a written field shows (memory_actual, host memory); the rates are computed on read.
 _WRITTEN = re.compile(r"memory|memory_total_kib|memory_free_kib")
 #: Classes whose rate fields are computed on read, and those whose changes alter where they come from.
@@ -146,7 +145,7 @@ def _glob(pattern: str) -> Callable[[str], Any]:
 
 
 def _ignore_live(first: int, classes: list[str], refs: list[str]) -> None:
-    pass
+    """The sampler's batch listener: its own live writes (metrics mods) concern nothing it tracks."""
 
 
 class Sampler:
