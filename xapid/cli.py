@@ -1,4 +1,4 @@
-"""The command line: ``xapid serve``, ``xapid user …``, ``xapid schema-doc``.
+"""The command line: ``xapid serve``, ``xapid user …``, ``xapid cert …``, ``xapid schema-doc``.
 
 This is the only module that imports the global reactor.  Errors a user can cause print
 one line ``xapid: …`` on stderr and exit with status 2, never a traceback.
@@ -16,6 +16,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xapid.certcli import add_cert_subparsers
     from xapid.usercli import add_user_subparsers
 
     parser = argparse.ArgumentParser(prog="xapid", description="Xen Management API daemon")
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="directory for the database and driver state")
     serve.add_argument("--users", help="users file")
     add_user_subparsers(sub)
+    add_cert_subparsers(sub)
     doc = sub.add_parser("schema-doc", help="print the served classes and messages as Markdown")
     doc.add_argument("--output", help="write to this file instead of stdout")
     return parser
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
         from xapid.usercli import run_user_command
 
         return run_user_command(args, stdin, stdout, stderr, isatty=stdin.isatty())
+    if args.command == "cert":
+        from xapid.certcli import run_cert_command
+
+        return run_cert_command(args, stdout, stderr)
     if args.command == "schema-doc":
         from xapid.schema import SchemaError, load_schema
         from xapid.schemadoc import render
