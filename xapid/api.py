@@ -34,6 +34,7 @@ class Api:
     tasks: Any = None  # xapid.tasks.TaskManager
     events: Any = None  # xapid.events.EventHub
     stats: Any = None  # xapid.stats.sampler.Sampler
+    passwords: Any = None  # xapid.login.PasswordChecker: every password check (RPC login, HTTP Basic)
 
     @property
     def disk_format(self) -> str:

@@ -11,8 +11,9 @@
 ============================  ==============================================================
 
 Credentials: ``session_id`` as a query parameter or a cookie (a live API session), or HTTP
-Basic ``user:password`` checked against the users file (in the thread pool; a failure waits
-``auth_failure_delay`` like a failed login).  None or a bad one is 401 with
+Basic ``user:password`` checked against the users file by the API's
+:class:`~xapid.login.PasswordChecker`, with the same per-source limits as ``session.login*`` (a
+failure waits ``auth_failure_delay`` like a failed login).  None or a bad one is 401 with
 ``WWW-Authenticate: Basic realm="xapid"``; a role below read-only would be 403.  ``task_id`` is
 accepted (Xen Orchestra sends one) and not needed.  Bad parameters are 400 with one line.
 """
@@ -36,7 +37,6 @@ from xapid.wire.http import HttpRequest, HttpResponse
 
 log = Logger()
 
-CORS = (b"Access-Control-Allow-Origin", b"*")
 TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 READ_ROLE = "read-only"
 
@@ -51,7 +51,7 @@ class HttpError(Exception):
 
 
 def _response(error: HttpError) -> HttpResponse:
-    return HttpResponse(error.status, f"{error}\n".encode(), [TEXT, CORS, *error.headers])
+    return HttpResponse(error.status, f"{error}\n".encode(), [TEXT, *error.headers])
 
 
 def parse_query(request: HttpRequest) -> dict[str, list[str]]:
@@ -164,11 +164,19 @@ class HttpExports:
                 name, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 raise HttpError(401, "malformed Basic credentials", challenge) from None
-            user = await self.api.runner.run(self.api.users.verify, name, password) if sep else None
+            client = getattr(request, "client", None)
+            user = None
+            if sep:
+                outcome = await self.api.passwords.check(client.address if client is not None else "", name, password)
+                user = outcome.user
+                if user is None and outcome.checked:  # throttled and refused tries are not logged one by one
+                    log.warn("failed HTTP login for {user!r} from {peer} (source {source})", user=name,
+                             peer=request.peer, source=outcome.source)
             if user is None:
-                log.warn("failed HTTP login for {user!r} from {peer}", user=name, peer=request.peer)
                 await self.api.sleep(self.api.auth_failure_delay)
                 raise HttpError(401, "authentication failed", challenge)
+            if client is not None:
+                client.authenticated = True
             role = user.role
         if role not in ROLES or not role_at_least(role, READ_ROLE):
             raise HttpError(403, f"role {role} may not read metrics")
@@ -202,7 +210,7 @@ class HttpExports:
 
     def _reply(self, body: bytes, as_json: bool) -> HttpResponse:
         kind = b"application/json" if as_json else b"text/xml"
-        return HttpResponse(200, body, [(b"Content-Type", kind), CORS])
+        return HttpResponse(200, body, [(b"Content-Type", kind)])
 
     # ---------------------------------------------------------------------------- endpoints
 

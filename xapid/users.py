@@ -3,8 +3,8 @@
 Every change re-reads the file, edits the one line concerned (comments and order are kept)
 and replaces the file atomically with mode 0600.  :meth:`UsersFile.verify` is slow on purpose
 (bcrypt) and costs the same whether or not the user exists, so timing does not tell an
-unknown name from a wrong password; the daemon calls it from its thread pool, so the table
-is guarded by a lock and the hash check runs outside it.
+unknown name from a wrong password; the daemon calls it from its login threads (see
+:mod:`xapid.login`), so the table is guarded by a lock and the hash check runs outside it.
 """
 
 from __future__ import annotations

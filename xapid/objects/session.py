@@ -1,4 +1,4 @@
-"""``session.*``: password login against the users file, logout."""
+"""``session.*``: password login against the users file (see :mod:`xapid.login`), logout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from twisted.logger import Logger
 
 from xapid.errors import XenAPIError
 from xapid.objects import message
-from xapid.users import UsersError
 
 log = Logger()
 
@@ -25,20 +24,19 @@ def user_object(store: Any, name: str) -> str:
 
 
 async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
-    users = ctx.api.users
-
-    def check() -> Any:
-        try:
-            users.reload_if_changed()
-        except UsersError as error:  # a bad edit of the file: keep serving the previous table
-            log.error("users file not reloaded: {error}", error=str(error))
-        return users.verify(uname, pwd)
-
-    user = await ctx.api.runner.run(check)
+    """Check the password through the API's PasswordChecker (its own pool, per-source limits);
+    every kind of refusal gets the same error after the same delay."""
+    client = ctx.client
+    outcome = await ctx.api.passwords.check(client.address if client is not None else "", uname, pwd)
+    user = outcome.user
     if user is None:
-        log.warn("failed login for {user!r} by {originator!r}", user=uname, originator=originator)
+        if outcome.checked:  # throttled and refused tries are not logged one by one
+            log.warn("failed login for {user!r} by {originator!r} from {source}", user=uname,
+                     originator=originator, source=outcome.source)
         await ctx.api.sleep(ctx.api.auth_failure_delay)
         raise XenAPIError("SESSION_AUTHENTICATION_FAILED", uname, "Authentication failure")
+    if client is not None:
+        client.authenticated = True
     session = ctx.api.sessions.create(user.name, user.role, originator, ctx.api.host_ref, user_object(ctx.store, user.name))
     return session.ref
 
