@@ -135,8 +135,10 @@ def vm_record(**overrides: Any) -> dict[str, Any]:
 
 
 class RealDaemon:
-    def __init__(self, tmp: Path, extra: list[str] | None = None, config: str = ""):
+    def __init__(self, tmp: Path, extra: list[str] | None = None, config: str = "", nofile: int | None = None,
+                 listen: str = "tcp:0:interface=127.0.0.1"):
         self.tmp = tmp
+        self.nofile = nofile  # the daemon's open-file limit (soft and hard), as `ulimit -n` sets it
         self.users = tmp / "users"
         make_users(self.users)
         self.state = tmp / "state"
@@ -144,14 +146,22 @@ class RealDaemon:
         config_text, config = config, tmp / "xapid.conf"  # *config*: more INI text for the config file
         config.write_text("[api]\nauth_failure_delay = 0.2\n[server]\nthreads = 4\n" + config_text)
         self.args = [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir", str(self.state),
-                     "--users", str(self.users), "--listen", "tcp:0:interface=127.0.0.1", *(extra or [])]
+                     "--users", str(self.users), "--listen", listen, *(extra or [])]
         self.start()
 
     def start(self) -> None:
         self.starts = getattr(self, "starts", 0) + 1
         self.logfile = open(self.log, "a")
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.logfile, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=limit)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             text = self.log.read_text()

@@ -26,6 +26,12 @@ class ServerConfig:
     users: str = "/etc/xapid/users"
     threads: int = 10
     log_level: str = "info"
+    idle_timeout: float = 600.0
+    header_timeout: float = 30.0
+    body_timeout: float = 120.0
+    max_clients: int = 5000
+    max_anonymous_clients: int = 256
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,12 @@ class LimitsConfig:
     max_body_bytes: int = 8 << 20
     max_depth: int = 64
     max_elements: int = 1_000_000
+    max_header_bytes: int = 64 << 10
+    pending_input_bytes: int = 1 << 20
+    login_threads: int = 2
+    login_failures_burst: int = 10
+    login_failure_interval: float = 6.0
+    login_queue_per_source: int = 64
 
 
 @dataclass(frozen=True)
@@ -84,13 +96,21 @@ BACKENDS = ("sim", "xen", "auto")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 DISK_FORMATS = ("raw", "qcow2")
 _POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
-             "max_depth", "max_elements", "cpus", "memory_mib", "dom0_memory_mib", "dom0_vcpus", "save_interval"}
+             "max_depth", "max_elements", "cpus",
+             "idle_timeout", "header_timeout", "body_timeout", "max_clients", "max_anonymous_clients",
+             "max_header_bytes", "pending_input_bytes", "login_threads", "login_failures_burst",
+             "login_failure_interval", "login_queue_per_source", "memory_mib", "dom0_memory_mib", "dom0_vcpus", "save_interval"}
 
 
 def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any:
     problem = f"{where}: [{section}] {key}"
     if isinstance(default, tuple):
         items = tuple(part for line in text.splitlines() for part in [line.strip()] if part)
+        if key == "cors_origins":
+            for item in items:
+                if item != "*" and not (item.startswith(("http://", "https://")) and "/" not in item.split("://", 1)[1]):
+                    raise ConfigError(f"{problem}: {item!r} is not an origin (scheme://host[:port], or *)")
+            return items
         if not items:
             raise ConfigError(f"{problem}: needs at least one value")
         return items
@@ -149,6 +169,9 @@ def parse_config(text: str, where: str) -> Config:
                 raise ConfigError(f"{where}: [{name}] unknown key {key!r} (expected one of: {', '.join(known)})")
             changes[key] = _convert(name, key, text_value, known[key], where)
         config = replace(config, **{name: replace(current, **changes)})
+    if config.server.max_anonymous_clients > config.server.max_clients:
+        raise ConfigError(f"{where}: [server] max_anonymous_clients: must not exceed max_clients "
+                          f"({config.server.max_clients})")
     if config.sim.dom0_vcpus > config.sim.cpus * 8:
         raise ConfigError(f"{where}: [sim] dom0_vcpus: at most 8 per physical CPU")
     return config

@@ -34,13 +34,15 @@ Handler = Callable[..., Any]
 class CallContext:
     """What a handler sees: the services, the caller's session and the call itself."""
 
-    __slots__ = ("api", "session", "message", "task")
+    __slots__ = ("api", "session", "message", "task", "client")
 
-    def __init__(self, api: Any, session: Any, message: MessageSpec, task: str | None = None):
+    def __init__(self, api: Any, session: Any, message: MessageSpec, task: str | None = None,
+                 client: Any = None):
         self.api = api
         self.session = session
         self.message = message
         self.task = task
+        self.client = client  # the caller's connection (xapid.wire.http.Client) or None inside the daemon
 
     @property
     def store(self) -> Any:
@@ -57,15 +59,18 @@ class Dispatcher:
         if undeclared or missing:
             raise ValueError(f"handlers and schema disagree: no handler for {missing}, undeclared {undeclared}")
 
-    def call(self, method: str, params: list[Any]) -> Deferred:
+    def call(self, method: str, params: list[Any], client: Any = None) -> Deferred:
         """Run one call; see the module docstring for the order of checks.
+
+        *client* is the caller's connection (its source address, and whether it has shown a
+        valid session, which this marks); handlers see it as ``ctx.client``.
 
         Calls that finish at once and wrote nothing durable (most reads) are answered without
         a coroutine; the others finish in :meth:`_finish`.
         """
         seq_before = self.api.store.seq
         try:
-            spec, result = self._dispatch(method, params)
+            spec, result = self._dispatch(method, params, client)
         except XenAPIError as error:
             return fail(error)
         except Exception as exc:  # noqa: BLE001 - the one edge where surprises become INTERNAL_ERROR
@@ -100,7 +105,7 @@ class Dispatcher:
         log.failure("unexpected error in {method}", failure, method=method)
         return internal_error(f"{type(exc).__name__}: {exc}")
 
-    def _dispatch(self, method: str, params: list[Any]) -> tuple[MessageSpec, Any]:
+    def _dispatch(self, method: str, params: list[Any], client: Any = None) -> tuple[MessageSpec, Any]:
         """The message called and the handler's result (a value or an awaitable)."""
         is_async = method.startswith("Async.")
         name = method[6:] if is_async else method
@@ -121,6 +126,8 @@ class Dispatcher:
             session = self.api.sessions.touch(session_ref)
             if session is None:
                 raise session_invalid(session_ref)
+            if client is not None:
+                client.authenticated = True
             if self.schema.classes[spec.cls].removed:
                 raise XenAPIError("MESSAGE_REMOVED")
             if not self.schema.role_allows(session.role, spec.role):
@@ -131,8 +138,9 @@ class Dispatcher:
         values = [self._check(p, v) for p, v in zip(spec.params, args)]
         values += [p.default for p in spec.params[len(values):]]
         if is_async:
-            return spec, self.api.tasks.run_async(session, spec, lambda task: self._run(spec, session, values, task))
-        return spec, self._invoke(spec, session, values, None)
+            return spec, self.api.tasks.run_async(session, spec,
+                                                  lambda task: self._run(spec, session, values, task, client))
+        return spec, self._invoke(spec, session, values, None, client)
 
     def _check(self, param: Any, value: Any) -> Any:
         value = coerce(param.type, value, param.name, self.schema.enums)
@@ -141,15 +149,16 @@ class Dispatcher:
                 raise handle_invalid(param.type.name, value)
         return value
 
-    def _invoke(self, spec: MessageSpec, session: Any, values: list[Any], task: str | None) -> Any:
+    def _invoke(self, spec: MessageSpec, session: Any, values: list[Any], task: str | None,
+                client: Any = None) -> Any:
         """The handler's result: a value, or an awaitable for multi-step handlers."""
-        ctx = CallContext(self.api, session, spec, task)
+        ctx = CallContext(self.api, session, spec, task, client)
         if spec.explicit:
             return self.handlers[spec.wire_name](ctx, *values)
         return generic.run(ctx, spec, values)
 
-    async def _run(self, spec: MessageSpec, session: Any, values: list[Any], task: str) -> Any:
+    async def _run(self, spec: MessageSpec, session: Any, values: list[Any], task: str, client: Any = None) -> Any:
         """An Async.* call's work, awaited inside its task."""
-        result = self._invoke(spec, session, values, task)
+        result = self._invoke(spec, session, values, task, client)
         return await result if inspect.isawaitable(result) else result
 

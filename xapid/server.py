@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from xapid import inventory
+from xapid import inventory, tls
 from xapid.api import Api
 from xapid.backend.interface import BackendError, IBackend
 from xapid.backend.proxy import Hypervisor
@@ -29,10 +31,11 @@ from xapid.dispatch import Dispatcher
 from xapid.errors import XenAPIError
 from xapid.events import EventHub
 from xapid.http_exports import HttpExports
+from xapid.login import PasswordChecker
 from xapid.objects import collect_handlers
 from xapid.objects.vm_ops import derive as derive_vm
 from xapid.objects.vm_watch import domain_changed
-from xapid.runner import Runner, ThreadRunner
+from xapid.runner import InlineRunner, Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
 from xapid.stats.rrd import RRDTable
@@ -41,6 +44,8 @@ from xapid.storage import have_qemu_img
 from xapid.store import Committer, Database, Store
 from xapid.tasks import TaskManager
 from xapid.users import UsersError, UsersFile
+from xapid.wire.admission import Admission, descriptor_budget
+from xapid.wire.http import HttpSettings
 from xapid.wire.resource import ApiHandler, make_factory
 from xapid.wire.values import Limits
 
@@ -86,13 +91,15 @@ def _prepare_state_dir(path: Path) -> None:
 
 
 async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Runner,
-                    schema_path: str | Path = DEFAULT_SCHEMA, driver: IBackend | None = None) -> Api:
+                    schema_path: str | Path = DEFAULT_SCHEMA, driver: IBackend | None = None,
+                    login_runner: Runner | None = None) -> Api:
     """Open the state dir, users file, database and driver; reconcile the inventory.
 
     *reactor* supplies the clock and timers; *runner* runs blocking driver and auth work,
     *db_runner* the database commits (one at a time).  *driver* (unopened) replaces the
     configured one (tests: the xen driver on a fake host).  Domains found shut down or
-    crashed get their VM's actions, as if they had just stopped.
+    crashed get their VM's actions, as if they had just stopped.  *login_runner* runs the
+    password checks (the daemon: its own ``xapid-login`` pool; default: inline, for tests).
     """
     try:
         schema = load_schema(schema_path)
@@ -139,6 +146,10 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     api.events = EventHub(store, reactor, tombstones=config.api.event_history,
                           queue_size=config.api.event_queue_size)
     api.stats = _build_sampler(config, api, runner)
+    limits = config.limits
+    api.passwords = PasswordChecker(users, reactor, login_runner or InlineRunner(), threads=limits.login_threads,
+                                    burst=limits.login_failures_burst, interval=limits.login_failure_interval,
+                                    queue_per_source=limits.login_queue_per_source)
     return api
 
 
@@ -156,9 +167,19 @@ def _build_sampler(config: Config, api: Api, runner: Runner) -> Sampler:
                    save_path=path, runner=runner, save_every=max(1, round(config.stats.save_interval / period)))
 
 
-def _endpoint(reactor: Any, description: str, key: str = "") -> Any:
-    """The server endpoint of *description*; StartupError naming it (and the config *key*)."""
+def _endpoint(reactor: Any, description: str, key: str = "", *, state_dir: Path | None = None,
+              make_certificate: bool = False) -> Any:
+    """The server endpoint of *description*; StartupError naming it (and the config *key*).
+
+    ``ssl:`` descriptions go to :mod:`xapid.tls` (hardened context; without privateKey the
+    daemon's own certificate in *state_dir*, made first when *make_certificate*).
+    """
     where = f"{key}: " if key else ""
+    if tls.is_tls_description(description):
+        try:
+            return tls.server_endpoint(reactor, description, state_dir, make_certificate=make_certificate)
+        except tls.TLSError as exc:
+            raise StartupError(f"{where}bad listen address {description!r}: {exc}") from None
     try:
         return endpoints.serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError, ImportError) as exc:
@@ -181,13 +202,16 @@ class Daemon(MultiService):
         self.dispatcher: Dispatcher | None = None
         self._pools: list[ThreadPool] = []
         self._timers: list[LoopingCall] = []
+        self.admission: Admission | None = None
 
     def check(self) -> None:
         """Refuse what can be refused before touching anything: endpoints and backend."""
+        state_dir = Path(self.config.server.state_dir)
         for description in self.config.server.listen:
-            _endpoint(self.reactor, description)
+            _endpoint(self.reactor, description, state_dir=state_dir)
         if self.config.stats.prometheus_listen:
-            _endpoint(self.reactor, self.config.stats.prometheus_listen, "[stats] prometheus_listen")
+            _endpoint(self.reactor, self.config.stats.prometheus_listen, "[stats] prometheus_listen",
+                      state_dir=state_dir)
         make_driver(self.config, self.reactor)
         if self.config.storage.disk_format == "qcow2" and not have_qemu_img():
             raise StartupError("[storage] disk_format = qcow2 needs qemu-img, which is not installed")
@@ -203,16 +227,28 @@ class Daemon(MultiService):
         config, reactor = self.config, self.reactor
         runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads))
         db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
-        self.api = await build_api(config, reactor, runner, db_runner, self.schema_path)
+        login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads))
+        self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
         limits = Limits(config.limits.max_body_bytes, config.limits.max_depth, config.limits.max_elements)
         exports = HttpExports(self.api)
-        site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes()), config.limits.max_body_bytes)
+        server = config.server
+        budget = descriptor_budget(server.max_clients, server.max_anonymous_clients)
+        log.info("open files: limit {soft} (was {before}); serving at most {clients} connections, "
+                 "{anonymous} of them unauthenticated", soft=budget.soft, before=budget.soft_before,
+                 clients=budget.max_clients, anonymous=budget.max_anonymous)
+        self.admission = Admission(budget.max_clients, budget.max_anonymous, reactor)
+        settings = HttpSettings(max_body=config.limits.max_body_bytes, max_header=config.limits.max_header_bytes,
+                                pending_input=config.limits.pending_input_bytes, idle_timeout=server.idle_timeout,
+                                header_timeout=server.header_timeout, body_timeout=server.body_timeout)
+        site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes(), server.cors_origins), settings,
+                            reactor, self.admission)
         addresses = []
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
         if config.stats.prometheus_listen:
-            scrape = make_factory(ApiHandler(self.dispatcher, limits, exports.open_routes()), 1 << 16)
+            scrape = make_factory(ApiHandler(self.dispatcher, limits, exports.open_routes()),
+                                  replace(settings, max_body=1 << 16), reactor, self.admission)
             addresses.append(await self._listen(config.stats.prometheus_listen, scrape, "[stats] prometheus_listen"))
         self._publish_url()
         self.api.stats.start()
@@ -223,7 +259,8 @@ class Daemon(MultiService):
         return addresses
 
     async def _listen(self, description: str, site: Any, key: str = "") -> str:
-        endpoint = _endpoint(self.reactor, description, key)
+        endpoint = _endpoint(self.reactor, description, key, state_dir=Path(self.config.server.state_dir),
+                             make_certificate=True)
         try:
             port = await endpoint.listen(site)
         except CannotListenError as exc:
@@ -244,6 +281,9 @@ class Daemon(MultiService):
                      where=where, description=description)
         else:
             log.info("listening on {where} ({description})", where=where, description=description)
+            warning = tls.cleartext_warning(description, address)
+            if warning:
+                log.warn("{warning}", warning=warning)
         return where
 
     def _publish_url(self) -> None:
@@ -253,17 +293,19 @@ class Daemon(MultiService):
             if hasattr(address, "port"):
                 host = self.api.store.get(self.api.host_ref).fields["address"] if address.host in ("0.0.0.0", "::") \
                     else address.host
-                self.api.public_url = f"http://{host}:{address.port}"
+                scheme = "https" if isinstance(getattr(port, "factory", None), TLSMemoryBIOFactory) else "http"
+                self.api.public_url = f"{scheme}://{host}:{address.port}"
                 break
         with self.api.store.transaction():
             for console in self.api.store.all("console"):
                 self.api.store.update(console.ref, {"location": self.api.console_url(console.fields["uuid"])})
 
     def _housekeeping(self) -> None:
-        """Expire idle sessions and forget old finished tasks."""
+        """Expire idle sessions, forget old finished tasks and login sources with full buckets."""
         try:
             self.api.sessions.sweep()  # type: ignore[union-attr]
             self.api.tasks.collect_garbage()  # type: ignore[union-attr]
+            self.api.passwords.sweep()  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - one bad tick must not stop the timer
             log.failure("housekeeping failed")
 

@@ -1,11 +1,27 @@
-"""A small HTTP/1.1 server protocol for the API: exactly what Xen-API clients use, and fast.
+"""A small HTTP/1.1 server protocol for the API: exactly what Xen-API clients use, fast, and
+safe to expose to hostile clients.
 
-It parses the request line, headers and body (``Content-Length`` or chunked), answers
-``Expect: 100-continue``, keeps connections alive (HTTP/1.1 by default, 1.0 on request),
-handles pipelined requests one at a time in order, and writes each response in a single
-``write``.  Oversized headers or bodies are refused (431/413) and the connection closed;
-a malformed request gets 400.  An idle connection is closed after a timeout; a request
-in progress when the client goes away has its pending reply cancelled.
+One connection is one :class:`HttpChannel`.  It parses the request line, headers and body
+(``Content-Length`` or chunked), answers ``Expect: 100-continue``, keeps connections alive
+(HTTP/1.1 by default, 1.0 on request) and answers pipelined requests one at a time, in order,
+each in a single write.  What it guarantees against a hostile peer:
+
+* **Linear cost.**  Input is kept in one ``bytearray`` consumed from the front; searches resume
+  where the previous one stopped; chunked bodies are decoded by a state machine that touches
+  each byte once.  Parsing is one loop, never re-entered from a reply, so any number of
+  pipelined requests costs no stack.
+* **Bounded memory.**  The line and headers are bounded (431), the body too (413).  While a
+  reply is pending (a failed login's delay, an ``event.from`` wait), input beyond
+  ``pending_input`` stops the reading of the socket until the reply is written; while the
+  client does not read its replies (the transport's buffer is full), requests are not
+  processed and reading stops too.
+* **Deadlines.**  A client has ``header_timeout`` seconds from the connection (or from the first
+  byte of a later request) to send the line and headers, and ``body_timeout`` for the body;
+  then it gets 408 and is closed.  A kept-alive connection waiting for its next request is
+  closed after ``idle_timeout``.  A call in progress (a long poll) is never a timeout.
+* **Admission.**  Each connection asks the factory's :class:`~xapid.wire.admission.Admission`
+  for a place when it is made (503 when there is none) and tells it when the layers above
+  mark it authenticated.
 
 Twisted's ``twisted.web`` costs several times more per request (header objects, form
 parsing, request machinery); the small calls the API lives on are dominated by it.
@@ -13,24 +29,45 @@ parsing, request machinery); the small calls the API lives on are dominated by i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Callable
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from xapid import __version__
 
 log = Logger()
 
-MAX_HEADER_BYTES = 64 << 10
-REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 501: "Not Implemented", 505: "HTTP Version Not Supported"}
 SERVER = f"xapid/{__version__}".encode()
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_CHUNK_LINE_MAX = 1024  # a chunk-size line, extensions included
+_TRAILERS_MAX = 8192
+
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_REASONS.update({413: b"Content Too Large", 422: b"Unprocessable Content"})  # RFC 9110's newer names
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase of *status* (RFC 9110)."""
+    return _REASONS.get(status) or b"Status %d" % status
+
+
+@dataclass(eq=False)
+class Client:
+    """What the layers above know of a connection: where it comes from, and whether it has
+    authenticated (made a call with a valid session, or logged in), which they mark."""
+
+    address: str  # the source address ("127.0.0.1", "::1"), or "unix" for a local socket
+    authenticated: bool = False
 
 
 @dataclass
@@ -41,6 +78,7 @@ class HttpRequest:
     headers: dict[bytes, bytes]  # lower-case names; repeated headers joined with ", "
     body: bytes = b""
     peer: str = ""
+    client: Client = field(default_factory=lambda: Client(""))
 
     @property
     def path(self) -> bytes:
@@ -62,6 +100,18 @@ class HttpResponse:
 Handler = Callable[[HttpRequest], "HttpResponse | Deferred"]
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    """The bounds of one connection (``[server]`` and ``[limits]`` of the config)."""
+
+    max_body: int = 8 << 20
+    max_header: int = 64 << 10
+    pending_input: int = 1 << 20
+    idle_timeout: float = 600.0
+    header_timeout: float = 30.0
+    body_timeout: float = 120.0
+
+
 class _Refused(Exception):
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
@@ -69,83 +119,245 @@ class _Refused(Exception):
         self.reason = reason
 
 
-class HttpChannel(Protocol, TimeoutMixin):
-    """One client connection."""
+def write_now(transport: Any, data: bytes) -> int:
+    """Write as much of *data* as the socket takes right now, bypassing the reactor's queue;
+    returns how many bytes went out (0 when this transport cannot write directly).
 
-    def __init__(self, handler: Handler, max_body: int, idle_timeout: float):
+    The reactor normally queues a write and sends it on its next turn, after it has read
+    more input.  When many deferred replies are answered at once (1 000 ``event.from``
+    watchers woken by one change) that makes each watcher wait for every other socket's
+    input to be read first.  Sending at once fixes that.  This is only valid on a plain
+    socket transport (TCP, UNIX) that is connected and has nothing queued: the caller must
+    queue the rest (and everything after it) through ``transport.write`` so that nothing
+    overtakes queued data (:meth:`HttpChannel._send` does).  TLS transports carry ciphertext on their socket and are never
+    written this way.  This is the one place that reaches below Twisted's transport API.
+    """
+    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
+        return 0
+    if not transport.connected or transport.disconnecting:
+        return 0
+    sent = transport.writeSomeData(data)
+    return sent if isinstance(sent, int) and sent > 0 else 0
+
+
+_NOTHING = object()
+
+# parser states
+_HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(7)
+
+
+@implementer(IPushProducer)
+class HttpChannel(Protocol):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, handler: Handler, settings: HttpSettings, clock: Any, admission: Any = None):
         self.handler = handler
-        self.max_body = max_body
-        self.idle_timeout = idle_timeout
-        self._buffer = b""
+        self.settings = settings
+        self.clock = clock
+        self.admission = admission
+        self.client = Client("")
+        self.peer = ""
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the end of the headers resumes
+        self._state = _HEAD
         self._request: HttpRequest | None = None  # headers parsed, body pending
-        self._remaining = 0
-        self._chunks: list[bytes] | None = None  # chunked body so far
-        self._busy: Deferred | None = None  # a reply being computed
+        self._body = bytearray()
+        self._remaining = 0  # body or chunk bytes still to come
+        self._pending: Deferred | None = None  # a reply being computed
+        self._processing = False
         self._closing = False
+        self._write_paused = False  # the transport's buffer is full: the client is not reading
+        self._read_paused = False
         self._direct = True  # nothing of ours is queued in the transport: replies may go straight out
+        self._timer: Any = None
+        self._timer_kind = ""
+        self._authenticated = False
+        self._inline = False
+        self._outcome: Any = _NOTHING
+        self._producing = False
+        self.connected_at = 0.0
+
+    # -- connection ------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
         peer = self.transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        host = getattr(peer, "host", None)
+        self.client = Client(str(host) if host is not None else "unix")
+        self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else "unix"
+        self.connected_at = self.clock.seconds()
+        self.transport.registerProducer(self, True)
+        self._producing = True
+        if self.admission is not None:
+            refusal = self.admission.admit(self)
+            if refusal:
+                self._refuse(503, refusal)
+                return
+        self._deadline("header", self.settings.header_timeout)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closing = True
+        self._cancel_timer()
+        self._buf = bytearray()
+        self._body = bytearray()
+        if self.admission is not None:
+            self.admission.release(self)
+        if self._pending is not None and not self._pending.called:
+            self._pending.cancel()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
-        self._buffer += data
+        if self._timer_kind == "idle":  # the first byte of the next request
+            self._deadline("header", self.settings.header_timeout)
+        self._buf += data
+        self._process()
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered (so the connection is not idle)."""
+        return self._pending is not None
+
+    @property
+    def receiving(self) -> bool:
+        """Part of a request has arrived."""
+        return bool(self._buf) or self._state != _HEAD
+
+    def evict(self) -> None:
+        """Close at once (the admission needs the place)."""
+        self._closing = True
+        self.transport.abortConnection()
+
+    # -- IPushProducer: the transport tells us when the client stops reading its replies ------
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        if not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self._closing:
+            self._read_paused = True
+            self.transport.pauseProducing()
+
+    def _flow(self) -> None:
+        """Read from the socket only while the input buffered here is small enough, or nothing
+        waits on a reply, and the client reads what it is sent."""
+        if self._closing:
+            return
+        blocked = self._write_paused or (self._pending is not None and len(self._buf) > self.settings.pending_input)
+        if blocked:
+            self._pause_reading()
+        elif self._read_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def _deadline(self, kind: str, seconds: float) -> None:
+        self._cancel_timer()
+        self._timer_kind = kind
+        self._timer = self.clock.callLater(seconds, self._expired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_kind = ""
+
+    def _expired(self) -> None:
+        kind, self._timer, self._timer_kind = self._timer_kind, None, ""
+        if self._closing or self._pending is not None:
+            return
+        if kind == "idle" or (kind == "header" and not self.receiving):
+            self._close()  # nothing of a request arrived: just hang up
+            return
+        self._refuse(408, f"the request's {'headers' if kind == 'header' else 'body'} took too long to arrive")
+
+    # -- the parse loop --------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Answer every complete request buffered, in order, until one needs to wait."""
+        if self._processing:
+            return
+        self._processing = True
         try:
-            self._parse()
+            while not self._closing and self._pending is None and not self._write_paused:
+                request = self._parse()
+                if request is None:
+                    break
+                self._cancel_timer()
+                self._answer(request)
         except _Refused as refusal:
             self._refuse(refusal.status, refusal.reason)
+        finally:
+            self._processing = False
+        self._flow()
 
-    def connectionLost(self, reason: Any = None) -> None:
-        self.setTimeout(None)
-        self._closing = True
-        if self._busy is not None and not self._busy.called:
-            self._busy.cancel()
-
-    def timeoutConnection(self) -> None:
-        if self._busy is None:  # a long poll in progress is not idleness
-            self.transport.loseConnection()
-        else:
-            self.resetTimeout()
-
-    # -- parsing -------------------------------------------------------------------------
-
-    def _parse(self) -> None:
-        while self._busy is None and not self._closing:
-            if self._request is None:
-                end = self._buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buffer) > MAX_HEADER_BYTES:
-                        first = self._buffer[:self._buffer.find(b"\r\n") if b"\r\n" in self._buffer else 256]
-                        if b" HTTP/1." not in first:
-                            raise _Refused(400, "not an HTTP request")
-                        raise _Refused(431, "request headers too large")
-                    return
-                if end > MAX_HEADER_BYTES:
-                    raise _Refused(431, "request headers too large")
-                head, self._buffer = self._buffer[:end], self._buffer[end + 4:]
-                self._start(head)
-                continue
-            if self._chunks is not None:
-                if not self._read_chunks():
-                    return
-            elif len(self._buffer) >= self._remaining:
-                self._request.body = self._buffer[:self._remaining]
-                self._buffer = self._buffer[self._remaining:]
+    def _parse(self) -> HttpRequest | None:
+        """The next complete request, consuming its bytes; None if more input is needed."""
+        buf = self._buf
+        if self._state == _HEAD:
+            if not self._head(buf):
+                return None
+        if self._state == _BODY:
+            if len(buf) < self._remaining:
+                self._body += buf
+                self._remaining -= len(buf)
+                del buf[:]
+                return None
+            if self._body:
+                self._body += buf[:self._remaining]
+                body = bytes(self._body)
+                self._body = bytearray()
             else:
-                return
-            request, self._request = self._request, None
-            self._dispatch(request)
+                body = bytes(buf[:self._remaining])
+            del buf[:self._remaining]
+            self._remaining = 0
+            self._state = _DONE
+            assert self._request is not None
+            self._request.body = body
+        elif self._state != _DONE and not self._chunked(buf):
+            return None
+        request, self._request = self._request, None
+        self._state = _HEAD
+        return request
+
+    def _head(self, buf: bytearray) -> bool:
+        """Parse the request line and headers once they have all arrived."""
+        while buf[:2] == b"\r\n":  # blank lines before a request (RFC 9112 §2.2)
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
+        limit = self.settings.max_header
+        if end < 0:
+            self._scan = len(buf)
+            if len(buf) > limit:
+                line_end = buf.find(b"\r\n")
+                first = bytes(buf[:line_end if 0 <= line_end < 256 else 256])
+                if b" HTTP/1." not in first:
+                    raise _Refused(400, "not an HTTP request")
+                raise _Refused(431, "request headers too large")
+            return False
+        if end > limit:
+            raise _Refused(431, "request headers too large")
+        head = bytes(buf[:end])
+        del buf[:end + 4]
+        self._scan = 0
+        self._start(head)
+        return True
 
     def _start(self, head: bytes) -> None:
+        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+            raise _Refused(400, "bare CR or LF in the request head")
         lines = head.split(b"\r\n")
-        while lines and not lines[0]:  # tolerate blank lines before a request (RFC 9112 §2.2)
-            lines.pop(0)
-        parts = lines[0].split(b" ") if lines else []
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith(b"HTTP/"):
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[1] or not parts[2].startswith(b"HTTP/"):
             raise _Refused(400, "malformed request line")
         method, target, version = parts
         if version not in (b"HTTP/1.1", b"HTTP/1.0"):
@@ -153,63 +365,90 @@ class HttpChannel(Protocol, TimeoutMixin):
         headers: dict[bytes, bytes] = {}
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or b" " in name:
+            if not sep or not _TOKEN.match(name):
                 raise _Refused(400, "malformed header line")
             key = name.lower()
-            value = value.strip()
-            headers[key] = headers[key] + b", " + value if key in headers else value
-        request = HttpRequest(method, target, version, headers, peer=self._peer)
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            self._chunks = []
-            self._remaining = 0
+            value = value.strip(b" \t")
+            if key == b"content-length" and key in headers and headers[key] != value:
+                raise _Refused(400, "conflicting Content-Length headers")
+            headers[key] = headers[key] + b", " + value if key in headers and key != b"content-length" else value
+        self._request = HttpRequest(method, target, version, headers, peer=self.peer, client=self.client)
+        coding = headers.get(b"transfer-encoding")
+        if coding is not None:
+            if coding.lower() != b"chunked":
+                raise _Refused(501, "only the chunked transfer coding is supported")
+            if b"content-length" in headers:
+                raise _Refused(400, "both Content-Length and Transfer-Encoding")
+            self._state = _CHUNK_SIZE
         else:
             length = headers.get(b"content-length", b"0")
-            if not length.isdigit():
+            if not length.isdigit() or len(length) > 18:
                 raise _Refused(400, "bad Content-Length")
             self._remaining = int(length)
-            if self._remaining > self.max_body:
+            if self._remaining > self.settings.max_body:
                 raise _Refused(413, "request body is too large")
-        if headers.get(b"expect", b"").lower() == b"100-continue":
-            self._send(version + b" 100 Continue\r\n\r\n")
-        self._request = request
+            self._state = _BODY if self._remaining else _DONE
+        if self._state != _DONE:
+            if headers.get(b"expect", b"").lower() == b"100-continue":
+                self._send(version + b" 100 Continue\r\n\r\n")
+            self._deadline("body", self.settings.body_timeout)
 
-    def _read_chunks(self) -> bool:
-        """Consume chunked body data; True once the last chunk (and trailers) arrived."""
-        assert self._chunks is not None and self._request is not None
+    def _chunked(self, buf: bytearray) -> bool:
+        """Decode chunked body data from *buf*; True once the last chunk and trailers arrived."""
         while True:
-            if self._remaining == 0:
-                end = self._buffer.find(b"\r\n")
+            if self._state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n", 0, _CHUNK_LINE_MAX + 2)
                 if end < 0:
-                    if len(self._buffer) > 1024:
+                    if len(buf) > _CHUNK_LINE_MAX:
                         raise _Refused(400, "bad chunk size line")
                     return False
-                size_text = self._buffer[:end].split(b";", 1)[0].strip()
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise _Refused(400, "bad chunk size") from None
+                size_text = bytes(buf[:end]).split(b";", 1)[0].strip(b" \t")
+                if not _HEX.match(size_text):
+                    raise _Refused(400, "bad chunk size")
+                size = int(size_text, 16)
+                del buf[:end + 2]
                 if size == 0:
-                    trailer_end = self._buffer.find(b"\r\n\r\n", end)  # after optional trailers
-                    if trailer_end < 0:
-                        return False
-                    self._buffer = self._buffer[trailer_end + 4:]
-                    self._request.body = b"".join(self._chunks)
-                    self._chunks = None
-                    return True
-                if sum(map(len, self._chunks)) + size > self.max_body:
+                    self._state = _TRAILERS
+                    continue
+                if len(self._body) + size > self.settings.max_body:
                     raise _Refused(413, "request body is too large")
-                self._buffer = self._buffer[end + 2:]
-                self._remaining = size + 2  # the data and its CRLF
-            if len(self._buffer) < self._remaining:
-                return False
-            chunk = self._buffer[:self._remaining]
-            if chunk[-2:] != b"\r\n":
-                raise _Refused(400, "chunk without CRLF")
-            self._chunks.append(chunk[:-2])
-            self._buffer = self._buffer[self._remaining:]
-            self._remaining = 0
+                self._remaining = size
+                self._state = _CHUNK_DATA
+            elif self._state == _CHUNK_DATA:
+                if not buf:
+                    return False
+                taken = min(len(buf), self._remaining)
+                self._body += buf[:taken]
+                del buf[:taken]
+                self._remaining -= taken
+                if self._remaining:
+                    return False
+                self._state = _CHUNK_END
+            elif self._state == _CHUNK_END:
+                if len(buf) < 2:
+                    if buf[:1] not in (b"", b"\r"):
+                        raise _Refused(400, "chunk without CRLF")
+                    return False
+                if buf[:2] != b"\r\n":
+                    raise _Refused(400, "chunk without CRLF")
+                del buf[:2]
+                self._state = _CHUNK_SIZE
+            else:  # _TRAILERS: header lines up to an empty line, ignored
+                if buf[:2] == b"\r\n":
+                    del buf[:2]
+                    assert self._request is not None
+                    self._request.body = bytes(self._body)
+                    self._body = bytearray()
+                    self._state = _DONE
+                    return True
+                end = buf.find(b"\r\n\r\n", 0, _TRAILERS_MAX)
+                if end < 0:
+                    if len(buf) > _TRAILERS_MAX:
+                        raise _Refused(431, "trailers too large")
+                    return False
+                del buf[:end + 2]  # the trailer lines; the blank line ends the body next turn
 
-    # -- answering -----------------------------------------------------------------------
+    # -- answering -------------------------------------------------------------------------
 
     def _keep_alive(self, request: HttpRequest) -> bool:
         connection = request.headers.get(b"connection", b"").lower()
@@ -217,43 +456,59 @@ class HttpChannel(Protocol, TimeoutMixin):
             return b"close" not in connection
         return b"keep-alive" in connection
 
-    def _dispatch(self, request: HttpRequest) -> None:
+    def _answer(self, request: HttpRequest) -> None:
         try:
             result = self.handler(request)
         except Exception:  # noqa: BLE001 - a handler bug must not kill the connection silently
             log.failure("handling {method} {path} failed", method=request.method, path=request.path)
             result = HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")])
         if isinstance(result, Deferred):
-            self._busy = result
-            result.addCallbacks(lambda response: self._reply(request, response), self._failed, errbackArgs=(request,))
-        else:
-            self._reply(request, result)
+            self._inline = True
+            result.addBoth(self._settled, request)
+            self._inline = False
+            outcome, self._outcome = self._outcome, _NOTHING
+            if outcome is _NOTHING:  # a deferred reply: the loop stops until it is ready
+                self._pending = result
+                return
+            result = outcome
+        self._reply(request, result)
 
-    def _failed(self, failure: Any, request: HttpRequest) -> None:
+    def _settled(self, outcome: Any, request: HttpRequest) -> None:
+        if self._inline:  # answered at once, inside _answer
+            self._outcome = outcome
+            return
+        self._pending = None  # later, from the reactor: never from inside _process
         if self._closing:
             return
-        log.failure("handling {method} {path} failed", failure, method=request.method, path=request.path)
-        self._reply(request, HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")]))
+        self._reply(request, outcome)
+        self._process()
 
-    def _reply(self, request: HttpRequest, response: HttpResponse) -> None:
-        self._busy = None
+    def _reply(self, request: HttpRequest, outcome: Any) -> None:
+        if not isinstance(outcome, HttpResponse):
+            if not self._closing and not _is_cancel(outcome):
+                log.failure("handling {method} {path} failed", outcome, method=request.method, path=request.path)
+            outcome = HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")])
         if self._closing:
             return
+        if self.client.authenticated and not self._authenticated:
+            self._authenticated = True
+            if self.admission is not None:
+                self.admission.authenticated(self)
         keep = self._keep_alive(request)
-        self._write(request.version, response, keep)
+        self._write(request.version, outcome, keep)
         if not keep:
             self._close()
             return
-        if self._buffer:
-            try:
-                self._parse()
-            except _Refused as refusal:
-                self._refuse(refusal.status, refusal.reason)
+        if self.admission is not None:
+            self.admission.touched(self)
+        if self._buf:
+            self._deadline("header", self.settings.header_timeout)
+        else:
+            self._deadline("idle", self.settings.idle_timeout)
 
     def _write(self, version: bytes, response: HttpResponse, keep: bool) -> None:
         head = [b"%s %d %s\r\nServer: %s\r\nContent-Length: %d\r\n"
-                % (version, response.status, REASONS.get(response.status, "Unknown").encode(), SERVER,
-                   len(response.body))]
+                % (version, response.status, reason(response.status), SERVER, len(response.body))]
         for name, value in response.headers:
             head.append(name + b": " + value + b"\r\n")
         if not keep:
@@ -264,53 +519,53 @@ class HttpChannel(Protocol, TimeoutMixin):
         self._send(b"".join(head) + response.body)
 
     def _send(self, data: bytes) -> None:
-        """Write *data*: straight to the socket while nothing is queued in the transport (so when
-        many deferred replies are answered at once — event.from watchers woken together — they all
-        reach the wire before the reactor goes back to reading requests, without registering each
-        socket for writing); through the transport's queue otherwise, and from then on, so that
-        nothing overtakes queued data.  Only plain sockets (TCP, UNIX) write this way; TLS
-        connections (whose socket carries ciphertext) queue and send on the reactor's turn."""
-        transport = self.transport
-        if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
-            transport.write(data)  # a wrapper (TLS, tests), or a socket carrying ciphertext
-            return
+        """Write *data*: straight to the socket while nothing of ours is queued (:func:`write_now`),
+        through the transport's queue otherwise, and from then on."""
         if self._direct:
-            if transport.connected and not transport.disconnecting:
-                sent = transport.writeSomeData(data)
-                if isinstance(sent, int) and sent == len(data):
-                    return
-                if isinstance(sent, int) and sent > 0:
-                    data = data[sent:]
+            sent = write_now(self.transport, data)
+            if sent == len(data):
+                return
+            data = data[sent:]
             self._direct = False
-        transport.write(data)
-        if transport.connected and not transport.disconnecting:
-            # still send what the socket takes now; a failed send leaves the data queued, and the
-            # reactor's own doWrite then reports the lost connection
-            transport.doWrite()
+        self.transport.write(data)
 
-    def _refuse(self, status: int, reason: str) -> None:
-        log.info("refused a request from {peer}: {status} {reason}", peer=self._peer, status=status, reason=reason)
-        body = f"{reason}\n".encode()
+    def _refuse(self, status: int, reason_text: str) -> None:
+        log.info("refused a request from {peer}: {status} {reason}", peer=self.peer, status=status,
+                 reason=reason_text)
+        body = f"{reason_text}\n".encode()
         self._write(b"HTTP/1.1", HttpResponse(status, body, [(b"Content-Type", b"text/plain")]), keep=False)
         self._close()
 
     def _close(self) -> None:
         self._closing = True
-        self._buffer = b""
+        self._cancel_timer()
+        self._buf = bytearray()
+        self._body = bytearray()
+        if self._producing:  # a paused producer would hold the close back forever
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
 
+def _is_cancel(outcome: Any) -> bool:
+    return hasattr(outcome, "check") and bool(outcome.check(CancelledError))
+
+
 class HttpFactory(Factory):
-    """Builds an :class:`HttpChannel` per connection, all sharing one handler."""
+    """Builds an :class:`HttpChannel` per connection, all sharing one handler, settings, clock and
+    admission (shared by every listener, so the connection caps are global)."""
 
     noisy = False
 
-    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 3700.0):
+    def __init__(self, handler: Handler, settings: HttpSettings, clock: Any, admission: Any = None):
         self.handler = handler
-        self.max_body = max_body
-        self.idle_timeout = idle_timeout
+        self.settings = settings
+        self.clock = clock
+        self.admission = admission
 
-    def buildProtocol(self, addr: Any) -> HttpChannel:
-        channel = HttpChannel(self.handler, self.max_body, self.idle_timeout)
+    def buildProtocol(self, addr: Any) -> HttpChannel | None:
+        if self.admission is not None and not self.admission.room():
+            return None  # far over the cap: the socket is closed at once, keeping descriptors free
+        channel = HttpChannel(self.handler, self.settings, self.clock, self.admission)
         channel.factory = self
         return channel

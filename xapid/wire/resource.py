@@ -3,6 +3,10 @@
 ``POST /jsonrpc`` is JSON-RPC; a POST on any other path is XML-RPC (as xapi resolves
 handlers).  Replies carry exactly ``text/xml`` or ``application/json``.  API failures are
 ordinary 200 replies; a body that is not a call gets HTTP 500 with a one-line reason.
+
+Cross-origin calls from web pages (CORS) are allowed only from the configured origins
+(``[server] cors_origins``): a request whose ``Origin`` is one of them (or any, with ``*``)
+gets ``Access-Control-Allow-Origin`` naming it; no other reply carries the header.
 """
 
 from __future__ import annotations
@@ -17,18 +21,25 @@ from twisted.python.failure import Failure
 
 from xapid.errors import XenAPIError
 from xapid.wire import jsonrpc, xmlrpc
-from xapid.wire.http import HttpFactory, HttpRequest, HttpResponse
+from xapid.wire.http import HttpFactory, HttpRequest, HttpResponse, HttpSettings
 from xapid.wire.values import Limits, WireError
 
 log = Logger()
 
 LIST_METHODS = "system.listMethods"
-CORS = [(b"Access-Control-Allow-Origin", b"*"), (b"Access-Control-Allow-Headers", b"X-Requested-With, Content-Type")]
-XML = [(b"Content-Type", b"text/xml"), *CORS]
-JSON = [(b"Content-Type", b"application/json"), *CORS]
+XML = [(b"Content-Type", b"text/xml")]
+JSON = [(b"Content-Type", b"application/json")]
+ALLOW_HEADERS = (b"Access-Control-Allow-Headers", b"X-Requested-With, Content-Type, Authorization")
+ALLOW_METHODS = (b"Access-Control-Allow-Methods", b"GET, POST, OPTIONS")
 
 
 Route = Callable[[HttpRequest], "HttpResponse | Deferred"]
+
+
+def _with_headers(response: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+    if isinstance(response, HttpResponse):
+        response.headers = [*response.headers, *headers]  # a copy: XML and JSON are shared lists
+    return response
 
 
 def _headless(response: HttpResponse) -> HttpResponse:
@@ -43,16 +54,32 @@ class ApiHandler:
     them (the wire knows no endpoint).  GET / is the note; other unknown paths are 404.
     """
 
-    def __init__(self, dispatcher: Any, limits: Limits, routes: dict[bytes, Route] | None = None):
+    def __init__(self, dispatcher: Any, limits: Limits, routes: dict[bytes, Route] | None = None,
+                 cors_origins: tuple[str, ...] = ()):
         self.dispatcher = dispatcher
         self.limits = limits
         self.routes = dict(routes or {})
+        self.any_origin = "*" in cors_origins
+        self.origins = frozenset(o.encode() for o in cors_origins if o != "*")
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Deferred:
+        result = self._route(request)
+        if (self.any_origin or self.origins) and b"origin" in request.headers:
+            origin = request.headers[b"origin"]
+            if self.any_origin or origin in self.origins:
+                allow = [(b"Access-Control-Allow-Origin", b"*" if self.any_origin else origin), ALLOW_HEADERS]
+                if not self.any_origin:
+                    allow.append((b"Vary", b"Origin"))
+                if isinstance(result, Deferred):
+                    return result.addCallback(_with_headers, allow)
+                return _with_headers(result, allow)
+        return result
+
+    def _route(self, request: HttpRequest) -> HttpResponse | Deferred:
         if request.method == b"POST":
             return self._call(request)
         if request.method == b"OPTIONS":
-            return HttpResponse(200, b"", [(b"Access-Control-Allow-Methods", b"GET, POST, OPTIONS"), *CORS])
+            return HttpResponse(200, b"", [ALLOW_METHODS, (b"Allow", b"GET, HEAD, POST, OPTIONS")])
         if request.method in (b"GET", b"HEAD"):
             return self._get(request)
         return HttpResponse(405, b"method not allowed\n", [(b"Content-Type", b"text/plain"),
@@ -115,7 +142,7 @@ class ApiHandler:
                 except Exception:  # noqa: BLE001 - not even the failure encodes
                     return HttpResponse(500, b"the reply could not be encoded\n", [(b"Content-Type", b"text/plain")])
 
-        d = self.dispatcher.call(method, params)
+        d = self.dispatcher.call(method, params, request.client)
         if d.called:  # most calls finish at once: answer without another Deferred hop
             box: list[Any] = []
             d.addBoth(box.append)
@@ -124,6 +151,6 @@ class ApiHandler:
         return d.addCallbacks(lambda v: safely(v, reply), lambda f: safely(f, fail))
 
 
-def make_factory(handler: ApiHandler, max_body: int) -> HttpFactory:
-    """The protocol factory every listening endpoint serves."""
-    return HttpFactory(handler, max_body, idle_timeout=3700.0)  # longer than any event.from wait
+def make_factory(handler: ApiHandler, settings: HttpSettings, clock: Any, admission: Any = None) -> HttpFactory:
+    """The protocol factory a listening endpoint serves."""
+    return HttpFactory(handler, settings, clock, admission)
