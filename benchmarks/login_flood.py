@@ -149,7 +149,7 @@ def benchmark(args: argparse.Namespace) -> None:
         mode = "before (--no-throttle: no buckets, no queue cap, 10 login threads)"
     elif new_limits:
         limits = ""
-        mode = "after (default limits: login_threads 2, burst 10, interval 6 s, queue 16 per source)"
+        mode = "after (default limits: login_threads 2, burst 10, interval 6 s, queue 64 per source)"
     else:
         limits = ""
         mode = f"before (the tree at {root}: bcrypt on the shared worker pool)"

@@ -296,3 +296,14 @@ def test_reason_phrases_are_the_standard_ones():
         channel, transport = connect(lambda request, s=status: HttpResponse(s, b""))
         channel.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
         assert transport.value().startswith(b"HTTP/1.1 %d %s\r\n" % (status, phrase))
+
+
+def test_blank_lines_before_a_request():
+    """One or two blank lines before a request are tolerated; a stream of them is refused at once."""
+    handler = Recorder()
+    channel, transport = connect(handler)
+    channel.dataReceived(b"\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+    assert [r.target for r in handler.requests] == [b"/x"]
+    channel, transport = connect(Recorder())
+    channel.dataReceived(b"\r\n" * 100000)
+    assert transport.value().startswith(b"HTTP/1.1 400") and transport.disconnecting

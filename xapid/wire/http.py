@@ -331,7 +331,9 @@ class HttpChannel(Protocol):
 
     def _head(self, buf: bytearray) -> bool:
         """Parse the request line and headers once they have all arrived."""
-        while buf[:2] == b"\r\n":  # blank lines before a request (RFC 9112 §2.2)
+        for _ in range(2):  # a blank line or two before a request are tolerated (RFC 9112 §2.2)
+            if buf[:2] != b"\r\n":
+                break
             del buf[:2]
         end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
         limit = self.settings.max_header
