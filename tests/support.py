@@ -38,14 +38,15 @@ def make_users(path: Path) -> None:
         users.add(name, role, PASSWORD)
 
 
-def resolve(d: Deferred, clock: Clock) -> Any:
-    """The result of an already (or soon, on the fake clock) fired Deferred; raises its failure."""
+def resolve(d: Deferred, clock: Clock, step: float = 1, rounds: int = 1000) -> Any:
+    """The result of an already (or soon, on the fake clock) fired Deferred; raises its failure.
+    The clock moves *step* seconds a round (0: only zero-delay timers run)."""
     box: list[Any] = []
     d.addBoth(box.append)
-    for _ in range(1000):
+    for _ in range(rounds):
         if box:
             break
-        clock.advance(1)
+        clock.advance(step)
     assert box, "the call never finished"
     if isinstance(box[0], Failure):
         box[0].raiseException()

@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import XenAPI
-from support import PASSWORD, ROOT, ApiEnv, RealDaemon
+from support import PASSWORD, ROOT, ApiEnv, RealDaemon, resolve
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 
 from xapid.errors import XenAPIError
 from xapid.http_exports import HttpExports
@@ -37,16 +36,7 @@ AUTH_FAILED = "SESSION_AUTHENTICATION_FAILED"
 
 def settle(d: Deferred, clock: Clock) -> Any:
     """The result of *d* once zero-delay timers ran; the fake clock does not move (buckets refill on it)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    for _ in range(20):
-        if box:
-            break
-        clock.advance(0)
-    assert box, "the call did not finish without the clock moving"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
+    return resolve(d, clock, step=0, rounds=20)
 
 
 def login(env: ApiEnv, address: str | None, user: str = "admin", password: str = PASSWORD) -> str | list[str]:
