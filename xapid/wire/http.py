@@ -159,6 +159,7 @@ class HttpChannel(Protocol):
         self.peer = ""
         self._buf = bytearray()
         self._scan = 0  # where the search for the end of the headers resumes
+        self._blank = 0  # blank lines skipped before the current request
         self._state = _HEAD
         self._request: HttpRequest | None = None  # headers parsed, body pending
         self._body = bytearray()
@@ -331,10 +332,9 @@ class HttpChannel(Protocol):
 
     def _head(self, buf: bytearray) -> bool:
         """Parse the request line and headers once they have all arrived."""
-        for _ in range(2):  # a blank line or two before a request are tolerated (RFC 9112 §2.2)
-            if buf[:2] != b"\r\n":
-                break
+        while self._blank < 2 and buf[:2] == b"\r\n":  # a blank line or two before a request (RFC 9112 §2.2)
             del buf[:2]
+            self._blank += 1
         end = buf.find(b"\r\n\r\n", max(0, self._scan - 3))
         limit = self.settings.max_header
         if end < 0:
@@ -351,6 +351,7 @@ class HttpChannel(Protocol):
         head = bytes(buf[:end])
         del buf[:end + 4]
         self._scan = 0
+        self._blank = 0
         self._start(head)
         return True
 
