@@ -124,7 +124,7 @@ def vm_record(**overrides: Any) -> dict[str, Any]:
         "memory_dynamic_min": str(256 << 20), "memory_static_min": str(128 << 20), "VCPUs_params": {},
         "VCPUs_max": "2", "VCPUs_at_startup": "1", "actions_after_shutdown": "destroy",
         "actions_after_reboot": "restart", "actions_after_crash": "restart", "PV_bootloader": "",
-        "PV_kernel": "/boot/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
+        "PV_kernel": "/var/lib/xcp/guest/vmlinuz-guest", "PV_ramdisk": "", "PV_args": "console=hvc0",
         "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_policy": "", "HVM_boot_params": {},
         "platform": {}, "PCI_bus": "", "other_config": {}, "recommendations": "",
     }

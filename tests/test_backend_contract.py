@@ -89,7 +89,7 @@ def make_spec(**changes: Any) -> DomainSpec:
         memory_target=256 * MiB,
         vcpus_max=4,
         vcpus_at_startup=2,
-        kernel="/boot/vmlinuz",
+        kernel="/var/lib/xcp/guest/vmlinuz",
         disks=(DiskSpec(device="xvda", path="/dev/vg/guest", mode="w"),),
         nics=(NicSpec(devid=0, mac="00:16:3e:00:00:01", bridge="xenbr0"),),
     )

@@ -16,7 +16,7 @@ def test_shipped_file_documents_every_key_with_its_default():
     """etc/xapid.conf lists every key, and its values are the built-in defaults."""
     config = load_config(str(SHIPPED))
     defaults = Config()
-    for section in ("server", "api", "limits", "sim"):
+    for section in ("server", "api", "limits", "sim", "security"):
         assert getattr(config, section) == getattr(defaults, section)
         for key in vars(getattr(defaults, section)):
             assert re.search(rf"\n{key} =( |\n)", SHIPPED.read_text()), f"{key} not documented"

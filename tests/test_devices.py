@@ -317,8 +317,8 @@ def test_devices_survive_restart(admin, env):
 
 def test_destroyed_sr_leaves_no_dangling_refs(admin, env, tmp_path):
     """Refs to a destroyed SR elsewhere (VM.suspend_SR, host's SR fields) become OpaqueRef:NULL."""
-    sr = admin("SR.create", env.api.host_ref, {"location": str(tmp_path / "extra")}, "0", "extra", "", "file", "user",
-               False, {})
+    sr = admin("SR.create", env.api.host_ref, {"location": str(env.api.state_dir / "extra")}, "0", "extra", "",
+               "file", "user", False, {})
     vm = admin("VM.create", vm_record(suspend_SR=sr))
     admin("host.set_suspend_image_sr", env.api.host_ref, sr)
     for pbd in admin("SR.get_PBDs", sr):

@@ -485,5 +485,14 @@ def test_key_written_0600_from_the_first_byte(tmp_path, monkeypatch):
         os.umask(old)
     pem, crt = tls.own_paths(tmp_path)
     assert [mode for path, mode in created if ".xapid.pem." in path] == [0o600]
-    assert stat.S_IMODE(pem.stat().st_mode) == 0o600 and stat.S_IMODE(crt.stat().st_mode) == 0o644
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600 and stat.S_IMODE(crt.stat().st_mode) == 0o600
     assert not [p for p in pem.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_twisted_tls_prefixes_are_refused_for_ssl(tmp_path):
+    """tls: (Twisted's own TLS parser, with its weaker defaults) is refused, pointing at ssl:."""
+    from xapid.server import StartupError, _endpoint
+    from twisted.internet.testing import MemoryReactor
+
+    with pytest.raises(StartupError, match="use ssl: for TLS"):
+        _endpoint(MemoryReactor(), f"tls:{tmp_path}:0")

@@ -35,6 +35,9 @@ class Api:
     events: Any = None  # xapid.events.EventHub
     stats: Any = None  # xapid.stats.sampler.Sampler
     passwords: Any = None  # xapid.login.PasswordChecker: every password check (RPC login, HTTP Basic)
+    boot: Any = None  # xapid.backend.specs.BootPolicy: bootloaders and kernel dirs a VM may name
+    limits: Any = None  # xapid.wire.values.Limits: request bounds, and value bounds apitypes.coerce applies
+    audit: Any = None  # xapid.audit.AuditLog: write calls, logins and failed logins
 
     @property
     def disk_format(self) -> str:

@@ -8,6 +8,7 @@ Map keys are kept in their wire (string) form whatever their declared type.
 from __future__ import annotations
 
 import json
+import math
 import re
 import xmlrpc.client
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from xapid.errors import XenAPIError, field_type_error, invalid_value
+from xapid.wire.values import DEFAULT_LIMITS, INT64_MAX, INT64_MIN, HugeInt, Limits
 
 NULL_REF = "OpaqueRef:NULL"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -124,32 +126,76 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ...]]) -> Any:
+_DIGITS = re.compile(r"\s*([-+]?)(\d+)\s*")  # disjoint classes: no backtracking blow-up
+
+
+def _string_too_long(value: str, limit: int) -> int:
+    """The UTF-8 size of *value* when it is over *limit* bytes, else 0 (encoding only when needed)."""
+    if len(value) > limit:
+        return len(value.encode("utf-8", "surrogatepass"))
+    if len(value) * 4 <= limit:
+        return 0
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return size if size > limit else 0
+
+
+def _finite(value: float, field: str, text: Any) -> float:
+    """*value* if finite; NaN and ±infinity (also 1e999 overflowing) are INVALID_VALUE."""
+    if math.isfinite(value):
+        return value
+    raise invalid_value(field, text if isinstance(text, str) and len(text) <= 64 else repr(value))
+
+
+def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ...]],
+           limits: Limits = DEFAULT_LIMITS) -> Any:
     """Turn a decoded wire value into the in-memory value of type *t*.
 
     Accepts every form real clients send (ints as ``<int>``/``<i8>`` or digit strings, floats
     as ints or numeric strings, datetimes as ``DateTime`` or text).  Raises FIELD_TYPE_ERROR
-    for a value of the wrong kind and INVALID_VALUE for a bad enum or datetime text.
+    for a value of the wrong kind or an int outside 64 bits (xapi's int64), and INVALID_VALUE
+    for a bad enum or datetime text, a NaN or infinite float, a string longer than
+    ``limits.max_string_bytes`` or a set, map or record with more than
+    ``limits.max_collection_items`` entries (the value is then described, not echoed).
+    Work is linear in the size of *value*.
     """
     kind = t.kind
     if kind in ("string", "ref"):
         if isinstance(value, str):
+            size = _string_too_long(value, limits.max_string_bytes)
+            if size:
+                raise invalid_value(field, f"a string of {size} bytes (at most {limits.max_string_bytes})")
             if _SURROGATE.search(value):  # not encodable as UTF-8 (a JSON "\ud800" escape)
                 raise invalid_value(field, value.encode("utf-8", "backslashreplace").decode())
             return value
         raise field_type_error(field)
     if kind == "int":
         if _is_int(value):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
-            return int(value)
+            if INT64_MIN <= value <= INT64_MAX:
+                return int(value)
+            raise field_type_error(field)
+        if isinstance(value, str):
+            match = _DIGITS.fullmatch(value)
+            digits = match.group(2).lstrip("0") or "0" if match is not None else ""
+            if digits and len(digits) <= 19:  # checked before int(): no digit-limit error, no quadratic work
+                number = int(match.group(1) + digits)
+                if INT64_MIN <= number <= INT64_MAX:
+                    return number
         raise field_type_error(field)
     if kind == "float":
-        if isinstance(value, float) or _is_int(value):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, float):
+            return _finite(value, field, None)
+        if isinstance(value, HugeInt):
+            raise invalid_value(field, value.text)
+        if _is_int(value):
             try:
                 return float(value)
+            except OverflowError:  # beyond 1.8e308
+                raise invalid_value(field, f"an integer of {len(str(value))} digits") from None
+        if isinstance(value, str):
+            if len(value) > 1024:  # no float needs more text: refused without converting
+                raise invalid_value(field, f"a number of {len(value)} characters")
+            try:
+                return _finite(float(value), field, value.strip())
             except ValueError:
                 raise field_type_error(field) from None
         raise field_type_error(field)
@@ -183,27 +229,44 @@ def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ..
     if kind == "set":
         if not isinstance(value, (list, tuple)):
             raise field_type_error(field)
+        _check_items(value, field, limits)
         out: list[Any] = []
+        seen: set[Any] = set()  # items are all of the element type: hash equality is list equality
+        unhashable: list[Any] = []  # sets of sets or maps (none in the schema today): compared in full
         for item in value:
-            item = coerce(t.elem, item, field, enum_values)  # type: ignore[arg-type]
-            if item not in out:
-                out.append(item)
+            item = coerce(t.elem, item, field, enum_values, limits)  # type: ignore[arg-type]
+            try:
+                if item in seen:
+                    continue
+                seen.add(item)
+            except TypeError:
+                if item in unhashable:
+                    continue
+                unhashable.append(item)
+            out.append(item)  # first occurrence kept, in the client's order
         return out
     if kind == "map":
         if not isinstance(value, dict):
             raise field_type_error(field)
+        _check_items(value, field, limits)
         result: dict[str, Any] = {}
         for k, v in value.items():
-            key = coerce(t.key, k if isinstance(k, str) else str(k), field, enum_values)  # type: ignore[arg-type]
-            result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(t.elem, v, field, enum_values)  # type: ignore[arg-type]
+            key = coerce(t.key, k if isinstance(k, str) else str(k), field, enum_values, limits)  # type: ignore[arg-type]
+            result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(t.elem, v, field, enum_values, limits)  # type: ignore[arg-type]
         return result
     if kind == "record":
         if not isinstance(value, dict):
             raise field_type_error(field)
+        _check_items(value, field, limits)  # its fields are coerced by the handler (generic.create_fields)
         return value
     if kind == "void":
         return value
     raise XenAPIError("INTERNAL_ERROR", f"cannot coerce type {t}")
+
+
+def _check_items(value: Any, field: str, limits: Limits) -> None:
+    if len(value) > limits.max_collection_items:
+        raise invalid_value(field, f"{len(value)} items (at most {limits.max_collection_items})")
 
 
 def from_json(t: Type, value: Any) -> Any:

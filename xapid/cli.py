@@ -7,6 +7,7 @@ one line ``xapid: …`` on stderr and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, TextIO
 
@@ -59,6 +60,7 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     from xapid.server import Daemon, StartupError
 
     start_logging(stderr, config.server.log_level)
+    os.umask(0o077)  # every file the daemon makes (database, images, audit log, keys) is private from its first byte
     daemon = Daemon(config, reactor)
     outcome: dict[str, Any] = {"code": 0}
 
@@ -81,6 +83,8 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     reactor.run()
     if "error" in outcome:
         return _fail(stderr, outcome["error"])
+    if daemon.fatal_error:
+        return _fail(stderr, daemon.fatal_error)
     return outcome["code"]
 
 

@@ -56,6 +56,11 @@ class LimitsConfig:
     login_failures_burst: int = 10
     login_failure_interval: float = 6.0
     login_queue_per_source: int = 64
+    max_string_bytes: int = 1 << 20
+    max_collection_items: int = 10_000
+    audit_log_bytes: int = 10 << 20
+    max_pending_tasks_per_session: int = 100
+    max_pending_tasks_per_user: int = 1000
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,13 @@ class StorageConfig:
     local_sr: str = ""
     iso_library: str = ""
     disk_format: str = "raw"
+    roots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    bootloaders: tuple[str, ...] = ("pygrub",)
+    kernel_dirs: tuple[str, ...] = ("/var/lib/xcp/guest",)
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,14 @@ class StatsConfig:
 
 
 @dataclass(frozen=True)
+class XenConfig:
+    autoballoon: str = "auto"
+    xenstored_timeout: float = 60.0
+    log_dir: str = ""
+    log_max_bytes: int = 10 << 20
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -89,17 +109,22 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    xen: XenConfig = field(default_factory=XenConfig)
     source: str = "<defaults>"
 
 
 BACKENDS = ("sim", "xen", "auto")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 DISK_FORMATS = ("raw", "qcow2")
-_POSITIVE = {"threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
+_PATH_LISTS = {"roots", "bootloaders", "kernel_dirs"}  # may be empty; absolute paths (bootloaders: or names)
+AUTOBALLOON = ("auto", "on", "off")
+_POSITIVE = {"xenstored_timeout", "log_max_bytes", "audit_log_bytes", "max_pending_tasks_per_session", "max_pending_tasks_per_user",
+             "threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
              "max_depth", "max_elements", "cpus",
              "idle_timeout", "header_timeout", "body_timeout", "max_clients", "max_anonymous_clients",
              "max_header_bytes", "pending_input_bytes", "login_threads", "login_failures_burst",
-             "login_failure_interval", "login_queue_per_source", "memory_mib", "dom0_memory_mib", "dom0_vcpus", "save_interval"}
+             "login_failure_interval", "login_queue_per_source", "max_string_bytes", "max_collection_items", "memory_mib", "dom0_memory_mib", "dom0_vcpus", "save_interval"}
 
 
 def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any:
@@ -110,6 +135,12 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
             for item in items:
                 if item != "*" and not (item.startswith(("http://", "https://")) and "/" not in item.split("://", 1)[1]):
                     raise ConfigError(f"{problem}: {item!r} is not an origin (scheme://host[:port], or *)")
+            return items
+        if key in _PATH_LISTS:
+            for item in items:
+                if not item.startswith("/") and not (key == "bootloaders" and "/" not in item):
+                    raise ConfigError(f"{problem}: {item!r} is not an absolute path"
+                                      + (" (or a program name)" if key == "bootloaders" else ""))
             return items
         if not items:
             raise ConfigError(f"{problem}: needs at least one value")
@@ -130,7 +161,7 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
             raise ConfigError(f"{problem}: expected a number, got {text!r}") from None
     else:
         value = text.strip()
-        if not value and key not in ("hostname", "local_sr", "iso_library", "prometheus_listen"):
+        if not value and key not in ("hostname", "local_sr", "iso_library", "prometheus_listen", "log_dir"):
             raise ConfigError(f"{problem}: must not be empty")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")
@@ -140,6 +171,10 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
         raise ConfigError(f"{problem}: must not be negative, got {text!r}")
     if key == "backend" and value not in BACKENDS:
         raise ConfigError(f"{problem}: unknown backend {value!r} (expected one of: {', '.join(BACKENDS)})")
+    if key == "autoballoon" and value not in AUTOBALLOON:
+        raise ConfigError(f"{problem}: expected one of {', '.join(AUTOBALLOON)}, got {value!r}")
+    if key == "log_dir" and value and not value.startswith("/"):
+        raise ConfigError(f"{problem}: {value!r} is not an absolute path")
     if key == "disk_format" and value not in DISK_FORMATS:
         raise ConfigError(f"{problem}: unknown format {value!r} (expected one of: {', '.join(DISK_FORMATS)})")
     if key == "log_level" and value not in LOG_LEVELS:

@@ -55,6 +55,15 @@ def internal_error(message: str) -> XenAPIError:
     return XenAPIError("INTERNAL_ERROR", message)
 
 
+def internal_error_with_id() -> tuple[str, XenAPIError]:
+    """A fresh incident id and the INTERNAL_ERROR naming it: what a caller sees of a surprise
+    (never the exception's text); log the id with the traceback."""
+    import secrets
+
+    incident = secrets.token_hex(4)
+    return incident, XenAPIError("INTERNAL_ERROR", f"internal error, id {incident}; see the daemon log")
+
+
 def operation_not_allowed(reason: str) -> XenAPIError:
     return XenAPIError("OPERATION_NOT_ALLOWED", reason)
 

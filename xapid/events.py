@@ -190,7 +190,7 @@ class EventHub:
     def parse_token(self, token: str) -> int:
         if token == "":
             return -1
-        match = re.fullmatch(r"\s*(\d+)(?:,(\d+))?\s*", token)
+        match = re.fullmatch(r"\s*(\d{1,20})(?:,(\d{1,20}))?\s*", token)  # bounded: int() of it never fails
         if match is None:
             raise XenAPIError("EVENT_FROM_TOKEN_PARSE_FAILURE", token)
         seq = int(match.group(1))

@@ -8,6 +8,8 @@
 ``/vm_rrd?uuid=``             one VM's whole RRD; 404 when it has none
 ``/metrics``                  Prometheus text exposition (also on ``[stats] prometheus_listen``,
                               without authentication)
+``/audit_log``                the audit log's current file as text, pool-admin only;
+                              ``since=`` ISO 8601 time (or Unix seconds) keeps later lines
 ============================  ==============================================================
 
 Credentials: ``session_id`` as a query parameter or a cookie (a live API session), or HTTP
@@ -23,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import secrets
 from collections.abc import Callable
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -31,6 +34,7 @@ from urllib.parse import parse_qs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from xapid.audit import REDACTED, parse_since
 from xapid.roles import ROLES, role_at_least
 from xapid.stats import export, prometheus
 from xapid.wire.http import HttpRequest, HttpResponse
@@ -39,6 +43,7 @@ log = Logger()
 
 TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 READ_ROLE = "read-only"
+AUDIT_ROLE = "pool-admin"
 
 
 class HttpError(Exception):
@@ -119,7 +124,8 @@ class HttpExports:
     def routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred]]:
         """The authenticated routes of the API port."""
         return {b"/rrd_updates": self._guarded(self._rrd_updates), b"/host_rrd": self._guarded(self._host_rrd),
-                b"/vm_rrd": self._guarded(self._vm_rrd), b"/metrics": self._guarded(self._metrics)}
+                b"/vm_rrd": self._guarded(self._vm_rrd), b"/metrics": self._guarded(self._metrics),
+                b"/audit_log": self._guarded(self._audit_log, AUDIT_ROLE)}
 
     def open_routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred]]:
         """``/metrics`` without authentication, for a dedicated Prometheus endpoint."""
@@ -130,22 +136,25 @@ class HttpExports:
     def _answer_now(self, request: HttpRequest, handler: Callable[..., Any]) -> HttpResponse | Deferred:
         return Deferred.fromCoroutine(self._serve(request, handler, authenticate=False))
 
-    def _guarded(self, handler: Callable[..., Any]) -> Callable[[HttpRequest], Deferred]:
-        return lambda request: Deferred.fromCoroutine(self._serve(request, handler, authenticate=True))
+    def _guarded(self, handler: Callable[..., Any], need: str = READ_ROLE) -> Callable[[HttpRequest], Deferred]:
+        return lambda request: Deferred.fromCoroutine(self._serve(request, handler, authenticate=True, need=need))
 
-    async def _serve(self, request: HttpRequest, handler: Callable[..., Any], authenticate: bool) -> HttpResponse:
+    async def _serve(self, request: HttpRequest, handler: Callable[..., Any], authenticate: bool,
+                     need: str = READ_ROLE) -> HttpResponse:
         try:
             params = parse_query(request)
             if authenticate:
-                await self._authenticate(request, params)
+                await self._authenticate(request, params, need)
             return await handler(request, params)
         except HttpError as error:
             return _response(error)
         except Exception:  # noqa: BLE001 - never a traceback to the client, never a dead connection
-            log.failure("GET {path} failed", path=request.path.decode("latin-1"))
-            return _response(HttpError(500, "internal error (see the daemon log)"))
+            incident = secrets.token_hex(4)
+            log.failure("GET {path} failed (internal error id {incident})", path=request.path.decode("latin-1"),
+                        incident=incident)
+            return _response(HttpError(500, f"internal error, id {incident}; see the daemon log"))
 
-    async def _authenticate(self, request: HttpRequest, params: dict[str, list[str]]) -> str:
+    async def _authenticate(self, request: HttpRequest, params: dict[str, list[str]], need: str = READ_ROLE) -> str:
         """The caller's role, from a session (query or cookie) or HTTP Basic; HttpError otherwise."""
         challenge = ((b"WWW-Authenticate", b'Basic realm="xapid"'),)
         session_ref = _one(params, "session_id") or self._cookie_session(request)
@@ -173,6 +182,7 @@ class HttpExports:
                     log.warn("failed HTTP login for {user!r} from {peer} (source {source})", user=name,
                              peer=request.peer, source=outcome.source)
             if user is None:
+                self._audit_failure(request, name if sep else None)
                 await self.api.sleep(self.api.auth_failure_delay)
                 raise HttpError(401, "authentication failed", challenge)
             if client is not None:
@@ -180,7 +190,22 @@ class HttpExports:
             role = user.role
         if role not in ROLES or not role_at_least(role, READ_ROLE):
             raise HttpError(403, f"role {role} may not read metrics")
+        if not role_at_least(role, need):
+            raise HttpError(403, f"role {role} may not read {request.path.decode('latin-1')}: it needs {need}")
         return role
+
+    def _audit_failure(self, request: HttpRequest, name: str | None) -> None:
+        """A failed HTTP Basic login, in the audit log like a failed session.login_with_password."""
+        audit = getattr(self.api, "audit", None)
+        if audit is None:
+            return
+        try:
+            client = getattr(request, "client", None)
+            audit.record(method=f"HTTP Basic GET {request.path.decode('latin-1')[:256]}", user=name, role=None,
+                         originator=None, peer=client.address if client is not None else None,
+                         args={"uname": name, "pwd": REDACTED}, outcome="SESSION_AUTHENTICATION_FAILED")
+        except Exception:  # noqa: BLE001 - the audit never changes the answer
+            log.failure("writing an audit line failed")
 
     @staticmethod
     def _cookie_session(request: HttpRequest) -> str | None:
@@ -256,6 +281,19 @@ class HttpExports:
         if not uuid:
             raise HttpError(400, "uuid is required")
         return await self._dump(f"vm:{uuid}", _flag(params, "json"), f"no metrics archives for VM {uuid}")
+
+    async def _audit_log(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        """The audit log's current file as text (xapi's /audit_log); ``since=`` an ISO 8601 time
+        (no zone: UTC) or Unix seconds keeps the lines at or after it."""
+        text = _one(params, "since")
+        since = None
+        if text:
+            try:
+                since = parse_since(text)
+            except (ValueError, OverflowError, OSError):
+                raise HttpError(400, f"since must be an ISO 8601 time or Unix seconds, not {text!r}") from None
+        body = await self.api.runner.run(self.api.audit.read, since) if self.api.audit is not None else b""
+        return HttpResponse(200, body, [TEXT])
 
     async def _metrics(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
         body = prometheus.exposition(self.registry)

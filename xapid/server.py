@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from twisted.python.threadpool import ThreadPool
 
 from xapid import inventory, tls
 from xapid.api import Api
+from xapid.audit import AUDIT_FILE, AuditLog
 from xapid.backend.interface import BackendError, IBackend
 from xapid.backend.proxy import Hypervisor
+from xapid.backend.specs import BootPolicy
 from xapid.config import Config
 from xapid.dispatch import Dispatcher
 from xapid.errors import XenAPIError
@@ -77,12 +80,29 @@ def make_driver(config: Config, reactor: Any) -> IBackend:
                           dom0_vcpus=sim.dom0_vcpus, hostname=sim.hostname)
     from xapid.backend.xen.driver import XenBackend
 
-    return XenBackend(Path(config.server.state_dir) / "xen", reactor.seconds)
+    state_dir = Path(config.server.state_dir)
+    xen = config.xen
+    return XenBackend(state_dir / "xen", reactor.seconds,
+                      log_path=Path(xen.log_dir or state_dir / "log") / "libxl.log",
+                      log_max_bytes=xen.log_max_bytes, autoballoon=xen.autoballoon,
+                      xenstored_timeout=xen.xenstored_timeout)
 
 
 def _prepare_state_dir(path: Path) -> None:
+    """Make *path* (mode 0700, an existing one tightened) and check it is writable; what is in
+    it loses any group and other permission bits (an older xapid left xapid.db 0644)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"state dir {path} is unusable: {exc.strerror or exc}") from None
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise StartupError(f"state dir {path} is open to other users and cannot be made mode 0700: "
+                           f"{exc.strerror or exc}") from None
+    _tighten(path)
+    try:
         probe = path / ".xapid-write-test"
         probe.write_bytes(b"")
         probe.unlink()
@@ -90,9 +110,22 @@ def _prepare_state_dir(path: Path) -> None:
         raise StartupError(f"state dir {path} is unusable: {exc.strerror or exc}") from None
 
 
+def _tighten(root: Path) -> None:
+    """Remove group and other permissions from everything under *root* (symlinks not followed)."""
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            item = os.path.join(top, name)
+            try:
+                mode = os.lstat(item).st_mode
+                if mode & 0o077 and not stat.S_ISLNK(mode):
+                    os.chmod(item, stat.S_IMODE(mode) & 0o700)
+            except OSError as exc:
+                log.warn("cannot make {item} private to xapid: {reason}", item=item, reason=exc.strerror or str(exc))
+
+
 async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Runner,
                     schema_path: str | Path = DEFAULT_SCHEMA, driver: IBackend | None = None,
-                    login_runner: Runner | None = None) -> Api:
+                    login_runner: Runner | None = None, on_fatal: Any = None) -> Api:
     """Open the state dir, users file, database and driver; reconcile the inventory.
 
     *reactor* supplies the clock and timers; *runner* runs blocking driver and auth work,
@@ -115,12 +148,16 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     db_path = state_dir / "xapid.db"
     try:
         database = Database(db_path)
-        store = Store(schema, Committer(database, db_runner))
+        store = Store(schema, Committer(database, db_runner, clock=reactor))
         store.derive("VM", derive_vm)
         store.load()
     except Exception as exc:  # noqa: BLE001 - sqlite reports many kinds of unusable file
         raise StartupError(f"database {db_path} is unusable: {exc}") from None
     driver = driver or make_driver(config, reactor)
+    if on_fatal is not None and hasattr(driver, "on_fatal"):
+        driver.on_fatal = on_fatal  # the xen driver's "xenstored lost for good": stop, exit non-zero
+    boot = BootPolicy.build(config.security.bootloaders, config.security.kernel_dirs, str(state_dir))
+    driver.boot_policy = boot  # every driver build checks host paths against the same policy
     try:
         await runner.run(driver.open)
     except BackendError as exc:
@@ -129,9 +166,9 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
         schema=schema, store=store, hypervisor=Hypervisor(driver, runner), users=users, runner=runner,
         reactor=reactor, state_dir=state_dir, database=database,
         sessions=SessionManager(store, reactor.seconds, config.api.session_idle_timeout,
-                                config.api.max_sessions_per_user),
+                                config.api.max_sessions_per_user, users=users),
         auth_failure_delay=config.api.auth_failure_delay, shutdown_timeout=config.api.shutdown_timeout,
-        storage=config.storage,
+        storage=config.storage, boot=boot,
     )
     try:
         await inventory.initialise(api)
@@ -142,14 +179,19 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
                 domain_changed(api, domain.uuid)
     except (XenAPIError, BackendError) as exc:
         raise StartupError(f"cannot read the host inventory from the {driver.name} driver: {exc}") from None
-    api.tasks = TaskManager(store, reactor, lambda: api.host_ref, config.api.task_ttl)
+    api.tasks = TaskManager(store, reactor, lambda: api.host_ref, config.api.task_ttl,
+                            max_pending_per_session=config.limits.max_pending_tasks_per_session,
+                            max_pending_per_user=config.limits.max_pending_tasks_per_user)
     api.events = EventHub(store, reactor, tombstones=config.api.event_history,
                           queue_size=config.api.event_queue_size)
     api.stats = _build_sampler(config, api, runner)
+    api.audit = AuditLog(state_dir / AUDIT_FILE, config.limits.audit_log_bytes, clock=reactor.seconds)
     limits = config.limits
     api.passwords = PasswordChecker(users, reactor, login_runner or InlineRunner(), threads=limits.login_threads,
                                     burst=limits.login_failures_burst, interval=limits.login_failure_interval,
                                     queue_per_source=limits.login_queue_per_source)
+    api.limits = Limits(limits.max_body_bytes, limits.max_depth, limits.max_elements,
+                        max_string_bytes=limits.max_string_bytes, max_collection_items=limits.max_collection_items)
     return api
 
 
@@ -175,6 +217,9 @@ def _endpoint(reactor: Any, description: str, key: str = "", *, state_dir: Path 
     daemon's own certificate in *state_dir*, made first when *make_certificate*).
     """
     where = f"{key}: " if key else ""
+    if description.split(":", 1)[0] in ("tls", "le", "lets"):  # Twisted's other TLS parsers, with its defaults
+        raise StartupError(f"{where}bad listen address {description!r}: use ssl: for TLS (xapid sets up ssl: "
+                           f"listeners itself: TLS 1.2+, ECDHE with AEAD suites, ALPN)")
     if tls.is_tls_description(description):
         try:
             return tls.server_endpoint(reactor, description, state_dir, make_certificate=make_certificate)
@@ -203,6 +248,13 @@ class Daemon(MultiService):
         self._pools: list[ThreadPool] = []
         self._timers: list[LoopingCall] = []
         self.admission: Admission | None = None
+        self.fatal_error = ""  # set when a component cannot go on: the daemon stops and exits non-zero
+
+    def fatal(self, line: str) -> None:
+        """A component cannot go on (e.g. xenstored gone for good): remember *line*, stop the reactor."""
+        if not self.fatal_error:
+            self.fatal_error = line
+            self.reactor.stop()
 
     def check(self) -> None:
         """Refuse what can be refused before touching anything: endpoints and backend."""
@@ -228,9 +280,10 @@ class Daemon(MultiService):
         runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads))
         db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
         login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads))
-        self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner)
+        self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner,
+                                   on_fatal=self.fatal)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
-        limits = Limits(config.limits.max_body_bytes, config.limits.max_depth, config.limits.max_elements)
+        limits = self.api.limits  # built by build_api from [limits]
         exports = HttpExports(self.api)
         server = config.server
         budget = descriptor_budget(server.max_clients, server.max_anonymous_clients)
@@ -327,14 +380,17 @@ class Daemon(MultiService):
                 await self.api.store.flush()
             except Exception:  # noqa: BLE001
                 log.failure("final commit failed")
+            self.api.database.close()
+            if self.api.audit is not None:
+                self.api.audit.close()
+        for pool in self._pools:  # joins the workers: no driver call is in flight after this
+            pool.stop()
+        self._pools = []
+        if self.api is not None:
             try:
                 self.api.hypervisor.driver.close()
             except Exception:  # noqa: BLE001
                 log.failure("closing the driver failed")
-            self.api.database.close()
-        for pool in self._pools:
-            pool.stop()
-        self._pools = []
 
     def stopService(self) -> Deferred:
         super().stopService()

@@ -1,7 +1,13 @@
-"""Sessions: unguessable refs, idle expiry on the injected clock, per-user bounds.
+"""Sessions: unguessable refs, idle expiry on the injected clock, per-user bounds, revocation.
 
 Each session is also a ``session`` object in the store (so the generic getters serve
 ``session.get_record`` and friends); the manager keeps the caller's role beside it.
+
+Revocation: the manager compares the users file's table (re-read when the file changed) with
+the one it last saw, at most once a second of the injected clock when a session is used, at
+every :meth:`SessionManager.sweep` and before each new session.  A user deleted or whose
+password changed loses every open session at once; a user whose role changed keeps its
+sessions, which take the new role from their next call on.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from xapid.store import Store
+from xapid.users import UsersError
 
 log = Logger()
+
+USERS_CHECK_INTERVAL = 1.0  # seconds of the injected clock between two looks at the users file
 
 
 @dataclass
@@ -28,18 +37,26 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store: Store, clock: Callable[[], float], idle_timeout: float, max_per_user: int = 500):
+    def __init__(self, store: Store, clock: Callable[[], float], idle_timeout: float, max_per_user: int = 500,
+                 users: Any = None):
         self._store = store
         self._clock = clock
         self.idle_timeout = idle_timeout
         self.max_per_user = max_per_user
         self._sessions: dict[str, Session] = {}
+        self._users = users  # xapid.users.UsersFile, watched for revocations (None: not watched)
+        self._users_seen: dict[str, tuple[str, str]] = users.credentials() if users is not None else {}
+        self._users_checked = float("-inf")
 
     def _stamp(self, now: float) -> datetime:
         return datetime.fromtimestamp(int(now), tz=timezone.utc)
 
     def create(self, user: str, role: str, originator: str, this_host: str, this_user: str) -> Session:
         """Open a session; the oldest of this user's sessions closes beyond the bound."""
+        self.check_users()  # a change the login just read must not end the session it opens
+        seen = self._users_seen.get(user)
+        if seen is not None:
+            role = seen[0]
         now = self._clock()
         mine = sorted((s for s in self._sessions.values() if s.user == user), key=lambda s: s.last_active)
         for old in mine[: max(0, len(mine) - self.max_per_user + 1)]:
@@ -55,10 +72,12 @@ class SessionManager:
 
     def touch(self, ref: Any) -> Session | None:
         """The live session named *ref*, its idle timer restarted; None when unknown/expired."""
+        now = self._clock()
+        if now - self._users_checked >= USERS_CHECK_INTERVAL:
+            self.check_users()
         session = self._sessions.get(ref) if isinstance(ref, str) else None
         if session is None:
             return None
-        now = self._clock()
         if now - session.last_active > self.idle_timeout:
             self.end(ref, "expired")
             return None
@@ -81,8 +100,43 @@ class SessionManager:
             callback()
         log.info("session of {user} closed ({why})", user=session.user, why=why)
 
+    def check_users(self) -> None:
+        """Apply the users file's changes to open sessions: a deleted user, or one whose password
+        changed, loses them all; a role change applies to them.  One log line per user."""
+        users = self._users
+        if users is None:
+            return
+        self._users_checked = self._clock()
+        try:
+            users.reload_if_changed()
+        except UsersError as error:  # a bad edit: the previous table stays in use
+            log.error("users file not reloaded: {error}", error=str(error))
+        current = users.credentials()
+        seen, self._users_seen = self._users_seen, current
+        if current == seen:
+            return
+        for name, (role, hashed) in seen.items():
+            now = current.get(name)
+            if now == (role, hashed):
+                continue
+            mine = [s for s in self._sessions.values() if s.user == name]
+            if now is None or now[1] != hashed:
+                reason = "user deleted" if now is None else "password changed"
+                for session in mine:
+                    self.end(session.ref, f"revoked: {reason}")
+                if mine:
+                    log.warn("revoked {count} session(s) of user {user}: {reason}", count=len(mine), user=name,
+                             reason=reason)
+            else:
+                for session in mine:
+                    session.role = now[0]
+                if mine:
+                    log.warn("role of user {user} changed from {old_role} to {new_role}: applied to {count} open "
+                             "session(s)", user=name, old_role=role, new_role=now[0], count=len(mine))
+
     def sweep(self) -> None:
-        """End every session idle for longer than the timeout."""
+        """End every session idle for longer than the timeout (and apply users file changes)."""
+        self.check_users()
         now = self._clock()
         for ref in [r for r, s in self._sessions.items() if now - s.last_active > self.idle_timeout]:
             self.end(ref, "expired")

@@ -21,6 +21,14 @@ from pathlib import Path
 SPARSE_CHUNK = 1 << 20
 DELETING = ".deleting"
 PARTIAL = ".partial"
+#: in a file SR: one empty marker per disk file xapid created; a file without one is never changed
+OWNED = ".xapid-owned"
+KNOWN_STAMP = ".since"  # in OWNED: ownership is recorded here (disks known before were marked once)
+#: device_config keys of remote SRs (NFS, cifs, iSCSI …), which xapid does not implement
+REMOTE_KEYS = ("server", "serverpath", "username", "cifspassword", "cifspassword_secret", "target",
+               "targetIQN", "SCSIid", "device")
+#: parts of the state dir that are never an SR
+STATE_SUBDIRS = ("suspend", "tls", "sim", "xen", "kernels")
 
 
 class StorageError(Exception):
@@ -50,6 +58,7 @@ class DiskFile:
     virtual_size: int
     physical_utilisation: int
     format: str  # raw, qcow2, iso
+    owned: bool = True  # created by xapid (else adopted: read-only, never deleted)
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,49 @@ def _qcow2_virtual_size(path: Path) -> int:
     if header[:4] != b"QFI\xfb":
         raise StorageError(f"{path.name}: not a qcow2 image")
     return int.from_bytes(header[24:32], "big")
+
+
+@dataclass(frozen=True)
+class StorageRoots:
+    """Where SRs may live (``[storage] roots``, real paths), and the state dir's own files."""
+
+    roots: tuple[str, ...]
+    state_dir: str
+
+    @classmethod
+    def build(cls, roots: tuple[str, ...], state_dir: str, local_sr: str = "", iso_library: str = "") -> StorageRoots:
+        """The configured *roots*, or without any: the state dir and the first-start SRs' directories."""
+        chosen = roots or (state_dir, local_sr or os.path.join(state_dir, "sr"),
+                           iso_library or os.path.join(state_dir, "iso"))
+        return cls(tuple(dict.fromkeys(os.path.realpath(r) for r in chosen)), os.path.realpath(state_dir))
+
+    def check(self, device_config: dict[str, str]) -> str:
+        """The SR directory of *device_config* (resolved); StorageError naming why it is refused."""
+        location = device_config.get("location") or device_config.get("path") or ""
+        if not location:
+            raise StorageError("device_config needs a 'location' (the directory)", "EINVAL")
+        kind = device_config.get("type", "")
+        if kind:
+            raise StorageError(f"device_config type {kind!r}: remote (cifs, NFS) SRs are not supported; "
+                               "location must be a local directory", "EINVAL")
+        remote = [k for k in REMOTE_KEYS if k in device_config]
+        if remote:
+            raise StorageError(f"device_config {remote[0]!r}: remote (NFS, cifs, iSCSI) SRs are not supported; "
+                               "location must be a local directory", "EINVAL")
+        if "://" in location or location.startswith("//") or "\\" in location:
+            raise StorageError(f"location {location!r} is a network share (cifs, NFS, smb://): only local "
+                               "directories are supported", "EINVAL")
+        if not location.startswith("/") or "\0" in location:
+            raise StorageError(f"location {location!r} is not a local absolute path (host:/path NFS exports "
+                               "are not supported)", "EINVAL")
+        real = os.path.realpath(location)
+        if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.roots):
+            raise StorageError(f"location {location!r} (resolved: {real}) is not inside a storage root "
+                               f"([storage] roots: {', '.join(self.roots)})", "EACCES")
+        own = [self.state_dir] + [os.path.join(self.state_dir, d) for d in STATE_SUBDIRS]
+        if real == self.state_dir or any(real == d or real.startswith(d + "/") for d in own[1:]):
+            raise StorageError(f"location {location!r} (resolved: {real}) holds the daemon's own state", "EACCES")
+        return real
 
 
 class _DirectorySR:
@@ -113,6 +165,60 @@ class FileSR(_DirectorySR):
         super().__init__(path)
         self.format = disk_format
 
+    # Ownership: xapid marks a disk file it creates (before the file exists) and unmarks it once the
+    # file is gone.  A file without a mark (adopted by a scan) is never resized, renamed or deleted.
+
+    def attach(self, create: bool = False) -> None:
+        super().attach(create)
+        try:
+            (self.path / OWNED).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(str(self.path / OWNED), exc) from None
+
+    def _marker(self, location: str) -> Path:
+        return self.path / OWNED / self.file(location).name
+
+    def mark_known(self, locations: list[str]) -> None:
+        """On the first attach by a version that records ownership, mark the disks the database
+        already knows as xapid's (an older xapid created them and deleted them freely), so an
+        upgrade keeps them writable; from then on only disks xapid creates are marked."""
+        stamp = self.path / OWNED / KNOWN_STAMP
+        if stamp.exists():
+            return
+        try:
+            for location in locations:
+                path = self.file(location)
+                if path.is_file() and not path.is_symlink():
+                    self._marker(location).touch(mode=0o600)
+            stamp.touch(mode=0o600)
+        except OSError as exc:
+            raise _os_error(str(stamp), exc) from None
+
+    def owns(self, location: str) -> bool:
+        return self._marker(location).is_file()
+
+    def _claim(self, final: Path) -> None:
+        """Mark *final* (not yet existing) as xapid's; StorageError if a file of that name exists."""
+        if final.exists() or final.is_symlink():
+            raise StorageError(f"{final.name} already exists in {self.path}: never overwritten", "EEXIST")
+        (self.path / OWNED).mkdir(mode=0o700, exist_ok=True)
+        self._marker(final.name).touch(mode=0o600)
+
+    def _publish(self, partial: Path, final: Path) -> None:
+        """Rename *partial* to *final* without ever replacing an existing file."""
+        os.link(partial, final)
+        os.unlink(partial)
+
+    def _unclaim(self, location: str) -> None:
+        self._marker(location).unlink(missing_ok=True)
+
+    def _owned(self, location: str, what: str) -> Path:
+        path = self.file(location)
+        if not self.owns(location):
+            raise StorageError(f"cannot {what} {location}: the file was not created by xapid (adopted by a scan), "
+                               "so it is never changed or deleted; VDI.forget drops the record", "EPERM")
+        return path
+
     def stats(self) -> SRStats:
         try:
             st = os.statvfs(self.path)
@@ -127,6 +233,7 @@ class FileSR(_DirectorySR):
         final = self.path / f"{uuid}{suffix}"
         partial = self.path / f"{uuid}{suffix}{PARTIAL}"
         try:
+            self._claim(final)
             if self.format == "qcow2":
                 result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial), str(size)],
                                         capture_output=True, text=True, timeout=60)
@@ -139,17 +246,20 @@ class FileSR(_DirectorySR):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            os.replace(partial, final)
+            self._publish(partial, final)
         except OSError as exc:
             partial.unlink(missing_ok=True)
+            self._unclaim(final.name)
             raise _os_error(f"creating a {size}-byte disk in {self.path}", exc) from None
-        except StorageError:
+        except StorageError as exc:
             partial.unlink(missing_ok=True)
+            if exc.status != "EEXIST":
+                self._unclaim(final.name)
             raise
         return DiskFile(uuid, final.name, size, _allocated(final), self.format)
 
     def resize(self, location: str, size: int) -> None:
-        path = self.file(location)
+        path = self._owned(location, "resize")
         try:
             if path.suffix == ".qcow2":
                 result = subprocess.run(["qemu-img", "resize", "-q", str(path), str(size)], capture_output=True,
@@ -167,6 +277,7 @@ class FileSR(_DirectorySR):
         final = self.path / f"{uuid}{suffix}"
         partial = self.path / f"{uuid}{suffix}{PARTIAL}"
         try:
+            self._claim(final)
             size = source.stat().st_size
             with open(source, "rb") as src, open(partial, "xb") as dst:
                 os.fchmod(dst.fileno(), 0o600)
@@ -181,16 +292,19 @@ class FileSR(_DirectorySR):
                 dst.truncate(size)
                 dst.flush()
                 os.fsync(dst.fileno())
-            os.replace(partial, final)
+            self._publish(partial, final)
         except OSError as exc:
             partial.unlink(missing_ok=True)
+            self._unclaim(final.name)
             raise _os_error(f"copying {source.name} into {self.path}", exc) from None
         virtual = _qcow2_virtual_size(final) if suffix == ".qcow2" else size
         return DiskFile(uuid, final.name, virtual, _allocated(final), "qcow2" if suffix == ".qcow2" else "raw")
 
     def mark_deleting(self, location: str) -> None:
-        """First step of destroying a disk: it keeps its data until :meth:`purge`."""
-        path = self.file(location)
+        """First step of destroying a disk: it keeps its data until :meth:`purge` (only xapid's own files)."""
+        if not self.file(location).exists():
+            return
+        path = self._owned(location, "destroy")
         try:
             os.replace(path, path.with_name(path.name + DELETING))
         except FileNotFoundError:
@@ -201,11 +315,13 @@ class FileSR(_DirectorySR):
     def unmark_deleting(self, location: str) -> None:
         path = self.file(location)
         marked = path.with_name(path.name + DELETING)
-        if marked.exists():
+        if marked.exists() and self.owns(location) and not path.exists():
             os.replace(marked, path)
 
     def purge(self, location: str) -> None:
-        self.file(location).with_name(location + DELETING).unlink(missing_ok=True)
+        if self.owns(location):  # a foreign *.deleting file is left alone
+            self.file(location).with_name(location + DELETING).unlink(missing_ok=True)
+            self._unclaim(location)
 
     def scan(self) -> tuple[list[DiskFile], list[str], list[str]]:
         """(disks, disks being deleted, partial files) found in the directory."""
@@ -231,13 +347,18 @@ class FileSR(_DirectorySR):
                 uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, str(path)))
             try:
                 virtual = _qcow2_virtual_size(path) if ext == "qcow2" else path.stat().st_size
-                disks.append(DiskFile(uuid, name, virtual, _allocated(path), "qcow2" if ext == "qcow2" else "raw"))
+                disks.append(DiskFile(uuid, name, virtual, _allocated(path), "qcow2" if ext == "qcow2" else "raw",
+                                      self.owns(name)))
             except (OSError, StorageError):
                 continue  # unreadable: skipped rather than failing the whole scan
         return disks, deleting, partial
 
     def remove_partial(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
+        final = name[: -len(PARTIAL)]
+        if self.owns(final):  # a foreign *.partial file is left alone
+            (self.path / name).unlink(missing_ok=True)
+            if not (self.path / final).exists():
+                self._unclaim(final)
 
 
 class IsoSR(_DirectorySR):
@@ -264,16 +385,22 @@ class IsoSR(_DirectorySR):
             if path.suffix.lower() == ".iso" and path.is_file():
                 uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"xapid-iso:{path.resolve()}"))
                 size = path.stat().st_size
-                disks.append(DiskFile(uuid, path.name, size, size, "iso"))
+                disks.append(DiskFile(uuid, path.name, size, size, "iso", False))
         return disks, [], []
 
 
 SR_TYPES = {"file": FileSR, "iso": IsoSR}
 
 
-def open_sr(sr_type: str, device_config: dict[str, str], disk_format: str = "raw") -> FileSR | IsoSR:
-    """The SR driver for a type and its device_config (``location`` = the directory)."""
+def open_sr(sr_type: str, device_config: dict[str, str], disk_format: str = "raw",
+            roots: StorageRoots | None = None) -> FileSR | IsoSR:
+    """The SR driver for a type and its device_config (``location`` = the directory), checked
+    against *roots* when given (StorageError naming why a location is refused)."""
     location = device_config.get("location") or device_config.get("path")
+    if sr_type not in SR_TYPES:
+        raise UnknownSRType(sr_type)
+    if roots is not None:
+        location = roots.check(device_config)
     if not location:
         raise StorageError("device_config needs a 'location' (the directory)")
     if sr_type == "file":

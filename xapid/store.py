@@ -6,11 +6,23 @@ current, drop the object's cached wire encodings, and emit a :class:`Change` to 
 listener — handlers never send events themselves.  Writes apply in memory at once; the
 :class:`Committer` makes them durable in batches (one SQLite transaction, WAL, synchronous
 FULL) and :meth:`Store.flush` tells when everything written so far is on disk.
+
+Durability (README, "state dir"): a call's writes are flushed before it is answered, and an
+``Async.*`` task's before it turns ``success`` (:mod:`xapid.tasks`).  Writes made outside calls
+(the domain watch, housekeeping) are committed by the store on its own: the committer schedules
+a flush on the injected reactor :data:`COMMIT_DELAY` seconds after any write, so nothing waits
+for someone else's flush.  A commit that fails (disk full, I/O error) is rolled back in memory:
+every object with an uncommitted write gets back its last committed image, listeners hear of
+the rollback as ordinary changes (mod, or add/del for objects that come back or go away), and
+every waiting flush fails with a clear INTERNAL_ERROR (:func:`commit_error`) — nothing that was
+refused is saved later.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import sqlite3
 import uuid as uuidlib
 from datetime import datetime
@@ -23,11 +35,36 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from xapid.apitypes import NULL_REF, format_datetime, from_json
-from xapid.errors import handle_invalid
+from xapid.errors import XenAPIError, handle_invalid, internal_error_with_id
 from xapid.runner import Runner
 from xapid.schema import Schema
 
 log = Logger()
+
+COMMIT_DELAY = 0.05  # s: a write not followed by a flush is committed this soon on its own
+
+DISK_FULL = ("the disk holding xapid's state database is full (no space left on device): the change was not "
+             "saved and has been undone; free some space and try again")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether *exc* (from SQLite or the OS) means the file system is full."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def commit_error(exc: BaseException) -> XenAPIError:
+    """What a caller whose writes could not be committed is told: INTERNAL_ERROR saying the disk is
+    full, or an INTERNAL_ERROR with a short id that the log line repeats (never the exception text)."""
+    if isinstance(exc, XenAPIError):
+        return exc
+    if is_disk_full(exc):
+        return XenAPIError("INTERNAL_ERROR", DISK_FULL)
+    incident, error = internal_error_with_id()
+    log.error("the state database could not be written (internal error id {incident}): {error}",
+              incident=incident, error=repr(exc))
+    return error
 
 
 def new_ref() -> str:
@@ -97,6 +134,10 @@ class Store:
         self._plain_refs: dict[str, list[tuple[str, str]]] = {}
         self._refreshers: dict[str, Callable[[Obj], None]] = {}
         self.seq = 0
+        self.rollbacks = 0  # failed commits undone in memory so far (see _rollback)
+        self.rollback_error: XenAPIError | None = None  # what the last one answered
+        if committer is not None:
+            committer.store = self
 
     # -- reading -------------------------------------------------------------------------
 
@@ -175,6 +216,7 @@ class Store:
         if "uuid" in spec.fields and not record.get("uuid"):
             record["uuid"] = str(uuidlib.uuid4())
         ref = ref or new_ref()
+        self._remember(cls, ref, self._objects.get(ref))
         obj = Obj(cls, ref, record)
         self._index(obj)
         self._apply_derivers(obj)
@@ -190,6 +232,7 @@ class Store:
         if not changed:
             return
         old = {k: fields.get(k) for k in changed}
+        self._remember(obj.cls, ref, obj)
         self._unindex_names(obj)
         fields.update(changed)
         self._index_names(obj)
@@ -231,7 +274,9 @@ class Store:
 
     def touch(self, ref: str) -> None:
         """Emit a mod for an object without changing it (event.inject)."""
-        self._emit(self.get(ref), "mod")
+        obj = self.get(ref)
+        self._remember(obj.cls, ref, obj)
+        self._emit(obj, "mod")
 
     def remove(self, ref: str) -> None:
         """Delete an object; references to it in mirrored sets disappear too, and objects
@@ -246,6 +291,7 @@ class Store:
             for other in list(self._by_class[other_cls].values()):
                 if other.fields.get(ref_field) == ref:
                     self.update(other.ref, {ref_field: NULL_REF})
+        self._remember(obj.cls, ref, obj)
         del self._objects[ref]
         del self._by_class[obj.cls][ref]
         if "uuid" in obj.fields:
@@ -275,17 +321,54 @@ class Store:
         """Fill the store from the committer's database (at start, before serving)."""
         if self._committer is None:
             return
+        cleaned: list[Obj] = []
         for cls, ref, data in self._committer.database.read_all():
             spec = self.schema.classes.get(cls)
             if spec is None or not spec.persist:
                 continue
-            record = spec.defaults()
-            for name, value in data.items():
-                f = spec.fields.get(name)
-                if f is not None:
-                    record[name] = from_json(f.type, value)
-            self._index(Obj(cls, ref, record))
+            record = self._decode(spec, data)
+            obj = Obj(cls, ref, record)
+            if self._clean_floats(obj):
+                cleaned.append(obj)
+            self._index(obj)
         self._rebuild_inverses()
+        for obj in cleaned:  # saved cleaned with the next commit (build_api flushes after start-up)
+            self._committer.record(obj.cls, obj.ref, obj.fields)
+        self._committer.release()
+
+    def _decode(self, spec: Any, data: dict[str, Any]) -> dict[str, Any]:
+        """A record from its stored JSON (as :meth:`load` reads it)."""
+        record = spec.defaults()
+        for name, value in data.items():
+            f = spec.fields.get(name)
+            if f is not None:
+                record[name] = from_json(f.type, value)
+        return record
+
+    def _clean_floats(self, obj: Obj) -> bool:
+        """Reset NaN and ±Infinity (saved by an older xapid; the wires refuse them now) in float
+        fields, and in sets and maps of floats, to the field's default (0.0); one warning per field."""
+        spec = self.schema.classes[obj.cls]
+        changed = False
+        for name, value in obj.fields.items():
+            f = spec.fields.get(name)
+            if f is None:
+                continue
+            t = f.type
+            if t.kind == "float" and isinstance(value, float) and not math.isfinite(value):
+                default = f.default if isinstance(f.default, float) and math.isfinite(f.default) else 0.0
+                obj.fields[name] = default
+            elif t.kind in ("set", "map") and t.elem is not None and t.elem.kind == "float" and any(
+                    isinstance(v, float) and not math.isfinite(v) for v in (value.values() if t.kind == "map" else value)):
+                default = 0.0
+                obj.fields[name] = ({k: _finite(v) for k, v in value.items()} if t.kind == "map"
+                                    else [_finite(v) for v in value])
+            else:
+                continue
+            changed = True
+            log.warn("{cls} {ref}: field {field} held a non-finite float ({value}) saved by an older xapid; "
+                     "reset to {default}", cls=obj.cls, ref=obj.ref, field=name, value=repr(value), default=default)
+        return changed
 
     # -- internals -----------------------------------------------------------------------
 
@@ -328,17 +411,87 @@ class Store:
         for deriver in self._derivers.get(obj.cls, ()):
             obj.fields.update(deriver(self, obj))
 
+    def _remember(self, cls: str, ref: str, obj: Obj | None) -> None:
+        """Before a write: keep the object's image (None: absent) unless it has an uncommitted
+        write already, so a failed commit can put it back (:meth:`_rollback`)."""
+        committer = self._committer
+        if committer is not None and ref not in committer.before and self.schema.classes[cls].persist:
+            committer.before[ref] = (cls, "live", None if obj is None else {
+                k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in obj.fields.items()})
+
     def _emit(self, obj: Obj, op: str) -> None:
-        obj.cache.clear()
-        self.seq += 1
         spec = self.schema.classes[obj.cls]
         if self._committer is not None and spec.persist:
             self._committer.record(obj.cls, obj.ref, None if op == "del" else obj.fields)
             if self._txn_depth == 0:
                 self._committer.release()
+        self._notify(obj, op)
+
+    def _notify(self, obj: Obj, op: str) -> None:
+        obj.cache.clear()
+        self.seq += 1
         change = Change(self.seq, obj.cls, op, obj.ref)
         for listener, _ in list(self._listeners):
             listener(change)
+
+    def _rollback(self, images: dict[str, tuple[str, str, Any]], error: XenAPIError) -> None:
+        """A commit failed: every object with an uncommitted write gets back its last committed
+        image (*images*: ref -> (class, "live" fields or "json" text, or None: absent)), and
+        listeners hear of each object put back (mod, add or del), so no watcher keeps a phantom."""
+        self.rollbacks += 1
+        self.rollback_error = error
+        touched: list[tuple[Obj, str]] = []
+        for ref, (cls, kind, image) in images.items():
+            spec = self.schema.classes[cls]
+            record = image if kind == "live" or image is None else self._decode(spec, json.loads(image))
+            current = self._objects.get(ref)
+            if current is not None:
+                self._unindex_names(current)
+                if self._by_uuid.get(current.fields.get("uuid")) == ref:
+                    del self._by_uuid[current.fields["uuid"]]
+            if record is None:
+                if current is not None:
+                    del self._objects[ref]
+                    del self._by_class[current.cls][ref]
+                    touched.append((current, "del"))
+            elif current is not None:
+                current.fields.clear()
+                current.fields.update(record)
+                self._index(current)
+                touched.append((current, "mod"))
+            else:
+                obj = Obj(cls, ref, record)
+                self._index(obj)
+                touched.append((obj, "add"))
+        done = {obj.ref for obj, _ in touched}
+        repaired = [obj for obj in self._repair_inverses() if obj.ref not in done]
+        for obj, op in touched + [(obj, "mod") for obj in repaired]:
+            if op != "del":
+                self._apply_derivers(obj)
+            self._notify(obj, op)
+        log.warn("a failed commit was rolled back: {count} object(s) put back as last committed", count=len(touched))
+
+    def _repair_inverses(self) -> list[Obj]:
+        """Bring mirrored sets in step with the ref fields after a rollback (members kept in
+        their order); returns the objects whose sets changed."""
+        changed: dict[str, Obj] = {}
+        for (cls, ref_field), mirrors in self.schema.inverses.items():
+            for other_cls, set_field in mirrors:
+                sets: dict[str, list[str]] = {r: [] for r in self._by_class[other_cls]}
+                for obj in self._by_class[cls].values():
+                    target = obj.fields.get(ref_field)
+                    if target in sets:
+                        sets[target].append(obj.ref)
+                for target, members in sets.items():
+                    obj = self._by_class[other_cls][target]
+                    current = obj.fields.get(set_field) or []
+                    wanted = set(members)
+                    if set(current) != wanted:
+                        keep = [r for r in current if r in wanted]
+                        kept = set(keep)
+                        obj.fields[set_field] = keep + [r for r in members if r not in kept]
+                        changed[target] = obj
+        return list(changed.values())
 
     def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any]) -> None:
         """Keep mirrored sets (``inverse``) in step with a change of ref fields of *ref*."""
@@ -400,6 +553,10 @@ class LiveBatch:
         self.refs.append(ref)
 
 
+def _finite(value: Any) -> Any:
+    return 0.0 if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _dump(fields: dict[str, Any]) -> str:
     return json.dumps(fields, separators=(",", ":"), default=_json_default)
 
@@ -415,6 +572,7 @@ class Database:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.closed = False
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -437,10 +595,15 @@ class Database:
                                 "ON CONFLICT(ref) DO UPDATE SET data = excluded.data", (ref, cls, data))
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            if self._conn.in_transaction:  # SQLite has already rolled back after e.g. SQLITE_FULL
+                try:
+                    cur.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error is the one to report
             raise
 
     def close(self) -> None:
+        self.closed = True
         self._conn.close()
 
 
@@ -449,12 +612,23 @@ class Committer:
 
     Only one batch is in flight at a time; writes arriving meanwhile form the next batch.
     Writes inside a store transaction are held back until it ends, so a batch never holds
-    half of a transaction.
+    half of a transaction.  With *clock* (the reactor), a flush is scheduled *delay* seconds
+    after any write, so writes that no call flushes are committed all the same.
+
+    ``before`` keeps, for every object with an uncommitted write, its last committed image
+    (filled by the store before each write); a failed commit hands them to the store's
+    ``_rollback`` and fails every waiting flush with :func:`commit_error`.  Nothing of a failed
+    batch is retried.
     """
 
-    def __init__(self, database: Database, runner: Runner):
+    def __init__(self, database: Database, runner: Runner, clock: Any = None, delay: float = COMMIT_DELAY):
         self.database = database
         self._runner = runner
+        self._clock = clock
+        self._delay = delay
+        self._scheduled: Any = None
+        self.store: Store | None = None  # set by the Store it serves
+        self.before: dict[str, tuple[str, str, Any]] = {}
         # ref -> (class, the live fields or None when deleted); serialised when a batch is taken,
         # so an object changed many times between commits is encoded once
         self._held: dict[str, tuple[str, dict[str, Any] | None]] = {}
@@ -471,6 +645,14 @@ class Committer:
         if self._held:
             self._ready.update(self._held)
             self._held = {}
+        if self._ready and self._clock is not None and self._scheduled is None:
+            self._scheduled = self._clock.callLater(self._delay, self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        """The store's own commit of writes no call flushed (a failure is logged and rolled back)."""
+        self._scheduled = None
+        if not self.database.closed:
+            self.flush().addErrback(lambda _: None)
 
     def flush(self) -> Deferred:
         d: Deferred = Deferred()
@@ -491,23 +673,35 @@ class Committer:
         waiters, self._ready_waiters = self._ready_waiters, []
         self._inflight_waiters = waiters
 
-        def finish(error: BaseException | None) -> None:
+        def done(_: Any) -> None:
+            for ref, (cls, data) in batch.items():
+                if ref in self._ready or ref in self._held:  # written again meanwhile: this is its committed image
+                    self.before[ref] = (cls, "json", data)
+                else:
+                    self.before.pop(ref, None)
             finished, self._inflight_waiters = self._inflight_waiters or [], None
             for w in finished:
-                if error is None:
-                    w.callback(None)
-                else:
-                    w.errback(error)
-
-        def done(_: Any) -> None:
-            finish(None)
+                w.callback(None)
             self._kick()
 
         def failed(failure: Any) -> None:
             self.failed = failure.value
-            log.failure("committing {count} objects to {path} failed", failure, count=len(batch),
-                        path=str(self.database.path))
-            self._ready = {**taken, **self._ready}  # kept for the next flush to retry
-            finish(failure.value)
+            if is_disk_full(failure.value):
+                log.error("committing {count} objects to {path} failed: the disk is full ({error}); "
+                          "rolling back", count=len(batch), path=str(self.database.path), error=str(failure.value))
+            else:
+                log.failure("committing {count} objects to {path} failed; rolling back", failure, count=len(batch),
+                            path=str(self.database.path))
+            error = commit_error(failure.value)
+            # everything not committed is undone: this batch and the writes made since, whose
+            # waiters fail too (they may build on what was refused)
+            images, self.before = self.before, {}
+            self._ready, self._held = {}, {}
+            waiters = (self._inflight_waiters or []) + self._ready_waiters
+            self._inflight_waiters, self._ready_waiters = None, []
+            if self.store is not None:
+                self.store._rollback(images, error)
+            for w in waiters:
+                w.errback(error)
 
         self._runner.run(self.database.write, batch).addCallbacks(done, failed)

@@ -49,7 +49,7 @@ CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 HTTP_1_1 = b"http/1.1"
 OWN_DIR = "tls"
 OWN_PEM = "xapid.pem"  # private key + certificate, mode 0600: what the daemon serves
-OWN_CRT = "xapid.crt"  # the certificate alone, mode 0644: what clients trust
+OWN_CRT = "xapid.crt"  # the certificate alone, mode 0600 like everything in the state dir: what clients trust (copy it to them)
 KEY_BITS = 2048
 VALIDITY_DAYS = 3650  # like xapi's first-boot host certificate
 DEFAULT_BACKLOG = 50  # Twisted's ssl: default
@@ -402,7 +402,7 @@ def generate_own_certificate(state_dir: str | Path) -> x509.Certificate:
                                 serialization.NoEncryption())
     cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
     _write_atomically(pem_path, key_pem + cert_pem, 0o600)
-    _write_atomically(crt_path, cert_pem, 0o644)
+    _write_atomically(crt_path, cert_pem, 0o600)
     return certificate
 
 

@@ -107,6 +107,11 @@ class UsersFile:
         with self._lock:
             return [entry.user for _, entry in sorted(self._contents.entries.items())]
 
+    def credentials(self) -> dict[str, tuple[str, str]]:
+        """Every user's (role, password hash) in the loaded table: what revocation compares."""
+        with self._lock:
+            return {name: (entry.user.role, entry.hash) for name, entry in self._contents.entries.items()}
+
     def verify(self, name: str, password: str) -> User | None:
         """The user if *password* is theirs, else None; one bcrypt check either way."""
         with self._lock:

@@ -63,6 +63,7 @@ from xapid.backend.interface import (
 )
 from xapid.backend.specs import (
     MIN_DOMAIN_MEMORY,
+    BootPolicy,
     check_limits,
     spec_to_json,
     validate_disk,
@@ -318,6 +319,7 @@ class SimBackend:
             raise ValueError(f"dom0 ({dom0_usage} bytes) does not fit in {memory} bytes")
         self._dir = pathlib.Path(state_dir)
         self._clock = clock
+        self.boot_policy = BootPolicy.default()  # the daemon sets the configured one ([security])
         self._listener: Callable[[str], Any] | None = None
         self._cpus = cpus
         self._memory = memory
@@ -834,10 +836,9 @@ class SimBackend:
         if dom.ignores_requests() or self._shutdown_delay > timeout:
             raise ShutdownTimeout(f"domain {dom.domid} did not {request} within {timeout}s")
 
-    @staticmethod
-    def _check_buildable(state: _State, spec: DomainSpec) -> None:
-        """Refuse an invalid spec or one whose handle is taken."""
-        validate_spec(spec)
+    def _check_buildable(self, state: _State, spec: DomainSpec) -> None:
+        """Refuse an invalid spec (host paths as the xen driver judges them) or one whose handle is taken."""
+        validate_spec(spec, self.boot_policy)
         if spec.uuid in state.domains:
             raise InvalidSpec(f"a domain with handle {spec.uuid} already exists")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from xapid.backend.interface import DiskSpec, NicSpec
 from xapid.errors import XenAPIError, operation_not_allowed, vm_bad_power_state
-from xapid.storage import StorageError, UnknownSRType, open_sr
+from xapid.storage import StorageError, StorageRoots, UnknownSRType, open_sr
 
 PV_DISK_SLOTS = 16
 HVM_DISK_SLOTS = 4
@@ -62,6 +62,14 @@ async def run_storage(ctx: Any, fn: Any, *args: Any) -> Any:
         raise storage_error(error) from None
 
 
+def sr_roots(ctx: Any) -> StorageRoots:
+    """Where SRs may live: ``[storage] roots``, by default the state dir and the first-start SRs' dirs."""
+    storage, state_dir = ctx.api.storage, str(ctx.api.state_dir)
+    if storage is None:
+        return StorageRoots.build((), state_dir)
+    return StorageRoots.build(storage.roots, state_dir, storage.local_sr, storage.iso_library)
+
+
 def sr_driver(ctx: Any, sr_ref: str) -> Any:
     """The storage driver of an SR through its PBD on this host (SR_HAS_NO_PBDS without one)."""
     store = ctx.store
@@ -70,7 +78,7 @@ def sr_driver(ctx: Any, sr_ref: str) -> Any:
     if not pbds:
         raise XenAPIError("SR_HAS_NO_PBDS", sr_ref)
     try:
-        return open_sr(sr.fields["type"], pbds[0].fields["device_config"], ctx.api.disk_format)
+        return open_sr(sr.fields["type"], pbds[0].fields["device_config"], ctx.api.disk_format, sr_roots(ctx))
     except StorageError as error:
         raise storage_error(error, sr_ref) from None
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from xapid.apitypes import coerce
-from xapid.errors import XenAPIError, field_type_error, handle_invalid, uuid_invalid
+from xapid.errors import XenAPIError, field_type_error, handle_invalid, invalid_value, uuid_invalid
 from xapid.schema import MessageSpec
 from xapid.store import CachedRecord
+from xapid.wire.values import DEFAULT_LIMITS
 
 
 def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -28,10 +29,21 @@ def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
             if f.create == "required":
                 raise field_type_error(f.name)
             continue
-        value = coerce(f.type, args[f.name], f.name, schema.enums)
+        value = coerce(f.type, args[f.name], f.name, schema.enums, ctx.api.limits or DEFAULT_LIMITS)
         check_refs(ctx, f.type, value)
+        check_field(ctx, cls, f.name, value)
         fields[f.name] = value
     return fields
+
+
+#: (class, field) -> check(ctx, value) run by create and the generated setter; raises XenAPIError
+FIELD_CHECKS: dict[tuple[str, str], Callable[[Any, Any], None]] = {}
+
+
+def check_field(ctx: Any, cls: str, field: str, value: Any) -> None:
+    check = FIELD_CHECKS.get((cls, field))
+    if check is not None:
+        check(ctx, value)
 
 
 def check_refs(ctx: Any, t: Any, value: Any) -> None:
@@ -54,6 +66,7 @@ def _get(ctx, spec, ref):
 
 def _set(ctx, spec, ref, value):
     check_refs(ctx, spec.field.type, value)
+    check_field(ctx, spec.cls, spec.field.name, value)
     ctx.store.update(ref, {spec.field.name: value})
     return ""
 
@@ -61,9 +74,17 @@ def _set(ctx, spec, ref, value):
 def _add(ctx, spec, ref, value):
     current = ctx.store.get(ref, spec.cls).fields[spec.field.name]
     if value not in current:
+        _room(ctx, spec, current)
         check_refs(ctx, spec.field.type.elem, value)
         ctx.store.update(ref, {spec.field.name: [*current, value]})
     return ""
+
+
+def _room(ctx, spec, current):
+    """A set or map may not grow past ``[limits] max_collection_items`` one add at a time either."""
+    limit = (ctx.api.limits or DEFAULT_LIMITS).max_collection_items
+    if len(current) >= limit:
+        raise invalid_value(spec.field.name, f"{len(current) + 1} items (at most {limit})")
 
 
 def _remove(ctx, spec, ref, value):
@@ -77,6 +98,7 @@ def _add_to(ctx, spec, ref, key, value):
     current = obj.fields[spec.field.name]
     if str(key) in current:
         raise XenAPIError("MAP_DUPLICATE_KEY", spec.cls, spec.field.name, obj.fields.get("uuid", ref), key)
+    _room(ctx, spec, current)
     ctx.store.update(ref, {spec.field.name: {**current, str(key): value}})
     return ""
 

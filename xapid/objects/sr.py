@@ -14,7 +14,7 @@ from typing import Any
 
 from xapid.errors import XenAPIError
 from xapid.objects import message
-from xapid.objects.devices import run_storage, sr_driver, storage_error
+from xapid.objects.devices import run_storage, sr_driver, sr_roots, storage_error
 from xapid.storage import SR_TYPES, StorageError, open_sr
 
 
@@ -22,9 +22,12 @@ async def reconcile(ctx: Any, sr_ref: str) -> None:
     """Bring the SR's VDIs in line with its directory and refresh its sizes."""
     store = ctx.store
     driver = sr_driver(ctx, sr_ref)
-    disks, deleting, partial = await run_storage(ctx, driver.scan)
     sr = store.get(sr_ref, "SR")
     known = {store.get(v).fields["location"]: store.get(v) for v in sr.fields["VDIs"]}
+    if hasattr(driver, "mark_known"):
+        await run_storage(ctx, driver.mark_known,
+                          [location for location, vdi in known.items() if not vdi.fields["read_only"]])
+    disks, deleting, partial = await run_storage(ctx, driver.scan)
     for location in deleting:
         if location in known:
             await run_storage(ctx, driver.unmark_deleting, location)  # destroy never committed: restore
@@ -53,7 +56,9 @@ async def reconcile(ctx: Any, sr_ref: str) -> None:
                 store.add("VDI", {
                     "uuid": uuid, "SR": sr_ref, "location": location, "name_label": location,
                     "virtual_size": disk.virtual_size, "physical_utilisation": disk.physical_utilisation,
-                    "type": "user", "read_only": driver.read_only, "sharable": driver.read_only, "managed": True,
+                    # a file xapid did not create is adopted read-only: never written, resized or deleted
+                    "type": "user", "read_only": driver.read_only or not disk.owned, "sharable": driver.read_only,
+                    "managed": True,
                     "sm_config": {"type": disk.format}, "other_config": {},
                 })
         update_sizes(ctx, sr_ref, stats.physical_size, stats.physical_utilisation)
@@ -75,9 +80,10 @@ async def refresh_sizes(ctx: Any, sr_ref: str) -> None:
     update_sizes(ctx, sr_ref, stats.physical_size, stats.physical_utilisation)
 
 
-def _driver_for(sr_type: str, device_config: dict[str, str], disk_format: str) -> Any:
+def _driver_for(ctx: Any, sr_type: str, device_config: dict[str, str]) -> Any:
+    """The SR's driver; SR_BACKEND_FAILURE for a location outside ``[storage] roots`` or not local."""
     try:
-        return open_sr(sr_type, device_config, disk_format)
+        return open_sr(sr_type, device_config, ctx.api.disk_format, sr_roots(ctx))
     except StorageError as error:
         raise storage_error(error) from None
 
@@ -90,7 +96,7 @@ async def _introduce(ctx: Any, uuid: str, name_label: str, name_description: str
         raise XenAPIError("SR_UNKNOWN_DRIVER", type)
     if uuid and store.by_uuid(uuid) is not None:
         raise XenAPIError("INVALID_VALUE", "uuid", uuid)
-    driver = _driver_for(type, device_config, ctx.api.disk_format) if device_config is not None else None
+    driver = _driver_for(ctx, type, device_config) if device_config is not None else None
     if driver is not None:
         await run_storage(ctx, driver.attach, create)
     with store.transaction():
@@ -198,7 +204,7 @@ async def pbd_plug(ctx: Any, self: str) -> str:
     if pbd.fields["currently_attached"]:
         return ""
     sr = ctx.store.get(pbd.fields["SR"], "SR")
-    driver = _driver_for(sr.fields["type"], pbd.fields["device_config"], ctx.api.disk_format)
+    driver = _driver_for(ctx, sr.fields["type"], pbd.fields["device_config"])
     await run_storage(ctx, driver.attach, False)
     ctx.store.update(self, {"currently_attached": True})
     await reconcile(ctx, sr.ref)

@@ -9,8 +9,9 @@ from xapid.objects import message
 
 @message("task.create")
 def create(ctx: Any, label: str, description: str) -> str:
-    """A pending task the client drives itself (and may cancel)."""
-    return ctx.api.tasks.create(label, description, cancellable=True)
+    """A pending task the client drives itself (and may cancel), owned by the calling session:
+    capped while pending, destroyed when the session ends."""
+    return ctx.api.tasks.create_for_client(ctx.session, label, description)
 
 
 @message("task.destroy")

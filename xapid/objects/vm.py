@@ -7,12 +7,14 @@ after the effect succeeded records the new state in the store.
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from xapid.apitypes import NULL_REF
 from xapid.backend.interface import DomainInfo, DomainSpec
+from xapid.backend.specs import BootPolicy, PathRefused
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
 from xapid.objects.devices import disk_spec, domain_type, nic_spec, remove_device
@@ -46,7 +48,7 @@ def check_vcpus(fields: dict[str, Any]) -> None:
 
 def _int_param(params: dict[str, str], key: str, default: int) -> int:
     value = params.get(key, "")
-    return int(value) if value.isdigit() else default
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else default  # never int()'s digit limit
 
 
 def domain_spec(ctx: Any, vm: Any) -> DomainSpec:
@@ -133,6 +135,26 @@ def _bootable(vm: Any) -> None:
     f = vm.fields
     if domain_type(f) == "pv" and not (f["PV_kernel"] or f["PV_bootloader"]):
         raise XenAPIError("VALUE_NOT_SUPPORTED", "PV_kernel", "", "a PV guest needs PV_kernel or PV_bootloader")
+
+
+# -- host paths: PV_kernel, PV_ramdisk, PV_bootloader(_args) ([security], issue 13) ---------
+
+
+def _boot_check(judge: Callable[[Any, str], str]) -> Callable[[Any, str], None]:
+    def check(ctx: Any, value: str) -> None:
+        try:
+            judge(ctx.api.boot or BootPolicy.default(str(ctx.api.state_dir)), value)
+        except PathRefused as refused:
+            raise XenAPIError("INVALID_VALUE", refused.field, refused.value, refused.reason) from None
+    return check
+
+
+generic.FIELD_CHECKS.update({
+    ("VM", "PV_kernel"): _boot_check(lambda policy, value: policy.boot_file("PV_kernel", value)),
+    ("VM", "PV_ramdisk"): _boot_check(lambda policy, value: policy.boot_file("PV_ramdisk", value)),
+    ("VM", "PV_bootloader"): _boot_check(BootPolicy.bootloader),
+    ("VM", "PV_bootloader_args"): _boot_check(BootPolicy.bootloader_args),
+})
 
 
 # -- create / destroy ---------------------------------------------------------------------

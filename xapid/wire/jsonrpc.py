@@ -8,6 +8,7 @@ v2: ``{"jsonrpc": "2.0", "result": …, "id": …}`` with no ``error`` key on su
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 import re
@@ -15,7 +16,7 @@ from json.encoder import encode_basestring, encode_basestring_ascii  # type: ign
 from typing import Any
 
 from xapid.apitypes import format_datetime
-from xapid.wire.values import Int32, Limits, WireError
+from xapid.wire.values import HugeInt, Int32, Limits, WireError, parse_int
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ def _encode(value: Any, out: list[bytes]) -> None:
             _encode(v, out)
         out.append(b"]")
     elif t is float:
-        out.append(json.dumps(value).encode())
+        if not math.isfinite(value):  # NaN/Infinity are not JSON: a strict parser refuses the whole reply
+            raise ValueError(f"non-finite float {value!r} cannot be sent")
+        out.append(json.dumps(value, allow_nan=False).encode())
     elif value is None:
         out.append(b"null")
     elif isinstance(value, datetime):
@@ -102,7 +105,9 @@ def decode_call(body: bytes, limits: Limits) -> JsonCall:
     if len(body) > limits.max_body:
         raise WireError(f"request body larger than {limits.max_body} bytes")
     try:
-        doc = json.loads(body)
+        # NaN, Infinity and numbers overflowing to inf decode as floats that apitypes.coerce
+        # refuses with the parameter's name; over-long ints never meet int()'s digit limit
+        doc = json.loads(body, parse_int=parse_int)
     except (ValueError, RecursionError) as exc:
         raise WireError(f"malformed JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -114,7 +119,7 @@ def decode_call(body: bytes, limits: Limits) -> JsonCall:
         raise WireError("JSON-RPC request without a method")
     if "id" not in doc or doc["id"] is None:
         raise WireError("JSON-RPC notifications (no id) are not accepted")
-    if not isinstance(doc["id"], (str, int)) or isinstance(doc["id"], bool):
+    if not isinstance(doc["id"], (str, int)) or isinstance(doc["id"], (bool, HugeInt)):
         raise WireError("a JSON-RPC id must be a string or an integer")
     params = doc.get("params", [])
     if isinstance(params, dict):

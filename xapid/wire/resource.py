@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xapid.errors import XenAPIError
+from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.wire import jsonrpc, xmlrpc
 from xapid.wire.http import HttpFactory, HttpRequest, HttpResponse, HttpSettings
 from xapid.wire.values import Limits, WireError
@@ -126,8 +126,9 @@ class ApiHandler:
                 return failure  # the client went away
             error = failure.value if failure.check(XenAPIError) else None
             if error is None:
-                log.failure("unexpected failure answering {method}", failure, method=method)
-                error = XenAPIError("INTERNAL_ERROR", str(failure.value))
+                incident, error = internal_error_with_id()
+                log.failure("unexpected failure answering {method} (internal error id {incident})", failure,
+                            method=method, incident=incident)
             if is_json:
                 return HttpResponse(200, jsonrpc.failure(call, error.description), JSON)
             return HttpResponse(200, xmlrpc.failure(error.description), XML)

@@ -8,6 +8,7 @@ the declaration exactly ``<?xml version="1.0"?>`` — what the npm ``xen-api`` c
 from __future__ import annotations
 
 import base64
+import math
 import re
 import xmlrpc.client
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from lxml import etree
 
 from xapid.apitypes import format_datetime
-from xapid.wire.values import Int32, Limits, WireError
+from xapid.wire.values import Int32, Limits, WireError, parse_int
 
 _PARSER = etree.XMLParser(
     resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=True,
@@ -62,7 +63,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
             name = escape(k if type(k) is str else str(k))
             tv = type(v)
             if tv is float:
-                run.append(f"<member><name>{name}</name><value><double>{v!r}</double></value></member>")
+                run.append(f"<member><name>{name}</name><value><double>{_double(v)}</double></value></member>")
             elif tv is str:
                 run.append(f"<member><name>{name}</name><value>{escape(v)}</value></member>")
             elif tv is int:
@@ -81,7 +82,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
             _encode(v, out)
         out.append(b"</data></array></value>")
     elif t is float:
-        out.append(b"<value><double>" + repr(value).encode() + b"</double></value>")
+        out.append(b"<value><double>" + _double(value).encode() + b"</double></value>")
     elif t is Int32:
         out.append(b"<value><i4>%d</i4></value>" % value)
     elif value is None:
@@ -98,6 +99,13 @@ def _encode(value: Any, out: list[bytes]) -> None:
         _encode(sorted(value), out)
     else:
         raise TypeError(f"cannot encode {t.__name__} as XML-RPC")
+
+
+def _double(value: float) -> str:
+    """A float's text; NaN and infinities have none in the API (refused on input, never sent)."""
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite float {value!r} cannot be sent")
+    return repr(value)
 
 
 _HEAD = HEADER.encode() + b"<methodResponse><params><param>"
@@ -203,7 +211,7 @@ def _decode(node: etree._Element, depth: int, max_depth: int) -> Any:
         if tag == "string":
             return text
         if tag in ("int", "i4", "i8"):
-            return int(text.strip())
+            return parse_int(text)
         if tag == "boolean":
             if text.strip() not in ("0", "1"):
                 raise WireError(f"bad boolean {text!r}")
@@ -308,9 +316,9 @@ def _fast_boolean(text: str) -> bool:
 
 _FAST_SCALARS: dict[str, Callable[[str], Any]] = {
     "string": str,
-    "int": lambda text: int(text.strip()),
-    "i4": lambda text: int(text.strip()),
-    "i8": lambda text: int(text.strip()),
+    "int": parse_int,
+    "i4": parse_int,
+    "i8": parse_int,
     "double": lambda text: float(text.strip()),
     "boolean": _fast_boolean,
 }
