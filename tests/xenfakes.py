@@ -200,7 +200,8 @@ class CompositeXenLight:
 
     FAKED = ("libxl_domain_create_new", "libxl_domain_create_restore", "libxl_domain_unpause",
              "libxl_domain_pause", "libxl_domain_destroy", "libxl_domain_suspend", "libxl_device_disk_add",
-             "libxl_device_disk_remove", "libxl_device_nic_add", "libxl_device_nic_remove")
+             "libxl_device_disk_remove", "libxl_device_nic_add", "libxl_device_nic_remove",
+             "libxl_set_memory_target", "libxl_wait_for_memory_target", "libxl_get_free_memory")
 
     def __init__(self, real: ctypes.CDLL, fake: ctypes.CDLL) -> None:
         self._real = real

@@ -456,44 +456,68 @@ int xc_domain_max_vcpus(xc_interface *xch, uint32_t domid, unsigned int max)
     return 0;
 }
 
+/* The scheduler: credit2 (stock Debian's default) when FAKE_XEN_SCHED=credit2, else credit.
+ * The calls of the other scheduler fail with EINVAL, as Xen's do. */
+static int credit2(void)
+{
+    const char *sched = getenv("FAKE_XEN_SCHED");
+    return sched != NULL && strcmp(sched, "credit2") == 0;
+}
+
 int xc_sched_id(xc_interface *xch, int *sched_id)
 {
-    *sched_id = XEN_SCHEDULER_CREDIT;
+    *sched_id = credit2() ? XEN_SCHEDULER_CREDIT2 : XEN_SCHEDULER_CREDIT;
+    return 0;
+}
+
+static int sched_get(uint32_t domid, int want2, uint16_t *weight, uint16_t *cap)
+{
+    LOCKED;
+    struct fake_dom *d = find_dom(domid);
+    if (credit2() != want2) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (d == NULL)
+        return -1;
+    *weight = d->weight;
+    *cap = d->cap;
+    return 0;
+}
+
+static int sched_set(uint32_t domid, int want2, uint16_t weight, uint16_t cap)
+{
+    LOCKED;
+    struct fake_dom *d = find_dom(domid);
+    if (credit2() != want2) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (d == NULL)
+        return -1;
+    d->weight = weight;
+    d->cap = cap;
     return 0;
 }
 
 int xc_sched_credit_domain_get(xc_interface *xch, uint32_t domid, struct xen_domctl_sched_credit *sdom)
 {
-    LOCKED;
-    struct fake_dom *d = find_dom(domid);
-    if (d == NULL)
-        return -1;
-    sdom->weight = d->weight;
-    sdom->cap = d->cap;
-    return 0;
+    return sched_get(domid, 0, &sdom->weight, &sdom->cap);
 }
 
 int xc_sched_credit_domain_set(xc_interface *xch, uint32_t domid, struct xen_domctl_sched_credit *sdom)
 {
-    LOCKED;
-    struct fake_dom *d = find_dom(domid);
-    if (d == NULL)
-        return -1;
-    d->weight = sdom->weight;
-    d->cap = sdom->cap;
-    return 0;
+    return sched_set(domid, 0, sdom->weight, sdom->cap);
 }
 
 int xc_sched_credit2_domain_get(xc_interface *xch, uint32_t domid, struct xen_domctl_sched_credit2 *sdom)
 {
-    errno = EINVAL; /* the fake host runs the credit scheduler */
-    return -1;
+    return sched_get(domid, 1, &sdom->weight, &sdom->cap);
 }
 
 int xc_sched_credit2_domain_set(xc_interface *xch, uint32_t domid, struct xen_domctl_sched_credit2 *sdom)
 {
-    errno = EINVAL;
-    return -1;
+    return sched_set(domid, 1, sdom->weight, sdom->cap);
 }
 
 int xc_version(xc_interface *xch, int cmd, void *arg)
@@ -513,6 +537,9 @@ int xc_version(xc_interface *xch, int cmd, void *arg)
         return 0;
     case XENVER_changeset:
         snprintf(arg, sizeof(xen_changeset_info_t), "fake");
+        return 0;
+    case XENVER_commandline:
+        snprintf(arg, sizeof(xen_commandline_t), "%s", getenv("FAKE_XEN_CMDLINE") ? getenv("FAKE_XEN_CMDLINE") : "");
         return 0;
     case XENVER_compile_info: {
         xen_compile_info_t *ci = arg;

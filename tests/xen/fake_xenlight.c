@@ -154,6 +154,22 @@ static int populate(uint32_t domid, const libxl_domain_config *cfg, int vcpus)
     return ok ? 0 : ERROR_FAIL;
 }
 
+/* As libxl applies b_info.sched_params: through the calls of the scheduler that runs. */
+static int set_sched_params(uint32_t domid, const libxl_domain_sched_params *params)
+{
+    int sched;
+    if (xc_sched_id(NULL, &sched) < 0)
+        return ERROR_FAIL;
+    uint16_t weight = params->weight == LIBXL_DOMAIN_SCHED_PARAM_WEIGHT_DEFAULT ? 256 : params->weight;
+    uint16_t cap = params->cap == LIBXL_DOMAIN_SCHED_PARAM_CAP_DEFAULT ? 0 : params->cap;
+    if (sched == XEN_SCHEDULER_CREDIT2) {
+        struct xen_domctl_sched_credit2 c2 = {.weight = weight, .cap = cap};
+        return xc_sched_credit2_domain_set(NULL, domid, &c2) < 0 ? ERROR_FAIL : 0;
+    }
+    struct xen_domctl_sched_credit c1 = {.weight = weight, .cap = cap};
+    return xc_sched_credit_domain_set(NULL, domid, &c1) < 0 ? ERROR_FAIL : 0;
+}
+
 static int build(libxl_domain_config *cfg, uint32_t *domid, uint64_t pages, uint64_t cpu_ns, int vcpus)
 {
     uint32_t id;
@@ -163,6 +179,8 @@ static int build(libxl_domain_config *cfg, uint32_t *domid, uint64_t pages, uint
                         pages ? pages * 4 : cfg->b_info.target_memkb, cfg->b_info.max_vcpus, vcpus, cpu_ns, &id) < 0)
         return errno == ENOMEM ? ERROR_NOMEM : ERROR_FAIL;
     int rc = populate(id, cfg, vcpus);
+    if (rc == 0)
+        rc = set_sched_params(id, &cfg->b_info.sched_params);
     if (rc) {
         xc_domain_destroy(NULL, id);
         return rc;
@@ -299,4 +317,87 @@ int fakexl_device_disk_remove(libxl_ctx *ctx, uint32_t domid, libxl_device_disk 
 int fakexl_device_nic_remove(libxl_ctx *ctx, uint32_t domid, libxl_device_nic *nic, const libxl_asyncop_how *ao_how)
 {
     return remove_device(domid, "vif", nic->devid);
+}
+
+/* libxl_set_memory_target (libxl_mem.c) on the fake host: the target in KiB, absolute or
+ * relative, refused above memory/static-max; with enforce the ceiling is target + videoram
+ * + LIBXL_MAXMEM_CONSTANT (1024 KiB); memory/target and /vm/<uuid>/memory (MiB) written. */
+int fakexl_set_memory_target(libxl_ctx *ctx, uint32_t domid, int64_t target_memkb, int relative, int enforce)
+{
+    char path[128], value[64], uuid[40];
+    int rc = ERROR_FAIL;
+    struct xs_handle *xs = xs_open(0);
+    if (xs == NULL)
+        return ERROR_FAIL;
+    unsigned int len;
+    snprintf(path, sizeof(path), "/local/domain/%u/memory/target", domid);
+    char *current = xs_read(xs, XBT_NULL, path, &len);
+    snprintf(path, sizeof(path), "/local/domain/%u/memory/static-max", domid);
+    char *max = xs_read(xs, XBT_NULL, path, &len);
+    snprintf(path, sizeof(path), "/local/domain/%u/memory/videoram", domid);
+    char *video = xs_read(xs, XBT_NULL, path, &len);
+    int64_t target = target_memkb + (relative && current ? strtoll(current, NULL, 10) : 0);
+    if (current == NULL || max == NULL || target < 0 || (domid != 0 && target > strtoll(max, NULL, 10))) {
+        rc = ERROR_INVAL;
+        goto out;
+    }
+    if (enforce && xc_domain_setmaxmem(NULL, domid, target + (video ? strtoll(video, NULL, 10) : 0) + 1024) < 0)
+        goto out;
+    snprintf(path, sizeof(path), "/local/domain/%u/memory/target", domid);
+    snprintf(value, sizeof(value), "%lld", (long long)target);
+    if (!put(xs, XBT_NULL, path, value))
+        goto out;
+    snprintf(path, sizeof(path), "/local/domain/%u/vm", domid);
+    char *vm = xs_read(xs, XBT_NULL, path, &len);
+    if (vm != NULL) {
+        snprintf(path, sizeof(path), "%s/memory", vm);
+        snprintf(value, sizeof(value), "%lld", (long long)(target / 1024));
+        put(xs, XBT_NULL, path, value);
+        free(vm);
+    }
+    (void)uuid;
+    rc = 0;
+out:
+    free(current);
+    free(max);
+    free(video);
+    xs_close(xs);
+    return rc;
+}
+
+/* libxl_wait_for_memory_target: until the domain's allocation reaches memory/target (the fake
+ * guests, dom0 included, balloon at once), ERROR_FAIL after wait_secs without progress. */
+int fakexl_wait_for_memory_target(libxl_ctx *ctx, uint32_t domid, int wait_secs)
+{
+    char path[128];
+    unsigned int len;
+    struct xs_handle *xs = xs_open(0);
+    if (xs == NULL)
+        return ERROR_FAIL;
+    snprintf(path, sizeof(path), "/local/domain/%u/memory/target", domid);
+    char *target = xs_read(xs, XBT_NULL, path, &len);
+    xs_close(xs);
+    if (target == NULL)
+        return ERROR_FAIL;
+    uint64_t want = strtoull(target, NULL, 10) / 4;
+    free(target);
+    for (int tick = 0; tick <= wait_secs * 100; tick++) {
+        xc_domaininfo_t info;
+        if (xc_domain_getinfolist(NULL, domid, 1, &info) != 1 || info.domain != domid)
+            return ERROR_DOMAIN_NOTFOUND;
+        if (info.tot_pages <= want)
+            return 0;
+        usleep(10000);
+    }
+    return ERROR_FAIL;
+}
+
+/* libxl_get_free_memory: the hypervisor's free memory in KiB. */
+int fakexl_get_free_memory(libxl_ctx *ctx, uint64_t *memkb)
+{
+    xc_physinfo_t info;
+    if (xc_physinfo(NULL, &info) < 0)
+        return ERROR_FAIL;
+    *memkb = info.free_pages * 4;
+    return 0;
 }

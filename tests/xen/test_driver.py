@@ -42,7 +42,7 @@ def clock() -> float:
 def spec(**changes: Any) -> DomainSpec:
     fields: dict[str, Any] = dict(
         uuid=str(uuidlib.uuid4()), name="guest", domain_type="pv", memory_static_max=512 * MiB,
-        memory_target=256 * MiB, vcpus_max=4, vcpus_at_startup=2, kernel="/boot/vmlinuz", cmdline="root=/dev/xvda1",
+        memory_target=256 * MiB, vcpus_max=4, vcpus_at_startup=2, kernel="/var/lib/xcp/guest/vmlinuz", cmdline="root=/dev/xvda1",
         vcpu_weight=512, vcpu_cap=50,
         disks=(DiskSpec("xvda", "/srv/disks/guest.img", "w"), DiskSpec("xvdd", "", "r", kind="cdrom")),
         nics=(NicSpec(0, "00:16:3e:00:00:01", "xenbr0"),),

@@ -188,6 +188,8 @@ class BackendError(Exception):
     """A driver refused or failed an operation.  ``code`` is a stable driver-level reason."""
 
     code = "BACKEND_FAILURE"
+    #: the hypervisor toolstack's own words for the failure (libxl's error lines), if any
+    diagnostics: tuple[str, ...] = ()
 
     def __init__(self, message: str, *details: str):
         super().__init__(message)

@@ -3,8 +3,10 @@ errors in this one place."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from xapid.backend.interface import (
@@ -32,7 +34,7 @@ def to_xenapi(error: BackendError, operation: str, vm: str = "", host: str = "",
         return XenAPIError("OPERATION_NOT_ALLOWED", f"{operation}: {error.message}")
     if isinstance(error, HypervisorUnavailable):
         return XenAPIError("HOST_OFFLINE", host)
-    return XenAPIError("INTERNAL_ERROR", f"{operation}: {error.message}")
+    return XenAPIError("INTERNAL_ERROR", f"{operation}: {error.message}", *error.diagnostics)
 
 
 class Hypervisor:
@@ -48,3 +50,11 @@ class Hypervisor:
         except BackendError as error:
             log.info("driver refused {method}: {error}", method=method, error=error.message)
             raise to_xenapi(error, method, vm=vm, timeout=timeout) from None
+        except (XenAPIError, CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - a driver bug: never a traceback to the client
+            incident = secrets.token_hex(4)
+            log.failure("driver call {method} failed unexpectedly (incident {incident})", method=method,
+                        incident=incident)
+            raise XenAPIError("INTERNAL_ERROR", f"{method}: unexpected driver failure, incident {incident} "
+                              f"in the xapid log") from None

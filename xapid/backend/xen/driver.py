@@ -4,14 +4,25 @@ How it acts, as a toolstack does:
 
 * domains are listed with one ``xc_domain_getinfolist``; a domain's handle is its VM uuid;
 * a build turns the :class:`DomainSpec` into libxl's JSON domain config
-  (:mod:`xapid.backend.xen.domconfig`), has libxl build it paused, applies the credit
-  scheduler parameters and unpauses it unless asked to keep it paused;
+  (:mod:`xapid.backend.xen.domconfig`), has libxl build it paused (libxl applies the
+  ``sched_params`` for whichever scheduler runs: credit, credit2, rtds, null) and unpauses it
+  unless asked to keep it paused; when memory is short dom0 is ballooned down first, as xl's
+  autoballoon does (``[xen] autoballoon``);
 * clean shutdown, reboot and suspend are requests written to the guest's
   ``control/shutdown`` (suspend through libxl, which does the same and saves the image);
   the driver then waits for the hypervisor to report the domain shut down, woken by the
   ``@releaseDomain`` watch, and gives up with :class:`ShutdownTimeout`;
-* the memory target is the guest's ``memory/target`` in xenstore (the balloon driver acts on
-  it), vCPU hot-plug its ``cpu/N/availability`` nodes;
+* the memory target is set by ``libxl_set_memory_target`` (``memory/target``, video RAM, PoD
+  target, ``/vm/<uuid>/memory``), vCPU hot-plug writes the ``cpu/N/availability`` nodes;
+* libxl runs children (hotplug scripts, bootloader, save helper, device model): the libxl
+  context is put in ``libxl_sigchld_owner_mainloop`` mode, and the reactor tells libxl about
+  every SIGCHLD (:class:`LibxlReaper`), with a 1 s poll as a safety net;
+* libxl's and libxc's diagnostics go to a log file (rotated by size); the error lines of a
+  failed call become the ``diagnostics`` of the :class:`BackendError` (the Xen-API error's
+  parameters);
+* xenstored and privcmd are probed every second; a lost connection is reopened with backoff
+  (watch re-armed, domains compared again); down longer than ``xenstored_timeout`` is fatal
+  (``on_fatal`` with one line: the daemon exits non-zero for systemd to restart it);
 * domains that shut down, crash or vanish on their own are reported to the listener given
   to :meth:`XenBackend.watch_domains`, from the ``@releaseDomain`` watch read in the reactor.
 
@@ -39,6 +50,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -65,6 +77,8 @@ from xapid.backend.interface import (
 )
 from xapid.backend.specs import (
     MIN_DOMAIN_MEMORY,
+    BootPolicy,
+    check_boot,
     check_limits,
     spec_from_json,
     spec_to_json,
@@ -79,7 +93,7 @@ from xapid.backend.xen.libs import (
     XenUnavailable,
     check_hypervisor,
 )
-from xapid.backend.xen.toollog import QuietLogger
+from xapid.backend.xen.toollog import FileLogger, QuietLogger
 from xapid.backend.xen.watches import WatchReader
 from xapid.backend.xen.xenctrl import (
     XcDomainInfo,
@@ -91,7 +105,7 @@ from xapid.backend.xen.xenctrl import (
     load_xenctrl,
 )
 from xapid.backend.xen.xenlight import XenLight, XenLightError, load_xenlight
-from xapid.backend.xen.xenstore import XenStore
+from xapid.backend.xen.xenstore import CONNECTION_LOST, XenStore
 
 log = Logger()
 
@@ -104,6 +118,47 @@ STATE_VERSION = 1
 VCPU_SETTLE = 2.0  # seconds a guest gets to act on vCPU hot-plug before the call returns
 MAXMEM_SLACK_KIB = 1024  # libxl's slack above the balloon target
 POLL = 0.5  # seconds between domain-table checks while waiting (the watch usually wakes us first)
+HEALTH_INTERVAL = 1.0  # seconds between probes of xenstored and privcmd (and libxl child reaping)
+BACKOFF_MAX = 10.0  # longest wait between reconnection attempts
+AUTOBALLOON_ATTEMPTS = 3  # as xl's freemem()
+AUTOBALLOON_WAIT = 10  # seconds dom0 may stall on its way to a lower target (libxl_wait_for_memory_target)
+DOM0_ADVICE_FREE = 256 * MiB  # below this much free memory with autoballoon off, start-up logs advice
+REAPER_KEY = "xapid-libxl-children"  # our entry in Twisted's reap registry (never a pid)
+PRIVCMD_LOST = frozenset({errno.EBADF, errno.ENODEV, errno.ENXIO, errno.EIO})
+
+
+class LibxlReaper:
+    """SIGCHLD → ``libxl_childproc_sigchld_occurred``, in the reactor thread.
+
+    Twisted owns SIGCHLD: its reactor installs a no-op handler with ``set_wakeup_fd`` and, when
+    woken, calls ``reapProcess()`` on every entry of ``twisted.internet.process.reapProcessHandlers``
+    (``_SIGCHLDWaker.doRead`` → ``reapAllProcesses``); each Twisted process reaps only its own
+    pid.  This object sits in that registry under a key that is no pid, so every SIGCHLD the
+    reactor sees also reaches libxl, which reaps only its own children (main-loop mode): both
+    sides reap selectively and Twisted's children are still reaped by Twisted.  The registry is
+    Twisted's (not public API); the driver's 1 s health tick calls :meth:`reapProcess` too, so a
+    reactor without signal handlers, or a change in Twisted, costs latency, not a hang.
+    """
+
+    def __init__(self, reap: Callable[[], None]) -> None:
+        self._reap = reap
+
+    def reapProcess(self) -> None:  # noqa: N802 - Twisted's name
+        try:
+            self._reap()
+        except Exception:  # noqa: BLE001 - never break Twisted's own reaping loop
+            log.failure("libxl child reaping failed")
+
+    def install(self) -> None:
+        from twisted.internet import process
+
+        process.reapProcessHandlers[REAPER_KEY] = self  # type: ignore[index]
+
+    def uninstall(self) -> None:
+        from twisted.internet import process
+
+        if process.reapProcessHandlers.get(REAPER_KEY) is self:  # type: ignore[call-overload]
+            del process.reapProcessHandlers[REAPER_KEY]  # type: ignore[arg-type]
 
 
 def _state_of(info: XcDomainInfo) -> str:
@@ -168,15 +223,37 @@ class XenBackend:
         xenlight_lib: Callable[[], Any] = load_xenlight,
         sysfs: pathlib.Path = pathlib.Path("/sys"),
         procfs: pathlib.Path = pathlib.Path("/proc"),
+        log_path: pathlib.Path | None = None,
+        log_max_bytes: int = 10 << 20,
+        autoballoon: str = "auto",
+        xenstored_timeout: float = 60.0,
     ) -> None:
         self._state_dir = state_dir
         self._clock = clock
+        self.boot_policy = BootPolicy.default()  # the daemon sets the configured one ([security])
         self._privcmd = privcmd
         self._xenctrl_lib = xenctrl_lib
         self._xenlight_lib = xenlight_lib
         self._sysfs = sysfs
         self._procfs = procfs
-        self._logger: QuietLogger | None = None
+        self._logger: FileLogger | QuietLogger | None = None
+        self._log_path = log_path or state_dir / "libxl.log"
+        self._log_max = log_max_bytes
+        self.autoballoon = autoballoon  # "auto" (on unless Xen's command line sets dom0_mem), "on", "off"
+        self._ballooning = False
+        self.xenstored_timeout = xenstored_timeout
+        #: called in the reactor thread with one line when xenstored or privcmd stays lost
+        #: longer than *xenstored_timeout* (the daemon stops non-zero); default: exit status 1
+        self.on_fatal: Callable[[str], Any] | None = None
+        self._tls = threading.local()  # the libxl log position before this thread's last libxl call
+        self._retired: list[Any] = []  # handles replaced after a reconnection: closed by close()
+        self._reaper = LibxlReaper(self._reap)
+        self._health: LoopingCall | None = None
+        self._probing = False
+        self._lost: dict[str, float] = {}  # "xenstored"/"privcmd" -> monotonic time it was lost
+        self._next_attempt = 0.0
+        self._backoff = HEALTH_INTERVAL
+        self._primed = False
         self._xc: XenCtrl | None = None
         self._xs: XenStore | None = None
         self._xl: XenLight | None = None
@@ -201,8 +278,14 @@ class XenBackend:
             self._xc = XenCtrl(lib, self._logger.pointer)
             self.xen_version = self._xc.check_abi()
             self._xs = XenStore()
-            self._xl = XenLight(self._xenlight_lib(), self._logger.pointer)
             (self._state_dir / "domains").mkdir(parents=True, exist_ok=True, mode=0o700)
+            quiet, self._logger = self._logger, FileLogger(str(self._log_path), self._log_max)
+            self._xc.close()  # reopened on the file logger: libxc's errors go to the log too
+            quiet.close()
+            self._xc = XenCtrl(lib, self._logger.pointer)
+            self._xl = XenLight(self._xenlight_lib(), self._logger.pointer)
+            self._reaper.install()  # from here on every SIGCHLD the reactor sees reaches libxl
+            self._memory_policy()
         except XenUnavailable as exc:
             self.close()
             raise HypervisorUnavailable(str(exc)) from None
@@ -215,13 +298,18 @@ class XenBackend:
 
     def close(self) -> None:
         """Stop watching, close libxl, xenstore, libxenctrl and the logger; idempotent."""
+        if self._health is not None and self._health.running:
+            self._health.stop()
+        self._health = None
+        self._reaper.uninstall()
         if self._reader is not None:
             self._reader.stop()
             self._reader = None
-        for handle in (self._watch_xs, self._xl, self._xs, self._xc, self._logger):
+        for handle in (self._watch_xs, self._xl, self._xs, self._xc, *self._retired, self._logger):
             if handle is not None:
                 handle.close()
         self._watch_xs = self._xl = self._xs = self._xc = self._logger = None
+        self._retired = []
 
     def _ctrl(self) -> XenCtrl:
         if self._xc is None:
@@ -234,9 +322,61 @@ class XenBackend:
         return self._xs
 
     def _light(self) -> XenLight:
+        """The libxl context, for one call: the log position is noted for :meth:`_fail`."""
         if self._xl is None:
             raise HypervisorUnavailable("the xen driver is not open")
+        if isinstance(self._logger, FileLogger):
+            self._tls.mark = self._logger.mark()
         return self._xl
+
+    def _reap(self) -> None:
+        """Let libxl reap its exited children (every libxl context still open)."""
+        for xl in (self._xl, *self._retired):
+            if isinstance(xl, XenLight):
+                xl.sigchld_occurred()
+
+    # -- dom0 memory ------------------------------------------------------------------
+
+    def _autoballoon_on(self) -> bool:
+        """xl's rule for ``auto``: balloon dom0 unless Xen's command line fixes its size (dom0_mem=)."""
+        if self.autoballoon != "auto":
+            return self.autoballoon == "on"
+        try:
+            return "dom0_mem=" not in self._ctrl().commandline()
+        except XenError:
+            return True
+
+    def _memory_policy(self) -> None:
+        """At open: decide on autoballooning; say what to do when dom0 holds (nearly) all memory."""
+        self._ballooning = self._autoballoon_on()
+        phys = self._ctrl().physinfo()
+        free = phys.free_pages * PAGE
+        log.info("dom0 memory: {free} MiB of {total} MiB free, autoballoon {mode} ({state})",
+                 free=free // MiB, total=phys.total_pages * PAGE // MiB, mode=self.autoballoon,
+                 state="on" if self._ballooning else "off")
+        if not self._ballooning and free < DOM0_ADVICE_FREE:
+            log.warn("dom0 holds all but {free} MiB of the host's memory and autoballoon is off: no VM can "
+                     "start; give dom0 a fixed size on the Xen command line (e.g. dom0_mem=2048M,max:2048M) "
+                     "or set [xen] autoballoon = on", free=free // MiB)
+
+    def _make_room(self, needed: int) -> int:
+        """Balloon dom0 down until *needed* bytes are free (xl's freemem); the bytes free at the end."""
+        available = self.free_memory()
+        if not self._ballooning:
+            return available
+        for _ in range(AUTOBALLOON_ATTEMPTS):
+            if available >= needed:
+                break
+            xl = self._light()
+            try:
+                xl.set_memory_target(0, -((needed - available + KiB - 1) // KiB), relative=True, enforce=False)
+                xl.wait_for_memory_target(0, AUTOBALLOON_WAIT)
+            except XenLightError as exc:
+                log.warn("autoballoon: dom0 could not free {needed} bytes: {error}", needed=needed - available,
+                         error=str(exc))
+                break
+            available = self.free_memory()
+        return available
 
     # -- domain death ------------------------------------------------------------------
 
@@ -250,7 +390,6 @@ class XenBackend:
         """
         self._listener = listener
         self._reactor = reactor
-        self._known = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
         try:
             self._watch_xs = XenStore()
             self._watch_xs.watch(RELEASE, "xapid")
@@ -258,6 +397,13 @@ class XenBackend:
             raise BackendError(f"cannot watch {RELEASE}: {exc.strerror}") from None
         self._reader = WatchReader(self._watch_xs, self._on_release)
         self._reader.start(reactor)
+        # the first table is read in a pool thread (hypercalls stay off the reactor): it is the
+        # baseline, merged under what operations recorded since (see _compare)
+        if hasattr(reactor, "callInThread"):  # a test clock has no threads: the first event primes
+            reactor.callInThread(self._compare)
+        self._health = LoopingCall(self._tick)
+        self._health.clock = reactor
+        self._health.start(HEALTH_INTERVAL, now=False)
 
     def _on_release(self, path: str, token: str) -> None:
         if path == RELEASE and self._listener is not None:
@@ -271,6 +417,10 @@ class XenBackend:
             except (BackendError, XenError) as exc:
                 log.warn("cannot list domains after {watch}: {error}", watch=RELEASE, error=str(exc))
                 return
+            if not self._primed:  # the baseline: what this driver's own operations recorded wins
+                for uuid, seen in now.items():
+                    self._known.setdefault(uuid, seen)
+                self._primed = True
             changed = [u for u, (domid, state) in now.items()
                        if state in ("shutdown", "crashed") and self._known.get(u) != (domid, state)]
             changed += [u for u in self._known if u not in now]
@@ -281,15 +431,137 @@ class XenBackend:
             self._reactor.callFromThread(self._listener, uuid)
 
     @contextmanager
-    def _operating(self, uuid: str) -> Iterator[None]:
+    def _operating(self, uuid: str, keeps: bool = True) -> Iterator[None]:
+        """Mark *uuid* busy (its changes are the caller's news, not the listener's) during an
+        operation.  After a successful operation that leaves the domain in place (*keeps*), its
+        state is looked at once more: a domain that vanished, shut down or crashed meanwhile is
+        reported to the listener (the @releaseDomain of that moment was skipped as busy)."""
         with self._lock:
             self._busy.add(uuid)
+        ok = False
         try:
             yield
+            ok = True
         finally:
+            raw = None
+            if ok and keeps:
+                try:
+                    raw = next((r for r in self._raw_domains() if r.uuid == uuid), None)
+                except (BackendError, XenError):
+                    raw = None
             with self._lock:
                 self._busy.discard(uuid)
-                self._known.pop(uuid, None)  # what the operation did is not news
+                if raw is not None:
+                    self._known[uuid] = (raw.domain, _state_of(raw))
+                else:
+                    self._known.pop(uuid, None)  # what the operation did is not news
+            if ok and keeps and (raw is None or _state_of(raw) in ("shutdown", "crashed")):
+                state = "gone" if raw is None else _state_of(raw)
+                log.info("domain {uuid} changed right after an operation: {state}", uuid=uuid, state=state)
+                if self._listener is not None and self._reactor is not None:
+                    self._reactor.callFromThread(self._listener, uuid)
+
+    # -- connection health --------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Every HEALTH_INTERVAL in the reactor: reap libxl's children, probe in a pool thread."""
+        self._reaper.reapProcess()
+        if not self._probing and hasattr(self._reactor, "callInThread"):
+            self._probing = True
+            self._reactor.callInThread(self._probe)
+
+    def _probe(self) -> None:
+        """In a pool thread: check xenstored and privcmd, reconnect what is lost, give up in time."""
+        try:
+            self._check_links()
+            if self._lost and time.monotonic() >= self._next_attempt:
+                self._reconnect()
+            for what, since in list(self._lost.items()):
+                if time.monotonic() - since > self.xenstored_timeout:
+                    line = (f"{what} unreachable for more than {self.xenstored_timeout:g} s "
+                            f"([xen] xenstored_timeout): exiting so that the service manager restarts xapid")
+                    self._reactor.callFromThread(self._fatal, line)
+                    break
+        except Exception:  # noqa: BLE001 - the probe must keep running
+            log.failure("xen driver health probe failed")
+        finally:
+            self._probing = False
+
+    def _check_links(self) -> None:
+        if "xenstored" not in self._lost:
+            try:
+                watch = self._watch_xs
+                if watch is not None:
+                    while (event := watch.check_watch()) is not None:  # a dead connection: EINVAL
+                        self._reactor.callFromThread(self._on_release, *event)
+                self._store().read("/local/domain/0/domid")
+            except XenError as exc:
+                if exc.errno in CONNECTION_LOST:
+                    self._mark_lost("xenstored", exc)
+        if "privcmd" not in self._lost:
+            try:
+                self._ctrl().version()
+            except XenError as exc:
+                if exc.errno in PRIVCMD_LOST:
+                    self._mark_lost("privcmd", exc)
+
+    def _mark_lost(self, what: str, exc: Exception) -> None:
+        if what not in self._lost:
+            log.warn("lost the connection to {what} ({error}); reconnecting for up to {timeout} s",
+                     what=what, error=str(exc), timeout=self.xenstored_timeout)
+            self._lost[what] = time.monotonic()
+            self._next_attempt = 0.0
+            self._backoff = HEALTH_INTERVAL
+
+    def _reconnect(self) -> None:
+        """Open new handles for what was lost (libxl's context holds both kinds); old ones retire."""
+        try:
+            xc = XenCtrl(self._xenctrl_lib(), self._logger.pointer) if "privcmd" in self._lost else None
+            if xc is not None:
+                xc.version()
+            xs = watch = None
+            if "xenstored" in self._lost:
+                xs, watch = XenStore(), XenStore()
+                watch.watch(RELEASE, "xapid")
+            xl = XenLight(self._xenlight_lib(), self._logger.pointer)  # type: ignore[union-attr]
+        except (XenError, XenLightError, XenUnavailable) as exc:
+            self._next_attempt = time.monotonic() + self._backoff
+            self._backoff = min(BACKOFF_MAX, self._backoff * 2)
+            log.info("reconnection failed: {error}; next attempt in {delay:g} s", error=str(exc),
+                     delay=self._backoff)
+            return
+        with self._lock:
+            if xc is not None:
+                self._retired.append(self._xc)
+                self._xc = xc
+            if xs is not None:
+                self._retired += [self._xs, self._watch_xs]
+                self._xs, self._watch_xs = xs, watch
+            self._retired.append(self._xl)
+            self._xl = xl
+            lost, self._lost = sorted(self._lost), {}
+        log.info("reconnected to {what}; comparing the domain table again", what=" and ".join(lost))
+        if watch is not None:
+            self._reactor.callFromThread(self._rearm, watch)
+        self._compare()
+
+    def _rearm(self, watch: XenStore) -> None:
+        """In the reactor: read the new watch connection instead of the dead one."""
+        if self._reader is not None:
+            self._reader.stop()
+        self._reader = WatchReader(watch, self._on_release)
+        self._reader.start(self._reactor)
+
+    def _fatal(self, line: str) -> None:
+        log.critical("{line}", line=line)
+        if self.on_fatal is not None:
+            self.on_fatal(line)
+            return
+        import sys
+
+        sys.stderr.write(f"xapid: {line}\n")
+        sys.stderr.flush()
+        os._exit(1)
 
     # -- bookkeeping -------------------------------------------------------------------
 
@@ -336,8 +608,13 @@ class XenBackend:
 
     def physical_cpus(self) -> list[PhysicalCPU]:
         """Every physical CPU with its cumulative idle time (``xc_getcpuinfo``)."""
-        xc = self._ctrl()
-        return [PhysicalCPU(n, idle) for n, idle in enumerate(xc.cpu_idle_times(xc.physinfo().nr_cpus))]
+        return self._pcpus(self._ctrl().physinfo())
+
+    def _pcpus(self, phys: Any) -> list[PhysicalCPU]:
+        """``xc_getcpuinfo`` over CPU ids 0..max_cpu_id: entry *i* is CPU *i* as the hypervisor
+        numbers it (ids may have holes: ``nr_cpus`` counts CPUs, it is no bound on their ids)."""
+        ids = max(phys.nr_cpus, phys.max_cpu_id + 1)
+        return [PhysicalCPU(n, idle) for n, idle in enumerate(self._ctrl().cpu_idle_times(ids))]
 
     def host_info(self) -> HostInfo:
         """Host facts from ``xc_physinfo``/``xc_version``, ``/proc/cpuinfo`` and the DMI tables."""
@@ -454,11 +731,25 @@ class XenBackend:
             domid=domid, uuid=uuid, name=name, state=_state_of(raw),  # type: ignore[arg-type]
             shutdown_reason=raw.shutdown_reason if raw.flags & XEN_DOMINF_shutdown else "",  # type: ignore[arg-type]
             memory_actual=raw.tot_pages * PAGE, memory_target=target,
-            memory_max=int(spec.get("memory_static_max") or raw.max_pages * PAGE),
+            memory_max=int(spec.get("memory_static_max") or self._unbuilt_max(raw)),
             vcpus=online, vcpus_max=raw.max_vcpu_id + 1, cpu_time_ns=raw.cpu_time + record.get("cpu_offset", 0),
             vcpu_time_ns=tuple(vcpu_times), vcpu_cpu=tuple(vcpu_cpus),
             start_time=record.get("start_time", 0.0), domain_type=kind, is_control_domain=domid == 0,
         )
+
+    def _unbuilt_max(self, raw: XcDomainInfo) -> int:
+        """The static maximum (bytes) of a domain xapid did not build, dom0 above all: xenstore's
+        ``memory/static-max`` (KiB), else the hypervisor ceiling — which for a dom0 without
+        ``dom0_mem=…,max:`` is "unlimited" (~0 pages), so never above the host's memory."""
+        try:
+            return int(self._store().read(f"/local/domain/{raw.domain}/memory/static-max")) * KiB
+        except (XenError, ValueError, BackendError):
+            pass
+        try:
+            total = self._ctrl().physinfo().total_pages
+        except XenError:
+            total = raw.max_pages
+        return min(raw.max_pages, total) * PAGE
 
     def _raw_domains(self) -> list[XcDomainInfo]:
         return self._ctrl().domain_getinfolist()
@@ -490,11 +781,28 @@ class XenBackend:
             raise BadDomainState(f"cannot {action} a {state} domain", raw.uuid, state)
 
     def _fail(self, exc: XenLightError | XenError, what: str) -> BackendError:
-        return BackendError(f"{what}: {exc}", what)
+        """A BackendError for a failed libxl call, with the error lines libxl logged for it."""
+        error = BackendError(f"{what}: {exc}", what)
+        if isinstance(self._logger, FileLogger):
+            error.diagnostics = tuple(self._logger.errors_since(getattr(self._tls, "mark", 0)))
+        return error
+
+    @contextmanager
+    def _hypercall(self, what: str, uuid: str) -> Iterator[None]:
+        """XenError of libxenctrl/libxenstore as the driver's errors: ESRCH → NoSuchDomain, a lost
+        connection → HypervisorUnavailable (and a reconnection), anything else → BackendError."""
+        try:
+            yield
+        except XenError as exc:
+            if exc.errno == errno.ESRCH:
+                raise NoSuchDomain(f"cannot {what}: the domain is gone", uuid) from None
+            if exc.errno in CONNECTION_LOST or exc.errno in PRIVCMD_LOST:
+                raise HypervisorUnavailable(f"cannot {what}: {exc.strerror}", uuid) from None
+            raise BackendError(f"cannot {what}: {exc.strerror}", uuid) from None
 
     def create_domain(self, spec: DomainSpec, paused: bool) -> DomainInfo:
         """Validate, build through libxl (paused), set the scheduler, unpause unless *paused*."""
-        validate_spec(spec)
+        validate_spec(spec, self.boot_policy)
         with self._operating(spec.uuid):
             self._check_buildable(spec)
             self._build(spec, paused, self._clock(), 0)
@@ -504,13 +812,14 @@ class XenBackend:
         if spec.uuid == DOM0_UUID or any(raw.uuid == spec.uuid for raw in self._raw_domains()):
             raise InvalidSpec(f"a domain with handle {spec.uuid} exists", spec.uuid)
         needed = spec.memory_target + _overhead(spec)
-        available = self.free_memory()
+        available = self._make_room(needed)
         if needed > available:
             raise NotEnoughMemory(f"domain needs {needed} bytes, {available} available", str(needed), str(available))
 
     def _build(self, spec: DomainSpec, paused: bool, start_time: float, cpu_offset: int,
                image: pathlib.Path | None = None) -> int:
-        config = domconfig.domain_config_json(spec)
+        # libxl gets the resolved paths: a symlink swapped after the check cannot redirect it
+        config = domconfig.domain_config_json(check_boot(spec, self.boot_policy))
         xl = self._light()
         try:
             if image is None:
@@ -523,8 +832,7 @@ class XenBackend:
         except OSError as exc:
             raise BackendError(f"cannot read the image {image}: {exc.strerror}", str(image)) from None
         try:
-            self._save_record(spec, start_time, cpu_offset)
-            self._ctrl().sched_credit_set(domid, spec.vcpu_weight, spec.vcpu_cap)
+            self._save_record(spec, start_time, cpu_offset)  # sched_params were applied by libxl
             if not paused:
                 xl.unpause(domid)
         except (XenError, XenLightError, OSError) as exc:
@@ -540,7 +848,7 @@ class XenBackend:
 
     def destroy_domain(self, uuid: str) -> None:
         """Tear the domain down at once, in any state."""
-        with self._operating(uuid):
+        with self._operating(uuid, keeps=False):
             raw = self._guest(uuid, "destroy")
             self._destroy(raw.domain, uuid)
             self._forget(uuid)
@@ -549,13 +857,15 @@ class XenBackend:
         """Pause a running domain."""
         raw = self._guest(uuid, "pause")
         self._require(raw, "running", "pause")
-        self._ctrl().domain_pause(raw.domain)
+        with self._hypercall(f"pause domain {raw.domain}", uuid):
+            self._ctrl().domain_pause(raw.domain)
 
     def unpause_domain(self, uuid: str) -> None:
         """Unpause a paused domain."""
         raw = self._guest(uuid, "unpause")
         self._require(raw, "paused", "unpause")
-        self._ctrl().domain_unpause(raw.domain)
+        with self._hypercall(f"unpause domain {raw.domain}", uuid):
+            self._ctrl().domain_unpause(raw.domain)
 
     def _spec(self, uuid: str) -> DomainSpec:
         spec = self._record(uuid).get("spec")
@@ -593,7 +903,7 @@ class XenBackend:
         """Write *reason* to ``control/shutdown``, wait for the guest, destroy; rebuild for 'reboot'."""
         if reason not in ("poweroff", "reboot"):
             raise BackendError(f"unknown shutdown reason {reason!r}", reason)
-        with self._operating(uuid):
+        with self._operating(uuid, keeps=reason == "reboot"):
             raw = self._guest(uuid, "shut down")
             self._require(raw, "running", f"{reason} cleanly")
             spec = self._spec(uuid) if reason == "reboot" else None
@@ -623,7 +933,7 @@ class XenBackend:
 
     def suspend_domain(self, uuid: str, path: str, timeout: float) -> None:
         """Save a running domain through libxl to the file *path* (written then renamed), destroy it."""
-        with self._operating(uuid):
+        with self._operating(uuid, keeps=False):
             raw = self._guest(uuid, "suspend")
             self._require(raw, "running", "suspend")
             record = self._record(uuid)
@@ -652,7 +962,7 @@ class XenBackend:
 
     def resume_domain(self, spec: DomainSpec, path: str, paused: bool) -> DomainInfo:
         """Rebuild a suspended domain from the image at *path*, keeping its CPU time."""
-        validate_spec(spec)
+        validate_spec(spec, self.boot_policy)
         if not os.path.isfile(path):
             raise BackendError(f"no suspend image at {path}", path)
         with self._operating(spec.uuid):
@@ -673,33 +983,31 @@ class XenBackend:
             for vcpu in range(maximum):
                 self._store().write(f"{base}/{vcpu}/availability", "online" if vcpu < count else "offline", t)
 
-        self._store().transact(write)
+        with self._hypercall(f"change the vCPUs of domain {raw.domain}", uuid):
+            self._store().transact(write)
         deadline = time.monotonic() + VCPU_SETTLE
         while self._find(uuid).nr_online_vcpus != count and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def set_memory_target(self, uuid: str, target: int) -> None:
-        """Set the balloon target, at most the static maximum, as libxl does: the hypervisor's
-        ceiling (``setmaxmem``, target plus 1 MiB of slack) and the guest's ``memory/target``,
-        raising the ceiling before the target and lowering it after."""
+        """Set the balloon target, at most the static maximum, through ``libxl_set_memory_target``
+        (enforced: the hypervisor ceiling follows, video RAM and the PoD target included)."""
         raw = self._guest(uuid, "set the memory of")
         maximum = self._static_max(raw)
         if not MIN_DOMAIN_MEMORY <= target <= maximum:
             raise InvalidSpec(f"memory target {target} not in {MIN_DOMAIN_MEMORY}..{maximum}", uuid)
-        ceiling = target // KiB + MAXMEM_SLACK_KIB
-        raising = ceiling > raw.max_pages * PAGE // KiB
         try:
-            if raising:
-                self._ctrl().domain_setmaxmem(raw.domain, ceiling)
-            self._store().write(f"/local/domain/{raw.domain}/memory/target", str(target // KiB))
-            if not raising:
-                self._ctrl().domain_setmaxmem(raw.domain, ceiling)
+            self._light().set_memory_target(raw.domain, target // KiB, relative=False, enforce=True)
+        except XenLightError as exc:
+            raise self._fail(exc, f"libxl could not set the memory target of domain {raw.domain}") from None
+        try:
             record = self._record(uuid)
             if record:
                 self._save_record(spec_from_json(record["spec"]), record.get("start_time", 0.0),
                                   record.get("cpu_offset", 0), target)
-        except (XenError, OSError) as exc:
-            raise BackendError(f"cannot set the memory target of domain {raw.domain}: {exc.strerror}", uuid) from None
+        except OSError as exc:
+            raise BackendError(f"cannot record the memory target of domain {raw.domain}: {exc.strerror}",
+                               uuid) from None
 
     def _static_max(self, raw: XcDomainInfo) -> int:
         """The domain's static memory maximum (its build spec; the hypervisor ceiling otherwise)."""
@@ -810,7 +1118,12 @@ class XenBackend:
         """One ``xc_domain_getinfolist`` for every domain, plus pCPU idle times, blkback and netback statistics."""
         xc = self._ctrl()
         phys = xc.physinfo()
-        domains = [self._info(raw) for raw in xc.domain_getinfolist()]
+        domains = []
+        for raw in xc.domain_getinfolist():  # one domain that cannot be read is skipped, not the tick
+            try:
+                domains.append(self._info(raw))
+            except (BackendError, XenError, OSError) as exc:
+                log.debug("counters: skipping domain {domid}: {error}", domid=raw.domain, error=str(exc))
         disks: list[DiskCounters] = []
         nics: list[NicCounters] = []
         devices = self._sysfs / "bus" / "xen-backend" / "devices"
@@ -818,21 +1131,37 @@ class XenBackend:
         for dom in domains:
             if dom.domid == 0:
                 continue
-            for device, devid in self._device_ids(dom).items():
+            try:
+                devices_of = self._device_ids(dom)
+                nic_ids = self._nic_ids(dom)
+            except (BackendError, XenError, OSError) as exc:
+                log.debug("counters: no devices of domain {domid}: {error}", domid=dom.domid, error=str(exc))
+                continue
+            for device, devid in devices_of.items():
                 stats = devices / f"vbd-{dom.domid}-{devid}" / "statistics"
                 disks.append(DiskCounters(dom.uuid, device, _read_int(stats / "rd_sect") * 512,
                                           _read_int(stats / "wr_sect") * 512, _read_int(stats / "rd_req"),
                                           _read_int(stats / "wr_req")))
-            for devid in self._nic_ids(dom):
+            for devid in nic_ids:
                 stats = net / f"vif{dom.domid}.{devid}" / "statistics"
                 # the backend's transmit is the guest's receive
                 nics.append(NicCounters(dom.uuid, int(devid), _read_int(stats / "tx_bytes"),
                                         _read_int(stats / "rx_bytes")))
-        pifs = [PifCounters(nic.device, _read_int(net / nic.device / "statistics" / "rx_bytes"),
-                            _read_int(net / nic.device / "statistics" / "tx_bytes")) for nic in self.physical_nics()]
+        try:
+            pifs = [PifCounters(nic.device, _read_int(net / nic.device / "statistics" / "rx_bytes"),
+                                _read_int(net / nic.device / "statistics" / "tx_bytes"))
+                    for nic in self.physical_nics()]
+        except OSError as exc:
+            log.debug("counters: no physical interfaces: {error}", error=str(exc))
+            pifs = []
+        try:
+            pcpus = self._pcpus(phys)
+        except XenError as exc:
+            log.debug("counters: no physical CPU times: {error}", error=str(exc))
+            pcpus = []
         return Counters(
             timestamp=self._clock(), domains=tuple(domains),
-            pcpus=tuple(PhysicalCPU(n, idle) for n, idle in enumerate(xc.cpu_idle_times(phys.nr_cpus))),
+            pcpus=tuple(pcpus),
             free_memory=phys.free_pages * PAGE, total_memory=phys.total_pages * PAGE,
             disks=tuple(disks), nics=tuple(nics), pifs=tuple(pifs),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -68,8 +69,9 @@ def load(name: str, abi: str | None = None) -> ctypes.CDLL:
     return ctypes.CDLL(soname, use_errno=True)
 
 
+@functools.cache
 def load_libc() -> ctypes.CDLL:
-    """The C library, with ``free`` declared (Xen libraries return malloc'd memory)."""
+    """The C library, with ``free`` declared (Xen libraries return malloc'd memory); found once."""
     libc = ctypes.CDLL(find("c"), use_errno=True)
     libc.free.argtypes = [ctypes.c_void_p]
     libc.free.restype = None
@@ -77,6 +79,10 @@ def load_libc() -> ctypes.CDLL:
     libc.fopen.restype = ctypes.c_void_p
     libc.fclose.argtypes = [ctypes.c_void_p]
     libc.fclose.restype = ctypes.c_int
+    libc.fflush.argtypes = [ctypes.c_void_p]
+    libc.fflush.restype = ctypes.c_int
+    libc.freopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p]
+    libc.freopen.restype = ctypes.c_void_p
     return libc
 
 

@@ -19,6 +19,7 @@ XENVER_extraversion = 1
 XENVER_compile_info = 2
 XENVER_capabilities = 3
 XENVER_changeset = 4
+XENVER_commandline = 9
 
 XEN_DOMINF_dying = 1 << 0
 XEN_DOMINF_hvm_guest = 1 << 1
@@ -220,6 +221,10 @@ class XenCtrl:
     def changeset(self) -> str:
         """The source changeset the hypervisor was built from."""
         return self._version_string(XENVER_changeset, 64)
+
+    def commandline(self) -> str:
+        """The hypervisor's boot command line (``dom0_mem=…`` and the like)."""
+        return self._version_string(XENVER_commandline, 1024)
 
     def compile_info(self) -> CompileInfo:
         """Compiler, builder and build date of the hypervisor."""

@@ -8,7 +8,7 @@ checks.  :class:`XenLight` never calls libxl on a NULL context.
 from __future__ import annotations
 
 import ctypes
-from ctypes import POINTER, c_char_p, c_int, c_uint, c_uint32, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_int64, c_uint, c_uint32, c_uint64, c_void_p
 
 from xapid.backend.xen.libs import SUPPORTED_ABI, declare, load, load_libc
 
@@ -18,6 +18,9 @@ DEVICE_DISK_SIZE = 144
 DEVICE_NIC_SIZE = 504
 LIBXL_VERSION = 0
 LIBXL_SUSPEND_LIVE = 2
+#: libxl_sigchld_owner (libxl_event.h): the application owns SIGCHLD and tells libxl
+#: (libxl_childproc_sigchld_occurred) from its main loop; libxl reaps only its own children.
+LIBXL_SIGCHLD_OWNER_MAINLOOP = 1
 
 ERRORS = {-1: "ERROR_NONSPECIFIC", -2: "ERROR_VERSION", -3: "ERROR_FAIL", -4: "ERROR_NI", -5: "ERROR_NOMEM",
           -6: "ERROR_INVAL", -7: "ERROR_BADFAIL", -8: "ERROR_GUEST_TIMEDOUT", -9: "ERROR_TIMEDOUT",
@@ -29,6 +32,15 @@ ERRORS = {-1: "ERROR_NONSPECIFIC", -2: "ERROR_VERSION", -3: "ERROR_FAIL", -4: "E
           -25: "ERROR_FEATURE_REMOVED", -26: "ERROR_PROTOCOL_ERROR_QMP", -27: "ERROR_UNKNOWN_QMP_ERROR",
           -28: "ERROR_QMP_GENERIC_ERROR", -29: "ERROR_QMP_COMMAND_NOT_FOUND",
           -30: "ERROR_QMP_DEVICE_NOT_ACTIVE", -31: "ERROR_QMP_DEVICE_NOT_FOUND", -32: "ERROR_QEMU_API"}
+
+
+
+class ChildprocHooks(ctypes.Structure):
+    """``libxl_childproc_hooks`` (libxl_event.h, 24 bytes on x86-64).  libxl does not copy it:
+    it must outlive the context."""
+
+    _fields_ = [("chldowner", c_int), ("fork_replacement", c_void_p), ("reaped_callback", c_void_p)]
+
 
 _CTX = c_void_p
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
@@ -57,6 +69,11 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "libxl_device_nic_from_json": (c_int, [_CTX, c_void_p, c_char_p]),
     "libxl_device_nic_add": (c_int, [_CTX, c_uint32, c_void_p, c_void_p]),
     "libxl_device_nic_remove": (c_int, [_CTX, c_uint32, c_void_p, c_void_p]),
+    "libxl_childproc_setmode": (None, [_CTX, POINTER(ChildprocHooks), c_void_p]),
+    "libxl_childproc_sigchld_occurred": (None, [_CTX]),
+    "libxl_set_memory_target": (c_int, [_CTX, c_uint32, c_int64, c_int, c_int]),
+    "libxl_wait_for_memory_target": (c_int, [_CTX, c_uint32, c_int]),
+    "libxl_get_free_memory": (c_int, [_CTX, POINTER(c_uint64)]),
 }
 
 
@@ -94,6 +111,17 @@ class XenLight:
         if rc or not ctx.value:
             raise XenLightError("libxl_ctx_alloc", rc or -3)
         self._ctx: int | None = ctx.value
+        # Before any call that may fork: the application (the Twisted reactor) owns SIGCHLD.
+        # Without this libxl installs its own handler at its first child, asserts that none was
+        # there (Twisted's is) and aborts the process.  The driver calls sigchld_occurred().
+        self._hooks = ChildprocHooks(LIBXL_SIGCHLD_OWNER_MAINLOOP, None, None)
+        lib.libxl_childproc_setmode(self._ctx, ctypes.byref(self._hooks), None)  # type: ignore[attr-defined]
+
+    def sigchld_occurred(self) -> None:
+        """Let libxl reap those of its children that exited (``waitpid(pid, WNOHANG)`` on its own
+        pids only).  Any thread but never a signal handler; a no-op on a closed context."""
+        if self._ctx:
+            self._lib.libxl_childproc_sigchld_occurred(self._ctx)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         """Free the context; idempotent."""
@@ -180,6 +208,22 @@ class XenLight:
     def suspend(self, domid: int, fd: int, live: bool = False) -> None:
         """Save the domain to *fd*; it is left shut down (reason suspend) for the caller to destroy."""
         self._domain_call("libxl_domain_suspend", domid, fd, LIBXL_SUSPEND_LIVE if live else 0, None)
+
+    def set_memory_target(self, domid: int, target_kib: int, relative: bool = False, enforce: bool = True) -> None:
+        """libxl's memory target: ``memory/target`` and ``/vm/<uuid>/memory`` in xenstore, the PoD
+        target of HVM/PVH guests and (*enforce*) the hypervisor ceiling, video RAM included."""
+        self._domain_call("libxl_set_memory_target", domid, target_kib, int(relative), int(enforce))
+
+    def wait_for_memory_target(self, domid: int, seconds: int) -> None:
+        """Wait while the domain makes progress towards its memory target; ERROR_FAIL when it stalls."""
+        self._domain_call("libxl_wait_for_memory_target", domid, seconds)
+
+    def free_memory_kib(self) -> int:
+        """Memory free for new domains, as libxl counts it (KiB)."""
+        free = c_uint64(0)
+        self._check("libxl_get_free_memory",
+                    self._lib.libxl_get_free_memory(self._c(), ctypes.byref(free)))  # type: ignore[attr-defined]
+        return free.value
 
     def _device(self, kind: str, action: str, domid: int, device_json: str) -> None:
         size = DEVICE_DISK_SIZE if kind == "disk" else DEVICE_NIC_SIZE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 from collections.abc import Callable
 from ctypes import POINTER, c_bool, c_char_p, c_int, c_uint, c_uint32, c_ulong, c_void_p
 from typing import TypeVar
@@ -64,6 +65,18 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return declare(lib, _PROTOTYPES)
 
 
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """libxenstore, found (``find_library`` runs ``ldconfig``) and bound once per process."""
+    return bind(load("xenstore"))
+
+
+#: errnos of a call on a connection whose xenstored is gone (measured with the C xenstored:
+#: EPIPE/EBADF on reads and writes, EINVAL from xs_check_watch, ECONNREFUSED on a new xs_open)
+CONNECTION_LOST = frozenset({errno.EPIPE, errno.EBADF, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN,
+                             errno.EINVAL})
+
+
 class XenStore:
     """An open xenstore connection; methods raise :class:`XenError` with the library's errno.
 
@@ -72,7 +85,7 @@ class XenStore:
     """
 
     def __init__(self) -> None:
-        self._lib = bind(load("xenstore"))
+        self._lib = _library()
         self._libc = load_libc()
         self._handle: int | None = self._lib.xs_open(0)
         if not self._handle:

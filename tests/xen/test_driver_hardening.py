@@ -1,0 +1,165 @@
+"""Issue 14 driver fixes at the level of the libxl-level fakes (tests/xenfakes.py): SIGCHLD
+negotiation layout, scheduler parameters under credit2, libxl's memory target, libxl's
+diagnostics in errors, unexpected driver failures as INTERNAL_ERROR, the [xen] config section.
+The fork/reap path under a running reactor is proven on the privcmd-level fake by
+tests/xen/test_real_libxl.py."""
+
+from __future__ import annotations
+
+import ctypes
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from xenfakes import XenFakes, fake_sysfs
+
+from xapid.backend.interface import BackendError, DiskSpec, DomainSpec, NicSpec
+from xapid.backend.proxy import Hypervisor, to_xenapi
+from xapid.backend.xen import xenctrl, xenlight
+from xapid.backend.xen.toollog import FileLogger
+from xapid.backend.xen.xenstore import XenStore
+from xapid.config import ConfigError, parse_config
+from xapid.errors import XenAPIError
+from xapid.runner import InlineRunner
+
+MiB = 2**20
+
+
+def spec(**changes: Any) -> DomainSpec:
+    fields: dict[str, Any] = dict(
+        uuid=str(uuidlib.uuid4()), name="guest", domain_type="pv", memory_static_max=512 * MiB,
+        memory_target=256 * MiB, vcpus_max=4, vcpus_at_startup=2, kernel="/var/lib/xcp/guest/vmlinuz", cmdline="",
+        vcpu_weight=512, vcpu_cap=50, disks=(DiskSpec("xvda", "/srv/disks/guest.img", "w"),),
+        nics=(NicSpec(0, "00:16:3e:00:00:01", "xenbr0"),))
+    fields.update(changes)
+    return DomainSpec(**fields)
+
+
+def test_childproc_hooks_layout() -> None:
+    """libxl_childproc_hooks as libxl_event.h lays it out on x86-64: {int@0, fn@8, fn@16}, 24 B."""
+    hooks = xenlight.ChildprocHooks
+    assert ctypes.sizeof(hooks) == 24
+    assert (hooks.chldowner.offset, hooks.fork_replacement.offset, hooks.reaped_callback.offset) == (0, 8, 16)
+    assert xenlight.LIBXL_SIGCHLD_OWNER_MAINLOOP == 1
+
+
+def test_context_negotiates_mainloop_sigchld_before_any_other_call() -> None:
+    """Right after libxl_ctx_alloc, libxl_childproc_setmode(ctx, {mainloop}, NULL); the hooks
+    outlive the call; sigchld_occurred reaches libxl with the context."""
+    calls: list[tuple[str, Any]] = []
+
+    class Lib:
+        def libxl_ctx_alloc(self, ref: Any, version: int, flags: int, logger: int) -> int:
+            ctypes.cast(ref, ctypes.POINTER(ctypes.c_void_p))[0] = 0x1234
+            calls.append(("alloc", None))
+            return 0
+
+        def libxl_childproc_setmode(self, ctx: int, hooks: Any, user: Any) -> None:
+            owner = ctypes.cast(hooks, ctypes.POINTER(xenlight.ChildprocHooks))[0].chldowner
+            calls.append(("setmode", (ctx, owner, user)))
+
+        def libxl_childproc_sigchld_occurred(self, ctx: int) -> None:
+            calls.append(("sigchld", ctx))
+
+        def libxl_ctx_free(self, ctx: int) -> int:
+            calls.append(("free", ctx))
+            return 0
+
+    xl = xenlight.XenLight(Lib(), 1)
+    assert calls == [("alloc", None), ("setmode", (0x1234, 1, None))]
+    assert xl._hooks.chldowner == 1  # kept alive with the context
+    xl.sigchld_occurred()
+    xl.close()
+    xl.sigchld_occurred()  # closed: nothing reaches libxl
+    assert calls[2:] == [("sigchld", 0x1234), ("free", 0x1234)]
+
+
+@pytest.fixture
+def xen(xen_fakes: XenFakes, tmp_path: Path) -> Any:
+    backend = xen_fakes.backend(tmp_path / "state", lambda: 1_700_000_000.0, sysfs=fake_sysfs(tmp_path / "sys"))
+    backend.open()
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("scheduler", ["credit", "credit2"])
+def test_scheduler_parameters_come_from_the_domain_config(
+        scheduler: str, xen_fakes: XenFakes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No xc_sched_credit_domain_set after a build (EINVAL under credit2, Debian's default): the
+    weight and cap reach whichever scheduler runs through libxl's sched_params."""
+    monkeypatch.setenv("FAKE_XEN_SCHED", scheduler)
+    backend = xen_fakes.backend(tmp_path / "state", lambda: 0.0, sysfs=fake_sysfs(tmp_path / "sys"))
+    backend.open()
+    try:
+        assert backend.host_info().sched_policy == scheduler
+        info = backend.create_domain(spec(), paused=False)
+        assert info.state == "running"
+        xc = xenctrl.XenCtrl(xen_fakes.xenctrl_lib(), None)
+        try:
+            assert xc.sched_credit_get(info.domid, credit2=scheduler == "credit2") == (512, 50)
+        finally:
+            xc.close()
+    finally:
+        backend.close()
+
+
+def test_memory_target_through_libxl(xen: Any) -> None:
+    """set_memory_target goes through libxl_set_memory_target: /vm/<uuid>/memory (MiB) too."""
+    s = spec()
+    xen.create_domain(s, paused=False)
+    xen.set_memory_target(s.uuid, 128 * MiB)
+    xs = XenStore()
+    try:
+        assert xs.read(f"/vm/{s.uuid}/memory") == b"128"
+    finally:
+        xs.close()
+    assert xen.domain_info(s.uuid).memory_target == 128 * MiB
+
+
+def test_libxl_log_file_and_error_lines(tmp_path: Path) -> None:
+    """The file logger appends (0600), rotates by size keeping one old file, and returns the
+    error lines written since a mark, without the date prefix."""
+    logger = FileLogger(str(tmp_path / "log" / "libxl.log"), max_bytes=64)
+    path = tmp_path / "log" / "libxl.log"
+    assert path.stat().st_mode & 0o777 == 0o600
+    mark = logger.mark()
+    with open(path, "a") as out:
+        out.write("2024-01-01 00:00:00 UTC [7] libxl: debug: x.c:1: chatter\n")
+        out.write("2024-01-01 00:00:00 UTC [7] libxl: error: libxl_create.c:9: Illegal pool specified\n")
+    assert logger.errors_since(mark) == ["libxl: error: libxl_create.c:9: Illegal pool specified"]
+    logger.mark()  # over 64 bytes: rotated
+    assert (tmp_path / "log" / "libxl.log.1").exists() and path.stat().st_size == 0
+    logger.close()
+    logger.close()
+
+
+def test_diagnostics_become_error_parameters() -> None:
+    error = BackendError("libxl could not build the domain: libxl_domain_create_new: ERROR_INVAL", "x")
+    error.diagnostics = ("libxl: error: libxl_create.c:9: Illegal pool specified",)
+    mapped = to_xenapi(error, "start")
+    assert mapped.code == "INTERNAL_ERROR"
+    assert mapped.params[-1] == "libxl: error: libxl_create.c:9: Illegal pool specified"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_driver_failure_is_internal_error_with_incident() -> None:
+    class Broken:
+        def pause_domain(self, uuid: str) -> None:
+            raise OSError(9, "Bad file descriptor")
+
+    with pytest.raises(XenAPIError) as caught:
+        await Hypervisor(Broken(), InlineRunner()).call("pause_domain", "u")  # type: ignore[arg-type]
+    assert caught.value.code == "INTERNAL_ERROR"
+    assert "incident" in caught.value.params[0]
+
+
+def test_xen_config_section() -> None:
+    config = parse_config("[xen]\nautoballoon = off\nxenstored_timeout = 5\nlog_dir = /var/log/xapid\n", "t")
+    assert (config.xen.autoballoon, config.xen.xenstored_timeout, config.xen.log_dir) == ("off", 5.0,
+                                                                                         "/var/log/xapid")
+    with pytest.raises(ConfigError, match="autoballoon"):
+        parse_config("[xen]\nautoballoon = maybe\n", "t")
+    with pytest.raises(ConfigError, match="xenstored_timeout"):
+        parse_config("[xen]\nxenstored_timeout = 0\n", "t")

@@ -1,0 +1,165 @@
+"""A fake Xen host BELOW the privcmd device: the real libxenctrl, libxencall, libxenguest and
+libxenlight run, against fake_privcmd.c (an LD_PRELOAD hypervisor), with the real C xenstored.
+
+:class:`RealXenHost` is one such host: its own xenstored (run under fake_xen.so as its shim,
+sharing the domain table file with fake_privcmd.so), xen-init-dom0 run once as on a real
+dom0, a fake xenconsoled, a guest kernel, and :meth:`RealXenHost.env` — the environment under
+which a subprocess gets the real libraries on this host.  libxl may abort the process that
+calls it, so the tests run libxl in subprocesses (tests/xen/realxen_child.py).  Without gcc or
+the Xen 4.17 packages the fixtures fail (never skip) with the install command.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from xenfakes import HERE, INSTALL, XENSTORED, compile_c, require
+
+from xapid.backend.xen.xenstore import XenStore
+
+XEN_INIT_DOM0 = Path("/usr/lib/xen-4.17/bin/xen-init-dom0")
+CHILD = HERE / "realxen_child.py"
+ROOT = HERE.parent.parent
+_CONSOLE = re.compile(r"^/local/domain/(\d+)/console/ring-ref$")
+
+
+@pytest.fixture(scope="session")
+def fake_privcmd_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fake_privcmd.c built as an LD_PRELOAD object."""
+    out = tmp_path_factory.mktemp("fake_privcmd") / "fake_privcmd.so"
+    return compile_c(HERE / "fake_privcmd.c", out, "-shared", "-fPIC", "-ldl")
+
+
+@pytest.fixture(scope="session")
+def pv_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest PV kernel libxenguest loads (fake_pv_kernel.S), in a directory of its own."""
+    out = tmp_path_factory.mktemp("kernels") / "vmlinuz-fake"
+    return compile_c(HERE / "fake_pv_kernel.S", out, "-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none",
+                     f"-Wl,-T,{HERE / 'fake_pv_kernel.ld'}")
+
+
+class FakeConsoled:
+    """xenconsoled's part libxl waits for: each new console gets a ``tty`` node."""
+
+    def __init__(self) -> None:
+        self.store = XenStore()  # on $XENSTORED_PATH
+        self.store.watch("/local/domain", "consoled")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-xenconsoled", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fd = self.store.fileno()
+        while not self._stop.is_set():
+            select.select([fd], [], [], 0.05)
+            while (event := self.store.check_watch()) is not None:
+                match = _CONSOLE.match(event[0])
+                if match:
+                    try:
+                        self.store.write(f"/local/domain/{match.group(1)}/console/tty", "/dev/null")
+                    except OSError:
+                        pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.store.close()
+
+
+class RealXenHost:
+    """One fake Xen host below privcmd in *root* (see the module docstring)."""
+
+    def __init__(self, root: Path, privcmd_so: Path, shim_so: Path, kernel: Path, sched: str = "credit2") -> None:
+        require(XENSTORED.exists(), str(XENSTORED))
+        require(XEN_INIT_DOM0.exists(), str(XEN_INIT_DOM0))
+        self.root = root
+        self.privcmd_so = privcmd_so
+        self.kernel = kernel
+        self.sched = sched
+        self.rundir = root / "xenstored"
+        self.state = root / "hypervisor"
+        self.log = root / "privcmd.log"  # what the fake hypervisor does not know
+        for sub in ("var/run/xen", "var/lib/xen", "var/log/xen"):
+            (root / "fs" / sub).mkdir(parents=True, exist_ok=True)
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        self.socket = self.rundir / "socket"
+        env = dict(os.environ, XENSTORED_RUNDIR=str(self.rundir), LD_PRELOAD=str(shim_so), FAKE_XEN_DOMIDS="",
+                   FAKE_XEN_STATE=str(self.state))
+        with open(self.rundir / "xenstored.log", "wb") as log:
+            self.xenstored = subprocess.Popen(
+                [str(XENSTORED), "-N", "-F", str(self.rundir / "xenstored.pid"), "-T", str(self.rundir / "trace.log")],
+                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not self.socket.exists() and self.xenstored.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.socket.exists(), f"xenstored did not start: {(self.rundir / 'xenstored.log').read_text()}"
+        # what xen-init-dom0.service does on a real dom0 (Domain-0's name, Pool-0), by the real tool
+        init = subprocess.run([str(XEN_INIT_DOM0)], env=self.env(), capture_output=True, text=True, timeout=30)
+        assert init.returncode == 0, f"xen-init-dom0 failed: {init.stdout}{init.stderr}"
+        old = os.environ.get("XENSTORED_PATH")
+        os.environ["XENSTORED_PATH"] = str(self.socket)
+        try:
+            self.consoled = FakeConsoled()
+        finally:
+            if old is None:
+                del os.environ["XENSTORED_PATH"]
+            else:
+                os.environ["XENSTORED_PATH"] = old
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a process that runs the real Xen libraries on this host."""
+        env = dict(os.environ)
+        for name in ("XENSTORED_RUNDIR", "FAKE_XEN_DOMIDS"):
+            env.pop(name, None)
+        env.update(LD_PRELOAD=str(self.privcmd_so), FAKE_XEN_STATE=str(self.state), XENSTORED_PATH=str(self.socket),
+                   FAKE_XEN_ROOT=str(self.root / "fs"), FAKE_XEN_SCHED=self.sched, FAKE_PRIVCMD_LOG=str(self.log),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])))
+        env.update(extra)
+        return env
+
+    def run_child(self, *args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
+        """tests/xen/realxen_child.py *args* on this host."""
+        return subprocess.run([sys.executable, str(CHILD), *args], env=self.env(**extra), capture_output=True,
+                              text=True, timeout=timeout, cwd=str(ROOT))
+
+    def unknown_calls(self) -> list[str]:
+        """The hypercalls/commands the fake answered ENOSYS/ENOTTY to, so far."""
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def close(self) -> None:
+        self.consoled.stop()
+        self.xenstored.send_signal(signal.SIGTERM)
+        try:
+            self.xenstored.wait(5)
+        except subprocess.TimeoutExpired:
+            self.xenstored.kill()
+            self.xenstored.wait()
+
+
+@pytest.fixture(params=["credit2", "credit"])
+def real_xen(request: pytest.FixtureRequest, tmp_path: Path, fake_privcmd_so: Path, fake_xen_so: Path,
+             pv_kernel: Path) -> Iterator[RealXenHost]:
+    """A fresh host below privcmd per test, for each scheduler (credit2 is stock Debian's)."""
+    require(Path("/usr/include/libxl.h").exists(), f"libxl.h ({INSTALL})")
+    host = RealXenHost(tmp_path / "host", fake_privcmd_so, fake_xen_so, pv_kernel, sched=request.param)
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def real_xen_credit2(tmp_path: Path, fake_privcmd_so: Path, fake_xen_so: Path, pv_kernel: Path
+                     ) -> Iterator[RealXenHost]:
+    """A fresh host below privcmd running credit2 only."""
+    host = RealXenHost(tmp_path / "host", fake_privcmd_so, fake_xen_so, pv_kernel)
+    yield host
+    host.close()
