@@ -19,6 +19,8 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from xapid.backend.interface import (
+    GUEST_KEYS_MAX,
+    GUEST_VALUE_MAX,
     BackendError,
     BadDomainState,
     DiskSpec,
@@ -335,6 +337,59 @@ def test_device_hotplug_refusals(driver: Any) -> None:
         driver.detach_nic(uuid_, 1)
 
 
+def publish(driver: Any, uuid_: str, keys: dict[str, str]) -> None:
+    """The guest agent of the domain writes *keys* (relative to its xenstore home): through the sim's
+    simulated agent, or into the real xenstored of the fake Xen host."""
+    if driver.name == "sim":
+        driver.set_guest_agent(uuid_, keys)
+        return
+    from xapid.backend.xen.xenstore import XenStore
+
+    xs = XenStore()
+    try:
+        for key, value in keys.items():
+            xs.write(f"/local/domain/{driver.domain_info(uuid_).domid}/{key}", value)
+    finally:
+        xs.close()
+
+
+AGENT = {
+    "data/os_name": "Debian GNU/Linux 12 (bookworm)", "data/os_uname": "6.1.0-18-amd64",
+    "attr/PVAddons/MajorVersion": "8", "attr/vif/0/ipv4/0": "10.0.0.2", "attr/vif/0/ipv6/0": "fe80::1",
+    "control/feature-poweroff": "1", "feature/hotplug/vif": "1", "data/updated": "1",
+}
+
+
+def test_guest_data_reports_the_agents_keys(driver: Any) -> None:
+    """What the guest agent writes under data/, attr/, control/, feature/ is reported verbatim;
+    the console facts have their types ("" / -1 when unknown)."""
+    uuid_ = driver.create_domain(make_spec(), paused=False).uuid
+    publish(driver, uuid_, {**AGENT, "private/note": "not the agent's"})
+    data = driver.guest_data(uuid_)
+    assert {k: data.agent[k] for k in AGENT if k in data.agent} == AGENT
+    assert "private/note" not in data.agent
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in data.agent.items())
+    assert isinstance(data.pv_drivers_detected, bool)
+    assert isinstance(data.tty, str) and isinstance(data.vnc_listen, str)
+    assert data.vnc_port == -1 or 0 < data.vnc_port < 65536
+    publish(driver, uuid_, {**AGENT, "attr/vif/0/ipv4/0": "10.0.0.3"})  # the agent's next report
+    assert driver.guest_data(uuid_).agent["attr/vif/0/ipv4/0"] == "10.0.0.3"
+
+
+def test_guest_data_is_bounded_and_clean(driver: Any) -> None:
+    """A guest cannot make the driver return unbounded data or control characters."""
+    uuid_ = driver.create_domain(make_spec(), paused=False).uuid
+    keys = {f"data/junk/{i}": "x" for i in range(GUEST_KEYS_MAX + 8)}
+    keys["data/os_name"] = "evil\x01\x00name" + "y" * (2 * GUEST_VALUE_MAX)
+    publish(driver, uuid_, keys)
+    agent = driver.guest_data(uuid_).agent
+    assert len(agent) <= GUEST_KEYS_MAX
+    for value in agent.values():
+        assert len(value) <= GUEST_VALUE_MAX and not any(ord(c) < 32 for c in value)
+    if "data/os_name" in agent:
+        assert agent["data/os_name"].startswith("evil??name")
+
+
 UNKNOWN = "11111111-2222-3333-4444-555555555555"
 BY_HANDLE: dict[str, Callable[[Any, pathlib.Path], object]] = {
     "domain_info": lambda d, p: d.domain_info(UNKNOWN),
@@ -350,6 +405,7 @@ BY_HANDLE: dict[str, Callable[[Any, pathlib.Path], object]] = {
     "detach_disk": lambda d, p: d.detach_disk(UNKNOWN, "xvda"),
     "attach_nic": lambda d, p: d.attach_nic(UNKNOWN, NicSpec(1, "00:16:3e:00:00:09", "br")),
     "detach_nic": lambda d, p: d.detach_nic(UNKNOWN, 0),
+    "guest_data": lambda d, p: d.guest_data(UNKNOWN),
 }
 
 

@@ -11,6 +11,7 @@ the Xen 4.17 packages the fixtures fail (never skip) with the install command.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -93,9 +94,15 @@ class RealXenHost:
             (root / "fs" / sub).mkdir(parents=True, exist_ok=True)
         self.rundir.mkdir(parents=True, exist_ok=True)
         self.socket = self.rundir / "socket"
-        env = dict(os.environ, XENSTORED_RUNDIR=str(self.rundir), LD_PRELOAD=str(shim_so), FAKE_XEN_DOMIDS="",
+        self.shim_so = shim_so
+        self.refusals = root / "refusals"  # FAKE_PRIVCMD_FAIL: see refuse()
+        self._start_xenstored()
+
+    def _start_xenstored(self) -> None:
+        """The real xenstored under the shim, xen-init-dom0 as on boot, the fake xenconsoled."""
+        env = dict(os.environ, XENSTORED_RUNDIR=str(self.rundir), LD_PRELOAD=str(self.shim_so), FAKE_XEN_DOMIDS="",
                    FAKE_XEN_STATE=str(self.state))
-        with open(self.rundir / "xenstored.log", "wb") as log:
+        with open(self.rundir / "xenstored.log", "ab") as log:
             self.xenstored = subprocess.Popen(
                 [str(XENSTORED), "-N", "-F", str(self.rundir / "xenstored.pid"), "-T", str(self.rundir / "trace.log")],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
@@ -123,6 +130,7 @@ class RealXenHost:
             env.pop(name, None)
         env.update(LD_PRELOAD=str(self.privcmd_so), FAKE_XEN_STATE=str(self.state), XENSTORED_PATH=str(self.socket),
                    FAKE_XEN_ROOT=str(self.root / "fs"), FAKE_XEN_SCHED=self.sched, FAKE_PRIVCMD_LOG=str(self.log),
+                   FAKE_PRIVCMD_FAIL=str(self.refusals),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])))
         env.update(extra)
         return env
@@ -135,6 +143,53 @@ class RealXenHost:
     def unknown_calls(self) -> list[str]:
         """The hypercalls/commands the fake answered ENOSYS/ENOTTY to, so far."""
         return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def refuse(self, kind: str, cmd: int, err: int) -> None:
+        """From now on the hypervisor fails *kind* ("domctl"/"sysctl") command *cmd* with *err*."""
+        with open(self.refusals, "a") as out:
+            out.write(f"{kind} {cmd} {err}\n")
+
+    def accept_all(self) -> None:
+        """Forget every refusal given to :meth:`refuse`."""
+        self.refusals.write_text("")
+
+    def xc(self, *ops: str) -> object:
+        """Hypercalls through the real libxenctrl in a child process, as another program (a guest,
+        another toolstack) makes them behind the daemon's back: each op is ``list``,
+        ``shutdown:DOMID:REASON`` (SCHEDOP_shutdown's codes: 0 poweroff, 1 reboot, 2 suspend,
+        3 crash) or ``destroy:DOMID``.  Returns the last ``list``: [(domid, uuid, state flags)]."""
+        script = (
+            "import json, sys\n"
+            "from xapid.backend.xen.xenctrl import XenCtrl, load_xenctrl\n"
+            "xc = XenCtrl(load_xenctrl(), None)\n"
+            "listed = None\n"
+            "for op in sys.argv[1:]:\n"
+            "    name, *args = op.split(':')\n"
+            "    if name == 'list':\n"
+            "        listed = [(d.domain, d.uuid, d.flags) for d in xc.domain_getinfolist()]\n"
+            "    elif name == 'shutdown':\n"
+            "        xc.domain_shutdown(int(args[0]), int(args[1]))\n"
+            "    elif name == 'destroy':\n"
+            "        xc.domain_destroy(int(args[0]))\n"
+            "print(json.dumps(listed))\n")
+        proc = subprocess.run([sys.executable, "-c", script, *ops], env=self.env(), capture_output=True, text=True,
+                              timeout=30, cwd=str(ROOT), check=False)
+        assert proc.returncode == 0, f"xc {ops} failed: {proc.stderr[-2000:]}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def kill_xenstored(self) -> None:
+        """xenstored dies (SIGKILL: no goodbye to its clients); the fake xenconsoled goes with it."""
+        self.consoled.stop()
+        self.xenstored.kill()
+        self.xenstored.wait()
+
+    def restart_xenstored(self) -> None:
+        """A new xenstored on the same socket, over the same hypervisor (its tree starts empty, as a
+        real xenstored restarted without live update), xen-init-dom0 and xenconsoled again."""
+        if self.xenstored.poll() is None:
+            self.kill_xenstored()
+        self.socket.unlink(missing_ok=True)
+        self._start_xenstored()
 
     def close(self) -> None:
         self.consoled.stop()

@@ -22,6 +22,9 @@
  *   FAKE_XEN_STATE   the shared domain-table file (else the table is private to the process)
  *   FAKE_XEN_DOMIDS  domains besides dom0 when the table is first created ("1,2")
  *   FAKE_XEN_SCHED   credit2 (default, as stock Debian's Xen 4.17) or credit
+ *   FAKE_PRIVCMD_FAIL a file of refusals the tests inject, one "<kind> <cmd> <errno>" a line
+ *                    (kind: domctl or sysctl; e.g. "domctl 3 1": pausedomain fails with EPERM);
+ *                    read at every such hypercall, so writing or emptying it takes effect at once
  *   FAKE_PRIVCMD_LOG a file to which unknown hypercalls/commands/ioctls are appended, one
  *                    line each ("ENOSYS domctl cmd=NN"); with FAKE_PRIVCMD_TRACE=1 every
  *                    hypercall is logged there too
@@ -117,6 +120,32 @@ static int tracing(void)
 {
     const char *t = getenv("FAKE_PRIVCMD_TRACE");
     return t && *t == '1';
+}
+
+/* The errno FAKE_PRIVCMD_FAIL names for this *kind* of call and *cmd* (0: none). */
+static int injected(const char *kind, unsigned long cmd)
+{
+    const char *path = getenv("FAKE_PRIVCMD_FAIL");
+    if (path == NULL || *path == 0)
+        return 0;
+    int fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    char buf[1024];
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char k[32];
+        unsigned long c;
+        int e;
+        if (sscanf(line, "%31s %lu %d", k, &c, &e) == 3 && strcmp(k, kind) == 0 && c == cmd && e > 0)
+            return e;
+    }
+    return 0;
 }
 
 static int unknown(const char *what, unsigned long cmd)
@@ -417,6 +446,9 @@ static long do_sysctl(struct xen_sysctl *op)
 {
     if (op->interface_version != XEN_SYSCTL_INTERFACE_VERSION)
         return -EACCES;
+    int refused = injected("sysctl", op->cmd);
+    if (refused)
+        return -refused;
     switch (op->cmd) {
     case XEN_SYSCTL_physinfo: {
         struct xen_sysctl_physinfo *pi = &op->u.physinfo;
@@ -612,6 +644,9 @@ static long do_domctl(struct xen_domctl *op)
 {
     if (op->interface_version != XEN_DOMCTL_INTERFACE_VERSION)
         return -EACCES;
+    int refused = injected("domctl", op->cmd);
+    if (refused)
+        return -refused;
     if (op->cmd == XEN_DOMCTL_createdomain)
         return create_domain(op);
     if (op->cmd == XEN_DOMCTL_getdomaininfo) {
@@ -750,6 +785,8 @@ static long do_memory_op(unsigned long cmd, void *arg)
     case XENMEM_get_sharing_freed_pages:
     case XENMEM_get_sharing_shared_pages:
         return 0;
+    case XENMEM_get_vnumainfo:  /* no domain has a vNUMA topology: Xen's answer then */
+        return find_dom(((struct xen_vnuma_topology_info *)arg)->domid) ? -EOPNOTSUPP : -ESRCH;
     case XENMEM_get_pod_target: {
         xen_pod_target_t *t = arg;
         struct fake_dom *d = find_dom(t->domid);

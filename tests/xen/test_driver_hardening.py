@@ -150,7 +150,7 @@ async def test_unexpected_driver_failure_is_internal_error_with_incident() -> No
             raise OSError(9, "Bad file descriptor")
 
     with pytest.raises(XenAPIError) as caught:
-        await Hypervisor(Broken(), InlineRunner()).call("pause_domain", "u")  # type: ignore[arg-type]
+        await Hypervisor(Broken(), InlineRunner()).pause_domain("u")  # type: ignore[arg-type]
     assert caught.value.code == "INTERNAL_ERROR"
     assert "incident" in caught.value.params[0]
 

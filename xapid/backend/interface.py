@@ -184,6 +184,45 @@ class Counters:
     pifs: tuple[PifCounters, ...] = ()
 
 
+@dataclass(frozen=True)
+class GuestData:
+    """What a domain publishes about itself for the toolstack (xenstore on Xen).
+
+    *agent* holds the guest agent's keys verbatim, relative to the domain's xenstore home, from
+    the subtrees ``data/``, ``attr/``, ``control/``, ``feature/``, ``drivers/`` and
+    ``xenserver/attr/`` (e.g. ``{"data/os_name": "Debian GNU/Linux 12", "attr/vif/0/ipv4/0":
+    "10.0.0.2", "data/updated": "1"}``); the API layer maps them to ``VM_guest_metrics`` as xapi
+    does.  Empty when no agent runs.  A driver bounds what a guest can make it return
+    (:data:`GUEST_KEYS_MAX` keys, values cut to :data:`GUEST_VALUE_MAX` characters, control
+    characters replaced).  *pv_drivers_detected*: a device frontend of the guest is connected.
+    The console facts are "" / -1 when unknown: *tty* the dom0 pty of the guest's text console
+    (``console/tty``), *vnc_port* and *vnc_listen* the device model's VNC server
+    (``console/vnc-port``, ``console/vnc-listen``).
+    """
+
+    agent: dict[str, str] = field(default_factory=dict)
+    pv_drivers_detected: bool = False
+    tty: str = ""
+    vnc_port: int = -1
+    vnc_listen: str = ""
+
+
+#: The subtrees of a domain's xenstore home that a driver reports in :attr:`GuestData.agent`.
+GUEST_SUBTREES = ("data", "attr", "control", "feature", "drivers", "xenserver/attr")
+GUEST_KEYS_MAX = 512
+GUEST_VALUE_MAX = 1024
+
+
+_CONTROL = dict.fromkeys([*range(32), 127], "?")
+
+
+def guest_text(value: bytes | str) -> str:
+    """A guest-written value made safe for every wire: UTF-8 (errors replaced), control
+    characters as ``?``, at most :data:`GUEST_VALUE_MAX` characters."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return text[:GUEST_VALUE_MAX].translate(_CONTROL)
+
+
 class BackendError(Exception):
     """A driver refused or failed an operation.  ``code`` is a stable driver-level reason."""
 
@@ -314,6 +353,10 @@ class IBackend(Interface):
 
     def detach_nic(uuid: str, devid: int) -> None:
         """Hot-unplug a network card from a running domain."""
+
+    def guest_data(uuid: str) -> GuestData:
+        """What the domain publishes: its guest agent's keys and its console's location (NoSuchDomain
+        when it does not exist).  Cheap enough to be polled every metrics period."""
 
     def read_counters() -> Counters:
         """One batch of raw counters: every domain, physical CPU, domain disk and nic, and PIF."""

@@ -22,13 +22,15 @@ Models, all documented where they are computed:
 
 Sim-only helpers for tests: :meth:`SimBackend.devices`, :meth:`SimBackend.set_load`,
 :meth:`SimBackend.set_io`, :meth:`SimBackend.guest_shutdown`, :meth:`SimBackend.inject_fault`,
-:meth:`SimBackend.clear_faults`.
+:meth:`SimBackend.clear_faults`, :meth:`SimBackend.set_guest_agent` (the simulated guest agent: by
+default :func:`guest_agent_keys`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import json
 import os
 import pathlib
@@ -41,6 +43,8 @@ from zope.interface import implementer
 from zope.interface.interface import Method
 
 from xapid.backend.interface import (
+    GUEST_KEYS_MAX,
+    GUEST_SUBTREES,
     BackendError,
     BadDomainState,
     Counters,
@@ -48,6 +52,7 @@ from xapid.backend.interface import (
     DiskSpec,
     DomainInfo,
     DomainSpec,
+    GuestData,
     HostInfo,
     HypervisorUnavailable,
     IBackend,
@@ -60,6 +65,7 @@ from xapid.backend.interface import (
     PhysicalNic,
     PifCounters,
     ShutdownTimeout,
+    guest_text,
 )
 from xapid.backend.specs import (
     MIN_DOMAIN_MEMORY,
@@ -86,6 +92,7 @@ DOM0_LOAD = 0.05
 IO_RATES = {"disk_read": 4 * MiB, "disk_write": 2 * MiB, "net_rx": 1 * MiB, "net_tx": 512 * 1024}
 IO_REQUEST_SIZE = 64 * 1024  # bytes per simulated disk request
 PIF_BASE_RATE = 1000  # B/s of host traffic on every PIF, each way
+_GUEST_PREFIXES = tuple(f"{tree}/" for tree in GUEST_SUBTREES)
 NO_PV_DRIVERS = ["sim-no-pv-drivers", "true"]  # platform entry: the guest ignores requests
 
 
@@ -130,6 +137,7 @@ class _Domain:
     io: dict[str, float] = field(default_factory=dict)  # set_io overrides of IO_RATES (B/s per device)
     io_acc: dict[str, list[int]] = field(default_factory=dict)  # "vbd:<dev>"/"vif:<devid>" → bytes up to `since`
     shutdown_reason: str = ""  # why the guest shut down (state "shutdown"/"crashed")
+    agent: dict[str, str] | None = None  # set_guest_agent's keys; None: the default agent (guest_agent_keys)
 
     def io_rate(self, kind: str) -> float:
         """Bytes per second of one device for *kind* (a key of IO_RATES) while running."""
@@ -204,6 +212,19 @@ class _Domain:
         """Whether the guest has no PV drivers to act on shutdown/suspend requests."""
         return self.spec is not None and NO_PV_DRIVERS in self.spec["platform"]
 
+    def guest_data(self) -> GuestData:
+        """What the guest publishes: the agent's keys (:func:`guest_agent_keys` unless set by
+        :meth:`SimBackend.set_guest_agent`); a pty for every guest's text console, a VNC port for
+        HVM guests; PV drivers unless the guest has none (``sim-no-pv-drivers``)."""
+        if self.spec is None:  # dom0 runs no guest agent
+            return GuestData()
+        keys = guest_agent_keys(self) if self.agent is None else self.agent
+        published = sorted((k, v) for k, v in keys.items() if k.startswith(_GUEST_PREFIXES))
+        agent = {guest_text(k): guest_text(v) for k, v in published[:GUEST_KEYS_MAX]}
+        hvm = self.domain_type == "hvm"
+        return GuestData(agent=agent, pv_drivers_detected=not self.ignores_requests(), tty=f"/dev/pts/{self.domid}",
+                         vnc_port=5900 + self.domid if hvm else -1, vnc_listen="127.0.0.1" if hvm else "")
+
     def info(self, now: float, cpus: int) -> DomainInfo:
         """The domain as the hypervisor reports it at *now*."""
         times = self.vcpu_times(now)
@@ -214,6 +235,36 @@ class _Domain:
             self.memory_target,  # memory_actual follows the target at once
             self.memory_target, self.memory_max, online, self.vcpus_max, sum(times), tuple(times[:online]),
             _placement(self.domid, online, cpus), self.start_time, self.domain_type, self.domid == 0)
+
+
+def guest_agent_keys(dom: _Domain) -> dict[str, str]:
+    """The keys the sim's default guest agent publishes (as xe-guest-utilities does in xenstore).
+
+    Every guest with PV drivers runs Debian 12 with the 8.4.0 agent, reports its memory (total:
+    its target; free: half of it) and the control features of a Linux kernel, and has one IPv4
+    address per network card, ``10.<mac[3]>.<mac[4]>.<mac[5] mod 254 + 1>`` (stable across
+    reboots), plus the IPv6 link-local address of its MAC.  A guest without PV drivers
+    (``sim-no-pv-drivers``) publishes nothing.
+    """
+    if dom.spec is None or dom.ignores_requests():
+        return {}
+    kib = dom.memory_target // 1024
+    keys = {
+        "data/os_name": "Debian GNU/Linux 12 (bookworm)", "data/os_uname": "6.1.0-18-amd64",
+        "data/os_distro": "debian", "data/os_majorver": "12", "data/os_minorver": "5",
+        "attr/PVAddons/MajorVersion": "8", "attr/PVAddons/MinorVersion": "4", "attr/PVAddons/MicroVersion": "0",
+        "attr/PVAddons/BuildVersion": "1",
+        "data/meminfo_total": str(kib), "data/meminfo_free": str(kib // 2),
+        "control/feature-poweroff": "1", "control/feature-reboot": "1", "control/feature-suspend": "1",
+        "data/updated": "1",
+    }
+    for nic in dom.nics:
+        mac = [int(b, 16) for b in str(nic["mac"]).split(":")]
+        devid = int(nic["devid"])
+        keys[f"attr/vif/{devid}/ipv4/0"] = f"10.{mac[3]}.{mac[4]}.{mac[5] % 254 + 1}"
+        eui = bytes([0xFE, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 2, mac[1], mac[2], 0xFF, 0xFE, mac[3], mac[4], mac[5]])
+        keys[f"attr/vif/{devid}/ipv6/0"] = str(ipaddress.IPv6Address(eui))
+    return keys
 
 
 @dataclass
@@ -643,6 +694,21 @@ class SimBackend:
             dom.shutdown_reason = reason
         if self._listener is not None:
             self._listener(uuid)
+
+    def set_guest_agent(self, uuid: str, keys: dict[str, str] | None) -> None:
+        """Sim only: what the domain's guest agent publishes from now on — xenstore keys relative to
+        the domain's home (``{"data/os_name": …, "attr/vif/0/ipv4/0": …, "data/updated": "1"}``),
+        ``{}`` for no agent, None for the default agent (:func:`guest_agent_keys`).  Kept across
+        reboots and daemon restarts, like the guest's software."""
+        if keys is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+            raise ValueError("guest agent keys and values must be strings")
+        with self._operation("set_guest_agent") as state:
+            self._guest(state, uuid, "set the guest agent of").agent = None if keys is None else dict(keys)
+
+    def guest_data(self, uuid: str) -> GuestData:
+        """The agent's keys and the console's location (see :meth:`_Domain.guest_data`)."""
+        with self._reading("guest_data") as state:
+            return self._lookup(state, uuid).guest_data()
 
     def watch_domains(self, reactor: Any, listener: Callable[[str], Any]) -> None:
         """Report domains that change on their own (only :meth:`guest_shutdown` here) to *listener*."""

@@ -54,7 +54,7 @@ async def plug(ctx: Any, self: str) -> str:
     vm = running_vm(ctx, vbd)
     if vbd.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_ATTACHED", self)
-    await ctx.api.hypervisor.call("attach_disk", vm.fields["uuid"], disk_spec(ctx, vm, vbd), vm=vm.ref)
+    await ctx.api.hypervisor.domain(vm.fields["uuid"], vm=vm.ref).attach_disk(disk_spec(ctx, vm, vbd))
     ctx.store.update(self, {"currently_attached": True})
     return ""
 
@@ -66,8 +66,8 @@ async def _unplug(ctx: Any, ref: str, force: bool) -> str:
         raise XenAPIError("DEVICE_ALREADY_DETACHED", ref)
     if not vbd.fields["unpluggable"] and not force:
         raise operation_not_allowed("the VBD is not unpluggable (use unplug_force)")
-    await ctx.api.hypervisor.call("detach_disk", vm.fields["uuid"], disk_device_name(vm, vbd.fields["userdevice"]),
-                                  vm=vm.ref)
+    device = disk_device_name(vm, vbd.fields["userdevice"])
+    await ctx.api.hypervisor.domain(vm.fields["uuid"], vm=vm.ref).detach_disk(device)
     ctx.store.update(ref, {"currently_attached": False})
     return ""
 
@@ -94,9 +94,10 @@ async def _change_media(ctx: Any, vbd: Any, changes: dict[str, Any]) -> None:
     vm = ctx.store.get(vbd.fields["VM"], "VM")
     if vbd.fields["currently_attached"] and vm.fields["power_state"] == "Running":
         device = disk_device_name(vm, vbd.fields["userdevice"])
-        await ctx.api.hypervisor.call("detach_disk", vm.fields["uuid"], device, vm=vm.ref)
+        domain = ctx.api.hypervisor.domain(vm.fields["uuid"], vm=vm.ref)
+        await domain.detach_disk(device)
         ctx.store.update(vbd.ref, changes)
-        await ctx.api.hypervisor.call("attach_disk", vm.fields["uuid"], disk_spec(ctx, vm, vbd), vm=vm.ref)
+        await domain.attach_disk(disk_spec(ctx, vm, vbd))
     else:
         ctx.store.update(vbd.ref, changes)
 

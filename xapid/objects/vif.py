@@ -49,7 +49,7 @@ async def plug(ctx: Any, self: str) -> str:
     vm = running_vm(ctx, vif)
     if vif.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_ATTACHED", self)
-    await ctx.api.hypervisor.call("attach_nic", vm.fields["uuid"], nic_spec(ctx, vif), vm=vm.ref)
+    await ctx.api.hypervisor.domain(vm.fields["uuid"], vm=vm.ref).attach_nic(nic_spec(ctx, vif))
     ctx.store.update(self, {"currently_attached": True})
     return ""
 
@@ -59,7 +59,7 @@ async def _unplug(ctx: Any, ref: str) -> str:
     vm = running_vm(ctx, vif)
     if not vif.fields["currently_attached"]:
         raise XenAPIError("DEVICE_ALREADY_DETACHED", ref)
-    await ctx.api.hypervisor.call("detach_nic", vm.fields["uuid"], int(vif.fields["device"]), vm=vm.ref)
+    await ctx.api.hypervisor.domain(vm.fields["uuid"], vm=vm.ref).detach_nic(int(vif.fields["device"]))
     ctx.store.update(ref, {"currently_attached": False})
     return ""
 

@@ -16,7 +16,7 @@ from xapid.apitypes import NULL_REF
 from xapid.backend.interface import DomainInfo, DomainSpec
 from xapid.backend.specs import BootPolicy, PathRefused
 from xapid.errors import XenAPIError, invalid_value
-from xapid.objects import generic, message
+from xapid.objects import generic, guest_metrics, message
 from xapid.objects.devices import disk_spec, domain_type, nic_spec, remove_device
 from xapid.objects.vm_ops import check, operation
 
@@ -119,6 +119,7 @@ def record_halted(ctx: Any, vm_ref: str, power_state: str = "Halted") -> None:
             store.update(device, {"currently_attached": False})
         for console in list(vm.fields["consoles"]):
             store.remove(console)
+        guest_metrics.clear(store, vm_ref)
         metrics = vm.fields["metrics"]
         if store.exists(metrics, "VM_metrics"):
             store.update(metrics, {"memory_actual": 0, "VCPUs_number": 0, "VCPUs_CPU": {}, "VCPUs_flags": {},
@@ -205,7 +206,7 @@ async def _built(ctx: Any, vm_ref: str, info: DomainInfo) -> None:
     try:
         ctx.api.tasks.check_cancelled(ctx.task)
     except XenAPIError:
-        await ctx.api.hypervisor.call("destroy_domain", info.uuid, vm=vm_ref)
+        await ctx.api.hypervisor.domain(info.uuid, vm=vm_ref).destroy()
         raise
     record_domain(ctx, vm_ref, info)
 
@@ -216,7 +217,7 @@ async def _start(ctx: Any, vm_ref: str, start_paused: bool, op: str) -> str:
         _bootable(vm)
         ctx.api.tasks.check_cancelled(ctx.task)
         ctx.api.tasks.progress(ctx.task, 0.1)
-        info = await ctx.api.hypervisor.call("create_domain", domain_spec(ctx, vm), start_paused, vm=vm_ref)
+        info = await ctx.api.hypervisor.create_domain(domain_spec(ctx, vm), start_paused, vm=vm_ref)
         await _built(ctx, vm_ref, info)
     return ""
 
@@ -235,7 +236,7 @@ async def start_on(ctx: Any, vm: str, host: str, start_paused: bool, force: bool
 @message("VM.pause")
 async def pause(ctx: Any, vm: str) -> str:
     async with operation(ctx, vm, "pause") as obj:
-        await ctx.api.hypervisor.call("pause_domain", obj.fields["uuid"], vm=vm)
+        await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).pause()
         ctx.store.update(vm, {"power_state": "Paused"})
     return ""
 
@@ -243,7 +244,7 @@ async def pause(ctx: Any, vm: str) -> str:
 @message("VM.unpause")
 async def unpause(ctx: Any, vm: str) -> str:
     async with operation(ctx, vm, "unpause") as obj:
-        await ctx.api.hypervisor.call("unpause_domain", obj.fields["uuid"], vm=vm)
+        await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).unpause()
         ctx.store.update(vm, {"power_state": "Running"})
     return ""
 
@@ -251,9 +252,7 @@ async def unpause(ctx: Any, vm: str) -> str:
 async def _clean_shutdown(ctx: Any, vm: str, op: str) -> None:
     async with operation(ctx, vm, op) as obj:
         ctx.api.tasks.check_cancelled(ctx.task)
-        timeout = ctx.api.shutdown_timeout
-        await ctx.api.hypervisor.call("shutdown_domain", obj.fields["uuid"], "poweroff", timeout, vm=vm,
-                                      timeout=timeout)
+        await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).shutdown("poweroff", ctx.api.shutdown_timeout)
         record_halted(ctx, vm)
 
 
@@ -269,7 +268,7 @@ async def _hard_shutdown(ctx: Any, vm: str, op: str) -> None:
         if obj.fields["power_state"] == "Suspended":
             suspend_image(ctx, obj).unlink(missing_ok=True)
         else:
-            await ctx.api.hypervisor.call("destroy_domain", obj.fields["uuid"], vm=vm)
+            await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).destroy()
         record_halted(ctx, vm)
 
 
@@ -299,10 +298,9 @@ async def shutdown(ctx: Any, vm: str) -> str:
 async def clean_reboot(ctx: Any, vm: str) -> str:
     async with operation(ctx, vm, "clean_reboot") as obj:
         ctx.api.tasks.check_cancelled(ctx.task)
-        timeout = ctx.api.shutdown_timeout
-        await ctx.api.hypervisor.call("shutdown_domain", obj.fields["uuid"], "reboot", timeout, vm=vm,
-                                      timeout=timeout)
-        info = await ctx.api.hypervisor.call("domain_info", obj.fields["uuid"], vm=vm)
+        domain = ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm)
+        await domain.shutdown("reboot", ctx.api.shutdown_timeout)
+        info = await domain.info()
         record_domain(ctx, vm, info)
     return ""
 
@@ -310,7 +308,7 @@ async def clean_reboot(ctx: Any, vm: str) -> str:
 @message("VM.hard_reboot")
 async def hard_reboot(ctx: Any, vm: str) -> str:
     async with operation(ctx, vm, "hard_reboot") as obj:
-        info = await ctx.api.hypervisor.call("reboot_domain", obj.fields["uuid"], vm=vm)
+        info = await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).reboot()
         record_domain(ctx, vm, info)
     return ""
 
@@ -320,7 +318,7 @@ async def power_state_reset(ctx: Any, vm: str) -> str:
     """Force Halted when the domain is really gone; refused while it still exists."""
     obj = ctx.store.get(vm, "VM")
     check(obj, "power_state_reset")
-    domains = await ctx.api.hypervisor.call("list_domains", vm=vm)
+    domains = await ctx.api.hypervisor.list_domains(vm=vm)
     if any(d.uuid == obj.fields["uuid"] for d in domains):
         raise XenAPIError("OPERATION_NOT_ALLOWED", "the VM's domain is still running; use hard_shutdown")
     suspend_image(ctx, obj).unlink(missing_ok=True)
@@ -336,9 +334,7 @@ async def suspend(ctx: Any, vm: str) -> str:
         await ctx.api.runner.run(image.parent.mkdir, parents=True, exist_ok=True)
         ctx.api.tasks.check_cancelled(ctx.task)
         ctx.api.tasks.progress(ctx.task, 0.1)
-        timeout = ctx.api.shutdown_timeout
-        await ctx.api.hypervisor.call("suspend_domain", obj.fields["uuid"], str(image), timeout, vm=vm,
-                                      timeout=timeout)
+        await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).suspend(str(image), ctx.api.shutdown_timeout)
         record_halted(ctx, vm, "Suspended")
     return ""
 
@@ -349,7 +345,7 @@ async def _resume(ctx: Any, vm: str, start_paused: bool, op: str) -> str:
         image = suspend_image(ctx, obj)
         ctx.api.tasks.check_cancelled(ctx.task)
         ctx.api.tasks.progress(ctx.task, 0.1)
-        info = await ctx.api.hypervisor.call("resume_domain", domain_spec(ctx, obj), str(image), start_paused, vm=vm)
+        info = await ctx.api.hypervisor.resume_domain(domain_spec(ctx, obj), str(image), start_paused, vm=vm)
         await _built(ctx, vm, info)
         await ctx.api.runner.run(image.unlink, missing_ok=True)
     return ""
@@ -374,8 +370,9 @@ async def set_VCPUs_number_live(ctx: Any, self: str, nvcpu: int) -> str:
     async with operation(ctx, self, "changing_VCPUs_live") as obj:
         if not 1 <= nvcpu <= obj.fields["VCPUs_max"]:
             raise invalid_value("nvcpu", nvcpu)
-        await ctx.api.hypervisor.call("set_vcpus", obj.fields["uuid"], nvcpu, vm=self)
-        info = await ctx.api.hypervisor.call("domain_info", obj.fields["uuid"], vm=self)
+        domain = ctx.api.hypervisor.domain(obj.fields["uuid"], vm=self)
+        await domain.set_vcpus(nvcpu)
+        info = await domain.info()
         with ctx.store.transaction():
             ctx.store.update(self, {"VCPUs_at_startup": nvcpu})
             record_domain(ctx, self, info)
@@ -439,8 +436,9 @@ async def _set_dynamic(ctx: Any, ref: str, changes: dict[str, Any]) -> str:
         probe = {**vm.fields, **changes}
         check_memory(probe)
         if vm.fields["power_state"] == "Running":
-            await ctx.api.hypervisor.call("set_memory_target", vm.fields["uuid"], probe["memory_dynamic_max"], vm=ref)
-            info = await ctx.api.hypervisor.call("domain_info", vm.fields["uuid"], vm=ref)
+            domain = ctx.api.hypervisor.domain(vm.fields["uuid"], vm=ref)
+            await domain.set_memory_target(probe["memory_dynamic_max"])
+            info = await domain.info()
             with ctx.store.transaction():
                 ctx.store.update(ref, changes)
                 record_domain(ctx, ref, info)
@@ -470,8 +468,9 @@ async def set_memory_target_live(ctx: Any, self: str, target: int) -> str:
     async with operation(ctx, self, "changing_memory_live") as vm:
         if not vm.fields["memory_dynamic_min"] <= target <= vm.fields["memory_dynamic_max"]:
             raise invalid_value("target", target)
-        await ctx.api.hypervisor.call("set_memory_target", vm.fields["uuid"], target, vm=self)
-        info = await ctx.api.hypervisor.call("domain_info", vm.fields["uuid"], vm=self)
+        domain = ctx.api.hypervisor.domain(vm.fields["uuid"], vm=self)
+        await domain.set_memory_target(target)
+        info = await domain.info()
         record_domain(ctx, self, info)
     return ""
 

@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xapid.backend.interface import BackendError, NoSuchDomain
+from xapid.backend.interface import BackendError
 from xapid.errors import XenAPIError
 from xapid.objects.vm import record_domain, record_halted
 from xapid.objects.vm_ops import operation
@@ -45,11 +45,8 @@ async def _handle(api: Any, uuid: str) -> None:
     if vm is None or vm.cls != "VM" or vm.fields["is_control_domain"] or vm.fields["current_operations"]:
         return
     ctx = SimpleNamespace(api=api, store=store, task="")
-    driver = api.hypervisor.driver
-    try:
-        info = await api.runner.run(driver.domain_info, uuid)
-    except NoSuchDomain:
-        info = None
+    domain = api.hypervisor.domain(uuid, vm=vm.ref)
+    info = await api.hypervisor.find_domain(uuid, vm=vm.ref)
     if info is None:
         if vm.fields["power_state"] in ("Running", "Paused"):
             log.info("the domain of VM {uuid} vanished: now Halted", uuid=uuid)
@@ -66,12 +63,12 @@ async def _handle(api: Any, uuid: str) -> None:
     try:
         if action in RESTART:
             async with operation(ctx, vm.ref, "hard_reboot"):
-                record_domain(ctx, vm.ref, await api.runner.run(driver.reboot_domain, uuid))
+                record_domain(ctx, vm.ref, await domain.reboot())
         elif action == "preserve":
             store.update(vm.ref, {"power_state": "Paused"})
         else:
             async with operation(ctx, vm.ref, "hard_shutdown"):
-                await api.runner.run(driver.destroy_domain, uuid)
+                await domain.destroy()
                 record_halted(ctx, vm.ref)
     except (BackendError, XenAPIError) as exc:
         log.warn("could not apply {action} to VM {uuid}: {error}", action=action, uuid=uuid, error=str(exc))

@@ -260,7 +260,7 @@ class Sampler:
 
     async def tick(self) -> None:
         """Read the counters once and record them; raises on failure (the loop logs and skips)."""
-        counters: Counters = await self.hypervisor.call("read_counters")
+        counters: Counters = await self.hypervisor.read_counters()
         while self._exporting is not None:  # a save is copying the table in a worker thread
             await self._exporting
         t = float(counters.timestamp)

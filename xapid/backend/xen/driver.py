@@ -55,6 +55,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xapid.backend.interface import (
+    GUEST_KEYS_MAX,
+    GUEST_SUBTREES,
     BackendError,
     BadDomainState,
     Counters,
@@ -62,6 +64,7 @@ from xapid.backend.interface import (
     DiskSpec,
     DomainInfo,
     DomainSpec,
+    GuestData,
     HostInfo,
     HypervisorUnavailable,
     IBackend,
@@ -74,6 +77,7 @@ from xapid.backend.interface import (
     PhysicalNic,
     PifCounters,
     ShutdownTimeout,
+    guest_text,
 )
 from xapid.backend.specs import (
     MIN_DOMAIN_MEMORY,
@@ -412,8 +416,8 @@ class XenBackend:
     def _compare(self) -> None:
         """In a pool thread: the domains that stopped or vanished since the last look, reported."""
         with self._lock:
-            try:
-                now = {d.uuid: (d.domid, d.state) for d in self.list_domains()}
+            try:  # one getinfolist: cheap enough for every health tick
+                now = {raw.uuid: (raw.domain, _state_of(raw)) for raw in self._raw_domains()}
             except (BackendError, XenError) as exc:
                 log.warn("cannot list domains after {watch}: {error}", watch=RELEASE, error=str(exc))
                 return
@@ -476,6 +480,10 @@ class XenBackend:
             self._check_links()
             if self._lost and time.monotonic() >= self._next_attempt:
                 self._reconnect()
+            if "privcmd" not in self._lost and self._listener is not None and self._primed:
+                # domains that stopped without a @releaseDomain reaching us (a restarted xenstored
+                # forgot the registrations of domains built before it) are still noticed
+                self._compare()
             for what, since in list(self._lost.items()):
                 if time.monotonic() - since > self.xenstored_timeout:
                     line = (f"{what} unreachable for more than {self.xenstored_timeout:g} s "
@@ -1111,6 +1119,60 @@ class XenBackend:
     def _kind(self, raw: XcDomainInfo) -> str:
         spec = self._record(raw.uuid).get("spec", {})
         return spec.get("domain_type") or ("hvm" if raw.flags & XEN_DOMINF_hvm_guest else "pv")
+
+    # -- guest data --------------------------------------------------------------------
+
+    def guest_data(self, uuid: str) -> GuestData:
+        """What the guest and the tools publish under ``/local/domain/<domid>``.
+
+        * the agent's keys: the :data:`GUEST_SUBTREES` walked breadth first, every node with a
+          value or without children, at most :data:`GUEST_KEYS_MAX` of them (2 × that many nodes
+          looked at: a guest owns its subtrees and could fill them);
+        * PV drivers: a ``device/vif`` or ``device/vbd`` frontend in XenbusStateConnected (4);
+        * the console: ``console/tty`` (xenconsoled's pty; an HVM guest's serial
+          ``serial/0/tty`` otherwise), ``console/vnc-port``/``vnc-listen`` (written by libxl
+          from qemu's answer when the device model serves VNC).
+        """
+        raw = self._find(uuid)
+        home = f"/local/domain/{raw.domain}"
+        xs = self._store()
+
+        def read(rel: str) -> bytes | None:
+            try:
+                return xs.read(f"{home}/{rel}")
+            except XenError as exc:
+                if exc.errno in (errno.ENOENT, errno.EACCES):
+                    return None
+                raise
+
+        def children(rel: str) -> list[str]:
+            try:
+                return xs.directory(f"{home}/{rel}")
+            except XenError as exc:
+                if exc.errno in (errno.ENOENT, errno.EACCES):
+                    return []
+                raise
+
+        with self._hypercall("read the guest's xenstore data", uuid):
+            agent: dict[str, str] = {}
+            pending = [f"{tree}/{name}" for tree in GUEST_SUBTREES for name in children(tree)]
+            looked = 0
+            while looked < len(pending) and len(agent) < GUEST_KEYS_MAX and looked < 2 * GUEST_KEYS_MAX:
+                rel = pending[looked]
+                looked += 1
+                below = children(rel)
+                value = read(rel)
+                if value is not None and (value or not below):
+                    agent[guest_text(rel)] = guest_text(value)
+                pending += [f"{rel}/{name}" for name in below]
+            connected = any(read(f"device/{kind}/{devid}/state") == b"4"
+                            for kind in ("vif", "vbd") for devid in children(f"device/{kind}"))
+            tty = read("console/tty") or read("serial/0/tty") or b""
+            port = (read("console/vnc-port") or b"").decode(errors="replace").strip()
+            listen = read("console/vnc-listen") or b""
+        return GuestData(agent=agent, pv_drivers_detected=connected, tty=guest_text(tty),
+                         vnc_port=int(port) if port.isdigit() and int(port) < 65536 else -1,
+                         vnc_listen=guest_text(listen))
 
     # -- counters ----------------------------------------------------------------------
 
