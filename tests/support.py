@@ -137,8 +137,9 @@ def vm_record(**overrides: Any) -> dict[str, Any]:
 
 class RealDaemon:
     def __init__(self, tmp: Path, extra: list[str] | None = None, config: str = "", nofile: int | None = None,
-                 listen: str = "tcp:0:interface=127.0.0.1"):
+                 listen: str = "tcp:0:interface=127.0.0.1", env: dict[str, str] | None = None):
         self.tmp = tmp
+        self.env = env  # the daemon's environment (default: the tests' own)
         self.nofile = nofile  # the daemon's open-file limit (soft and hard), as `ulimit -n` sets it
         self.users = tmp / "users"
         make_users(self.users)
@@ -162,7 +163,7 @@ class RealDaemon:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=self.logfile, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=limit)
+                                     env={**(self.env or os.environ), "PYTHONUNBUFFERED": "1"}, preexec_fn=limit)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             text = self.log.read_text()

@@ -38,6 +38,10 @@ class Api:
     boot: Any = None  # xapid.backend.specs.BootPolicy: bootloaders and kernel dirs a VM may name
     limits: Any = None  # xapid.wire.values.Limits: request bounds, and value bounds apitypes.coerce applies
     audit: Any = None  # xapid.audit.AuditLog: write calls, logins and failed logins
+    plugin_dir: str = "/etc/xapi.d/plugins"  # [security] plugin_dir: host.call_plugin (xapid/objects/plugin.py)
+    max_messages: int = 10_000  # [limits] max_messages (xapid/objects/messages.py)
+    max_blob_bytes: int = 4 << 20  # [limits] max_blob_bytes (PUT /blob)
+    rbac: Any = None  # xapid.rbac.Rbac: the role objects' table, generated from the schema
 
     @property
     def disk_format(self) -> str:

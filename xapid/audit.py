@@ -11,7 +11,9 @@ What is audited (:func:`audited`): every message whose schema role is above read
 the dispatcher makes durable), every generic setter (``set_*``, ``add_*``, ``remove_*``) and
 the explicit read-only handlers that change state (logins, logout, tasks, ``event.inject``…).
 Calls that show no valid session are not audited (they changed nothing and name no one),
-except logins, whose failures are; HTTP Basic failures on the GET exports are too.
+except logins, whose failures are; HTTP Basic failures on the GET exports are too.  A local
+superuser login (uid 0 on a UNIX socket, no password checked) is marked ``"local_superuser":
+true``, its ``user`` is the session's ``(local superuser)`` and ``login_name`` the name given.
 
 Writing never blocks the reactor for long and never fails a call: each line is one
 ``write(2)`` on a descriptor opened ``O_APPEND`` (no buffer to lose in a crash); an error is
@@ -276,6 +278,9 @@ class CallAudit:
                     session = self.sessions.get(outcome)
                     if session is not None:
                         self.role, self.originator = session.role, session.originator
+                        if getattr(session, "local_superuser", False):  # uid 0 on a UNIX socket, no password
+                            extra.update(local_superuser=True, login_name=self.user)
+                            self.user = session.user
                 elif self.method.startswith("Async.") and isinstance(outcome, str):
                     extra["task"] = outcome
             self.log.record(method=self.method, user=self.user, role=self.role, originator=self.originator,

@@ -61,6 +61,8 @@ class LimitsConfig:
     audit_log_bytes: int = 10 << 20
     max_pending_tasks_per_session: int = 100
     max_pending_tasks_per_user: int = 1000
+    max_blob_bytes: int = 4 << 20  # data of one blob (PUT /blob)
+    max_messages: int = 10_000  # messages kept (xapi's message_limit); the oldest go first
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class StorageConfig:
 class SecurityConfig:
     bootloaders: tuple[str, ...] = ("pygrub",)
     kernel_dirs: tuple[str, ...] = ("/var/lib/xcp/guest",)
+    plugin_dir: str = "/etc/xapi.d/plugins"  # host.call_plugin runs root-owned files directly in it
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 DISK_FORMATS = ("raw", "qcow2")
 _PATH_LISTS = {"roots", "bootloaders", "kernel_dirs"}  # may be empty; absolute paths (bootloaders: or names)
 AUTOBALLOON = ("auto", "on", "off")
-_POSITIVE = {"xenstored_timeout", "log_max_bytes", "audit_log_bytes", "max_pending_tasks_per_session", "max_pending_tasks_per_user",
+_POSITIVE = {"xenstored_timeout", "log_max_bytes", "audit_log_bytes", "max_pending_tasks_per_session", "max_pending_tasks_per_user", "max_blob_bytes", "max_messages",
              "threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
              "max_depth", "max_elements", "cpus",
              "idle_timeout", "header_timeout", "body_timeout", "max_clients", "max_anonymous_clients",
@@ -173,6 +176,8 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
         raise ConfigError(f"{problem}: unknown backend {value!r} (expected one of: {', '.join(BACKENDS)})")
     if key == "autoballoon" and value not in AUTOBALLOON:
         raise ConfigError(f"{problem}: expected one of {', '.join(AUTOBALLOON)}, got {value!r}")
+    if key == "plugin_dir" and not value.startswith("/"):
+        raise ConfigError(f"{problem}: {value!r} is not an absolute path")
     if key == "log_dir" and value and not value.startswith("/"):
         raise ConfigError(f"{problem}: {value!r} is not an absolute path")
     if key == "disk_format" and value not in DISK_FORMATS:

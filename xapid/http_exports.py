@@ -10,6 +10,12 @@
                               without authentication)
 ``/audit_log``                the audit log's current file as text, pool-admin only;
                               ``since=`` ISO 8601 time (or Unix seconds) keeps later lines
+``/blob?ref=`` (or ``uuid=``)  a blob's data with its MIME type; a public blob without
+                              credentials (xapi); ``PUT`` writes it (the role of the owner's
+                              ``create_new_blob``; at most ``[limits] max_blob_bytes``)
+``/messages``                 messages in xapi's message XML (``cls=``, ``uuid=``, ``since=``
+                              filter); ``PUT /messages?cls=&uuid=`` imports them as xapi
+                              does (vm-power-admin)
 ============================  ==============================================================
 
 Credentials: ``session_id`` as a query parameter or a cookie (a live API session), or HTTP
@@ -23,6 +29,7 @@ accepted (Xen Orchestra sends one) and not needed.  Bad parameters are 400 with 
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timezone
 import binascii
 import math
 import secrets
@@ -44,6 +51,7 @@ log = Logger()
 TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 READ_ROLE = "read-only"
 AUDIT_ROLE = "pool-admin"
+MESSAGES_PUT_ROLE = "vm-power-admin"  # xapi's put_messages
 
 
 class HttpError(Exception):
@@ -125,7 +133,14 @@ class HttpExports:
         """The authenticated routes of the API port."""
         return {b"/rrd_updates": self._guarded(self._rrd_updates), b"/host_rrd": self._guarded(self._host_rrd),
                 b"/vm_rrd": self._guarded(self._vm_rrd), b"/metrics": self._guarded(self._metrics),
-                b"/audit_log": self._guarded(self._audit_log, AUDIT_ROLE)}
+                b"/audit_log": self._guarded(self._audit_log, AUDIT_ROLE),
+                b"/blob": lambda request: Deferred.fromCoroutine(self._serve(request, self._get_blob, False)),
+                b"/messages": self._guarded(self._get_messages)}
+
+    def put_routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred]]:
+        """The PUT routes (xapi's put_blob and put_messages)."""
+        return {b"/blob": lambda request: Deferred.fromCoroutine(self._serve(request, self._put_blob, False)),
+                b"/messages": self._guarded(self._put_messages, MESSAGES_PUT_ROLE)}
 
     def open_routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred]]:
         """``/metrics`` without authentication, for a dedicated Prometheus endpoint."""
@@ -298,3 +313,93 @@ class HttpExports:
     async def _metrics(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
         body = prometheus.exposition(self.registry)
         return HttpResponse(200, body, [(b"Content-Type", prometheus.CONTENT_TYPE)])
+
+    # ---------------------------------------------------------------------------- blobs, messages
+
+    def _blob(self, params: dict[str, list[str]]) -> Any:
+        ref, uuid = _one(params, "ref"), _one(params, "uuid")
+        if not ref and not uuid:
+            raise HttpError(400, "ref or uuid is required")
+        store = self.api.store
+        obj = store.find(ref) if ref else store.by_uuid(uuid or "")
+        if obj is None or obj.cls != "blob":
+            raise HttpError(404, "Unknown reference")
+        return obj
+
+    async def _get_blob(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        """A blob's data (xapi's get_blob: public blobs need no credentials)."""
+        from xapid.objects.blob import blob_path, read_data
+
+        obj = self._blob(params)
+        if not obj.fields["public"]:
+            await self._authenticate(request, params)
+        data = await self.api.runner.run(read_data, blob_path(self.api, obj.fields["uuid"]))
+        if data is None:
+            raise HttpError(404, "the blob has no data")
+        return HttpResponse(200, data, [(b"Content-Type", obj.fields["mime_type"].encode("ascii")),
+                                        (b"X-Content-Type-Options", b"nosniff"),
+                                        (b"Content-Security-Policy", b"sandbox; default-src 'none'")])
+
+    async def _put_blob(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        """Replace a blob's data; the caller needs the role of the owner's create_new_blob."""
+        from xapid.objects.blob import blob_path, put_role, write_data
+
+        obj = self._blob(params)
+        await self._authenticate(request, params, put_role(self.api, obj.ref))
+        limit = self.api.max_blob_bytes
+        if len(request.body) > limit:
+            raise HttpError(413, f"a blob holds at most {limit} bytes ([limits] max_blob_bytes)")
+        await self.api.runner.run(write_data, blob_path(self.api, obj.fields["uuid"]), bytes(request.body))
+        store = self.api.store
+        if store.exists(obj.ref, "blob"):
+            store.update(obj.ref, {"size": len(request.body),
+                                   "last_updated": datetime.fromtimestamp(int(self.api.clock()), tz=timezone.utc)})
+            await store.flush()
+        return HttpResponse(200, b"", [TEXT])
+
+    async def _get_messages(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        """Messages in xapi's message XML, oldest first; cls=, uuid= and since= filter them."""
+        from xapid.objects.messages import export_xml
+
+        cls, uuid, text = _one(params, "cls"), _one(params, "uuid"), _one(params, "since")
+        since = None
+        if text:
+            try:
+                since = _seconds(text)
+            except (ValueError, OverflowError):
+                raise HttpError(400, f"since must be an ISO 8601 time or Unix seconds, not {text!r}") from None
+        objs = [o for o in self.api.store.all("message")
+                if (not cls or o.fields["cls"] == cls) and (not uuid or o.fields["obj_uuid"] == uuid)
+                and (since is None or o.fields["timestamp"].timestamp() >= since)]
+        objs.sort(key=lambda o: o.fields["timestamp"])
+        return HttpResponse(200, export_xml(objs), [(b"Content-Type", b"text/xml")])
+
+    async def _put_messages(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
+        """xapi's put_messages: messages (its XML) about the object uuid= of class cls=."""
+        from xapid.objects.messages import CLASSES, import_xml, object_exists
+
+        cls, uuid = _one(params, "cls"), _one(params, "uuid")
+        if not cls or not uuid:
+            raise HttpError(400, "cls and uuid are required")
+        if cls not in CLASSES:
+            raise HttpError(400, f"bad class {cls!r}")
+        if not object_exists(self.api.store, cls, uuid):
+            raise HttpError(400, f"bad uuid {uuid!r}")
+        try:
+            count = import_xml(self.api, bytes(request.body))
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        await self.api.store.flush()
+        return HttpResponse(200, f"{count} messages imported\n".encode(), [TEXT])
+
+
+def _seconds(text: str) -> float:
+    """ISO 8601 (no zone: UTC) or Unix seconds; ValueError for anything else."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        when = datetime.fromisoformat(text.strip())
+        seconds = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    if not math.isfinite(seconds):
+        raise ValueError(text)
+    return seconds

@@ -10,6 +10,7 @@ reported and left alone.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,17 +30,34 @@ def _stamp(seconds: float) -> datetime:
     return datetime.fromtimestamp(int(seconds), tz=timezone.utc)
 
 
+#: the Xen-API platform level of API 2.21 (XenServer 8 / XCP-ng 8.3: platform 3.4.0), and the xapi
+#: release line whose behaviour xapid follows (schema/xenapi.xml: the 26.x datamodel)
+PLATFORM_VERSION = "3.4.0"
+XAPI_LINE = "26.0"
+RELEASE_DATE = "2026-12-01"  # the date of the xapid release named by __version__ (bump them together)
+
+
+def software_version(info: HostInfo) -> dict[str, str]:
+    """host.software_version: xapi's keys, each with a value meaning what xapid serves (README,
+    "host.software_version")."""
+    api = f"{API_VERSION[0]}.{API_VERSION[1]}"
+    return {
+        "product_brand": "xapid", "product_version": __version__, "product_version_text": __version__,
+        "product_version_text_short": __version__, "build_number": __version__, "xapid": __version__,
+        "platform_name": "XCP", "platform_version": PLATFORM_VERSION, "xapi": XAPI_LINE, "xapi_build": __version__,
+        "date": RELEASE_DATE, "dbv": RELEASE_DATE[:4] + "." + RELEASE_DATE[5:7] + RELEASE_DATE[8:10],
+        "hostname": "unknown", "xen": info.xen_version, "linux": os.uname().release,
+        "xencenter_min": api, "xencenter_max": api, "network_backend": "bridge", "db_schema": api,
+    }
+
+
 def host_fields(info: HostInfo) -> dict[str, Any]:
     """Host record fields that come from the driver."""
     return {
         "name_label": info.hostname, "hostname": info.hostname, "address": info.address,
         "API_version_major": API_VERSION[0], "API_version_minor": API_VERSION[1],
         "API_version_vendor": "XenSource", "API_version_vendor_implementation": {"xapid": __version__},
-        "software_version": {
-            "product_version": __version__, "product_brand": "xapid", "platform_name": "Xen",
-            "platform_version": info.xen_version, "xen": info.xen_version, "xapid": __version__,
-            "hostname": info.hostname, "date": "", "build_number": __version__,
-        },
+        "software_version": software_version(info),
         "capabilities": list(info.capabilities), "sched_policy": info.sched_policy,
         "cpu_info": {
             "cpu_count": str(info.cpu_count), "socket_count": str(info.socket_count),
@@ -58,11 +76,11 @@ def host_fields(info: HostInfo) -> dict[str, Any]:
 async def initialise(api: Any) -> None:
     """Create or refresh the inventory and reconcile VMs with the driver's domains."""
     hv, store = api.hypervisor, api.store
-    info: HostInfo = await hv.call("host_info")
-    pcpus = await hv.call("physical_cpus")
-    nics = await hv.call("physical_nics")
-    domains: list[DomainInfo] = await hv.call("list_domains")
-    free = await hv.call("free_memory")
+    info: HostInfo = await hv.host_info()
+    pcpus = await hv.physical_cpus()
+    nics = await hv.physical_nics()
+    domains: list[DomainInfo] = await hv.list_domains()
+    free = await hv.free_memory()
     now = _stamp(api.clock())
     with store.transaction():
         hosts = store.refs("host")
@@ -77,6 +95,7 @@ async def initialise(api: Any) -> None:
             host = store.add("host", {**host_fields(info), "enabled": True})
             log.info("initialised a new inventory for host {hostname}", hostname=info.hostname)
         api.host_ref = host
+        _start_times(store, host, api.clock())
         pools = store.refs("pool")
         api.pool_ref = pools[0] if pools else store.add("pool", {"master": host})
         store.update(api.pool_ref, {"master": host, "cpu_info": {
@@ -86,6 +105,7 @@ async def initialise(api: Any) -> None:
         _host_cpus(store, host, info, pcpus)
         _pifs(store, host, nics, now)
         _mirror_users(api)
+        _roles(api)
         _reconcile(api, host, domains, now)
     await _storage(api)
 
@@ -172,6 +192,15 @@ def _mirror_users(api: Any) -> None:
         user_object(api.store, user.name)
 
 
+def _roles(api: Any) -> None:
+    """xapi's roles and permissions as role objects (generated from the schema; not stored), and
+    the sessions' rbac_permissions from the same table."""
+    from xapid import rbac
+
+    api.rbac = rbac.install(api.store, api.schema)
+    api.sessions.permissions = api.rbac.session_permissions
+
+
 def _reconcile(api: Any, host: str, domains: list[DomainInfo], now: datetime) -> None:
     from xapid.objects.vm import metrics_fields  # the VM module owns the metrics layout
 
@@ -216,3 +245,23 @@ def _reconcile(api: Any, host: str, domains: list[DomainInfo], now: datetime) ->
         if not domain.is_control_domain and domain.uuid not in seen:
             log.warn("domain {domid} ({uuid}, {name!r}) has no VM here; left alone",
                      domid=domain.domid, uuid=domain.uuid, name=domain.name)
+
+
+def boot_time() -> int:
+    """When the machine booted (``btime`` of /proc/stat, as xapi reads it); 0 when unknown."""
+    try:
+        with open("/proc/stat", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _start_times(store: Any, host: str, now: float) -> None:
+    """host.other_config boot_time and agent_start_time, refreshed at every start as xapi does
+    (Unix seconds in OCaml's float text: ``1700000000.``)."""
+    other = dict(store.get(host).fields["other_config"])
+    other.update(boot_time=f"{boot_time()}.", agent_start_time=f"{int(now)}.")
+    store.update(host, {"other_config": other})

@@ -19,7 +19,8 @@ from typing import Any
 from xapid.schema import MessageSpec
 from xapid.tasks import rbac_denied
 
-READS = frozenset({"get", "get_record", "get_by_uuid", "get_by_name_label", "get_all", "get_all_records"})
+READS = frozenset({"get", "get_record", "get_by_uuid", "get_by_name_label", "get_all", "get_all_records",
+                   "get_all_records_where", "get_all_where"})
 SESSION_ADMIN = "pool-admin"  # may read and change other users' sessions
 
 

@@ -114,6 +114,7 @@ class Schema:
     messages: Mapping[str, MessageSpec]  # by wire name
     # (class, ref field) -> [(class, set field)] that mirror it
     inverses: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    role_docs: Mapping[str, str] = field(default_factory=dict)  # role -> its doc (role.name_description)
 
     def role_allows(self, role: str, minimum: str) -> bool:
         return self.roles.index(role) >= self.roles.index(minimum)
@@ -199,6 +200,7 @@ class _Builder:
             classes=MappingProxyType(classes),
             messages=MappingProxyType(messages),
             inverses=MappingProxyType({k: tuple(v) for k, v in inverses.items()}),
+            role_docs=MappingProxyType({r.get("name"): r.get("doc", "") for r in root.find("roles")}),
         )
 
     def build_class(self, node, roles, errors) -> tuple[ClassSpec, dict[str, MessageSpec]]:
@@ -348,6 +350,11 @@ class _Builder:
             add("get_all", [], Type("set", elem=ref_t), READ_ONLY, "get_all", doc="Get every object.")
             add("get_all_records", [], Type("map", key=ref_t, elem=rec_t), READ_ONLY, "get_all_records",
                 doc="Get every object with its record.")
+            expr = ParamSpec("expr", Type("string"), doc="xapi's filter expression, e.g. field \"name__label\" = \"x\"")
+            add("get_all_records_where", [expr], Type("map", key=ref_t, elem=rec_t), READ_ONLY,
+                "get_all_records_where", doc="Every object matching the expression, with its record (xapid/where.py).")
+            add("get_all_where", [expr], Type("set", elem=ref_t), READ_ONLY, "get_all_where",
+                doc="Every object matching the expression (xapid/where.py).")
         if spec.create == "generated":
             add("create", [ParamSpec("args", rec_t)], ref_t, spec.write_role, "create", is_async=True,
                 doc="Create an object from a record.")

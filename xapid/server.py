@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from xapid import inventory, tls
+from xapid import autostart, inventory, tls
 from xapid.api import Api
 from xapid.audit import AUDIT_FILE, AuditLog
 from xapid.backend.interface import BackendError, IBackend
@@ -35,7 +35,7 @@ from xapid.errors import XenAPIError
 from xapid.events import EventHub
 from xapid.http_exports import HttpExports
 from xapid.login import PasswordChecker
-from xapid.objects import collect_handlers
+from xapid.objects import collect_handlers, guest_metrics
 from xapid.objects.vm_ops import derive as derive_vm
 from xapid.objects.vm_watch import domain_changed
 from xapid.runner import InlineRunner, Runner, ThreadRunner
@@ -158,12 +158,13 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
         driver.on_fatal = on_fatal  # the xen driver's "xenstored lost for good": stop, exit non-zero
     boot = BootPolicy.build(config.security.bootloaders, config.security.kernel_dirs, str(state_dir))
     driver.boot_policy = boot  # every driver build checks host paths against the same policy
+    hypervisor = Hypervisor(driver, runner)
     try:
-        await runner.run(driver.open)
+        await hypervisor.open()
     except BackendError as exc:
         raise StartupError(exc.message) from None
     api = Api(
-        schema=schema, store=store, hypervisor=Hypervisor(driver, runner), users=users, runner=runner,
+        schema=schema, store=store, hypervisor=hypervisor, users=users, runner=runner,
         reactor=reactor, state_dir=state_dir, database=database,
         sessions=SessionManager(store, reactor.seconds, config.api.session_idle_timeout,
                                 config.api.max_sessions_per_user, users=users),
@@ -173,8 +174,8 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     try:
         await inventory.initialise(api)
         await store.flush()
-        driver.watch_domains(reactor, lambda uuid: domain_changed(api, uuid))
-        for domain in await api.hypervisor.call("list_domains"):
+        hypervisor.watch_domains(reactor, lambda uuid: domain_changed(api, uuid))
+        for domain in await api.hypervisor.list_domains():
             if domain.state in ("shutdown", "crashed"):
                 domain_changed(api, domain.uuid)
     except (XenAPIError, BackendError) as exc:
@@ -192,6 +193,9 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
                                     queue_per_source=limits.login_queue_per_source)
     api.limits = Limits(limits.max_body_bytes, limits.max_depth, limits.max_elements,
                         max_string_bytes=limits.max_string_bytes, max_collection_items=limits.max_collection_items)
+    api.plugin_dir, api.max_messages = config.security.plugin_dir, limits.max_messages
+    api.max_blob_bytes = limits.max_blob_bytes
+    autostart.schedule(api)  # VMs with other_config:auto_poweron (xapid/autostart.py)
     return api
 
 
@@ -294,7 +298,8 @@ class Daemon(MultiService):
         settings = HttpSettings(max_body=config.limits.max_body_bytes, max_header=config.limits.max_header_bytes,
                                 pending_input=config.limits.pending_input_bytes, idle_timeout=server.idle_timeout,
                                 header_timeout=server.header_timeout, body_timeout=server.body_timeout)
-        site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes(), server.cors_origins), settings,
+        site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes(), server.cors_origins,
+                                       put_routes=exports.put_routes()), settings,
                             reactor, self.admission)
         addresses = []
         for description in config.server.listen:
@@ -305,6 +310,10 @@ class Daemon(MultiService):
             addresses.append(await self._listen(config.stats.prometheus_listen, scrape, "[stats] prometheus_listen"))
         self._publish_url()
         self.api.stats.start()
+        guests = LoopingCall(guest_metrics.tick, self.api)  # the guest agents' data, every stats period
+        guests.clock = reactor
+        guests.start(config.stats.period, now=False)
+        self._timers.append(guests)
         sweeper = LoopingCall(self._housekeeping)
         sweeper.clock = reactor
         sweeper.start(SWEEP_INTERVAL, now=False)
@@ -388,7 +397,7 @@ class Daemon(MultiService):
         self._pools = []
         if self.api is not None:
             try:
-                self.api.hypervisor.driver.close()
+                self.api.hypervisor.close()
             except Exception:  # noqa: BLE001
                 log.failure("closing the driver failed")
 

@@ -34,6 +34,7 @@ class Session:
     originator: str
     last_active: float
     ended: dict[object, Callable[[], None]] = field(default_factory=dict)  # key -> called when it ends
+    local_superuser: bool = False  # opened by uid 0 over a UNIX socket (xapi's is_local_superuser)
 
 
 class SessionManager:
@@ -47,14 +48,21 @@ class SessionManager:
         self._users = users  # xapid.users.UsersFile, watched for revocations (None: not watched)
         self._users_seen: dict[str, tuple[str, str]] = users.credentials() if users is not None else {}
         self._users_checked = float("-inf")
+        #: role -> session.rbac_permissions (xapid.rbac.Rbac.session_permissions; None: left empty)
+        self.permissions: Callable[[str], list[str]] | None = None
 
     def _stamp(self, now: float) -> datetime:
         return datetime.fromtimestamp(int(now), tz=timezone.utc)
 
-    def create(self, user: str, role: str, originator: str, this_host: str, this_user: str) -> Session:
-        """Open a session; the oldest of this user's sessions closes beyond the bound."""
+    def create(self, user: str, role: str, originator: str, this_host: str, this_user: str,
+               local_superuser: bool = False, auth_user_name: str | None = None) -> Session:
+        """Open a session; the oldest of this user's sessions closes beyond the bound.
+
+        A *local_superuser* session (xapi's ``is_local_superuser``: *user* is then a name no
+        users-file entry can have) bypasses RBAC by its role, and has no ``rbac_permissions``, as
+        in xapi; the others list their role's (:attr:`permissions`)."""
         self.check_users()  # a change the login just read must not end the session it opens
-        seen = self._users_seen.get(user)
+        seen = None if local_superuser else self._users_seen.get(user)
         if seen is not None:
             role = seen[0]
         now = self._clock()
@@ -63,9 +71,12 @@ class SessionManager:
             self.end(old.ref, "evicted")
         ref = self._store.add("session", {
             "this_host": this_host, "this_user": this_user, "last_active": self._stamp(now),
-            "validation_time": self._stamp(now), "auth_user_name": user, "originator": originator,
+            "validation_time": self._stamp(now), "originator": originator,
+            "auth_user_name": user if auth_user_name is None else auth_user_name,
+            "is_local_superuser": local_superuser,
+            "rbac_permissions": [] if local_superuser or self.permissions is None else self.permissions(role),
         })
-        session = Session(ref, user, role, originator, now)
+        session = Session(ref, user, role, originator, now, local_superuser=local_superuser)
         self._sessions[ref] = session
         log.info("session opened for {user} ({role}) by {originator!r}", user=user, role=role, originator=originator)
         return session
@@ -130,6 +141,8 @@ class SessionManager:
             else:
                 for session in mine:
                     session.role = now[0]
+                    if self.permissions is not None:
+                        self._store.update(session.ref, {"rbac_permissions": self.permissions(now[0])})
                 if mine:
                     log.warn("role of user {user} changed from {old_role} to {new_role}: applied to {count} open "
                              "session(s)", user=name, old_role=role, new_role=now[0], count=len(mine))

@@ -133,6 +133,21 @@ def _get_all_records(ctx, spec):
     return {obj.ref: CachedRecord(obj) for obj in ctx.store.all(spec.cls)}
 
 
+def _where(ctx, spec, expr):
+    from xapid.where import compile_where, evaluate, field_lookup
+
+    tree = compile_where(expr)
+    return [obj for obj in ctx.store.all(spec.cls) if evaluate(tree, field_lookup(obj.fields))]
+
+
+def _get_all_records_where(ctx, spec, expr):
+    return {obj.ref: CachedRecord(obj) for obj in _where(ctx, spec, expr)}
+
+
+def _get_all_where(ctx, spec, expr):
+    return [obj.ref for obj in _where(ctx, spec, expr)]
+
+
 def _create(ctx, spec, args):
     return ctx.store.add(spec.cls, create_fields(ctx, spec.cls, args))
 
@@ -146,5 +161,6 @@ def _destroy(ctx, spec, ref):
 _KINDS: dict[str, Callable[..., Any]] = {
     "get": _get, "set": _set, "add": _add, "remove": _remove, "add_to": _add_to, "remove_from": _remove_from,
     "get_record": _get_record, "get_by_uuid": _get_by_uuid, "get_by_name_label": _get_by_name_label,
-    "get_all": _get_all, "get_all_records": _get_all_records, "create": _create, "destroy": _destroy,
+    "get_all": _get_all, "get_all_records": _get_all_records,
+    "get_all_records_where": _get_all_records_where, "get_all_where": _get_all_where, "create": _create, "destroy": _destroy,
 }

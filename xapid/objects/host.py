@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from xapid.errors import XenAPIError
 from xapid.objects import message
 
 
@@ -40,7 +41,7 @@ def get_server_localtime(ctx: Any, host: str) -> datetime:
 @message("host.compute_free_memory")
 async def compute_free_memory(ctx: Any, host: str) -> int:
     """Bytes the hypervisor could give to a new VM now."""
-    return await ctx.api.hypervisor.call("free_memory")
+    return await ctx.api.hypervisor.free_memory()
 
 
 @message("host.compute_memory_overhead")
@@ -52,3 +53,12 @@ def compute_memory_overhead(ctx: Any, host: str) -> int:
 def list_methods(ctx: Any) -> list[str]:
     """Every wire name served (the 1.0 spelling of system.listMethods)."""
     return sorted(ctx.api.schema.messages)
+
+
+@message("host.get_management_interface")
+def get_management_interface(ctx: Any, host: str) -> str:
+    """The host's PIF with management = true (xapi: INTERNAL_ERROR when there is none)."""
+    for pif in ctx.store.all("PIF"):
+        if pif.fields["host"] == host and pif.fields["management"]:
+            return pif.ref
+    raise XenAPIError("INTERNAL_ERROR", "Not_found")

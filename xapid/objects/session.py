@@ -1,4 +1,13 @@
-"""``session.*``: password login against the users file (see :mod:`xapid.login`), logout."""
+"""``session.*``: password login against the users file (see :mod:`xapid.login`), logout.
+
+**Local superuser** (xapi's ``is_local_superuser``): a peer whose kernel credentials
+(``SO_PEERCRED``, read by :mod:`xapid.wire.http`) are uid 0 on a UNIX-socket listener logs in
+with any user name and password, empty ones included, as xapi trusts ``/var/lib/xcp/xapi``.
+This is checked before the password checker, so it is never throttled and costs no bcrypt.  The
+session has role pool-admin, ``is_local_superuser`` true, no ``rbac_permissions`` and no user
+object, and ``auth_user_name`` is the name given.  Over TCP (and for other uids) the login is an
+ordinary one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,9 @@ from xapid.errors import XenAPIError
 from xapid.objects import message
 
 log = Logger()
+
+LOCAL_SUPERUSER = "(local superuser)"  # the sessions' user: no users-file name can be this
+SUPERUSER_ROLE = "pool-admin"
 
 
 def user_object(store: Any, name: str) -> str:
@@ -27,6 +39,8 @@ async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
     """Check the password through the API's PasswordChecker (its own pool, per-source limits);
     every kind of refusal gets the same error after the same delay."""
     client = ctx.client
+    if client is not None and getattr(client, "uid", None) == 0:
+        return _local_superuser(ctx, uname, originator)
     outcome = await ctx.api.passwords.check(client.address if client is not None else "", uname, pwd)
     user = outcome.user
     if user is None:
@@ -38,6 +52,15 @@ async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
     if client is not None:
         client.authenticated = True
     session = ctx.api.sessions.create(user.name, user.role, originator, ctx.api.host_ref, user_object(ctx.store, user.name))
+    return session.ref
+
+
+def _local_superuser(ctx: Any, uname: str, originator: str) -> str:
+    ctx.client.authenticated = True
+    session = ctx.api.sessions.create(LOCAL_SUPERUSER, SUPERUSER_ROLE, originator, ctx.api.host_ref, "OpaqueRef:NULL",
+                                      local_superuser=True, auth_user_name=uname)
+    log.info("local superuser login (uid 0 on a UNIX socket) as {user!r} by {originator!r}", user=uname,
+             originator=originator)
     return session.ref
 
 

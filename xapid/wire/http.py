@@ -30,6 +30,8 @@ parsing, request machinery); the small calls the API lives on are dominated by i
 from __future__ import annotations
 
 import re
+import socket
+import struct
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Callable
@@ -68,6 +70,24 @@ class Client:
 
     address: str  # the source address ("127.0.0.1", "::1"), or "unix" for a local socket
     authenticated: bool = False
+    uid: int | None = None  # a UNIX-socket peer's user id (SO_PEERCRED), None for any other transport
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(transport: Any) -> int | None:
+    """The user id of the process at the other end of *transport* when it is a UNIX socket
+    (``SO_PEERCRED``: the credentials the kernel recorded at connect, which the peer cannot
+    forge); None for any other transport or when the kernel does not say."""
+    try:
+        sock = transport.getHandle()
+        if not isinstance(sock, socket.socket) or sock.family != socket.AF_UNIX:
+            return None
+        _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except (AttributeError, OSError, struct.error):
+        return None
+    return uid
 
 
 @dataclass
@@ -183,7 +203,8 @@ class HttpChannel(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        self.client = Client(str(host) if host is not None else "unix")
+        self.client = Client(str(host) if host is not None else "unix",
+                             uid=peer_uid(self.transport) if host is None else None)
         self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else "unix"
         self.connected_at = self.clock.seconds()
         self.transport.registerProducer(self, True)

@@ -55,10 +55,11 @@ class ApiHandler:
     """
 
     def __init__(self, dispatcher: Any, limits: Limits, routes: dict[bytes, Route] | None = None,
-                 cors_origins: tuple[str, ...] = ()):
+                 cors_origins: tuple[str, ...] = (), put_routes: dict[bytes, Route] | None = None):
         self.dispatcher = dispatcher
         self.limits = limits
         self.routes = dict(routes or {})
+        self.put_routes = dict(put_routes or {})  # PUT paths (/blob, /messages), as xapi serves them
         self.any_origin = "*" in cors_origins
         self.origins = frozenset(o.encode() for o in cors_origins if o != "*")
 
@@ -82,6 +83,8 @@ class ApiHandler:
             return HttpResponse(200, b"", [ALLOW_METHODS, (b"Allow", b"GET, HEAD, POST, OPTIONS")])
         if request.method in (b"GET", b"HEAD"):
             return self._get(request)
+        if request.method == b"PUT" and (request.path.rstrip(b"/") or b"/") in self.put_routes:
+            return self.put_routes[request.path.rstrip(b"/") or b"/"](request)
         return HttpResponse(405, b"method not allowed\n", [(b"Content-Type", b"text/plain"),
                                                           (b"Allow", b"GET, HEAD, POST, OPTIONS")])
 
