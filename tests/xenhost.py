@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,9 @@ XEN_INIT_DOM0 = Path("/usr/lib/xen-4.17/bin/xen-init-dom0")
 CHILD = HERE / "realxen_child.py"
 ROOT = HERE.parent.parent
 _CONSOLE = re.compile(r"^/local/domain/(\d+)/console/ring-ref$")
+SHUTDOWN_SUSPEND = 2  # xen/sched.h
+_DOM0_TARGET = "/local/domain/0/memory/target"
+_CONTROL = re.compile(r"^/local/domain/(\d+)/control/shutdown$")
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +53,16 @@ def pv_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class FakeConsoled:
-    """xenconsoled's part libxl waits for: each new console gets a ``tty`` node."""
+    """xenconsoled's part libxl waits for: each new console gets a ``tty`` node.  With
+    *on_suspend*, also the guests' side of a suspend request: ``control/shutdown`` = "suspend"
+    is acknowledged (cleared, as a PV kernel does) and ``on_suspend(domid)`` makes the guest's
+    SCHEDOP_shutdown(suspend).  With *on_dom0_target*, dom0's balloon driver: a new
+    ``memory/target`` of dom0 is passed on as ``on_dom0_target(kib)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_suspend: Callable[[int], None] | None = None,
+                 on_dom0_target: Callable[[int], None] | None = None) -> None:
+        self.on_suspend = on_suspend
+        self.on_dom0_target = on_dom0_target
         self.store = XenStore()  # on $XENSTORED_PATH
         self.store.watch("/local/domain", "consoled")
         self._stop = threading.Event()
@@ -70,6 +80,20 @@ class FakeConsoled:
                         self.store.write(f"/local/domain/{match.group(1)}/console/tty", "/dev/null")
                     except OSError:
                         pass
+                if event[0] == _DOM0_TARGET and self.on_dom0_target is not None:
+                    try:
+                        self.on_dom0_target(int(self.store.read(event[0])))
+                    except (OSError, ValueError):
+                        pass
+                control = _CONTROL.match(event[0])
+                if control and self.on_suspend is not None:
+                    try:
+                        if self.store.read(event[0]) != b"suspend":
+                            continue
+                        self.store.write(event[0], "")
+                    except OSError:
+                        continue
+                    self.on_suspend(int(control.group(1)))
 
     def stop(self) -> None:
         self._stop.set()
@@ -116,12 +140,27 @@ class RealXenHost:
         old = os.environ.get("XENSTORED_PATH")
         os.environ["XENSTORED_PATH"] = str(self.socket)
         try:
-            self.consoled = FakeConsoled()
+            self.consoled = FakeConsoled(self._guest_suspends, self._dom0_balloons)
         finally:
             if old is None:
                 del os.environ["XENSTORED_PATH"]
             else:
                 os.environ["XENSTORED_PATH"] = old
+
+    def _guest_suspends(self, domid: int) -> None:
+        """The guest's answer to a suspend request (fake_privcmd.c's fake guest then names its
+        start_info frame in vCPU 0's rdx, as a PV kernel's suspend hypercall does)."""
+        try:
+            self.xc(f"shutdown:{domid}:{SHUTDOWN_SUSPEND}")
+        except (AssertionError, subprocess.SubprocessError, ValueError):
+            pass  # the domain went away meanwhile: libxl reports it
+
+    def _dom0_balloons(self, kib: int) -> None:
+        """dom0's balloon driver follows its ``memory/target``."""
+        try:
+            self.xc(f"balloon:0:{kib}")
+        except (AssertionError, subprocess.SubprocessError, ValueError):
+            pass  # libxl_wait_for_memory_target reports a balloon that does not move
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a process that runs the real Xen libraries on this host."""
@@ -157,9 +196,11 @@ class RealXenHost:
         """Hypercalls through the real libxenctrl in a child process, as another program (a guest,
         another toolstack) makes them behind the daemon's back: each op is ``list``,
         ``shutdown:DOMID:REASON`` (SCHEDOP_shutdown's codes: 0 poweroff, 1 reboot, 2 suspend,
-        3 crash) or ``destroy:DOMID``.  Returns the last ``list``: [(domid, uuid, state flags)]."""
+        3 crash), ``destroy:DOMID``, ``setmaxmem:DOMID:KIB`` or ``balloon:DOMID:KIB`` (a balloon
+        driver: the domain's reservation grows or shrinks to KIB).  Returns the last ``list``:
+        [(domid, uuid, state flags)]."""
         script = (
-            "import json, sys\n"
+            "import ctypes, json, sys\n"
             "from xapid.backend.xen.xenctrl import XenCtrl, load_xenctrl\n"
             "xc = XenCtrl(load_xenctrl(), None)\n"
             "listed = None\n"
@@ -171,6 +212,19 @@ class RealXenHost:
             "        xc.domain_shutdown(int(args[0]), int(args[1]))\n"
             "    elif name == 'destroy':\n"
             "        xc.domain_destroy(int(args[0]))\n"
+            "    elif name == 'setmaxmem':\n"
+            "        assert xc._lib.xc_domain_setmaxmem(\n"
+            "            ctypes.c_void_p(xc._h()), int(args[0]), ctypes.c_uint64(int(args[1]))) == 0\n"
+            "    elif name == 'balloon':\n"
+            "        info = next(d for d in xc.domain_getinfolist() if d.domain == int(args[0]))\n"
+            "        delta = int(args[1]) // 4 - info.tot_pages\n"
+            "        frames = (ctypes.c_uint64 * max(abs(delta), 1))()\n"
+            "        if delta > 0:\n"
+            "            assert xc._lib.xc_domain_increase_reservation_exact(\n"
+            "                ctypes.c_void_p(xc._h()), int(args[0]), ctypes.c_ulong(delta), 0, 0, frames) == 0\n"
+            "        elif delta < 0:\n"
+            "            assert xc._lib.xc_domain_decrease_reservation_exact(\n"
+            "                ctypes.c_void_p(xc._h()), int(args[0]), ctypes.c_ulong(-delta), 0, frames) == 0\n"
             "print(json.dumps(listed))\n")
         proc = subprocess.run([sys.executable, "-c", script, *ops], env=self.env(), capture_output=True, text=True,
                               timeout=30, cwd=str(ROOT), check=False)

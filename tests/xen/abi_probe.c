@@ -70,6 +70,8 @@ int main(void)
     /* libxenlight: opaque buffers of these sizes, and its error codes */
     S(libxl_domain_config);
     S(libxl_domain_restore_params);
+    F(libxl_domain_restore_params, checkpointed_stream); F(libxl_domain_restore_params, stream_version);
+    F(libxl_domain_restore_params, colo_proxy_script); F(libxl_domain_restore_params, userspace_colo_proxy);
     S(libxl_device_disk);
     S(libxl_device_nic);
     C(LIBXL_SUSPEND_LIVE);

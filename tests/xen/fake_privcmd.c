@@ -33,7 +33,11 @@
  * logged, so a missing command is obvious.  Scheduler operations for the other scheduler's
  * structures fail with EINVAL, as in Xen.  Guest memory mapped through privcmd
  * (IOCTL_PRIVCMD_MMAPBATCH_V2) is backed per domain by a file beside the state file, so the
- * domain builder's mappings of the same frame agree.
+ * domain builder's mappings of the same frame agree.  Enough of a PV guest is modelled for
+ * libxc's save and restore (see "the fake PV guest" below): an identity M2P
+ * (XENMEM_machphys_mfn_list), vCPU contexts kept by set/getvcpucontext, page types
+ * (getpageframeinfo3), log-dirty that never finds a dirty page, and a guest that publishes its
+ * p2m when it first runs and names its start_info when it shuts down for suspend.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -342,6 +346,202 @@ static void drop_guest_memory(uint32_t domid)
     }
 }
 
+/* ---- the fake PV guest: what a running Linux PV kernel keeps for save/restore ----
+ *
+ * Frames are identity-mapped (populate_physmap leaves the builder's pfns as the "mfns"), so the
+ * M2P is the identity too.  Beside guest RAM, each domain's memory file holds, at frames no guest
+ * uses: the shared_info page (SHINFO_FRAME), and bookkeeping (META_FRAME: the start_info frame
+ * found at setvcpucontext; then one context per vCPU as setvcpucontext last set it).  When the
+ * domain first runs (unpause) the fake guest publishes its p2m as a Linux PV kernel does: a
+ * three-level tree (frame list list in shared_info's arch.pfn_to_mfn_frame_list_list, frame
+ * list, leaves) in the top frames of its RAM, and arch.max_pfn.  The M2P lives in DOMID_XEN's
+ * memory file at M2P_FRAME, handed out by XENMEM_machphys_mfn_list. */
+
+#define SHINFO_FRAME 0xff000ULL    /* beyond the RAM of any guest below ~4 GiB, clear of the grant frames (0xf0000+) */
+#define META_FRAME 0xffff00ULL     /* near the end of the 24-bit frame space MMAPBATCH maps */
+#define M2P_FRAME 0x100000ULL      /* in DOMID_XEN's file */
+#define META_MAGIC 0x4d657461ULL
+#define PV_VIRT_BASE 0xffffffff80000000ULL  /* fake_pv_kernel.S's XEN_ELFNOTE_VIRT_BASE */
+#define P2M_FPP (PAGE / 8)
+
+struct guest_meta {
+    uint64_t magic;
+    uint64_t start_info_pfn;  /* ~0: not found */
+    uint64_t contexts;        /* bit per vCPU: a context was set */
+};
+
+static int mem_io(uint32_t domid, uint64_t frame, uint64_t off, void *buf, size_t len, int write)
+{
+    int fd = guest_memory(domid);
+    if (fd < 0)
+        return -1;
+    off_t at = (off_t)(frame * PAGE + off);
+    ssize_t n = write ? pwrite(fd, buf, len, at) : pread(fd, buf, len, at);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+#define CTX_SIZE sizeof(vcpu_guest_context_any_t)
+#define CTX_FRAME(vcpu) (META_FRAME + 1 + 2ULL * (vcpu))
+
+static int read_meta(uint32_t domid, struct guest_meta *m)
+{
+    return mem_io(domid, META_FRAME, 0, m, sizeof(*m), 0) == 0 && m->magic == META_MAGIC ? 0 : -1;
+}
+
+static int is_start_info(uint32_t domid, uint64_t pfn, uint64_t max)
+{
+    char magic[8];
+    return pfn < max && mem_io(domid, pfn, 0, magic, sizeof(magic), 0) == 0 && memcmp(magic, "xen-3.0", 7) == 0;
+}
+
+static long set_context(struct fake_dom *d, struct xen_domctl_vcpucontext *v)
+{
+    if (v->vcpu >= d->max_vcpus || v->vcpu >= 64)
+        return -EINVAL;
+    if (v->ctxt.p == NULL || (d->flags & XEN_DOMINF_hvm_guest))
+        return 0;
+    vcpu_guest_context_any_t *c = (void *)v->ctxt.p;
+    if (mem_io(d->domid, CTX_FRAME(v->vcpu), 0, c, CTX_SIZE, 1) < 0)
+        return -EIO;
+    struct guest_meta m;
+    if (read_meta(d->domid, &m) < 0) {
+        memset(&m, 0, sizeof(m));
+        m.magic = META_MAGIC;
+        m.start_info_pfn = ~0ULL;
+    }
+    m.contexts |= 1ULL << v->vcpu;
+    if (v->vcpu == 0) {
+        /* the builder points rsi at start_info (virtual); a restored vCPU names its frame in rdx */
+        uint64_t rsi = c->x64.user_regs.rsi, rdx = c->x64.user_regs.rdx;
+        if (rsi >= PV_VIRT_BASE && is_start_info(d->domid, (rsi - PV_VIRT_BASE) / PAGE, d->tot_pages))
+            m.start_info_pfn = (rsi - PV_VIRT_BASE) / PAGE;
+        else if (is_start_info(d->domid, rdx, d->tot_pages))
+            m.start_info_pfn = rdx;
+    }
+    return mem_io(d->domid, META_FRAME, 0, &m, sizeof(m), 1) < 0 ? -EIO : 0;
+}
+
+/* A vCPU never given a context shares vCPU 0's (a PV kernel brings its other vCPUs up on the
+ * same page tables). */
+static long get_context(struct fake_dom *d, struct xen_domctl_vcpucontext *v)
+{
+    struct guest_meta m;
+    if (v->vcpu >= d->max_vcpus || v->vcpu >= 64)
+        return -EINVAL;
+    if (v->ctxt.p == NULL)
+        return 0;
+    if (read_meta(d->domid, &m) < 0 || !(m.contexts & 1)) {
+        memset((void *)v->ctxt.p, 0, CTX_SIZE);
+        return 0;
+    }
+    uint32_t from = (m.contexts >> v->vcpu) & 1 ? v->vcpu : 0;
+    return mem_io(d->domid, CTX_FRAME(from), 0, (void *)v->ctxt.p, CTX_SIZE, 0) < 0 ? -EIO : 0;
+}
+
+/* The guest's SCHEDOP_shutdown(suspend): it names its start_info frame in rdx (the "suspend
+ * record" the save converts to a pfn). */
+static void guest_suspends(struct fake_dom *d)
+{
+    struct guest_meta m;
+    vcpu_guest_context_any_t c;
+    if (read_meta(d->domid, &m) < 0 || !(m.contexts & 1) || m.start_info_pfn == ~0ULL)
+        return;
+    if (mem_io(d->domid, CTX_FRAME(0), 0, &c, CTX_SIZE, 0) == 0) {
+        c.x64.user_regs.rdx = m.start_info_pfn;
+        mem_io(d->domid, CTX_FRAME(0), 0, &c, CTX_SIZE, 1);
+    }
+}
+
+/* The guest runs: it publishes its p2m (see above) unless shared_info already anchors one. */
+static void guest_runs(struct fake_dom *d)
+{
+    struct guest_meta m;
+    struct arch_shared_info arch;
+    const off_t at = offsetof(struct shared_info, arch);
+    if ((d->flags & XEN_DOMINF_hvm_guest) || read_meta(d->domid, &m) < 0 || !(m.contexts & 1))
+        return;
+    if (mem_io(d->domid, SHINFO_FRAME, at, &arch, sizeof(arch), 0) < 0 || arch.pfn_to_mfn_frame_list_list)
+        return;
+    uint64_t n = arch.max_pfn && arch.max_pfn <= d->tot_pages ? arch.max_pfn : d->tot_pages;
+    uint64_t leaves = (n + P2M_FPP - 1) / P2M_FPP, fls = (leaves + P2M_FPP - 1) / P2M_FPP;
+    if (n < 16 || fls > P2M_FPP || leaves + fls + 1 >= n / 2) {
+        note("note: domain %u: cannot publish a p2m for %llu pages", d->domid, (unsigned long long)n);
+        return;
+    }
+    uint64_t fll = n - 1, fl0 = fll - fls, leaf0 = fl0 - leaves;
+    uint64_t page[P2M_FPP];
+    for (uint64_t l = 0; l < leaves; l++) {
+        for (uint64_t i = 0; i < P2M_FPP; i++)
+            page[i] = l * P2M_FPP + i < n ? l * P2M_FPP + i : ~0ULL;
+        mem_io(d->domid, leaf0 + l, 0, page, PAGE, 1);
+    }
+    for (uint64_t f = 0; f < fls; f++) {
+        for (uint64_t i = 0; i < P2M_FPP; i++)
+            page[i] = f * P2M_FPP + i < leaves ? leaf0 + f * P2M_FPP + i : 0;
+        mem_io(d->domid, fl0 + f, 0, page, PAGE, 1);
+    }
+    for (uint64_t i = 0; i < P2M_FPP; i++)
+        page[i] = i < fls ? fl0 + i : 0;
+    mem_io(d->domid, fll, 0, page, PAGE, 1);
+    arch.max_pfn = n;
+    arch.pfn_to_mfn_frame_list_list = fll;
+    arch.p2m_cr3 = 0;
+    mem_io(d->domid, SHINFO_FRAME, at, &arch, sizeof(arch), 1);
+}
+
+/* Page types for the save: vCPU 0's top page table is a pinned L4, everything else in RAM a
+ * plain page (the fake does not track the lower tables), frames beyond RAM invalid. */
+static long page_types(struct fake_dom *d, struct xen_domctl_getpageframeinfo3 *p)
+{
+    struct guest_meta m;
+    vcpu_guest_context_any_t c;
+    uint64_t cr3 = ~0ULL;
+    if (read_meta(d->domid, &m) == 0 && (m.contexts & 1) && mem_io(d->domid, CTX_FRAME(0), 0, &c, CTX_SIZE, 0) == 0)
+        cr3 = c.x64.ctrlreg[3] >> 12;
+    xen_pfn_t *arr = p->array.p;
+    for (uint64_t i = 0; i < p->num; i++)
+        arr[i] = arr[i] == cr3 ? XEN_DOMCTL_PFINFO_L4TAB | XEN_DOMCTL_PFINFO_LPINTAB
+                 : arr[i] < d->tot_pages ? XEN_DOMCTL_PFINFO_NOTAB : XEN_DOMCTL_PFINFO_XTAB;
+    return 0;
+}
+
+/* Log-dirty: the fake guest writes nothing while the toolstack looks, so no page is ever dirty. */
+static long shadow_op(struct xen_domctl_shadow_op *s)
+{
+    switch (s->op) {
+    case XEN_DOMCTL_SHADOW_OP_OFF:
+    case XEN_DOMCTL_SHADOW_OP_ENABLE:
+    case XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY:
+    case XEN_DOMCTL_SHADOW_OP_SET_ALLOCATION:
+        return 0;
+    case XEN_DOMCTL_SHADOW_OP_GET_ALLOCATION:
+        s->mb = 0;
+        return 0;
+    case XEN_DOMCTL_SHADOW_OP_CLEAN:
+    case XEN_DOMCTL_SHADOW_OP_PEEK:
+        if (s->dirty_bitmap.p)
+            memset(s->dirty_bitmap.p, 0, (s->pages + 7) / 8);
+        memset(&s->stats, 0, sizeof(s->stats));
+        return 0;
+    }
+    return unknown("domctl shadow_op", s->op);
+}
+
+/* The identity M2P, written once into DOMID_XEN's file. */
+static int fill_m2p(void)
+{
+    uint64_t probe = 0, buf[P2M_FPP];
+    if (mem_io(DOMID_XEN, M2P_FRAME, 8 * (TOTAL_PAGES - 1), &probe, 8, 0) == 0 && probe == TOTAL_PAGES - 1)
+        return 0;
+    for (uint64_t f = 0; f < TOTAL_PAGES / P2M_FPP; f++) {
+        for (uint64_t i = 0; i < P2M_FPP; i++)
+            buf[i] = f * P2M_FPP + i;
+        if (mem_io(DOMID_XEN, M2P_FRAME + f, 0, buf, PAGE, 1) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* ---- xen_version ---- */
 
 static long do_xen_version(unsigned long cmd, void *arg)
@@ -423,7 +623,7 @@ static void fill_info(xen_domctl_getdomaininfo_t *info, const struct fake_dom *d
     info->flags = d->flags;
     info->tot_pages = d->tot_pages;
     info->max_pages = d->max_kib / 4;
-    info->shared_info_frame = 0x1000 + d->domid;
+    info->shared_info_frame = SHINFO_FRAME;  /* per-domain memory files: the same frame number in each */
     info->cpu_time = d->cpu_ns;
     info->nr_online_vcpus = d->vcpus;
     info->max_vcpu_id = d->max_vcpus ? d->max_vcpus - 1 : 0;
@@ -677,6 +877,7 @@ static long do_domctl(struct xen_domctl *op)
         return 0;
     case XEN_DOMCTL_unpausedomain:
         d->flags = (d->flags & ~(XEN_DOMINF_paused | XEN_DOMINF_blocked)) | XEN_DOMINF_running;
+        guest_runs(d);
         return 0;
     case XEN_DOMCTL_resumedomain:
         d->flags = (d->flags & ~(XEN_DOMINF_shutdown | (XEN_DOMINF_shutdownmask << XEN_DOMINF_shutdownshift)));
@@ -721,13 +922,34 @@ static long do_domctl(struct xen_domctl *op)
     case XEN_DOMCTL_settimeoffset:
     case XEN_DOMCTL_settscinfo:
     case XEN_DOMCTL_set_address_size:
-    case XEN_DOMCTL_setvcpucontext:
     case XEN_DOMCTL_set_virq_handler:
     case XEN_DOMCTL_iomem_permission:
     case XEN_DOMCTL_ioport_permission:
     case XEN_DOMCTL_irq_permission:
     case XEN_DOMCTL_set_paging_mempool_size:
     case XEN_DOMCTL_set_cpu_policy:
+        return 0;
+    case XEN_DOMCTL_setvcpucontext:
+        return set_context(d, &op->u.vcpucontext);
+    case XEN_DOMCTL_getvcpucontext:
+        return get_context(d, &op->u.vcpucontext);
+    case XEN_DOMCTL_getpageframeinfo3:
+        return page_types(d, &op->u.getpageframeinfo3);
+    case XEN_DOMCTL_shadow_op:
+        return shadow_op(&op->u.shadow_op);
+    case XEN_DOMCTL_get_ext_vcpucontext:  /* nothing beyond the basic context: the save skips the record */
+        op->u.ext_vcpucontext.size = 0;
+        return op->u.ext_vcpucontext.vcpu < d->max_vcpus ? 0 : -EINVAL;
+    case XEN_DOMCTL_getvcpuextstate:      /* no xsave state */
+        op->u.vcpuextstate.xfeature_mask = 0;
+        op->u.vcpuextstate.size = 0;
+        return 0;
+    case XEN_DOMCTL_get_vcpu_msrs:        /* no MSRs */
+        op->u.vcpu_msrs.msr_count = 0;
+        return 0;
+    case XEN_DOMCTL_set_ext_vcpucontext:
+    case XEN_DOMCTL_setvcpuextstate:
+    case XEN_DOMCTL_set_vcpu_msrs:
         return 0;
     case XEN_DOMCTL_get_cpu_policy:
         return cpu_policy(&op->u.cpu_policy.nr_leaves, op->u.cpu_policy.leaves.p, &op->u.cpu_policy.nr_msrs,
@@ -779,6 +1001,25 @@ static long do_memory_op(unsigned long cmd, void *arg)
         d->tot_pages += pages;
         return r->nr_extents;
     }
+    case XENMEM_maximum_gpfn: {  /* a PV domain: shared_info's arch.max_pfn, less one (0 before it is set) */
+        struct fake_dom *d = find_dom(*(domid_t *)arg);
+        struct arch_shared_info arch;
+        if (d == NULL)
+            return -ESRCH;
+        if (mem_io(d->domid, SHINFO_FRAME, offsetof(struct shared_info, arch), &arch, sizeof(arch), 0) < 0)
+            return -EIO;
+        return (long)(arch.max_pfn ? arch.max_pfn : 1) - 1;
+    }
+    case XENMEM_machphys_mfn_list: {  /* the M2P's 2 MiB chunks (see fill_m2p) */
+        struct xen_machphys_mfn_list *l = arg;
+        unsigned chunks = (unsigned)((TOTAL_PAGES * 8 + (1U << 21) - 1) >> 21), i;
+        if (fill_m2p() < 0)
+            return -EIO;
+        for (i = 0; i < chunks && i < l->max_extents; i++)
+            l->extent_start.p[i] = M2P_FRAME + i * ((1U << 21) / PAGE);
+        l->nr_extents = i;
+        return 0;
+    }
     case XENMEM_set_memory_map:
     case XENMEM_set_pod_target:
     case XENMEM_claim_pages:
@@ -810,6 +1051,8 @@ static long do_sched_op(unsigned long cmd, void *arg)
         return -ESRCH;
     d->flags = (d->flags & ~(XEN_DOMINF_running | (XEN_DOMINF_shutdownmask << XEN_DOMINF_shutdownshift)))
                | XEN_DOMINF_shutdown | ((uint32_t)s->reason << XEN_DOMINF_shutdownshift);
+    if (s->reason == SHUTDOWN_suspend)
+        guest_suspends(d);
     kick_xenstored();
     return 0;
 }

@@ -16,6 +16,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "struct xen_domctl_sched_credit2": xenctrl.SchedCredit,
     "xen_compile_info_t": xenctrl.CompileInfo,
     "struct xs_permissions": xenstore.XsPermissions,
+    "libxl_domain_restore_params": xenlight.RestoreParams,
 }
 SCALARS: dict[str, int] = {
     "xs_transaction_t": ctypes.sizeof(ctypes.c_uint32),

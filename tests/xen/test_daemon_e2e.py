@@ -25,10 +25,12 @@ from support import PASSWORD, RealDaemon, vm_record
 from xenhost import RealXenHost, fake_privcmd_so, pv_kernel, real_xen, real_xen_credit2  # noqa: F401 - fixtures
 
 from xapid.backend.xen.xenctrl import XEN_DOMINF_paused, XEN_DOMINF_shutdown
+from xapid.backend.xen.xenstore import XenStore
 
 MiB = 2**20
 DOMCTL_PAUSEDOMAIN = 3  # xen/domctl.h
 DOMCTL_SETVCPUCONTEXT = 12  # the domain builder's last step: a start fails half-built
+DOMCTL_GET_ADDRESS_SIZE = 36  # libxc's save asks the guest's width first, before the guest suspends
 POWEROFF, REBOOT, CRASH = 0, 1, 3  # SHUTDOWN_* of xen/sched.h
 NEGOTIATE = "application must negotiate with libxl about SIGCHLD"
 
@@ -275,15 +277,73 @@ def test_xenstored_gone_for_good_exits_non_zero(real_xen_credit2: RealXenHost, t
         real_xen_credit2.restart_xenstored()  # for the fixture's teardown
 
 
-def test_suspend_runs_the_save_helper_and_fails_cleanly(xend: XenDaemon) -> None:
+def test_suspend_resume_round_trip(xend: XenDaemon) -> None:
     """VM.suspend: libxl forks libxl-save-helper under the running reactor (issue 14 #1: it used to
-    abort the daemon); the fake hypervisor cannot save a PV guest (no M2P table, no log-dirty
-    shadow_op, no guest that publishes its p2m), so the save fails — cleanly: a Xen-API error
-    with libxc's/libxl's lines, the VM still Running on its domain, no image left, the helper
-    reaped, the daemon alive.  The suspend/resume round trip itself is NOT covered by the fake
-    (README: "Verified only on fakes"); when it is, this test becomes that round trip."""
+    abort the daemon), asks the guest through ``control/shutdown`` (the fake guest acknowledges
+    and shuts down for suspend), and saves it: libxc maps the M2P, walks the p2m tree the guest
+    published in shared_info, reads the vCPU context and the page types, copies every page.  The
+    VM is Suspended, its image in libxl's stream format, the domain gone.  VM.resume rebuilds it
+    through libxl's restore path from that image: Running on a new domain carrying the VM's uuid,
+    whose memory is the saved guest's (its kernel at 1 MiB), the image removed.  Twice, so the
+    restored domain is itself saveable (the guest republished its p2m after the restore)."""
     vm, domid = xend.started()
     uuid = xend.x.VM.get_uuid(vm)
+    image = xend.daemon.state / "suspend" / f"{uuid}.img"
+    for _ in range(2):
+        xend.x.VM.suspend(vm)
+        assert xend.x.VM.get_power_state(vm) == "Suspended"
+        assert uuid not in xend.domains()
+        with open(image, "rb") as stream:
+            head = stream.read(64)
+        assert head.startswith(b"LibxlFmt") and b"XENF" in head, head  # libxl's stream, libxc's inside
+        assert image.stat().st_size > 64 * MiB  # every page of the guest's 64 MiB
+        assert not list(xend.daemon.state.rglob("*.partial"))
+        xend.wait("the save helper reaped", lambda: not xend.zombies(), timeout=5)
+
+        xend.x.VM.resume(vm, False, False)
+        assert xend.x.VM.get_power_state(vm) == "Running"
+        new = int(xend.x.VM.get_domid(vm))
+        assert new != domid
+        assert xend.domains()[uuid][0] == new
+        assert not xend.domains()[uuid][1] & (XEN_DOMINF_paused | XEN_DOMINF_shutdown)
+        memory = Path(f"{xend.host.state}.mem{new}")  # fake_privcmd.c's file of the new domain's frames
+        with open(memory, "rb") as frames:
+            frames.seek(0x100000)
+            assert frames.read(3) == b"\xf4\xeb\xfd"  # fake_pv_kernel.S's "hlt; jmp _start", restored
+        assert not image.exists()
+        domid = new
+    xend.wait("the restore helper reaped", lambda: not xend.zombies(), timeout=5)
+    assert xend.alive()
+    assert "Traceback" not in xend.log
+    assert xend.host.unknown_calls() == []
+
+
+def test_resume_from_a_corrupt_image_fails_cleanly(xend: XenDaemon) -> None:
+    """The image is damaged inside libxc's stream: VM.resume fails with libxc's/libxl's lines, no
+    half-built domain is left, the VM stays Suspended and the daemon lives."""
+    vm, _domid = xend.started()
+    uuid = xend.x.VM.get_uuid(vm)
+    xend.x.VM.suspend(vm)
+    image = xend.daemon.state / "suspend" / f"{uuid}.img"
+    with open(image, "r+b") as stream:
+        stream.seek(0x200)
+        stream.write(b"\xa5" * 0x10000)
+    details = failure(xend.x.VM.resume, vm, False, False)
+    assert details[0] == "INTERNAL_ERROR" and "libxl could not build the domain" in details[1], details
+    assert any("xc: error" in line for line in details[2:]), details
+    assert xend.x.VM.get_power_state(vm) == "Suspended"
+    assert uuid not in xend.domains()
+    xend.wait("the restore helper reaped", lambda: not xend.zombies(), timeout=5)
+    assert xend.alive()
+
+
+def test_suspend_refused_by_the_hypervisor_fails_cleanly(xend: XenDaemon) -> None:
+    """The save fails before the guest is asked to suspend (the hypervisor refuses the guest
+    width query): a Xen-API error with libxc's/libxl's lines, the VM still Running on its
+    domain, no image left, the helper reaped, the daemon alive; the refusal gone, it suspends."""
+    vm, domid = xend.started()
+    uuid = xend.x.VM.get_uuid(vm)
+    xend.host.refuse("domctl", DOMCTL_GET_ADDRESS_SIZE, errno.EPERM)
     details = failure(xend.x.VM.suspend, vm)
     assert details[0] == "INTERNAL_ERROR" and "suspend" in details[1], details
     assert any("xc: error" in line or "libxl: error" in line for line in details[2:]), details
@@ -291,6 +351,38 @@ def test_suspend_runs_the_save_helper_and_fails_cleanly(xend: XenDaemon) -> None
     assert xend.domains()[uuid][0] == domid
     assert not xend.domains()[uuid][1] & (XEN_DOMINF_paused | XEN_DOMINF_shutdown)
     assert not list(xend.daemon.state.rglob("*.partial"))
+    assert not list(xend.daemon.state.rglob("*.img"))
     xend.wait("the save helper reaped", lambda: not xend.zombies(), timeout=5)
     assert xend.alive()
     assert "Traceback" not in xend.log
+    xend.host.accept_all()
+    xend.x.VM.suspend(vm)
+    assert xend.x.VM.get_power_state(vm) == "Suspended"
+
+
+def test_autoballoon_frees_dom0_memory_for_a_start(real_xen_credit2: RealXenHost, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """dom0 holds all but 48 MiB of the host (as a default install without dom0_mem=), autoballoon
+    on: VM.start asks libxl to lower dom0's ``memory/target`` (libxl_set_memory_target), dom0's
+    balloon driver gives the pages back, libxl_wait_for_memory_target sees it, the VM starts."""
+    host = real_xen_credit2
+    host_kib = 4 * 1024 * 1024
+    host.xc(f"setmaxmem:0:{host_kib}", f"balloon:0:{host_kib - 48 * 1024}")
+    d = XenDaemon(host, tmp_path / "daemon", config="[xen]\nautoballoon = on\n")
+    try:
+        before = d.x.host.compute_free_memory(d.x.host.get_all()[0])
+        assert int(before) < 64 * MiB
+        vm, domid = d.started()
+        assert domid > 0
+        assert d.x.VM.get_power_state(vm) == "Running"
+        monkeypatch.setenv("XENSTORED_PATH", str(host.socket))
+        store = XenStore()
+        try:
+            target = int(store.read("/local/domain/0/memory/target"))
+        finally:
+            store.close()
+        assert target < host_kib - 48 * 1024 - 16 * 1024  # dom0 gave back at least the VM's share
+        assert d.alive()
+    finally:
+        d.stop()
+    assert NEGOTIATE not in d.log

@@ -17,6 +17,9 @@ RESTORE_PARAMS_SIZE = 24
 DEVICE_DISK_SIZE = 144
 DEVICE_NIC_SIZE = 504
 LIBXL_VERSION = 0
+#: libxl_domain_restore_params.stream_version: 2 is libxl's own stream format, the one
+#: libxl_domain_suspend writes (init leaves 1, a legacy xend image run through convert-legacy-stream)
+LIBXL_STREAM_VERSION_V2 = 2
 LIBXL_SUSPEND_LIVE = 2
 #: libxl_sigchld_owner (libxl_event.h): the application owns SIGCHLD and tells libxl
 #: (libxl_childproc_sigchld_occurred) from its main loop; libxl reaps only its own children.
@@ -40,6 +43,13 @@ class ChildprocHooks(ctypes.Structure):
     it must outlive the context."""
 
     _fields_ = [("chldowner", c_int), ("fork_replacement", c_void_p), ("reaped_callback", c_void_p)]
+
+
+class RestoreParams(ctypes.Structure):
+    """``libxl_domain_restore_params`` (_libxl_types.h; its layout is checked by test_abi)."""
+
+    _fields_ = [("checkpointed_stream", c_int), ("stream_version", c_uint32), ("colo_proxy_script", c_char_p),
+                ("userspace_colo_proxy", c_int)]
 
 
 _CTX = c_void_p
@@ -179,13 +189,14 @@ class XenLight:
 
         def build(buf: object) -> int:
             domid = c_uint32(0)
-            params = ctypes.create_string_buffer(RESTORE_PARAMS_SIZE)
-            self._lib.libxl_domain_restore_params_init(params)  # type: ignore[attr-defined]
+            params = RestoreParams()
+            self._lib.libxl_domain_restore_params_init(ctypes.byref(params))  # type: ignore[attr-defined]
+            params.stream_version = LIBXL_STREAM_VERSION_V2
             try:
                 self._check("libxl_domain_create_restore", self._lib.libxl_domain_create_restore(  # type: ignore[attr-defined]
-                    self._c(), buf, ctypes.byref(domid), fd, -1, params, None, None))
+                    self._c(), buf, ctypes.byref(domid), fd, -1, ctypes.byref(params), None, None))
             finally:
-                self._lib.libxl_domain_restore_params_dispose(params)  # type: ignore[attr-defined]
+                self._lib.libxl_domain_restore_params_dispose(ctypes.byref(params))  # type: ignore[attr-defined]
             return domid.value
 
         return self._with_config(config_json, build)  # type: ignore[return-value]
