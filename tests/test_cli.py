@@ -190,7 +190,9 @@ def test_users_added_while_running_can_log_in(daemon):
 def test_broken_schema_names_line(tmp_path):
     """A schema that does not validate stops loading with its line and the reason."""
     broken = tmp_path / "xenapi.xml"
-    text = (ROOT / "schema" / "xenapi.xml").read_text().replace('qualifier="RW"', 'qualifier="WR"', 1)
+    from xapid.schema import DEFAULT_SCHEMA
+
+    text = DEFAULT_SCHEMA.read_text().replace('qualifier="RW"', 'qualifier="WR"', 1)
     broken.write_text(text)
     with pytest.raises(SchemaError, match=r"xenapi\.xml:\d+: .*qualifier"):
         load_schema(broken)

@@ -18,6 +18,7 @@ EXIT_USAGE = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from xapid.certcli import add_cert_subparsers
+    from xapid.opscli import add_ops_subparsers
     from xapid.usercli import add_user_subparsers
 
     parser = argparse.ArgumentParser(prog="xapid", description="Xen Management API daemon")
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--users", help="users file")
     add_user_subparsers(sub)
     add_cert_subparsers(sub)
+    add_ops_subparsers(sub)
     doc = sub.add_parser("schema-doc", help="print the served classes and messages as Markdown")
     doc.add_argument("--output", help="write to this file instead of stdout")
     return parser
@@ -53,27 +55,62 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     except ConfigError as exc:
         return _fail(stderr, str(exc))
 
+    from xapid import systemd
+
+    # before Twisted's endpoints module is imported (it reads LISTEN_FDS then; xapid/systemd.py)
+    systemd.prepare_listen_fds()
+    notifier = systemd.take_environment()  # NOTIFY_SOCKET and WATCHDOG_*, removed for children
+
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
+    from twisted.logger import Logger
 
     from xapid.logs import start_logging
     from xapid.server import Daemon, StartupError
 
+    log = Logger(namespace="xapid.cli")
+    systemd.forget_listen_fds()
     start_logging(stderr, config.server.log_level)
     os.umask(0o077)  # every file the daemon makes (database, images, audit log, keys) is private from its first byte
     daemon = Daemon(config, reactor)
+    daemon.status = notifier.status
+    notifier.healthy = lambda: not daemon.fatal_error
     outcome: dict[str, Any] = {"code": 0}
 
-    async def run() -> None:
+    def reload() -> None:
+        """SIGHUP: re-read the config, apply what can change live, log what needs a restart."""
+        notifier.notify(RELOADING=1, STATUS="reloading the configuration")
         try:
-            await daemon.start()
+            new = override(load_config(args.config), listen=args.listen, backend=args.backend,
+                           state_dir=args.state_dir, users=args.users)
+        except ConfigError as exc:
+            log.error("reload: {error}; the running configuration is kept", error=str(exc))
+        else:
+            daemon.reload(new)
+        notifier.notify(READY=1, STATUS=outcome.get("serving", "serving"))
+
+    async def stop() -> None:
+        notifier.notify(STOPPING=1, STATUS="stopping")
+        await daemon.stop()
+
+    async def run() -> None:
+        import signal
+
+        notifier.start_watchdog(reactor)
+        systemd.install_block_hook(reactor)
+        try:
+            addresses = await daemon.start()
         except Exception as exc:  # noqa: BLE001 - never a traceback to the user
             outcome["error"] = str(exc) if isinstance(exc, StartupError) else \
                 f"unexpected error during start-up: {type(exc).__name__}: {exc}"
+            notifier.notify(STATUS=f"start-up failed: {outcome['error']}")
             await daemon.stop()
             reactor.stop()
             return
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(daemon.stop()))
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(stop()))
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))
+        outcome["serving"] = f"serving on {', '.join(addresses)}"
+        notifier.notify(READY=1, STATUS=outcome["serving"])
 
     try:
         daemon.check()
@@ -102,6 +139,11 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
         from xapid.certcli import run_cert_command
 
         return run_cert_command(args, stdout, stderr)
+    if args.command in ("check-config", "db"):
+        from xapid.opscli import check_config, run_db_command
+
+        problem = check_config(args, stdout) if args.command == "check-config" else run_db_command(args, stdout)
+        return _fail(stderr, problem) if problem else 0
     if args.command == "schema-doc":
         from xapid.schema import SchemaError, load_schema
         from xapid.schemadoc import render

@@ -1,7 +1,7 @@
 """Xen-API failures as data: ``XenAPIError(code, *params)``.
 
 Handlers raise these; the wire layer turns them into the protocol's failure envelope in
-one place.  Every code used here is declared in ``schema/xenapi.xml`` (a test checks it).
+one place.  Every code used here is declared in ``xapid/data/xenapi.xml`` (a test checks it).
 """
 
 from __future__ import annotations

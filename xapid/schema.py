@@ -1,6 +1,6 @@
-"""Load ``schema/xenapi.xml`` into an immutable registry of classes, fields and messages.
+"""Load ``xapid/data/xenapi.xml`` into an immutable registry of classes, fields and messages.
 
-The file is validated against ``schema/xenapi.rng`` first; any problem raises
+The file is validated against ``xapid/data/xenapi.rng`` first; any problem raises
 :class:`SchemaError` naming the line and the reason.  Implicit messages (getters, setters,
 map/set updates, records, ``get_all``, ``get_by_*``, generated ``create``/``destroy``) are
 derived here, so dispatch and ``system.listMethods`` see one flat table of messages.
@@ -18,9 +18,21 @@ from lxml import etree
 
 from xapid.apitypes import Type, TypeSyntaxError, parse_default, parse_type, zero_value
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
-DEFAULT_SCHEMA = SCHEMA_DIR / "xenapi.xml"
-GRAMMAR = SCHEMA_DIR / "xenapi.rng"
+#: where the schema ships: package data of xapid (``xapid/data/``), so an installed wheel finds it
+PACKAGE_DATA = "data"
+
+
+def data_file(name: str) -> Path:
+    """The packaged data file *name*, read through importlib.resources (a wheel is always unpacked
+    into a directory, so the resource is a real file lxml can open)."""
+    from importlib.resources import files
+
+    return Path(str(files("xapid") / PACKAGE_DATA / name))
+
+
+DEFAULT_SCHEMA = data_file("xenapi.xml")
+GRAMMAR = data_file("xenapi.rng")
+SCHEMA_DIR = DEFAULT_SCHEMA.parent
 
 MISSING: Any = object()
 READ_ONLY = "read-only"
@@ -41,6 +53,7 @@ class FieldSpec:
     inverse: tuple[str, str] | None  # (class, ref field) this set mirrors
     runtime: bool
     doc: str
+    null: bool = False  # a ref field that may hold OpaqueRef:NULL when written (schema null="true")
 
     @property
     def writable(self) -> bool:
@@ -56,6 +69,7 @@ class ParamSpec:
     type: Type
     default: Any = MISSING
     doc: str = ""
+    null: bool = False  # a ref parameter that accepts OpaqueRef:NULL (schema null="true")
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ class MessageSpec:
     deprecated: bool = False
     doc: str = ""
     cancellable: bool = False
+    removed: bool = False  # removed from xapi's API: MESSAGE_REMOVED after the session check
 
     @property
     def wire_name(self) -> str:
@@ -266,6 +281,7 @@ class _Builder:
             if t.kind != "set" or t.elem.kind != "ref" or not ref_field:
                 raise self.fail(node, "inverse needs a 'X ref set' field and 'Class.field'")
             inverse = (other, ref_field)
+        null = self.null_flag(node, t)
         return FieldSpec(
             name=node.get("name"),
             type=t,
@@ -276,7 +292,16 @@ class _Builder:
             inverse=inverse,
             runtime=node.get("runtime") == "true",
             doc=node.get("doc", ""),
+            null=null,
         )
+
+    def null_flag(self, node, t: Type) -> bool:
+        """``null="true"``: OpaqueRef:NULL is accepted for this ref (or ref set element)."""
+        if node.get("null") != "true":
+            return False
+        if t.kind != "ref" and not (t.kind == "set" and t.elem is not None and t.elem.kind == "ref"):
+            raise self.fail(node, f"null=\"true\" on {node.get('name')}, which is not a ref")
+        return True
 
     def build_message(self, cls: str, node, roles, errors) -> MessageSpec:
         role = node.get("role")
@@ -295,7 +320,7 @@ class _Builder:
                     raise self.fail(pnode, f"bad default: {exc}") from None
             elif seen_default:
                 raise self.fail(pnode, "a parameter without default follows one with a default")
-            params.append(ParamSpec(pnode.get("name"), t, default, pnode.get("doc", "")))
+            params.append(ParamSpec(pnode.get("name"), t, default, pnode.get("doc", ""), self.null_flag(pnode, t)))
         for rnode in node.iterfind("raises"):
             if rnode.get("code") not in errors:
                 raise self.fail(rnode, f"undeclared error code {rnode.get('code')}")
@@ -311,6 +336,7 @@ class _Builder:
             deprecated=node.get("deprecated") == "true",
             doc=node.get("doc", ""),
             cancellable=node.get("cancellable") == "true",
+            removed=node.get("removed") == "true",
         )
 
     def implicit_messages(self, spec: ClassSpec) -> list[MessageSpec]:
@@ -326,10 +352,10 @@ class _Builder:
             add(f"get_{f.name}", [self_param], f.type, READ_ONLY, "get", f, doc=f"Get the {f.name} field.")
             if not f.writable:
                 continue
-            add(f"set_{f.name}", [self_param, ParamSpec("value", f.type)], Type("void"), spec.write_role, "set", f,
+            add(f"set_{f.name}", [self_param, ParamSpec("value", f.type, null=f.null)], Type("void"), spec.write_role, "set", f,
                 doc=f"Set the {f.name} field.")
             if f.type.kind == "set":
-                add(f"add_{f.name}", [self_param, ParamSpec("value", f.type.elem)], Type("void"), spec.write_role,
+                add(f"add_{f.name}", [self_param, ParamSpec("value", f.type.elem, null=f.null)], Type("void"), spec.write_role,
                     "add", f, doc=f"Add a value to the {f.name} set.")
                 add(f"remove_{f.name}", [self_param, ParamSpec("value", f.type.elem)], Type("void"),
                     spec.write_role, "remove", f, doc=f"Remove a value from the {f.name} set.")

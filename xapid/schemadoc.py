@@ -9,7 +9,7 @@ QUALIFIERS = {"RW": "RW", "static-RO": "RO (set at create)", "dynamic-RO": "RO (
 
 def render(schema: Schema) -> str:
     out = [f"# Xen-API served by xapid (API version {schema.version})", "",
-           "Generated from `schema/xenapi.xml` by `xapid schema-doc`. Every class also has the implicit "
+           "Generated from `xapid/data/xenapi.xml` by `xapid schema-doc`. Every class also has the implicit "
            "messages the schema derives (`get_<field>`, `set_<field>` for writable fields, "
            "`add_<f>`/`remove_<f>` for sets, `add_to_<f>`/`remove_from_<f>` for maps, `get_record`, "
            "`get_by_uuid`, `get_by_name_label`, `get_all`, `get_all_records`).", "",
