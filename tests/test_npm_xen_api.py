@@ -174,3 +174,30 @@ def test_connector_watches_events(xen_api, daemon, transport):
     assert sdk.xenapi.VM.get_power_state(vm) == "Halted"
     assert not [t for t in sdk.xenapi.task.get_all_records().values() if t["name_label"] == "Async.VM.clean_shutdown"]
     sdk.xenapi.VM.destroy(vm)
+
+
+@pytest.mark.parametrize("transport", ["auto", "xml-rpc"])
+def test_connector_creates_from_template_and_reverts(xen_api, daemon, transport):
+    """``tests/npm/xen_api_template.mjs``: Xen Orchestra's ``createVm`` through the connector (``callAsync``
+    ``VM.clone`` and ``VM.provision``, ``call`` for the rest; xo-server ``src/xapi/mixins/vm.mjs``), then its
+    ``VM_snapshot`` (``@xen-orchestra/xapi/vm.mjs``: ``Async.VM.snapshot``, ``set_is_a_template false``) and
+    ``revertVm`` (``callAsync('VM.revert')``) after changing fields and adding a disk."""
+    shutil.copy(NPM_DIR / "xen_api_template.mjs", xen_api)
+    proc = subprocess.run(["node", "xen_api_template.mjs", daemon.url, "admin", PASSWORD, transport, "Debian Bookworm 12"],
+                          cwd=xen_api, capture_output=True, text=True, timeout=NODE_TIMEOUT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"rc {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}"
+    out = json.loads(lines[-1])
+    assert proc.returncode == 0 and "error" not in out, f"{out}\nstderr: {proc.stderr[-3000:]}"
+    as_int = int if transport == "auto" else str
+    created = out["created"]
+    assert created["is_a_template"] is False and "disks" not in created["other_config"]
+    assert created["other_config"]["base_template_name"] == "Debian Bookworm 12"
+    assert any(k.startswith("xo:") for k in created["other_config"])
+    assert created["VCPUs_max"] == as_int(2) and created["memory_dynamic_max"] == as_int(2 << 30)
+    assert created["VBDs"] == 1 and created["VIFs"] == 1 and created["name_description"] == "created by xen-api"
+    assert out["tasksLeft"] <= 0  # callAsync destroyed its tasks
+    reverted = out["reverted"]
+    assert reverted["name_description"] == "created by xen-api" and reverted["VCPUs_at_startup"] == as_int(2)
+    assert reverted["parent"] == reverted["snapshot"] and reverted["power_state"] == "Halted"
+    assert reverted["VBDs"] == 1 and reverted["diskReplaced"] is True and reverted["snapshotIsSnapshot"] is True

@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fai
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xapid.apitypes import coerce
+from xapid.apitypes import NULL_REF, coerce
 from xapid.audit import CallAudit
 from xapid.errors import (
     XenAPIError, handle_invalid, internal_error_with_id, method_unknown, parameter_count_mismatch, session_invalid,
@@ -151,7 +151,7 @@ class Dispatcher:
                 raise session_invalid(session_ref)
             if client is not None:
                 client.authenticated = True
-            if self.schema.classes[spec.cls].removed:
+            if self.schema.classes[spec.cls].removed or spec.removed:
                 raise XenAPIError("MESSAGE_REMOVED")
             if not self.schema.role_allows(session.role, spec.role):
                 allowed = ", ".join(self.schema.roles_at_least(spec.role))
@@ -170,6 +170,8 @@ class Dispatcher:
     def _check(self, param: Any, value: Any) -> Any:
         value = coerce(param.type, value, param.name, self.schema.enums, self.limits)
         if param.type.kind == "ref" and param.type.name in self.schema.classes:
+            if value == NULL_REF and param.null:  # declared null="true": the handler gives NULL its meaning
+                return value
             if not self.api.store.exists(value, param.type.name):
                 raise handle_invalid(param.type.name, value)
         return value

@@ -31,7 +31,7 @@ def _stamp(seconds: float) -> datetime:
 
 
 #: the Xen-API platform level of API 2.21 (XenServer 8 / XCP-ng 8.3: platform 3.4.0), and the xapi
-#: release line whose behaviour xapid follows (schema/xenapi.xml: the 26.x datamodel)
+#: release line whose behaviour xapid follows (xapid/data/xenapi.xml: the 26.x datamodel)
 PLATFORM_VERSION = "3.4.0"
 XAPI_LINE = "26.0"
 RELEASE_DATE = "2026-12-01"  # the date of the xapid release named by __version__ (bump them together)
@@ -107,6 +107,7 @@ async def initialise(api: Any) -> None:
         _mirror_users(api)
         _roles(api)
         _reconcile(api, host, domains, now)
+        _templates(store, now)
     await _storage(api)
 
 
@@ -183,6 +184,13 @@ async def _storage(api: Any) -> None:
             except XenAPIError as error:
                 log.error("SR {name} could not be scanned: {error}", name=store.get(sr).fields["name_label"],
                           error=" ".join(error.description))
+
+
+def _templates(store: Any, now: datetime) -> None:
+    """The default templates, added or brought up to date at every start (xapid/templates.py)."""
+    from xapid.templates import install_defaults
+
+    install_defaults(store, now)
 
 
 def _mirror_users(api: Any) -> None:

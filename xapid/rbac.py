@@ -7,7 +7,7 @@ table: one *permission* per message (``name_label`` the lower-cased wire name, n
 Refs are ``OpaqueRef:<uuid>`` and uuids the MD5 digest of the name (the wire name as declared,
 or the role name) read as a uuid, so they never change and are the same as xapi's.
 
-Here the table is derived from ``schema/xenapi.xml``: a role's permissions are the messages whose
+Here the table is derived from ``xapid/data/xenapi.xml``: a role's permissions are the messages whose
 declared minimum role it reaches (every served message: implicit ones, explicit ones and the
 session-less login family; not those of removed classes), plus xapi's extra permission
 ``task.destroy/any`` (pool-operator and above), which :mod:`xapid.ownership` checks.
@@ -71,7 +71,7 @@ def build(schema: Schema) -> Rbac:
     minimum: dict[str, str] = {}
     declared: dict[str, str] = {}
     for wire, spec in schema.messages.items():
-        if schema.classes[spec.cls].removed:
+        if schema.classes[spec.cls].removed or spec.removed:
             continue
         name = wire.lower()
         if name in minimum:  # two wire names differing only in case would share a permission

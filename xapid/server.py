@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from xapid import autostart, inventory, tls
+from xapid import autostart, inventory, statedir, tls
 from xapid.api import Api
 from xapid.audit import AUDIT_FILE, AuditLog
 from xapid.backend.interface import BackendError, IBackend
@@ -36,6 +37,7 @@ from xapid.events import EventHub
 from xapid.http_exports import HttpExports
 from xapid.login import PasswordChecker
 from xapid.objects import collect_handlers, guest_metrics
+from xapid.objects.allowed_ops import register as register_allowed_operations
 from xapid.objects.vm_ops import derive as derive_vm
 from xapid.objects.vm_watch import domain_changed
 from xapid.runner import InlineRunner, Runner, ThreadRunner
@@ -147,9 +149,16 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
         raise StartupError(str(exc)) from None
     db_path = state_dir / "xapid.db"
     try:
+        statedir.check_format(state_dir, lambda line: log.warn("{line}", line=line))
+    except statedir.StateDirError as exc:
+        raise StartupError(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(f"state dir {state_dir}: migration failed, nothing changed: {exc}") from None
+    try:
         database = Database(db_path)
         store = Store(schema, Committer(database, db_runner, clock=reactor))
         store.derive("VM", derive_vm)
+        register_allowed_operations(store)  # VDI, VBD, VIF, SR, host, pool, network (xapid/objects/allowed_ops.py)
         store.load()
     except Exception as exc:  # noqa: BLE001 - sqlite reports many kinds of unusable file
         raise StartupError(f"database {db_path} is unusable: {exc}") from None
@@ -253,6 +262,10 @@ class Daemon(MultiService):
         self._timers: list[LoopingCall] = []
         self.admission: Admission | None = None
         self.fatal_error = ""  # set when a component cannot go on: the daemon stops and exits non-zero
+        self.status: Any = lambda text: None  # start-up and shutdown progress (the cli: sd_notify STATUS=)
+        self._factories: list[Any] = []  # the HTTP factories, whose settings a reload replaces
+        self._lock: statedir.StateLock | None = None
+        self.stopping = False
 
     def fatal(self, line: str) -> None:
         """A component cannot go on (e.g. xenstored gone for good): remember *line*, stop the reactor."""
@@ -281,6 +294,13 @@ class Daemon(MultiService):
     async def start(self) -> list[str]:
         """Open everything and listen; returns the addresses listened on."""
         config, reactor = self.config, self.reactor
+        state_dir = Path(config.server.state_dir)
+        _prepare_state_dir(state_dir)
+        lock = statedir.StateLock(state_dir)
+        if not lock.acquire():
+            raise StartupError(f"another xapid (pid {lock.holder() or '?'}) is running on state dir {state_dir}")
+        self._lock = lock
+        self.status("opening the state dir, the database and the driver; reconciling the inventory")
         runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads))
         db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
         login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads))
@@ -301,12 +321,15 @@ class Daemon(MultiService):
         site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes(), server.cors_origins,
                                        put_routes=exports.put_routes()), settings,
                             reactor, self.admission)
+        self._factories = [site]
+        self.status("listening")
         addresses = []
         for description in config.server.listen:
             addresses.append(await self._listen(description, site))
         if config.stats.prometheus_listen:
             scrape = make_factory(ApiHandler(self.dispatcher, limits, exports.open_routes()),
                                   replace(settings, max_body=1 << 16), reactor, self.admission)
+            self._factories.append(scrape)
             addresses.append(await self._listen(config.stats.prometheus_listen, scrape, "[stats] prometheus_listen"))
         self._publish_url()
         self.api.stats.start()
@@ -372,13 +395,17 @@ class Daemon(MultiService):
             log.failure("housekeeping failed")
 
     async def stop(self) -> None:
-        """Stop listening, make every write durable, close the driver and the database."""
+        """Stop listening, let running tasks finish (up to ``[api] shutdown_timeout``, then cancel
+        them), make every write durable, close the driver and the database."""
+        self.stopping = True
         for timer in self._timers:
             if timer.running:
                 timer.stop()
         for port in self.ports:
             await port.stopListening()
         self.ports = []
+        if self.api is not None and self.api.tasks is not None:
+            await self._drain(self.config.api.shutdown_timeout)
         if self.api is not None:
             if self.api.stats is not None:
                 try:
@@ -400,6 +427,107 @@ class Daemon(MultiService):
                 self.api.hypervisor.close()
             except Exception:  # noqa: BLE001
                 log.failure("closing the driver failed")
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait up to *timeout* s for the running Async tasks, then cancel what is left (each ends
+        ``cancelled`` with its writes so far committed, its operation's cleanup run)."""
+        from twisted.internet.defer import DeferredList
+
+        tasks = self.api.tasks  # type: ignore[union-attr]
+        running = tasks.running()
+        if not running:
+            return
+        log.info("stopping: waiting up to {timeout} s for {count} running task(s)", timeout=timeout,
+                 count=len(running))
+        self.status(f"stopping: waiting for {len(running)} running task(s)")
+        done: Deferred = Deferred()
+        DeferredList([d for _, d in running], consumeErrors=True).addBoth(
+            lambda _: done.called or done.callback(None))
+        timer = self.reactor.callLater(timeout, lambda: done.called or done.callback(None))
+        await done
+        if timer.active():
+            timer.cancel()
+        left = tasks.running()
+        if left:
+            log.warn("stopping: cancelling {count} task(s) still running after {timeout} s: {tasks}",
+                     count=len(left), timeout=timeout, tasks=", ".join(ref for ref, _ in left))
+            for _, d in left:
+                if not d.called:  # the operation still runs (else only its outcome is being committed)
+                    d.cancel()
+            await DeferredList([d for _, d in left], consumeErrors=True)
+
+    #: keys a SIGHUP applies to the running daemon; any other change needs a restart
+    LIVE_KEYS = frozenset({
+        ("server", "log_level"), ("server", "idle_timeout"), ("server", "header_timeout"),
+        ("server", "body_timeout"),
+        *(("limits", key) for key in ("max_body_bytes", "max_depth", "max_elements", "max_header_bytes",
+                                      "pending_input_bytes", "login_failures_burst", "login_failure_interval",
+                                      "login_queue_per_source", "max_string_bytes", "max_collection_items",
+                                      "audit_log_bytes", "max_pending_tasks_per_session",
+                                      "max_pending_tasks_per_user", "max_blob_bytes", "max_messages")),
+    })
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply what *new* changes live (SIGHUP); returns the changed keys that need a restart."""
+        from dataclasses import fields as dc_fields
+
+        from xapid.logs import set_log_level
+
+        old = self.config
+        changed, restart = [], []
+        for section in dc_fields(Config):
+            if section.name == "source":
+                continue
+            before, after = getattr(old, section.name), getattr(new, section.name)
+            for item in dc_fields(before):
+                if getattr(before, item.name) != getattr(after, item.name):
+                    key = (section.name, item.name)
+                    (changed if key in self.LIVE_KEYS else restart).append(key)
+        live = set(changed)
+        server = replace(old.server, **{k: getattr(new.server, k) for s, k in live if s == "server"})
+        applied = replace(old, server=server, limits=replace(old.limits, **{
+            k: getattr(new.limits, k) for s, k in live if s == "limits"}))
+        self.config = applied
+        set_log_level(applied.server.log_level)
+        api = self.api
+        if api is not None:
+            lim = applied.limits
+            if api.limits is not None:
+                api.limits.max_body, api.limits.max_depth = lim.max_body_bytes, lim.max_depth
+                api.limits.max_elements, api.limits.max_string_bytes = lim.max_elements, lim.max_string_bytes
+                api.limits.max_collection_items = lim.max_collection_items
+            if api.passwords is not None:
+                api.passwords.burst, api.passwords.interval = lim.login_failures_burst, lim.login_failure_interval
+                api.passwords.queue_per_source = lim.login_queue_per_source
+            if api.tasks is not None:
+                api.tasks.max_pending_per_session = lim.max_pending_tasks_per_session
+                api.tasks.max_pending_per_user = lim.max_pending_tasks_per_user
+            if api.audit is not None:
+                api.audit.max_bytes = lim.audit_log_bytes
+            api.max_messages, api.max_blob_bytes = lim.max_messages, lim.max_blob_bytes
+            try:
+                if api.users.reload_if_changed():
+                    log.info("reload: users file {path} re-read", path=applied.server.users)
+            except UsersError as exc:
+                log.warn("reload: users file not re-read: {error}", error=str(exc))
+            srv = applied.server
+            for index, factory in enumerate(self._factories):  # new connections get the new settings
+                body = {"max_body": lim.max_body_bytes} if index == 0 else {}  # [1]: /metrics keeps 64 KiB
+                factory.settings = replace(factory.settings, max_header=lim.max_header_bytes,
+                                           pending_input=lim.pending_input_bytes, idle_timeout=srv.idle_timeout,
+                                           header_timeout=srv.header_timeout, body_timeout=srv.body_timeout, **body)
+        for section, key in sorted(changed):
+            log.info("reload: [{section}] {key} = {value}", section=section, key=key,
+                     value=getattr(getattr(applied, section), key))
+        for section, key in sorted(set(restart)):
+            log.warn("reload: [{section}] {key} changed in {source}; it takes effect at the next restart",
+                     section=section, key=key, source=new.source)
+        log.info("reload: done ({count} change(s) applied; TLS certificates are re-read by every new "
+                 "connection when they change)", count=len(changed))
+        return [f"[{s}] {k}" for s, k in sorted(set(restart))]
 
     def stopService(self) -> Deferred:
         super().stopService()

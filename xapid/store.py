@@ -130,6 +130,8 @@ class Store:
         self._listeners: list[tuple[Callable[[Change], None], Any]] = []
         self._live_ok: set[str] = set()  # classes set_live was checked for
         self._derivers: dict[str, list[Deriver]] = {}
+        # source class -> [(derived class, refs of its objects depending on a source object)]
+        self._dependents: dict[str, list[tuple[str, Callable[["Store", Obj], Any]]]] = {}
         self._txn_depth = 0
         self._plain_refs: dict[str, list[tuple[str, str]]] = {}
         self._refreshers: dict[str, Callable[[Obj], None]] = {}
@@ -202,9 +204,18 @@ class Store:
         must clear ``obj.cache`` when it changes a field."""
         self._refreshers[cls] = refresh
 
-    def derive(self, cls: str, deriver: Deriver) -> None:
-        """Register a function computing derived fields of *cls* objects after each write."""
+    def derive(self, cls: str, deriver: Deriver,
+               depends: dict[str, Callable[["Store", Obj], Any]] | None = None) -> None:
+        """Register a function computing derived fields of *cls* objects after each write.
+
+        *depends* names what else the fields are computed from: source class -> function
+        giving, for a written (added, changed or removed) source object, the refs of the *cls*
+        objects to derive again (e.g. a VBD's allowed_operations from its VM's power_state:
+        ``{"VM": lambda store, vm: vm.fields["VBDs"]}``).  An object whose derived fields
+        change that way is written (event, commit) like any other, and may in turn be a source."""
         self._derivers.setdefault(cls, []).append(deriver)
+        for source, refs in (depends or {}).items():
+            self._dependents.setdefault(source, []).append((cls, refs))
 
     # -- writing -------------------------------------------------------------------------
 
@@ -222,6 +233,7 @@ class Store:
         self._apply_derivers(obj)
         self._emit(obj, "add")
         self._link(cls, ref, {}, record)
+        self._derive_dependents(obj)
         return ref
 
     def update(self, ref: str, changes: dict[str, Any]) -> None:
@@ -239,6 +251,7 @@ class Store:
         self._apply_derivers(obj)
         self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
+        self._derive_dependents(obj)
 
     def live_batch(self) -> "LiveBatch":
         """The fast path for live metrics values, rewritten by every sample::
@@ -299,6 +312,7 @@ class Store:
         self._unindex_names(obj)
         self._emit(obj, "del")
         self._link(obj.cls, ref, obj.fields, {k: NULL_REF for k in obj.fields if (obj.cls, k) in self.schema.inverses})
+        self._derive_dependents(obj)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -335,6 +349,7 @@ class Store:
         for obj in cleaned:  # saved cleaned with the next commit (build_api flushes after start-up)
             self._committer.record(obj.cls, obj.ref, obj.fields)
         self._committer.release()
+        self.derive_all()  # allowed_operations as this version computes them (saved with the next commit)
 
     def _decode(self, spec: Any, data: dict[str, Any]) -> dict[str, Any]:
         """A record from its stored JSON (as :meth:`load` reads it)."""
@@ -410,6 +425,42 @@ class Store:
     def _apply_derivers(self, obj: Obj) -> None:
         for deriver in self._derivers.get(obj.cls, ()):
             obj.fields.update(deriver(self, obj))
+
+    def _derive_dependents(self, source: Obj) -> None:
+        """Derive again the objects whose derived fields depend on *source* (``derive(depends=)``);
+        those whose derived values change are written, so their own dependents follow."""
+        for cls, refs_of in self._dependents.get(source.cls, ()):
+            for ref in list(refs_of(self, source) or ()):
+                obj = self._objects.get(ref) if isinstance(ref, str) else None
+                if obj is None or obj.cls != cls:
+                    continue
+                derived: dict[str, Any] = {}
+                for deriver in self._derivers.get(cls, ()):
+                    derived.update(deriver(self, obj))
+                changed = {k: v for k, v in derived.items() if obj.fields.get(k) != v}
+                if changed:
+                    self._remember(cls, ref, obj)
+                    obj.fields.update(changed)
+                    self._emit(obj, "mod")
+                    self._derive_dependents(obj)
+
+    def derive_all(self) -> list[Obj]:
+        """Derive every object's derived fields again (after :meth:`load`: a newer xapid may
+        compute them differently); returns the objects that changed (recorded for commit)."""
+        changed: list[Obj] = []
+        for cls in self._derivers:
+            for obj in list(self._by_class[cls].values()):
+                before = {k: obj.fields.get(k) for k in obj.fields}
+                self._apply_derivers(obj)
+                if obj.fields != before:
+                    obj.cache.clear()
+                    changed.append(obj)
+        if self._committer is not None:
+            for obj in changed:
+                if self.schema.classes[obj.cls].persist:
+                    self._committer.record(obj.cls, obj.ref, obj.fields)
+            self._committer.release()
+        return changed
 
     def _remember(self, cls: str, ref: str, obj: Obj | None) -> None:
         """Before a write: keep the object's image (None: absent) unless it has an uncommitted
@@ -577,6 +628,9 @@ class Database:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("CREATE TABLE IF NOT EXISTS objects (ref TEXT PRIMARY KEY, cls TEXT NOT NULL, data TEXT NOT NULL)")
+        from xapid.statedir import stamp  # the state dir's format version (xapid/statedir.py)
+
+        stamp(self._conn)
 
     def read_all(self) -> list[tuple[str, str, dict[str, Any]]]:
         rows = self._conn.execute("SELECT cls, ref, data FROM objects ORDER BY rowid").fetchall()

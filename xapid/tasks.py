@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from xapid.apitypes import EPOCH
@@ -213,12 +213,19 @@ class TaskManager:
             return self.store.flush().addCallbacks(lambda _: self._failed(task, failure, flushed=True),
                                                    lambda f: self._failed(task, f, flushed=True))
         error = failure.value if isinstance(failure.value, XenAPIError) else None
+        if error is None and failure.check(CancelledError):  # the daemon stopping (Daemon._drain)
+            error = XenAPIError("TASK_CANCELLED", task)
         if error is None:
             incident, error = internal_error_with_id()
             log.failure("task {task} failed unexpectedly (internal error id {incident})", failure, task=task,
                         incident=incident)
         status = "cancelled" if error.code == "TASK_CANCELLED" else "failure"
         self._finish(task, {"status": status, "error_info": error.description})
+
+    def running(self) -> list[tuple[str, Deferred]]:
+        """The Async tasks not yet finished: (task ref, a Deferred firing once the outcome is recorded;
+        ``called`` once the operation itself is over, cancel it only before)."""
+        return list(self._running.items())
 
     def progress(self, task: str | None, fraction: float) -> None:
         if task is not None and self.store.find(task) is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-MODULES = ("session", "pool", "host", "vm", "vm_copy", "vbd", "vif", "network", "sr", "vdi", "task", "event", "system", "stats",
+MODULES = ("session", "pool", "host", "vm", "vm_copy", "vm_provision", "vbd", "vif", "network", "sr", "vdi", "task", "event", "system", "stats",
            "role", "messages", "blob", "plugin", "vif_ip")
 
 

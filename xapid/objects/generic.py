@@ -17,7 +17,8 @@ def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
 
     Required fields must be present (FIELD_TYPE_ERROR naming the first missing one);
     optional ones take the schema default; runtime-only and unknown fields are ignored.
-    Refs must name live objects or be OpaqueRef:NULL (HANDLE_INVALID).
+    Refs must name live objects, or be OpaqueRef:NULL where the field is declared
+    ``null="true"`` (HANDLE_INVALID otherwise).
     """
     schema = ctx.api.schema
     spec = schema.classes[cls]
@@ -30,7 +31,7 @@ def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
                 raise field_type_error(f.name)
             continue
         value = coerce(f.type, args[f.name], f.name, schema.enums, ctx.api.limits or DEFAULT_LIMITS)
-        check_refs(ctx, f.type, value)
+        check_refs(ctx, f.type, value, f.null)
         check_field(ctx, cls, f.name, value)
         fields[f.name] = value
     return fields
@@ -46,14 +47,16 @@ def check_field(ctx: Any, cls: str, field: str, value: Any) -> None:
         check(ctx, value)
 
 
-def check_refs(ctx: Any, t: Any, value: Any) -> None:
-    """HANDLE_INVALID for a ref (or set of refs) that is neither NULL nor a live object."""
+def check_refs(ctx: Any, t: Any, value: Any, null: bool = True) -> None:
+    """HANDLE_INVALID for a ref (or set of refs) that is not a live object (nor OpaqueRef:NULL
+    when *null*: the field's or parameter's ``null="true"`` declaration)."""
     store, classes = ctx.api.store, ctx.api.schema.classes
-    if t.kind == "ref" and t.name in classes and value != "OpaqueRef:NULL" and not store.exists(value, t.name):
+    if t.kind == "ref" and t.name in classes and not (null and value == "OpaqueRef:NULL") \
+            and not store.exists(value, t.name):
         raise handle_invalid(t.name, value)
     if t.kind == "set" and t.elem.kind == "ref":
         for item in value:
-            check_refs(ctx, t.elem, item)
+            check_refs(ctx, t.elem, item, null)
 
 
 def run(ctx: Any, spec: MessageSpec, values: list[Any]) -> Any:
@@ -65,7 +68,7 @@ def _get(ctx, spec, ref):
 
 
 def _set(ctx, spec, ref, value):
-    check_refs(ctx, spec.field.type, value)
+    check_refs(ctx, spec.field.type, value, spec.field.null)
     check_field(ctx, spec.cls, spec.field.name, value)
     ctx.store.update(ref, {spec.field.name: value})
     return ""
@@ -75,7 +78,7 @@ def _add(ctx, spec, ref, value):
     current = ctx.store.get(ref, spec.cls).fields[spec.field.name]
     if value not in current:
         _room(ctx, spec, current)
-        check_refs(ctx, spec.field.type.elem, value)
+        check_refs(ctx, spec.field.type.elem, value, spec.field.null)
         ctx.store.update(ref, {spec.field.name: [*current, value]})
     return ""
 

@@ -182,6 +182,8 @@ def destroy(ctx: Any, self: str) -> str:
     store = ctx.store
     vm = store.get(self, "VM")
     check(vm, "destroy")
+    if vm.fields["is_default_template"]:  # as xapi: unmark it first (VM.set_is_default_template)
+        raise XenAPIError("VM_CANNOT_DELETE_DEFAULT_TEMPLATE", self)
     image = suspend_image(ctx, vm)
     with store.transaction():
         for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:

@@ -23,6 +23,17 @@ _NOT_COPIED = {"uuid", "VBDs", "VIFs", "consoles", "crash_dumps", "metrics", "gu
                "is_control_domain", "is_a_snapshot", "snapshot_of", "snapshot_time", "parent"}
 
 
+def _other_config(fields: dict[str, Any], snapshot: bool) -> dict[str, str]:
+    """xapi's other_config of a copy: default_template and xensource_internal dropped, the template's
+    name kept as base_template_name, and a clone's mac_seed renewed (a snapshot keeps its own)."""
+    other = {k: v for k, v in fields["other_config"].items() if k not in ("default_template", "xensource_internal")}
+    if fields["is_a_template"] and "base_template_name" not in other:
+        other["base_template_name"] = fields["name_label"]
+    if not snapshot:
+        other["mac_seed"] = str(uuidlib.uuid4())
+    return other
+
+
 async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None, snapshot: bool,
                      skip_vdis: frozenset[str] = frozenset()) -> str:
     store = ctx.store
@@ -39,9 +50,12 @@ async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None,
             disks.append((vbd, await copy_vdi(ctx, source, target_sr, extra)))
             ctx.api.tasks.progress(ctx.task, 0.1 + 0.8 * (index + 1) / len(vbds))
         fields = {k: v for k, v in vm.fields.items() if k not in _NOT_COPIED}
-        fields.update(name_label=new_name, uuid=str(uuidlib.uuid4()), power_state="Halted")
-        if snapshot:
-            fields.update(is_a_snapshot=True, snapshot_of=ref, snapshot_time=now(ctx))
+        # as xapi_vm_clone.ml: a checkpoint of a Running (now suspended) or Suspended VM is Suspended
+        state = "Suspended" if op == "checkpoint" and vm.fields["power_state"] == "Suspended" else "Halted"
+        fields.update(name_label=new_name, uuid=str(uuidlib.uuid4()), power_state=state,
+                      is_default_template=False, other_config=_other_config(vm.fields, snapshot))
+        if snapshot:  # a snapshot is a template (is_a_template) that only revert, clone, copy… accept
+            fields.update(is_a_snapshot=True, snapshot_of=ref, snapshot_time=now(ctx), is_a_template=True)
         else:
             fields.update(parent=ref)
         with store.transaction():

@@ -55,12 +55,25 @@ def _state_allows(fields: dict[str, Any], op: str) -> bool:
     return state in ALLOWED_FROM[op]
 
 
+def _kind_refuses(fields: dict[str, Any], op: str) -> str | None:
+    """xapi's template and snapshot rules: provision only on templates (ONLY_PROVISION_TEMPLATE),
+    revert only on snapshots (ONLY_REVERT_SNAPSHOT; a snapshot is a template), and templates allow
+    only TEMPLATE_OPS (VM_IS_TEMPLATE)."""
+    if op == "provision" and not fields["is_a_template"]:
+        return "ONLY_PROVISION_TEMPLATE"
+    if op == "revert":
+        return None if fields["is_a_snapshot"] else "ONLY_REVERT_SNAPSHOT"
+    if fields["is_a_template"] and op not in TEMPLATE_OPS:
+        return "VM_IS_TEMPLATE"
+    return None
+
+
 def allowed_operations(fields: dict[str, Any]) -> list[str]:
     """The operations that would be accepted now."""
     busy = bool(fields["current_operations"])
     out = []
     for op in ALLOWED_FROM:
-        if fields["is_a_template"] and op not in TEMPLATE_OPS:
+        if _kind_refuses(fields, op) is not None:
             continue
         if busy and op not in CONCURRENT_OPS:
             continue
@@ -72,8 +85,11 @@ def allowed_operations(fields: dict[str, Any]) -> list[str]:
 
 
 def derive(store: Any, obj: Any) -> dict[str, Any]:
-    """Store deriver for VM objects."""
-    return {"allowed_operations": allowed_operations(obj.fields)}
+    """Store deriver for VM objects: only operations whose message xapid serves are listed."""
+    from xapid.objects.allowed_ops import served_operations
+
+    served = served_operations(store.schema, "VM")
+    return {"allowed_operations": [op for op in allowed_operations(obj.fields) if op in served]}
 
 
 def check(vm: Any, op: str) -> None:
@@ -81,8 +97,9 @@ def check(vm: Any, op: str) -> None:
     fields = vm.fields
     if fields["is_control_domain"] and op not in CONTROL_DOMAIN_OPS:
         raise operation_not_allowed(f"{op} is not allowed on the control domain")
-    if fields["is_a_template"] and op not in TEMPLATE_OPS:
-        raise XenAPIError("VM_IS_TEMPLATE", vm.ref, op)
+    refused = _kind_refuses(fields, op)
+    if refused is not None:
+        raise XenAPIError(refused, vm.ref, op) if refused == "VM_IS_TEMPLATE" else XenAPIError(refused)
     if op in fields["blocked_operations"]:
         raise XenAPIError("OPERATION_BLOCKED", vm.ref, fields["blocked_operations"][op])
     if fields["current_operations"] and op not in CONCURRENT_OPS:
