@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 import XenAPI
-
 from support import PASSWORD
 from test_roles_local_root import xencenter_login
+
 from xapid.schema import load_schema
 
 GiB = 1 << 30
@@ -296,13 +296,7 @@ def test_xen_orchestra_create_vm(daemon):
 # -- XenCenter: login and cache fill ---------------------------------------------------------------
 
 # XenModel/XenAPI/*.cs at xenadmin b210cd2c: the classes Marshalling.GetXenAPIType resolves
-XENCENTER_TYPES = {n.lower() for n in (
-    "Auth Blob Bond Certificate Cluster Cluster_host Console Crashdump DR_task Data_source Event Feature GPU_group "
-    "Host Host_cpu Host_crashdump Host_metrics Host_patch LVHD Message Network Network_sriov Observer PBD PCI PGPU "
-    "PIF PIF_metrics PUSB PVS_cache_storage PVS_proxy PVS_server PVS_site Pool Pool_patch Pool_update Probe_result "
-    "Repository Role SDN_controller SM SR Secret Session Sr_stat Subject Task Tunnel USB_group User VBD VBD_metrics "
-    "VDI VGPU VGPU_type VIF VIF_metrics VLAN VM VMPP VMSS VM_appliance VM_guest_metrics VM_metrics VTPM VUSB "
-    "Vdi_nbd_server_info").split()}
+XENCENTER_TYPES = {n.lower() for n in ["Auth", "Blob", "Bond", "Certificate", "Cluster", "Cluster_host", "Console", "Crashdump", "DR_task", "Data_source", "Event", "Feature", "GPU_group", "Host", "Host_cpu", "Host_crashdump", "Host_metrics", "Host_patch", "LVHD", "Message", "Network", "Network_sriov", "Observer", "PBD", "PCI", "PGPU", "PIF", "PIF_metrics", "PUSB", "PVS_cache_storage", "PVS_proxy", "PVS_server", "PVS_site", "Pool", "Pool_patch", "Pool_update", "Probe_result", "Repository", "Role", "SDN_controller", "SM", "SR", "Secret", "Session", "Sr_stat", "Subject", "Task", "Tunnel", "USB_group", "User", "VBD", "VBD_metrics", "VDI", "VGPU", "VGPU_type", "VIF", "VIF_metrics", "VLAN", "VM", "VMPP", "VMSS", "VM_appliance", "VM_guest_metrics", "VM_metrics", "VTPM", "VUSB", "Vdi_nbd_server_info"]}
 IGNORED = {"session", "event", "user", "secret"}  # XenObjectDownloader.ProcessEvent drops these
 SCHEMA = load_schema()
 

@@ -240,10 +240,10 @@ def sdk(d: RealDaemon) -> Any:
 
 
 def test_ansible_xenserver_guest_deploy(daemon):
-    """Ansible's community.general ``xenserver_guest`` (plugins/modules/xenserver_guest.py, deploy()):
-    VM.get_by_name_label(template) → VM.clone → other_config disks sr rewritten to the SR uuid
-    (its "disks" handling when the template carries provisioning XML) → VM.provision → set fields
-    (name_description, VCPUs, memory) → VIF.create per network → VM.start → wait for guest_metrics networks "0/ip"
+    """A deploy from a template that keeps the template's provisioning XML (sr= rewritten to the SR
+    uuid, as xe vm-install does): VM.get_by_name_label(template) → VM.clone → VM.provision → set fields
+    → VIF.create → VM.start → wait for guest_metrics networks "0/ip".  Ansible's exact sequence (which
+    deletes ``disks`` and makes the disks itself) is replayed in tests/test_client_replays.py.
     (module_utils/xenserver.py wait_for_vm_ip_address)."""
     s = sdk(daemon)
     x = s.xenapi
@@ -274,9 +274,9 @@ def test_ansible_xenserver_guest_deploy(daemon):
 
 
 def test_xo_create_vm_and_xe_vm_install(daemon):
-    """Xen Orchestra (xo-server src/xapi/mixins/vm.mjs createVm): VM.clone (or VM.copy onto an SR) of the
-    template, then, for a template with provisioning XML, other_config.disks rewritten with the SR and
-    VM.provision, then the fields set; and ``xe vm-install`` (cli_operations.ml vm_install_real:
+    """A copy of a template onto an SR with its provisioning XML rewritten and provisioned, then the
+    fields set (Xen Orchestra's exact createVm is replayed in tests/test_client_replays.py); and
+    ``xe vm-install`` (cli_operations.ml vm_install_real:
     VM.copy onto the SR, suspend_SR, sr= rewritten, VM.provision) via the async form with a task."""
     s = sdk(daemon)
     x = s.xenapi

@@ -33,7 +33,7 @@ try {
   const vmRef = await xapi.callAsync('VM.clone', template.$ref, 'npm-from-template') // _cloneVm
   await xapi.call('VM.remove_from_other_config', vmRef, 'disks').catch(() => {}) // ::ignoreErrors()
   await xapi.callAsync('VM.provision', vmRef)
-  const vm = await xapi.waitObject(vmRef) // _getOrWaitObject
+  const vm = await xapi.barrier(vmRef) // _getOrWaitObject: the record in the cache (barrier: event.inject)
   await xapi.call('VM.add_to_other_config', vmRef, 'xo:' + vm.uuid.slice(0, 8),
     JSON.stringify({ creation: { date: new Date().toISOString(), template: template.uuid, user: 'npm' } }))
   // _editVm: name_description, CPUs (VCPUs_max first: constraint cpusStaticMax gte), memoryMax

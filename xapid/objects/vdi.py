@@ -6,13 +6,21 @@ before the file is deleted, so a crash leaves nothing that a scan cannot reconci
 
 from __future__ import annotations
 
+import threading
 import uuid as uuidlib
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
-from xapid.objects.devices import remove_device, run_storage, sr_driver
+from xapid.objects.devices import remove_device, run_storage, sr_driver, storage_error
 from xapid.objects.sr import now, update_sizes
+from xapid.storage import StorageError
+
+log = Logger()
 
 
 def _writable_driver(ctx: Any, sr_ref: str) -> Any:
@@ -79,6 +87,42 @@ async def resize(ctx: Any, vdi: str, size: int) -> str:
     return ""
 
 
+def _discard(driver: Any, disk: Any) -> None:
+    """Delete a disk file made for an operation that was cancelled before it recorded it."""
+    driver.mark_deleting(disk.location)
+    driver.purge(disk.location)
+
+
+async def run_storage_uncancelled(ctx: Any, driver: Any, make: Any, *args: Any) -> Any:
+    """:func:`run_storage` of *make* (which creates a disk file) that a cancel (task cancel, the
+    daemon stopping) cannot orphan: the thread cannot be stopped, so the cancelled caller returns
+    at once and the file it was making is deleted as soon as it exists, never left behind."""
+    cancelled = threading.Event()
+
+    def work() -> Any:
+        disk = make(*args)
+        if cancelled.is_set():  # the caller went away while the copy ran: nobody will record it
+            _discard(driver, disk)
+            return None
+        return disk
+
+    job = ctx.api.runner.run(work)
+    waiter: Deferred = Deferred(lambda _: cancelled.set())
+
+    def done(result: Any) -> None:
+        if not waiter.called:
+            waiter.callback(result)
+        elif result is not None and not isinstance(result, Failure):  # made after the cancel was seen
+            ctx.api.runner.run(_discard, driver, result).addErrback(lambda f: log.failure("discarding {loc}", f,
+                                                                                          loc=result.location))
+
+    job.addBoth(done)
+    try:
+        return await waiter
+    except StorageError as error:
+        raise storage_error(error) from None
+
+
 async def copy_vdi(ctx: Any, vdi: str, sr: str, extra: dict[str, Any] | None = None) -> str:
     """A full copy of *vdi* in *sr* (file SRs copy rather than share blocks copy-on-write)."""
     source = ctx.store.get(vdi, "VDI")
@@ -86,7 +130,7 @@ async def copy_vdi(ctx: Any, vdi: str, sr: str, extra: dict[str, Any] | None = N
     driver = _writable_driver(ctx, sr)
     uuid = str(uuidlib.uuid4())
     ctx.api.tasks.progress(ctx.task, 0.1)
-    disk = await run_storage(ctx, driver.copy_from, src_path, uuid)
+    disk = await run_storage_uncancelled(ctx, driver, driver.copy_from, src_path, uuid)
     ctx.api.tasks.progress(ctx.task, 0.9)
     f = source.fields
     with ctx.store.transaction():

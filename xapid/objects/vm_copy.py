@@ -9,12 +9,17 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any
 
+from twisted.logger import Logger
+
 from xapid.apitypes import NULL_REF
 from xapid.objects import message
 from xapid.objects.devices import allowed_vbd_devices, allowed_vif_devices, random_mac
 from xapid.objects.sr import now
+from xapid.objects import vdi as vdi_handlers
 from xapid.objects.vdi import copy_vdi
 from xapid.objects.vm_ops import operation
+
+log = Logger()
 
 # fields that describe one VM instance rather than its configuration
 _NOT_COPIED = {"uuid", "VBDs", "VIFs", "consoles", "crash_dumps", "metrics", "guest_metrics", "snapshots",
@@ -39,16 +44,28 @@ async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None,
     store = ctx.store
     async with operation(ctx, ref, op) as vm:
         disks: list[tuple[Any, str]] = []
+        copies: list[str] = []
         vbds = [store.get(v) for v in vm.fields["VBDs"]]
-        for index, vbd in enumerate(vbds):
-            source = vbd.fields["VDI"]
-            if vbd.fields["empty"] or vbd.fields["type"] == "CD" or source in skip_vdis:
-                disks.append((vbd, source if vbd.fields["type"] == "CD" else NULL_REF))
-                continue
-            extra = {"is_a_snapshot": True, "snapshot_of": source, "snapshot_time": now(ctx)} if snapshot else None
-            target_sr = sr if sr and sr != NULL_REF else store.get(source).fields["SR"]
-            disks.append((vbd, await copy_vdi(ctx, source, target_sr, extra)))
-            ctx.api.tasks.progress(ctx.task, 0.1 + 0.8 * (index + 1) / len(vbds))
+        try:
+            for index, vbd in enumerate(vbds):
+                source = vbd.fields["VDI"]
+                if vbd.fields["empty"] or vbd.fields["type"] == "CD" or source in skip_vdis:
+                    disks.append((vbd, source if vbd.fields["type"] == "CD" else NULL_REF))
+                    continue
+                extra = ({"is_a_snapshot": True, "snapshot_of": source, "snapshot_time": now(ctx)}
+                         if snapshot else None)
+                target_sr = sr if sr and sr != NULL_REF else store.get(source).fields["SR"]
+                copies.append(await copy_vdi(ctx, source, target_sr, extra))
+                disks.append((vbd, copies[-1]))
+                ctx.api.tasks.progress(ctx.task, 0.1 + 0.8 * (index + 1) / len(vbds))
+                ctx.api.tasks.check_cancelled(ctx.task)
+        except BaseException:  # failed or cancelled (task cancel, daemon stopping): no stray copies
+            for copied in copies:
+                try:
+                    await vdi_handlers.destroy(ctx, copied)
+                except Exception:  # noqa: BLE001 - keep undoing the rest, then report the first failure
+                    log.failure("undoing VM.{op}: could not destroy the copy {vdi}", op=op, vdi=copied)
+            raise
         fields = {k: v for k, v in vm.fields.items() if k not in _NOT_COPIED}
         # as xapi_vm_clone.ml: a checkpoint of a Running (now suspended) or Suspended VM is Suspended
         state = "Suspended" if op == "checkpoint" and vm.fields["power_state"] == "Suspended" else "Halted"
