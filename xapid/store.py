@@ -526,22 +526,16 @@ class Store:
         """Bring mirrored sets in step with the ref fields after a rollback (members kept in
         their order); returns the objects whose sets changed."""
         changed: dict[str, Obj] = {}
-        for (cls, ref_field), mirrors in self.schema.inverses.items():
-            for other_cls, set_field in mirrors:
-                sets: dict[str, list[str]] = {r: [] for r in self._by_class[other_cls]}
-                for obj in self._by_class[cls].values():
-                    target = obj.fields.get(ref_field)
-                    if target in sets:
-                        sets[target].append(obj.ref)
-                for target, members in sets.items():
-                    obj = self._by_class[other_cls][target]
-                    current = obj.fields.get(set_field) or []
-                    wanted = set(members)
-                    if set(current) != wanted:
-                        keep = [r for r in current if r in wanted]
-                        kept = set(keep)
-                        obj.fields[set_field] = keep + [r for r in members if r not in kept]
-                        changed[target] = obj
+        for other_cls, set_field, sets in self._inverse_sets():
+            for target, members in sets.items():
+                obj = self._by_class[other_cls][target]
+                current = obj.fields.get(set_field) or []
+                wanted = set(members)
+                if set(current) != wanted:
+                    keep = [r for r in current if r in wanted]
+                    kept = set(keep)
+                    obj.fields[set_field] = keep + [r for r in members if r not in kept]
+                    changed[target] = obj
         return list(changed.values())
 
     def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -558,7 +552,8 @@ class Store:
                     if ref not in current:
                         self.update(target, {set_field: [*current, ref]})
 
-    def _rebuild_inverses(self) -> None:
+    def _inverse_sets(self) -> Iterator[tuple[str, str, dict[str, list[str]]]]:
+        """For each mirrored set: (class, set field, {object: the refs pointing at it, in store order})."""
         for (cls, ref_field), mirrors in self.schema.inverses.items():
             for other_cls, set_field in mirrors:
                 sets: dict[str, list[str]] = {r: [] for r in self._by_class[other_cls]}
@@ -566,8 +561,12 @@ class Store:
                     target = obj.fields.get(ref_field)
                     if target in sets:
                         sets[target].append(obj.ref)
-                for target, members in sets.items():
-                    self._by_class[other_cls][target].fields[set_field] = members
+                yield other_cls, set_field, sets
+
+    def _rebuild_inverses(self) -> None:
+        for other_cls, set_field, sets in self._inverse_sets():
+            for target, members in sets.items():
+                self._by_class[other_cls][target].fields[set_field] = members
 
 
 class LiveBatch:

@@ -64,37 +64,11 @@
 #include <xen/grant_table.h>
 #include <xen/sys/privcmd.h>
 
-/* ---- the shared domain table: fake_xen.c's layout, do not change one without the other ---- */
+/* ---- the shared domain table (fake_table.h) ---- */
 
-#define MAX_DOMS 64
-#define PAGE 4096
-#define MAGIC 0x46616b58u
-#define TOTAL_PAGES (4ULL << 18)   /* a 4 GiB host */
-#define NCPUS 4
-
-struct fake_dom {
-    uint32_t domid;
-    uint32_t flags;
-    uint8_t handle[16];
-    uint64_t max_kib;
-    uint64_t tot_pages;
-    uint32_t vcpus, max_vcpus;
-    uint16_t weight, cap;
-    uint64_t cpu_ns;
-};
-
-struct fake_hv {
-    uint32_t magic;
-    int32_t ndoms;
-    uint32_t next_domid;
-    int32_t xsd_pid, xsd_wfd;
-    uint64_t now_ns;
-    uint64_t idle_ns[NCPUS];
-    struct fake_dom doms[MAX_DOMS];
-};
+#include "fake_table.h"
 
 static struct fake_hv private_hv;
-static struct fake_hv *hv;
 static pthread_mutex_t private_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static uint32_t next_port = 20;
 
@@ -165,42 +139,10 @@ static int real_openat(int dirfd, const char *path, int flags, mode_t mode)
     return (int)syscall(SYS_openat, dirfd, path, flags, mode);
 }
 
-static void add_dom(uint32_t domid)
-{
-    if (hv->ndoms >= MAX_DOMS)
-        return;
-    struct fake_dom *d = &hv->doms[hv->ndoms++];
-    memset(d, 0, sizeof(*d));
-    d->domid = domid;
-    d->flags = XEN_DOMINF_running;
-    d->max_kib = domid ? 262144 : 1048576;
-    d->tot_pages = d->max_kib / 4;
-    d->vcpus = d->max_vcpus = domid ? 2 : 1;
-    d->weight = 256;
-    d->cpu_ns = 1000000000ULL * (domid + 1);
-    if (domid)
-        d->handle[15] = domid;
-    if (domid >= hv->next_domid)
-        hv->next_domid = domid + 1;
-}
-
 static void init_table(void)
 {
-    const char *list = getenv("FAKE_XEN_DOMIDS");
     memset(hv, 0, sizeof(*hv));
-    hv->magic = MAGIC;
-    for (int i = 0; i < NCPUS; i++)
-        hv->idle_ns[i] = 1000000000ULL * (i + 1);
-    add_dom(0);
-    while (list && *list) {
-        char *end;
-        unsigned long domid = strtoul(list, &end, 10);
-        if (end == list)
-            break;
-        if (domid)
-            add_dom(domid);
-        list = *end == ',' ? end + 1 : end;
-    }
+    fill_table();
 }
 
 static const char *state_path(void)

@@ -36,39 +36,13 @@
 #include <xenevtchn.h>
 #include <xengnttab.h>
 
-#define MAX_DOMS 64
-#define PAGE 4096
 #define VIRQ_DOM_EXC 3
-#define MAGIC 0x46616b58u
-#define TOTAL_PAGES (4ULL << 18)   /* a 4 GiB host */
-#define NCPUS 4
 
 struct xc_interface_core { int dummy; };
 struct xenevtchn_handle { int pipe[2]; };
 struct xengntdev_handle { int dummy; };
 
-struct fake_dom {
-    uint32_t domid;
-    uint32_t flags;          /* XEN_DOMINF_* with the shutdown reason in bits 16..23 */
-    uint8_t handle[16];
-    uint64_t max_kib;        /* setmaxmem ceiling */
-    uint64_t tot_pages;      /* allocated now */
-    uint32_t vcpus, max_vcpus;
-    uint16_t weight, cap;
-    uint64_t cpu_ns;         /* cumulative, all vCPUs */
-};
-
-/* The hypervisor: in a file shared by every process that names it in FAKE_XEN_STATE (the
- * preloaded xenstored and the driver's process), else private to this process. */
-struct fake_hv {
-    uint32_t magic;
-    int32_t ndoms;
-    uint32_t next_domid;
-    int32_t xsd_pid, xsd_wfd;  /* xenstored's event-channel pipe: a byte there is VIRQ_DOM_EXC */
-    uint64_t now_ns;           /* the hypervisor's clock, advanced by fake_xen_advance() */
-    uint64_t idle_ns[NCPUS];
-    struct fake_dom doms[MAX_DOMS];
-};
+#include "fake_table.h"
 
 /* One lock for the table: ctypes releases the GIL, so the driver's threads and the fake
  * guests call in concurrently. */
@@ -77,27 +51,7 @@ static void unlock_table(int *unused) { pthread_mutex_unlock(&table_lock); }
 #define LOCKED pthread_mutex_lock(&table_lock); int locked_ __attribute__((cleanup(unlock_table))) = 0; (void)locked_
 
 static struct fake_hv private_hv;
-static struct fake_hv *hv;
 static evtchn_port_t next_port = 10, virq_port = 0;
-
-static void add_dom(uint32_t domid)
-{
-    if (hv->ndoms >= MAX_DOMS)
-        return;
-    struct fake_dom *d = &hv->doms[hv->ndoms++];
-    memset(d, 0, sizeof(*d));
-    d->domid = domid;
-    d->flags = XEN_DOMINF_running;
-    d->max_kib = domid ? 262144 : 1048576;
-    d->tot_pages = d->max_kib / 4;
-    d->vcpus = d->max_vcpus = domid ? 2 : 1;
-    d->weight = 256;
-    d->cpu_ns = 1000000000ULL * (domid + 1);
-    if (domid)
-        d->handle[15] = domid;
-    if (domid >= hv->next_domid)
-        hv->next_domid = domid + 1;
-}
 
 static int cmp_dom(const void *a, const void *b)
 {
@@ -128,7 +82,6 @@ static struct fake_hv *map_state(void)
 void fake_xen_reset(void)
 {
     LOCKED;
-    const char *list = getenv("FAKE_XEN_DOMIDS");
     if (hv != NULL && hv != &private_hv)
         munmap(hv, sizeof(*hv));
     hv = map_state();
@@ -136,22 +89,10 @@ void fake_xen_reset(void)
     int32_t pid = valid ? hv->xsd_pid : 0, wfd = valid ? hv->xsd_wfd : 0;
     uint32_t next = valid ? hv->next_domid : 0;  /* domids are never reused, as in Xen */
     memset(hv, 0, sizeof(*hv));
-    hv->magic = MAGIC;
     hv->xsd_pid = pid;
     hv->xsd_wfd = wfd;
     hv->next_domid = next;
-    for (int i = 0; i < NCPUS; i++)
-        hv->idle_ns[i] = 1000000000ULL * (i + 1);
-    add_dom(0);
-    while (list && *list) {
-        char *end;
-        unsigned long domid = strtoul(list, &end, 10);
-        if (end == list)
-            break;
-        if (domid)
-            add_dom(domid);
-        list = *end == ',' ? end + 1 : end;
-    }
+    fill_table();
     qsort(hv->doms, hv->ndoms, sizeof(hv->doms[0]), cmp_dom);
 }
 

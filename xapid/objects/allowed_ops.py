@@ -145,16 +145,23 @@ def vdi_allowed(store: Any, vdi: Any) -> list[str]:
     return out
 
 
+def _vm_state(store: Any, vm_ref: str) -> tuple[str, bool]:
+    """A device's VM: its power state, and whether an operation that stops it is under way."""
+    vm = _obj(store, vm_ref, "VM")
+    if vm is None:
+        return "Halted", False
+    busy = any(op in ("clean_shutdown", "hard_shutdown", "shutdown", "suspend", "pause")
+               for op in vm.fields["current_operations"].values())
+    return vm.fields["power_state"], busy
+
+
 # -- VBD (xapi_vbd_helpers.valid_operations) ------------------------------------------------
 
 def vbd_allowed(store: Any, vbd: Any) -> list[str]:
     f = vbd.fields
     if f["current_operations"]:
         return []
-    vm = _obj(store, f["VM"], "VM")
-    state = vm.fields["power_state"] if vm is not None else "Halted"
-    vm_busy = vm is not None and any(op in ("clean_shutdown", "hard_shutdown", "shutdown", "suspend", "pause")
-                                     for op in vm.fields["current_operations"].values())
+    state, vm_busy = _vm_state(store, f["VM"])
     plugged = f["currently_attached"] or f.get("reserved", False)
     out = []
     if state == "Running" and not vm_busy:
@@ -179,10 +186,7 @@ def vif_allowed(store: Any, vif: Any) -> list[str]:
     f = vif.fields
     if f["current_operations"]:
         return []
-    vm = _obj(store, f["VM"], "VM")
-    state = vm.fields["power_state"] if vm is not None else "Halted"
-    vm_busy = vm is not None and any(op in ("clean_shutdown", "hard_shutdown", "shutdown", "suspend", "pause")
-                                     for op in vm.fields["current_operations"].values())
+    state, vm_busy = _vm_state(store, f["VM"])
     out = []
     if state == "Running" and not vm_busy:
         out += ["unplug", "unplug_force"] if f["currently_attached"] else ["plug"]
