@@ -32,17 +32,16 @@ def candidates(api: Any) -> list[str]:
 
 async def run(api: Any) -> list[str]:
     """Start the auto-power-on VMs; returns the refs started."""
-    from xapid.dispatch import CallContext
+    from xapid.context import CallContext
     from xapid.objects.vm import start
 
     started = []
-    spec = api.schema.messages["VM.start"]
     for ref in candidates(api):
         if not api.store.exists(ref, "VM") or api.store.get(ref).fields["power_state"] != "Halted":
             continue
         name = api.store.get(ref).fields["name_label"]
         try:
-            await start(CallContext(api, None, spec), ref, False, False)
+            await start(CallContext.internal(api, "VM.start"), ref, False, False)
             await api.store.flush()
         except XenAPIError as error:
             log.warn("auto_poweron: VM {name!r} ({ref}) did not start: {error}", name=name, ref=ref,

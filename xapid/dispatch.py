@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from xapid.apitypes import NULL_REF, coerce
 from xapid.audit import CallAudit
+from xapid.context import CallContext
 from xapid.errors import (
     XenAPIError, handle_invalid, internal_error_with_id, method_unknown, parameter_count_mismatch, session_invalid,
 )
@@ -29,27 +30,11 @@ from xapid.objects import generic
 from xapid.schema import READ_ONLY, MessageSpec
 from xapid.wire.values import DEFAULT_LIMITS
 
+__all__ = ["CallContext", "Dispatcher", "Handler"]  # CallContext lives in xapid.context
+
 log = Logger()
 
 Handler = Callable[..., Any]
-
-
-class CallContext:
-    """What a handler sees: the services, the caller's session and the call itself."""
-
-    __slots__ = ("api", "session", "message", "task", "client")
-
-    def __init__(self, api: Any, session: Any, message: MessageSpec, task: str | None = None,
-                 client: Any = None):
-        self.api = api
-        self.session = session
-        self.message = message
-        self.task = task
-        self.client = client  # the caller's connection (xapid.wire.http.Client) or None inside the daemon
-
-    @property
-    def store(self) -> Any:
-        return self.api.store
 
 
 class Dispatcher:

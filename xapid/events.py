@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from xapid.errors import XenAPIError, session_invalid
+from xapid.schema import Schema
 from xapid.store import CachedRecord, Change, Store
 from xapid.wire.values import Int32
 
@@ -95,9 +96,15 @@ class SharedReply:
 class _Waiter:
     subscription: Subscription
     token: int
-    deferred: Deferred
+    deferred: Deferred[Any]
     session: Any
-    cleanup: list[Callable[[], None]] = field(default_factory=list)
+    cleanup: list[Callable[[], object]] = field(default_factory=list)
+
+
+def _class_name(schema: Schema, name: str) -> str:
+    """The class *name* names, in any case; *name* itself when there is none."""
+    spec = schema.class_by_lower(name)
+    return spec.name if spec else name
 
 
 @dataclass
@@ -105,9 +112,9 @@ class _Queue:
     """A legacy event.register subscription with its bounded queue."""
 
     classes: set[str]
-    events: deque = field(default_factory=deque)
+    events: deque[dict[str, Any]] = field(default_factory=deque)
     lost: bool = False
-    waiter: Deferred | None = None
+    waiter: Deferred[Any] | None = None
 
 
 class EventHub:
@@ -218,7 +225,7 @@ class EventHub:
         return events
 
     def _event(self, entry: _Entry, op: str, ref: str) -> dict[str, Any]:
-        event = {"id": str(entry.seq), "timestamp": f"{entry.when:.6f}", "class": entry.cls.lower(),
+        event: dict[str, Any] = {"id": str(entry.seq), "timestamp": f"{entry.when:.6f}", "class": entry.cls.lower(),
                  "operation": op, "ref": ref}
         if op != "del":
             event["snapshot"] = CachedRecord(self.store.get(ref))
@@ -255,7 +262,7 @@ class EventHub:
         events = self.collect(subscription, since)
         if events or timeout <= 0:
             return self.batch(events)
-        d: Deferred = Deferred(lambda _: self._drop(waiter))
+        d: Deferred[Any] = Deferred(lambda _: self._drop(waiter))
         waiter = _Waiter(subscription, since, d, session)
         bucket = math.ceil(self.reactor.seconds() + min(timeout, MAX_TIMEOUT))
         self._buckets.setdefault(bucket, {})[id(waiter)] = waiter
@@ -323,8 +330,7 @@ class EventHub:
     # -- legacy register / next ----------------------------------------------------------------
 
     def register(self, session: Any, classes: list[str]) -> None:
-        names = {"*" if c == "*" else (self.schema.class_by_lower(c).name if self.schema.class_by_lower(c) else c)
-                 for c in classes}
+        names = {"*" if c == "*" else _class_name(self.schema, c) for c in classes}
         queue = self._queues.get(session.ref)
         if queue is None:
             queue = self._queues[session.ref] = _Queue(set())
@@ -368,7 +374,7 @@ class EventHub:
             event["snapshot"] = dict(obj.fields)
         return event
 
-    def _deliver(self, queue: _Queue, waiter: Deferred) -> None:
+    def _deliver(self, queue: _Queue, waiter: Deferred[Any]) -> None:
         if waiter.called:
             return
         try:
@@ -391,6 +397,6 @@ class EventHub:
             raise XenAPIError("SESSION_NOT_REGISTERED", session.ref)
         if queue.events or queue.lost:
             return self._take(queue)
-        d: Deferred = Deferred(lambda _: setattr(queue, "waiter", None))
+        d: Deferred[Any] = Deferred(lambda _: setattr(queue, "waiter", None))
         queue.waiter = d
         return d

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from xapid import __version__
 from xapid.apitypes import NULL_REF
 from xapid.backend.interface import DomainInfo, HostInfo
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 
 log = Logger()
@@ -162,11 +163,9 @@ def _pifs(store: Any, host: str, nics: list[Any], now: datetime) -> None:
 
 async def _storage(api: Any) -> None:
     """First start: a local file SR (pool.default_SR) and an ISO library; every start: scan them."""
-    from types import SimpleNamespace
-
     from xapid.objects.sr import make_sr, reconcile  # the SR module owns SR records
 
-    ctx = SimpleNamespace(api=api, store=api.store, task=None, session=None)
+    ctx = CallContext.internal(api)
     store = api.store
     if not store.refs("SR"):
         local = api.storage.local_sr or str(api.state_dir / "sr")

@@ -137,6 +137,9 @@ class Schema:
     def roles_at_least(self, minimum: str) -> list[str]:
         return list(self.roles[self.roles.index(minimum):])
 
+    # class by lower-case name, filled by __post_init__
+    _lower: Mapping[str, ClassSpec] = field(init=False, repr=False, compare=False, default_factory=dict)
+
     def class_by_lower(self, name: str) -> ClassSpec | None:
         return self._lower.get(name.lower())
 
@@ -218,7 +221,7 @@ class _Builder:
             role_docs=MappingProxyType({r.get("name"): r.get("doc", "") for r in root.find("roles")}),
         )
 
-    def build_class(self, node, roles, errors) -> tuple[ClassSpec, dict[str, MessageSpec]]:
+    def build_class(self, node: etree._Element, roles: tuple[str, ...], errors: Mapping[str, tuple[str, ...]]) -> tuple[ClassSpec, dict[str, MessageSpec]]:
         name = node.get("name")
         write_role = node.get("write-role", "pool-admin")
         if write_role not in roles:
@@ -256,7 +259,7 @@ class _Builder:
                                       f"{'a' if explicit else 'no'} <message name=\"{verb}\"> is declared")
         return spec, messages
 
-    def build_field(self, node) -> FieldSpec:
+    def build_field(self, node: etree._Element) -> FieldSpec:
         t = self.type(node, node.get("type"))
         qualifier = node.get("qualifier")
         text = node.get("default")
@@ -278,7 +281,7 @@ class _Builder:
         inverse = None
         if node.get("inverse"):
             other, _, ref_field = node.get("inverse").partition(".")
-            if t.kind != "set" or t.elem.kind != "ref" or not ref_field:
+            if t.kind != "set" or t.elem is None or t.elem.kind != "ref" or not ref_field:
                 raise self.fail(node, "inverse needs a 'X ref set' field and 'Class.field'")
             inverse = (other, ref_field)
         null = self.null_flag(node, t)
@@ -295,7 +298,7 @@ class _Builder:
             null=null,
         )
 
-    def null_flag(self, node, t: Type) -> bool:
+    def null_flag(self, node: etree._Element, t: Type) -> bool:
         """``null="true"``: OpaqueRef:NULL is accepted for this ref (or ref set element)."""
         if node.get("null") != "true":
             return False
@@ -303,7 +306,8 @@ class _Builder:
             raise self.fail(node, f"null=\"true\" on {node.get('name')}, which is not a ref")
         return True
 
-    def build_message(self, cls: str, node, roles, errors) -> MessageSpec:
+    def build_message(self, cls: str, node: etree._Element, roles: tuple[str, ...],
+                      errors: Mapping[str, tuple[str, ...]]) -> MessageSpec:
         role = node.get("role")
         if role not in roles:
             raise self.fail(node, f"unknown role {role!r}")
@@ -345,7 +349,8 @@ class _Builder:
         ref_t, rec_t = Type("ref", name=cls), Type("record", name=cls)
         out: list[MessageSpec] = []
 
-        def add(name, params, result, role, kind, f=None, is_async=False, doc=""):
+        def add(name: str, params: list[ParamSpec], result: Type, role: str, kind: str, f: FieldSpec | None = None,
+                is_async: bool = False, doc: str = "") -> None:
             out.append(MessageSpec(cls, name, tuple(params), result, role, is_async, True, kind, f, doc=doc))
 
         for f in spec.fields.values():
@@ -354,16 +359,19 @@ class _Builder:
                 continue
             add(f"set_{f.name}", [self_param, ParamSpec("value", f.type, null=f.null)], Type("void"), spec.write_role, "set", f,
                 doc=f"Set the {f.name} field.")
+            elem, key = f.type.elem, f.type.key
             if f.type.kind == "set":
-                add(f"add_{f.name}", [self_param, ParamSpec("value", f.type.elem, null=f.null)], Type("void"), spec.write_role,
+                assert elem is not None  # parse_type gives every set its element type
+                add(f"add_{f.name}", [self_param, ParamSpec("value", elem, null=f.null)], Type("void"), spec.write_role,
                     "add", f, doc=f"Add a value to the {f.name} set.")
-                add(f"remove_{f.name}", [self_param, ParamSpec("value", f.type.elem)], Type("void"),
+                add(f"remove_{f.name}", [self_param, ParamSpec("value", elem)], Type("void"),
                     spec.write_role, "remove", f, doc=f"Remove a value from the {f.name} set.")
             if f.type.kind == "map":
-                add(f"add_to_{f.name}", [self_param, ParamSpec("key", f.type.key), ParamSpec("value", f.type.elem)],
+                assert elem is not None and key is not None  # parse_type gives every map both
+                add(f"add_to_{f.name}", [self_param, ParamSpec("key", key), ParamSpec("value", elem)],
                     Type("void"), spec.write_role, "add_to", f,
                     doc=f"Add a key to the {f.name} map (MAP_DUPLICATE_KEY if present).")
-                add(f"remove_from_{f.name}", [self_param, ParamSpec("key", f.type.key)], Type("void"),
+                add(f"remove_from_{f.name}", [self_param, ParamSpec("key", key)], Type("void"),
                     spec.write_role, "remove_from", f, doc=f"Remove a key from the {f.name} map (no error if absent).")
         add("get_record", [self_param], rec_t, READ_ONLY, "get_record", doc="Get the whole record.")
         if "uuid" in spec.fields:

@@ -25,7 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from xapid import autostart, inventory, statedir, tls
-from xapid.api import Api
+from xapid.context import Api
 from xapid.audit import AUDIT_FILE, AuditLog
 from xapid.backend.interface import BackendError, IBackend
 from xapid.backend.proxy import Hypervisor
@@ -477,7 +477,8 @@ class Daemon(MultiService):
         from xapid.logs import set_log_level
 
         old = self.config
-        changed, restart = [], []
+        changed: list[str] = []
+        restart: list[str] = []
         for section in dc_fields(Config):
             if section.name == "source":
                 continue

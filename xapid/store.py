@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from xapid.apitypes import NULL_REF, format_datetime, from_json
 from xapid.errors import XenAPIError, handle_invalid, internal_error_with_id
 from xapid.runner import Runner
-from xapid.schema import Schema
+from xapid.schema import ClassSpec, Schema
 
 log = Logger()
 
@@ -98,7 +98,8 @@ class CachedRecord:
         text = cache.get(fmt)
         if text is None:
             text = cache[fmt] = encode(self.obj.fields)
-        return text
+        encoded: bytes = text  # the cache holds what encode returned
+        return encoded
 
     @property
     def value(self) -> dict[str, Any]:
@@ -325,7 +326,7 @@ class Store:
             if self._txn_depth == 0 and self._committer:
                 self._committer.release()
 
-    def flush(self) -> Deferred:
+    def flush(self) -> Deferred[Any]:
         """Fires once every write made so far is durable."""
         if self._committer is None:
             return succeed(None)
@@ -351,7 +352,7 @@ class Store:
         self._committer.release()
         self.derive_all()  # allowed_operations as this version computes them (saved with the next commit)
 
-    def _decode(self, spec: Any, data: dict[str, Any]) -> dict[str, Any]:
+    def _decode(self, spec: ClassSpec, data: dict[str, Any]) -> dict[str, Any]:
         """A record from its stored JSON (as :meth:`load` reads it)."""
         record = spec.defaults()
         for name, value in data.items():
@@ -420,7 +421,7 @@ class Store:
         if refs is not None:
             refs.discard(obj.ref)
             if not refs:
-                del self._by_name[obj.cls][label]
+                del self._by_name[obj.cls][str(label)]
 
     def _apply_derivers(self, obj: Obj) -> None:
         for deriver in self._derivers.get(obj.cls, ()):
@@ -498,7 +499,8 @@ class Store:
             current = self._objects.get(ref)
             if current is not None:
                 self._unindex_names(current)
-                if self._by_uuid.get(current.fields.get("uuid")) == ref:
+                uuid = current.fields.get("uuid")
+                if uuid is not None and self._by_uuid.get(uuid) == ref:
                     del self._by_uuid[current.fields["uuid"]]
             if record is None:
                 if current is not None:
@@ -686,8 +688,8 @@ class Committer:
         # so an object changed many times between commits is encoded once
         self._held: dict[str, tuple[str, dict[str, Any] | None]] = {}
         self._ready: dict[str, tuple[str, dict[str, Any] | None]] = {}
-        self._ready_waiters: list[Deferred] = []
-        self._inflight_waiters: list[Deferred] | None = None
+        self._ready_waiters: list[Deferred[Any]] = []
+        self._inflight_waiters: list[Deferred[Any]] | None = None
         self.failed: BaseException | None = None
 
     def record(self, cls: str, ref: str, fields: dict[str, Any] | None) -> None:
@@ -707,8 +709,8 @@ class Committer:
         if not self.database.closed:
             self.flush().addErrback(lambda _: None)
 
-    def flush(self) -> Deferred:
-        d: Deferred = Deferred()
+    def flush(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
         if self._ready:
             self._ready_waiters.append(d)
             self._kick()

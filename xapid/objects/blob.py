@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import message
 
@@ -74,12 +75,12 @@ def _mime(mime_type: str) -> str:
     return mime_type
 
 
-def new_blob(ctx: Any, mime_type: str, public: bool) -> str:
+def new_blob(ctx: CallContext, mime_type: str, public: bool) -> str:
     return ctx.store.add("blob", {"mime_type": _mime(mime_type), "public": public,
                                   "last_updated": datetime.fromtimestamp(0, tz=timezone.utc)})
 
 
-def _create_new_blob(ctx: Any, cls: str, ref: str, name: str, mime_type: str, public: bool) -> str:
+def _create_new_blob(ctx: CallContext, cls: str, ref: str, name: str, mime_type: str, public: bool) -> str:
     obj = ctx.store.get(ref, cls)
     blobs = obj.fields["blobs"]
     if name in blobs:
@@ -91,37 +92,37 @@ def _create_new_blob(ctx: Any, cls: str, ref: str, name: str, mime_type: str, pu
 
 
 @message("VM.create_new_blob")
-def vm_create_new_blob(ctx: Any, vm: str, name: str, mime_type: str, public: bool) -> str:
+def vm_create_new_blob(ctx: CallContext, vm: str, name: str, mime_type: str, public: bool) -> str:
     return _create_new_blob(ctx, "VM", vm, name, mime_type, public)
 
 
 @message("host.create_new_blob")
-def host_create_new_blob(ctx: Any, host: str, name: str, mime_type: str, public: bool) -> str:
+def host_create_new_blob(ctx: CallContext, host: str, name: str, mime_type: str, public: bool) -> str:
     return _create_new_blob(ctx, "host", host, name, mime_type, public)
 
 
 @message("pool.create_new_blob")
-def pool_create_new_blob(ctx: Any, pool: str, name: str, mime_type: str, public: bool) -> str:
+def pool_create_new_blob(ctx: CallContext, pool: str, name: str, mime_type: str, public: bool) -> str:
     return _create_new_blob(ctx, "pool", pool, name, mime_type, public)
 
 
 @message("SR.create_new_blob")
-def sr_create_new_blob(ctx: Any, sr: str, name: str, mime_type: str, public: bool) -> str:
+def sr_create_new_blob(ctx: CallContext, sr: str, name: str, mime_type: str, public: bool) -> str:
     return _create_new_blob(ctx, "SR", sr, name, mime_type, public)
 
 
 @message("network.create_new_blob")
-def network_create_new_blob(ctx: Any, network: str, name: str, mime_type: str, public: bool) -> str:
+def network_create_new_blob(ctx: CallContext, network: str, name: str, mime_type: str, public: bool) -> str:
     return _create_new_blob(ctx, "network", network, name, mime_type, public)
 
 
 @message("blob.create")
-def create(ctx: Any, mime_type: str, public: bool) -> str:
+def create(ctx: CallContext, mime_type: str, public: bool) -> str:
     return new_blob(ctx, mime_type, public)
 
 
 @message("blob.destroy")
-async def destroy(ctx: Any, self: str) -> str:
+async def destroy(ctx: CallContext, self: str) -> str:
     """The record, its entries in blobs maps, and its data file."""
     store = ctx.store
     uuid = store.get(self, "blob").fields["uuid"]

@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 from xapid.backend.interface import DiskSpec, NicSpec
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, operation_not_allowed, vm_bad_power_state
 from xapid.storage import StorageError, StorageRoots, UnknownSRType, open_sr
 
@@ -54,7 +55,7 @@ def storage_error(error: StorageError, sr: str = "") -> XenAPIError:
     return XenAPIError("SR_BACKEND_FAILURE", error.status, "", error.reason)
 
 
-async def run_storage(ctx: Any, fn: Any, *args: Any) -> Any:
+async def run_storage(ctx: CallContext, fn: Any, *args: Any) -> Any:
     """Run blocking storage work in the pool; StorageError becomes SR_BACKEND_FAILURE."""
     try:
         return await ctx.api.runner.run(fn, *args)
@@ -62,7 +63,7 @@ async def run_storage(ctx: Any, fn: Any, *args: Any) -> Any:
         raise storage_error(error) from None
 
 
-def sr_roots(ctx: Any) -> StorageRoots:
+def sr_roots(ctx: CallContext) -> StorageRoots:
     """Where SRs may live: ``[storage] roots``, by default the state dir and the first-start SRs' dirs."""
     storage, state_dir = ctx.api.storage, str(ctx.api.state_dir)
     if storage is None:
@@ -70,7 +71,7 @@ def sr_roots(ctx: Any) -> StorageRoots:
     return StorageRoots.build(storage.roots, state_dir, storage.local_sr, storage.iso_library)
 
 
-def sr_driver(ctx: Any, sr_ref: str) -> Any:
+def sr_driver(ctx: CallContext, sr_ref: str) -> Any:
     """The storage driver of an SR through its PBD on this host (SR_HAS_NO_PBDS without one)."""
     store = ctx.store
     sr = store.get(sr_ref, "SR")
@@ -83,12 +84,12 @@ def sr_driver(ctx: Any, sr_ref: str) -> Any:
         raise storage_error(error, sr_ref) from None
 
 
-def vdi_path(ctx: Any, vdi_ref: str) -> str:
+def vdi_path(ctx: CallContext, vdi_ref: str) -> str:
     vdi = ctx.store.get(vdi_ref, "VDI")
     return str(sr_driver(ctx, vdi.fields["SR"]).file(vdi.fields["location"]))
 
 
-def disk_spec(ctx: Any, vm: Any, vbd: Any) -> DiskSpec:
+def disk_spec(ctx: CallContext, vm: Any, vbd: Any) -> DiskSpec:
     f = vbd.fields
     empty = f["empty"] or not ctx.store.exists(f["VDI"], "VDI")
     path = "" if empty else vdi_path(ctx, f["VDI"])
@@ -99,13 +100,13 @@ def disk_spec(ctx: Any, vm: Any, vbd: Any) -> DiskSpec:
                     kind="cdrom" if f["type"] == "CD" else "disk", format=fmt)  # type: ignore[arg-type]
 
 
-def nic_spec(ctx: Any, vif: Any) -> NicSpec:
+def nic_spec(ctx: CallContext, vif: Any) -> NicSpec:
     f = vif.fields
     bridge = ctx.store.get(f["network"]).fields["bridge"] if ctx.store.exists(f["network"], "network") else ""
     return NicSpec(devid=int(f["device"]), mac=f["MAC"], bridge=bridge, mtu=f["MTU"])
 
 
-def running_vm(ctx: Any, device: Any) -> Any:
+def running_vm(ctx: CallContext, device: Any) -> Any:
     """The VM of a VBD or VIF, which must be Running for hot-plug (VM_BAD_POWER_STATE)."""
     vm = ctx.store.get(device.fields["VM"], "VM")
     if vm.fields["power_state"] != "Running":
@@ -121,7 +122,7 @@ def remove_device(store: Any, ref: str) -> None:
     store.remove(ref)
 
 
-def destroy_device(ctx: Any, ref: str, cls: str) -> str:
+def destroy_device(ctx: CallContext, ref: str, cls: str) -> str:
     """VBD.destroy / VIF.destroy: refused while attached to a running VM."""
     device = ctx.store.get(ref, cls)
     if device.fields["currently_attached"]:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import handle_invalid
 from xapid.objects import message
 
 
 @message("event.from")
-def event_from(ctx: Any, classes: list[str], token: str, timeout: float) -> Any:
+def event_from(ctx: CallContext, classes: list[str], token: str, timeout: float) -> Any:
     """Changes since *token*, or a deferred reply once there are some (or *timeout* passed)."""
     return ctx.api.events.wait_from(ctx.session, classes, token, timeout)
 
 
 @message("event.inject")
-def inject(ctx: Any, cls: str, ref: str) -> str:
+def inject(ctx: CallContext, cls: str, ref: str) -> str:
     """Touch the object so watchers see a mod; the token points just before it."""
     spec = ctx.api.schema.class_by_lower(cls)
     if spec is None or not ctx.store.exists(ref, spec.name):
@@ -26,22 +27,22 @@ def inject(ctx: Any, cls: str, ref: str) -> str:
 
 
 @message("event.get_current_id")
-def get_current_id(ctx: Any) -> int:
+def get_current_id(ctx: CallContext) -> int:
     return ctx.store.seq
 
 
 @message("event.register")
-def register(ctx: Any, classes: list[str]) -> str:
+def register(ctx: CallContext, classes: list[str]) -> str:
     ctx.api.events.register(ctx.session, classes)
     return ""
 
 
 @message("event.unregister")
-def unregister(ctx: Any, classes: list[str]) -> str:
+def unregister(ctx: CallContext, classes: list[str]) -> str:
     ctx.api.events.unregister(ctx.session, classes)
     return ""
 
 
 @message("event.next")
-def next_events(ctx: Any) -> Any:
+def next_events(ctx: CallContext) -> Any:
     return ctx.api.events.next(ctx.session)

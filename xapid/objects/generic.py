@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from xapid.apitypes import coerce
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, field_type_error, handle_invalid, invalid_value, uuid_invalid
 from xapid.schema import MessageSpec
 from xapid.store import CachedRecord
 from xapid.wire.values import DEFAULT_LIMITS
 
 
-def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
+def create_fields(ctx: CallContext, cls: str, args: dict[str, Any]) -> dict[str, Any]:
     """Fields for a new *cls* object from a ``create`` record, as xapi reads it.
 
     Required fields must be present (FIELD_TYPE_ERROR naming the first missing one);
@@ -41,13 +42,13 @@ def create_fields(ctx: Any, cls: str, args: dict[str, Any]) -> dict[str, Any]:
 FIELD_CHECKS: dict[tuple[str, str], Callable[[Any, Any], None]] = {}
 
 
-def check_field(ctx: Any, cls: str, field: str, value: Any) -> None:
+def check_field(ctx: CallContext, cls: str, field: str, value: Any) -> None:
     check = FIELD_CHECKS.get((cls, field))
     if check is not None:
         check(ctx, value)
 
 
-def check_refs(ctx: Any, t: Any, value: Any, null: bool = True) -> None:
+def check_refs(ctx: CallContext, t: Any, value: Any, null: bool = True) -> None:
     """HANDLE_INVALID for a ref (or set of refs) that is not a live object (nor OpaqueRef:NULL
     when *null*: the field's or parameter's ``null="true"`` declaration)."""
     store, classes = ctx.api.store, ctx.api.schema.classes
@@ -59,7 +60,7 @@ def check_refs(ctx: Any, t: Any, value: Any, null: bool = True) -> None:
             check_refs(ctx, t.elem, item, null)
 
 
-def run(ctx: Any, spec: MessageSpec, values: list[Any]) -> Any:
+def run(ctx: CallContext, spec: MessageSpec, values: list[Any]) -> Any:
     return _KINDS[spec.kind](ctx, spec, *values)
 
 

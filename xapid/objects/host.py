@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 
 
 @message("host.enable")
-def enable(ctx: Any, host: str) -> str:
+def enable(ctx: CallContext, host: str) -> str:
     """Allow VMs to start on the host again."""
     ctx.store.update(host, {"enabled": True})
     return ""
 
 
 @message("host.disable")
-def disable(ctx: Any, host: str, auto_enable: bool) -> str:
+def disable(ctx: CallContext, host: str, auto_enable: bool) -> str:
     """Refuse new VM starts and resumes (HOST_DISABLED); running VMs are untouched.
 
     With *auto_enable* the host is enabled again when the daemon restarts.
@@ -28,35 +28,35 @@ def disable(ctx: Any, host: str, auto_enable: bool) -> str:
 
 
 @message("host.get_servertime")
-def get_servertime(ctx: Any, host: str) -> datetime:
-    return datetime.fromtimestamp(int(ctx.api.clock()), tz=timezone.utc)
+def get_servertime(ctx: CallContext, host: str) -> datetime:
+    return ctx.now()
 
 
 @message("host.get_server_localtime")
-def get_server_localtime(ctx: Any, host: str) -> datetime:
+def get_server_localtime(ctx: CallContext, host: str) -> datetime:
     """Local wall-clock time, sent as a datetime without zone conversion (as xapi)."""
     return datetime.fromtimestamp(int(ctx.api.clock())).replace(tzinfo=timezone.utc)
 
 
 @message("host.compute_free_memory")
-async def compute_free_memory(ctx: Any, host: str) -> int:
+async def compute_free_memory(ctx: CallContext, host: str) -> int:
     """Bytes the hypervisor could give to a new VM now."""
     return await ctx.api.hypervisor.free_memory()
 
 
 @message("host.compute_memory_overhead")
-def compute_memory_overhead(ctx: Any, host: str) -> int:
+def compute_memory_overhead(ctx: CallContext, host: str) -> int:
     return ctx.store.get(host, "host").fields["memory_overhead"]
 
 
 @message("host.list_methods")
-def list_methods(ctx: Any) -> list[str]:
+def list_methods(ctx: CallContext) -> list[str]:
     """Every wire name served (the 1.0 spelling of system.listMethods)."""
     return sorted(ctx.api.schema.messages)
 
 
 @message("host.get_management_interface")
-def get_management_interface(ctx: Any, host: str) -> str:
+def get_management_interface(ctx: CallContext, host: str) -> str:
     """The host's PIF with management = true (xapi: INTERNAL_ERROR when there is none)."""
     for pif in ctx.store.all("PIF"):
         if pif.fields["host"] == host and pif.fields["management"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, uuid_invalid
 from xapid.objects import message
 from xapid.store import CachedRecord
@@ -49,21 +50,21 @@ def object_exists(store: Any, cls: str, obj_uuid: str) -> bool:
 
 
 @message("message.create")
-def create(ctx: Any, name: str, priority: int, cls: str, obj_uuid: str, body: str) -> str:
+def create(ctx: CallContext, name: str, priority: int, cls: str, obj_uuid: str, body: str) -> str:
     if not object_exists(ctx.store, cls, obj_uuid):
         raise XenAPIError("UUID_INVALID", cls, obj_uuid)
     return add_message(ctx.api, name, priority, cls, obj_uuid, body)
 
 
 @message("message.destroy")
-def destroy(ctx: Any, self: str) -> str:
+def destroy(ctx: CallContext, self: str) -> str:
     ctx.store.get(self, "message")
     ctx.store.remove(self)
     return ""
 
 
 @message("message.destroy_many")
-def destroy_many(ctx: Any, messages: list[str]) -> str:
+def destroy_many(ctx: CallContext, messages: list[str]) -> str:
     with ctx.store.transaction():
         for ref in messages:
             if ctx.store.exists(ref, "message"):
@@ -76,28 +77,28 @@ def _records(objs: Any) -> dict[str, Any]:
 
 
 @message("message.get")
-def get(ctx: Any, cls: str, obj_uuid: str, since: datetime) -> dict[str, Any]:
+def get(ctx: CallContext, cls: str, obj_uuid: str, since: datetime) -> dict[str, Any]:
     return _records(o for o in ctx.store.all("message") if o.fields["cls"] == cls
                     and o.fields["obj_uuid"] == obj_uuid and o.fields["timestamp"] >= since)
 
 
 @message("message.get_all")
-def get_all(ctx: Any) -> list[str]:
+def get_all(ctx: CallContext) -> list[str]:
     return ctx.store.refs("message")
 
 
 @message("message.get_since")
-def get_since(ctx: Any, since: datetime) -> dict[str, Any]:
+def get_since(ctx: CallContext, since: datetime) -> dict[str, Any]:
     return _records(o for o in ctx.store.all("message") if o.fields["timestamp"] >= since)
 
 
 @message("message.get_record")
-def get_record(ctx: Any, self: str) -> Any:
+def get_record(ctx: CallContext, self: str) -> Any:
     return CachedRecord(ctx.store.get(self, "message"))
 
 
 @message("message.get_by_uuid")
-def get_by_uuid(ctx: Any, uuid: str) -> str:
+def get_by_uuid(ctx: CallContext, uuid: str) -> str:
     obj = ctx.store.by_uuid(uuid)
     if obj is None or obj.cls != "message":
         raise uuid_invalid("message", uuid)
@@ -105,12 +106,12 @@ def get_by_uuid(ctx: Any, uuid: str) -> str:
 
 
 @message("message.get_all_records")
-def get_all_records(ctx: Any) -> dict[str, Any]:
+def get_all_records(ctx: CallContext) -> dict[str, Any]:
     return _records(ctx.store.all("message"))
 
 
 @message("message.get_all_records_where")
-def get_all_records_where(ctx: Any, expr: str) -> dict[str, Any]:
+def get_all_records_where(ctx: CallContext, expr: str) -> dict[str, Any]:
     tree = compile_where(expr)
     return _records(o for o in ctx.store.all("message") if evaluate(tree, field_lookup(o.fields)))
 

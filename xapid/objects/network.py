@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import generic, message
 
 
 @message("network.create")
-def create(ctx: Any, args: dict[str, Any]) -> str:
+def create(ctx: CallContext, args: dict[str, Any]) -> str:
     """A network; without a bridge name one is chosen (xapi0, xapi1, …)."""
     fields = generic.create_fields(ctx, "network", args)
     if not fields.get("bridge"):
@@ -19,7 +20,7 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
 
 
 @message("network.destroy")
-def destroy(ctx: Any, self: str) -> str:
+def destroy(ctx: CallContext, self: str) -> str:
     """Remove a network no VIF or PIF uses."""
     net = ctx.store.get(self, "network")
     if net.fields["VIFs"]:
@@ -31,7 +32,7 @@ def destroy(ctx: Any, self: str) -> str:
 
 
 @message("PIF.destroy")
-def pif_destroy(ctx: Any, self: str) -> str:
+def pif_destroy(ctx: CallContext, self: str) -> str:
     pif = ctx.store.get(self, "PIF")
     if pif.fields["physical"]:
         raise XenAPIError("PIF_IS_PHYSICAL", self)
@@ -40,13 +41,13 @@ def pif_destroy(ctx: Any, self: str) -> str:
 
 
 @message("PIF.plug")
-def pif_plug(ctx: Any, self: str) -> str:
+def pif_plug(ctx: CallContext, self: str) -> str:
     ctx.store.update(self, {"currently_attached": True})
     return ""
 
 
 @message("PIF.unplug")
-def pif_unplug(ctx: Any, self: str) -> str:
+def pif_unplug(ctx: CallContext, self: str) -> str:
     """Bring the interface down (refused for the management interface)."""
     pif = ctx.store.get(self, "PIF")
     if pif.fields["management"]:

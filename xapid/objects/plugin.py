@@ -22,8 +22,8 @@ import os
 import stat
 import subprocess
 import xmlrpc.client
-from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 
@@ -117,7 +117,7 @@ def _text(data: bytes | None, limit: int = 4096) -> str:
 
 
 @message("host.call_plugin")
-async def call_plugin(ctx: Any, host: str, plugin: str, fn: str, args: dict[str, str]) -> str:
+async def call_plugin(ctx: CallContext, host: str, plugin: str, fn: str, args: dict[str, str]) -> str:
     api = ctx.api
     directory = getattr(api, "plugin_dir", DEFAULT_DIR) or DEFAULT_DIR
     owner = getattr(api, "plugin_owner", 0)

@@ -11,52 +11,53 @@ from __future__ import annotations
 
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 
 
-def _subroles(ctx: Any, ref: str) -> list[str]:
+def _subroles(ctx: CallContext, ref: str) -> list[str]:
     return list(ctx.store.get(ref).fields["subroles"])
 
 
-def _permissions(ctx: Any, role: str) -> list[str]:
+def _permissions(ctx: CallContext, role: str) -> list[str]:
     """A role's permission refs; a permission (no subroles) is its own (xapi_role.ml)."""
     return _subroles(ctx, role) or [role]
 
 
-def _name(ctx: Any, ref: str) -> str:
+def _name(ctx: CallContext, ref: str) -> str:
     return ctx.store.get(ref).fields["name_label"]
 
 
-def _composite_roles(ctx: Any) -> list[str]:
+def _composite_roles(ctx: CallContext) -> list[str]:
     rbac = ctx.api.rbac
     return [rbac.role_ref(r) for r in rbac.roles]
 
 
 @message("role.get_permissions")
-def role_get_permissions(ctx: Any, self: str) -> list[str]:
+def role_get_permissions(ctx: CallContext, self: str) -> list[str]:
     return _permissions(ctx, self)
 
 
 @message("role.get_permissions_name_label")
-def role_get_permissions_name_label(ctx: Any, self: str) -> list[str]:
+def role_get_permissions_name_label(ctx: CallContext, self: str) -> list[str]:
     return [_name(ctx, p) for p in _permissions(ctx, self)]
 
 
 @message("role.get_by_permission")
-def role_get_by_permission(ctx: Any, permission: str) -> list[str]:
+def role_get_by_permission(ctx: CallContext, permission: str) -> list[str]:
     """The roles (never the permission itself) whose permissions include *permission*."""
     return [r for r in _composite_roles(ctx) if r != permission and permission in _subroles(ctx, r)]
 
 
 @message("role.get_by_permission_name_label")
-def role_get_by_permission_name_label(ctx: Any, label: str) -> list[str]:
+def role_get_by_permission_name_label(ctx: CallContext, label: str) -> list[str]:
     rbac = ctx.api.rbac
     return [rbac.role_ref(r) for r in rbac.roles_with(label)]
 
 
 @message("subject.create")
-def subject_create(ctx: Any, args: dict[str, Any]) -> str:
+def subject_create(ctx: CallContext, args: dict[str, Any]) -> str:
     """xapi asks the external directory about the new subject; with none configured that is
     AUTH_IS_DISABLED (a duplicate identifier would be SUBJECT_ALREADY_EXISTS first)."""
     identifier = args.get("subject_identifier", "")
@@ -65,14 +66,14 @@ def subject_create(ctx: Any, args: dict[str, Any]) -> str:
     raise XenAPIError("AUTH_IS_DISABLED")
 
 
-def _role_ref(ctx: Any, role: str) -> str:
+def _role_ref(ctx: CallContext, role: str) -> str:
     if role not in _composite_roles(ctx) and not ctx.store.exists(role, "role"):
         raise XenAPIError("ROLE_NOT_FOUND")
     return role
 
 
 @message("subject.add_to_roles")
-def subject_add_to_roles(ctx: Any, self: str, role: str) -> str:
+def subject_add_to_roles(ctx: CallContext, self: str, role: str) -> str:
     roles = list(ctx.store.get(self).fields["roles"])
     if _role_ref(ctx, role) in roles:
         raise XenAPIError("ROLE_ALREADY_EXISTS")
@@ -81,7 +82,7 @@ def subject_add_to_roles(ctx: Any, self: str, role: str) -> str:
 
 
 @message("subject.remove_from_roles")
-def subject_remove_from_roles(ctx: Any, self: str, role: str) -> str:
+def subject_remove_from_roles(ctx: CallContext, self: str, role: str) -> str:
     roles = list(ctx.store.get(self).fields["roles"])
     if role not in roles:
         raise XenAPIError("ROLE_NOT_FOUND")
@@ -90,7 +91,7 @@ def subject_remove_from_roles(ctx: Any, self: str, role: str) -> str:
 
 
 @message("subject.get_permissions_name_label")
-def subject_get_permissions_name_label(ctx: Any, self: str) -> list[str]:
+def subject_get_permissions_name_label(ctx: CallContext, self: str) -> list[str]:
     names: dict[str, None] = {}
     for role in ctx.store.get(self).fields["roles"]:
         if ctx.store.exists(role, "role"):  # a role that disappeared is ignored, as in xapi
@@ -103,15 +104,15 @@ def _auth_is_disabled() -> XenAPIError:
 
 
 @message("auth.get_subject_identifier")
-def auth_get_subject_identifier(ctx: Any, subject_name: str) -> str:
+def auth_get_subject_identifier(ctx: CallContext, subject_name: str) -> str:
     raise _auth_is_disabled()
 
 
 @message("auth.get_subject_information_from_identifier")
-def auth_get_subject_information_from_identifier(ctx: Any, subject_identifier: str) -> dict[str, str]:
+def auth_get_subject_information_from_identifier(ctx: CallContext, subject_identifier: str) -> dict[str, str]:
     raise _auth_is_disabled()
 
 
 @message("auth.get_group_membership")
-def auth_get_group_membership(ctx: Any, subject_identifier: str) -> list[str]:
+def auth_get_group_membership(ctx: CallContext, subject_identifier: str) -> list[str]:
     raise _auth_is_disabled()

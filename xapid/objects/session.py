@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 
@@ -35,7 +36,7 @@ def user_object(store: Any, name: str) -> str:
     return ref
 
 
-async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
+async def _login(ctx: CallContext, uname: str, pwd: str, originator: str) -> str:
     """Check the password through the API's PasswordChecker (its own pool, per-source limits);
     every kind of refusal gets the same error after the same delay."""
     client = ctx.client
@@ -55,7 +56,7 @@ async def _login(ctx: Any, uname: str, pwd: str, originator: str) -> str:
     return session.ref
 
 
-def _local_superuser(ctx: Any, uname: str, originator: str) -> str:
+def _local_superuser(ctx: CallContext, uname: str, originator: str) -> str:
     ctx.client.authenticated = True
     session = ctx.api.sessions.create(LOCAL_SUPERUSER, SUPERUSER_ROLE, originator, ctx.api.host_ref, "OpaqueRef:NULL",
                                       local_superuser=True, auth_user_name=uname)
@@ -65,24 +66,24 @@ def _local_superuser(ctx: Any, uname: str, originator: str) -> str:
 
 
 @message("session.login_with_password")
-async def login_with_password(ctx: Any, uname: str, pwd: str, version: str, originator: str) -> str:
+async def login_with_password(ctx: CallContext, uname: str, pwd: str, version: str, originator: str) -> str:
     """A session for a user of the users file; the same failure for any bad credential."""
     return await _login(ctx, uname, pwd, originator)
 
 
 @message("session.slave_local_login_with_password")
-async def slave_local_login_with_password(ctx: Any, uname: str, pwd: str) -> str:
+async def slave_local_login_with_password(ctx: CallContext, uname: str, pwd: str) -> str:
     """On a single host this is an ordinary login."""
     return await _login(ctx, uname, pwd, "")
 
 
 @message("session.logout")
-def logout(ctx: Any) -> str:
+def logout(ctx: CallContext) -> str:
     ctx.api.sessions.end(ctx.session.ref)
     return ""
 
 
 @message("session.local_logout")
-def local_logout(ctx: Any) -> str:
+def local_logout(ctx: CallContext) -> str:
     ctx.api.sessions.end(ctx.session.ref)
     return ""

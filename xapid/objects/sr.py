@@ -9,16 +9,16 @@ start for every attached SR and on ``SR.scan``.
 from __future__ import annotations
 
 import uuid as uuidlib
-from datetime import datetime, timezone
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 from xapid.objects.devices import run_storage, sr_driver, sr_roots, storage_error
 from xapid.storage import SR_TYPES, StorageError, open_sr
 
 
-async def reconcile(ctx: Any, sr_ref: str) -> None:
+async def reconcile(ctx: CallContext, sr_ref: str) -> None:
     """Bring the SR's VDIs in line with its directory and refresh its sizes."""
     store = ctx.store
     driver = sr_driver(ctx, sr_ref)
@@ -64,7 +64,7 @@ async def reconcile(ctx: Any, sr_ref: str) -> None:
         update_sizes(ctx, sr_ref, stats.physical_size, stats.physical_utilisation)
 
 
-def update_sizes(ctx: Any, sr_ref: str, physical_size: int | None = None, used: int | None = None) -> None:
+def update_sizes(ctx: CallContext, sr_ref: str, physical_size: int | None = None, used: int | None = None) -> None:
     store = ctx.store
     sr = store.get(sr_ref, "SR")
     vdis = [store.get(v).fields for v in sr.fields["VDIs"]]
@@ -75,12 +75,12 @@ def update_sizes(ctx: Any, sr_ref: str, physical_size: int | None = None, used: 
     store.update(sr_ref, changes)
 
 
-async def refresh_sizes(ctx: Any, sr_ref: str) -> None:
+async def refresh_sizes(ctx: CallContext, sr_ref: str) -> None:
     stats = await run_storage(ctx, sr_driver(ctx, sr_ref).stats)
     update_sizes(ctx, sr_ref, stats.physical_size, stats.physical_utilisation)
 
 
-def _driver_for(ctx: Any, sr_type: str, device_config: dict[str, str]) -> Any:
+def _driver_for(ctx: CallContext, sr_type: str, device_config: dict[str, str]) -> Any:
     """The SR's driver; SR_BACKEND_FAILURE for a location outside ``[storage] roots`` or not local."""
     try:
         return open_sr(sr_type, device_config, ctx.api.disk_format, sr_roots(ctx))
@@ -88,7 +88,7 @@ def _driver_for(ctx: Any, sr_type: str, device_config: dict[str, str]) -> Any:
         raise storage_error(error) from None
 
 
-async def _introduce(ctx: Any, uuid: str, name_label: str, name_description: str, type: str, content_type: str,
+async def _introduce(ctx: CallContext, uuid: str, name_label: str, name_description: str, type: str, content_type: str,
                      shared: bool, sm_config: dict[str, str], device_config: dict[str, str] | None,
                      create: bool) -> str:
     store = ctx.store
@@ -113,7 +113,7 @@ async def _introduce(ctx: Any, uuid: str, name_label: str, name_description: str
     return sr
 
 
-async def make_sr(ctx: Any, name_label: str, name_description: str, type: str, content_type: str,
+async def make_sr(ctx: CallContext, name_label: str, name_description: str, type: str, content_type: str,
                   device_config: dict[str, str]) -> str:
     """An SR on a directory (created when missing) with its PBD, as SR.create does."""
     return await _introduce(ctx, "", name_label, name_description, type, content_type, False, {}, device_config,
@@ -121,7 +121,7 @@ async def make_sr(ctx: Any, name_label: str, name_description: str, type: str, c
 
 
 @message("SR.create")
-async def create(ctx: Any, host: str, device_config: dict[str, str], physical_size: int, name_label: str,
+async def create(ctx: CallContext, host: str, device_config: dict[str, str], physical_size: int, name_label: str,
                  name_description: str, type: str, content_type: str, shared: bool,
                  sm_config: dict[str, str]) -> str:
     """A new SR on a directory (device_config location), created when missing, with its PBD."""
@@ -130,21 +130,21 @@ async def create(ctx: Any, host: str, device_config: dict[str, str], physical_si
 
 
 @message("SR.introduce")
-async def introduce(ctx: Any, uuid: str, name_label: str, name_description: str, type: str, content_type: str,
+async def introduce(ctx: CallContext, uuid: str, name_label: str, name_description: str, type: str, content_type: str,
                     shared: bool, sm_config: dict[str, str]) -> str:
     """Record an existing SR without a PBD (create one with PBD.create, then PBD.plug)."""
     return await _introduce(ctx, uuid, name_label, name_description, type, content_type, shared, sm_config,
                             None, False)
 
 
-def _unplugged(ctx: Any, sr_ref: str) -> Any:
+def _unplugged(ctx: CallContext, sr_ref: str) -> Any:
     sr = ctx.store.get(sr_ref, "SR")
     if any(ctx.store.get(p).fields["currently_attached"] for p in sr.fields["PBDs"]):
         raise XenAPIError("SR_HAS_PBD", sr_ref)
     return sr
 
 
-def _forget(ctx: Any, sr: Any) -> None:
+def _forget(ctx: CallContext, sr: Any) -> None:
     store = ctx.store
     with store.transaction():
         for vdi in list(sr.fields["VDIs"]):
@@ -162,14 +162,14 @@ def _forget(ctx: Any, sr: Any) -> None:
 
 
 @message("SR.forget")
-def forget(ctx: Any, sr: str) -> str:
+def forget(ctx: CallContext, sr: str) -> str:
     """Drop the SR's records (its PBDs must be unplugged); the files stay."""
     _forget(ctx, _unplugged(ctx, sr))
     return ""
 
 
 @message("SR.destroy")
-async def destroy(ctx: Any, sr: str) -> str:
+async def destroy(ctx: CallContext, sr: str) -> str:
     """Remove an SR whose PBDs are unplugged and that holds no disks (SR_NOT_EMPTY)."""
     obj = _unplugged(ctx, sr)
     if obj.fields["VDIs"] and obj.fields["content_type"] != "iso":
@@ -179,26 +179,26 @@ async def destroy(ctx: Any, sr: str) -> str:
 
 
 @message("SR.scan")
-async def scan(ctx: Any, sr: str) -> str:
+async def scan(ctx: CallContext, sr: str) -> str:
     """Pick up disk files added or removed behind the daemon's back; refresh sizes."""
     await reconcile(ctx, sr)
     return ""
 
 
 @message("SR.update")
-async def update(ctx: Any, sr: str) -> str:
+async def update(ctx: CallContext, sr: str) -> str:
     """Refresh the SR's size figures from the filesystem."""
     await refresh_sizes(ctx, sr)
     return ""
 
 
 @message("SR.get_supported_types")
-def get_supported_types(ctx: Any) -> list[str]:
+def get_supported_types(ctx: CallContext) -> list[str]:
     return sorted(SR_TYPES)
 
 
 @message("PBD.plug")
-async def pbd_plug(ctx: Any, self: str) -> str:
+async def pbd_plug(ctx: CallContext, self: str) -> str:
     """Attach the SR on this host: its directory must be usable; its VDIs are reconciled."""
     pbd = ctx.store.get(self, "PBD")
     if pbd.fields["currently_attached"]:
@@ -212,7 +212,7 @@ async def pbd_plug(ctx: Any, self: str) -> str:
 
 
 @message("PBD.unplug")
-def pbd_unplug(ctx: Any, self: str) -> str:
+def pbd_unplug(ctx: CallContext, self: str) -> str:
     """Detach the SR from this host; refused while a running VM uses one of its disks."""
     store = ctx.store
     pbd = store.get(self, "PBD")
@@ -225,13 +225,9 @@ def pbd_unplug(ctx: Any, self: str) -> str:
 
 
 @message("PBD.destroy")
-def pbd_destroy(ctx: Any, self: str) -> str:
+def pbd_destroy(ctx: CallContext, self: str) -> str:
     pbd = ctx.store.get(self, "PBD")
     if pbd.fields["currently_attached"]:
         raise XenAPIError("OPERATION_NOT_ALLOWED", "unplug the PBD before destroying it")
     ctx.store.remove(self)
     return ""
-
-
-def now(ctx: Any) -> datetime:
-    return datetime.fromtimestamp(int(ctx.api.clock()), tz=timezone.utc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 from xapid.stats.rrd import CFS, STEP
@@ -12,31 +13,31 @@ from xapid.stats.rrd import CFS, STEP
 MIN_WINDOW = float(STEP)
 
 
-def _owner(ctx: Any, ref: str, cls: str) -> str:
+def _owner(ctx: CallContext, ref: str, cls: str) -> str:
     return f"{cls.lower()}:{ctx.store.get(ref, cls).fields['uuid']}"
 
 
-def _known(ctx: Any, owner: str, name: str) -> None:
+def _known(ctx: CallContext, owner: str, name: str) -> None:
     if not isinstance(name, str) or not ctx.api.stats.has(owner, name):
         raise XenAPIError("INVALID_VALUE", "data_source", str(name))
 
 
-def _get_data_sources(ctx: Any, ref: str, cls: str) -> list[dict[str, Any]]:
+def _get_data_sources(ctx: CallContext, ref: str, cls: str) -> list[dict[str, Any]]:
     return ctx.api.stats.data_sources(_owner(ctx, ref, cls))
 
 
-def _query(ctx: Any, ref: str, cls: str, name: str) -> float:
+def _query(ctx: CallContext, ref: str, cls: str, name: str) -> float:
     owner = _owner(ctx, ref, cls)
     _known(ctx, owner, name)
     return ctx.api.stats.value(owner, name)
 
 
-def _record(ctx: Any, ref: str, cls: str, name: str) -> str:
+def _record(ctx: CallContext, ref: str, cls: str, name: str) -> str:
     _known(ctx, _owner(ctx, ref, cls), name)  # every known source is archived already
     return ""
 
 
-def _forget(ctx: Any, ref: str, cls: str, name: str) -> str:
+def _forget(ctx: CallContext, ref: str, cls: str, name: str) -> str:
     owner = _owner(ctx, ref, cls)
     _known(ctx, owner, name)
     ctx.api.stats.forget(owner, name)
@@ -44,43 +45,43 @@ def _forget(ctx: Any, ref: str, cls: str, name: str) -> str:
 
 
 @message("VM.get_data_sources")
-def vm_get_data_sources(ctx: Any, vm: str) -> list[dict[str, Any]]:
+def vm_get_data_sources(ctx: CallContext, vm: str) -> list[dict[str, Any]]:
     """Every data source of the VM (archived while it has a domain; kept across reboots)."""
     return _get_data_sources(ctx, vm, "VM")
 
 
 @message("VM.query_data_source")
-def vm_query_data_source(ctx: Any, vm: str, data_source: str) -> float:
+def vm_query_data_source(ctx: CallContext, vm: str, data_source: str) -> float:
     return _query(ctx, vm, "VM", data_source)
 
 
 @message("VM.record_data_source")
-def vm_record_data_source(ctx: Any, vm: str, data_source: str) -> str:
+def vm_record_data_source(ctx: CallContext, vm: str, data_source: str) -> str:
     return _record(ctx, vm, "VM", data_source)
 
 
 @message("VM.forget_data_source_archives")
-def vm_forget_data_source_archives(ctx: Any, vm: str, data_source: str) -> str:
+def vm_forget_data_source_archives(ctx: CallContext, vm: str, data_source: str) -> str:
     return _forget(ctx, vm, "VM", data_source)
 
 
 @message("host.get_data_sources")
-def host_get_data_sources(ctx: Any, host: str) -> list[dict[str, Any]]:
+def host_get_data_sources(ctx: CallContext, host: str) -> list[dict[str, Any]]:
     return _get_data_sources(ctx, host, "host")
 
 
 @message("host.query_data_source")
-def host_query_data_source(ctx: Any, host: str, data_source: str) -> float:
+def host_query_data_source(ctx: CallContext, host: str, data_source: str) -> float:
     return _query(ctx, host, "host", data_source)
 
 
 @message("host.record_data_source")
-def host_record_data_source(ctx: Any, host: str, data_source: str) -> str:
+def host_record_data_source(ctx: CallContext, host: str, data_source: str) -> str:
     return _record(ctx, host, "host", data_source)
 
 
 @message("host.forget_data_source_archives")
-def host_forget_data_source_archives(ctx: Any, host: str, data_source: str) -> str:
+def host_forget_data_source_archives(ctx: CallContext, host: str, data_source: str) -> str:
     return _forget(ctx, host, "host", data_source)
 
 
@@ -93,7 +94,7 @@ def _check_window_cf(window: float, cf: str) -> str:
 
 
 @message("host.query_stats")
-def query_stats(ctx: Any, host: str, sources: list[str], window: float, cf: str) -> dict[str, float]:
+def query_stats(ctx: CallContext, host: str, sources: list[str], window: float, cf: str) -> dict[str, float]:
     """The cooked call: every source matching the patterns, consolidated over the window."""
     ctx.store.get(host, "host")
     cf = _check_window_cf(window, cf)
@@ -108,7 +109,7 @@ def query_stats(ctx: Any, host: str, sources: list[str], window: float, cf: str)
 
 
 @message("host.top_VMs")
-def top_vms(ctx: Any, host: str, source: str, window: float, cf: str, n: int) -> dict[str, float]:
+def top_vms(ctx: CallContext, host: str, source: str, window: float, cf: str, n: int) -> dict[str, float]:
     """The *n* VMs with the largest consolidated value of *source* (matching sources of a VM summed)."""
     ctx.store.get(host, "host")
     cf = _check_window_cf(window, cf)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
 
+from xapid.context import CallContext
 from xapid.objects import message
 
 
 @message("system.listMethods")
-def list_methods(ctx: Any) -> list[str]:
+def list_methods(ctx: CallContext) -> list[str]:
     """Every wire name served, implicit messages included (as xapi)."""
     return sorted(ctx.api.schema.messages)

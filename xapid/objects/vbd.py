@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from xapid.apitypes import NULL_REF
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value, operation_not_allowed
 from xapid.objects import generic, message
 from xapid.objects.devices import allowed_vbd_devices, destroy_device, disk_device_name, disk_spec, running_vm
 
 
 @message("VBD.create")
-def create(ctx: Any, args: dict[str, Any]) -> str:
+def create(ctx: CallContext, args: dict[str, Any]) -> str:
     """A disk or CD slot of a VM; userdevice 'autodetect' takes the first free slot."""
     store = ctx.store
     fields = generic.create_fields(ctx, "VBD", {**args, "VDI": args.get("VDI", NULL_REF)})
@@ -42,13 +43,13 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
 
 
 @message("VBD.destroy")
-def destroy(ctx: Any, self: str) -> str:
+def destroy(ctx: CallContext, self: str) -> str:
     """Remove a detached VBD (and its metrics); the VDI stays."""
     return destroy_device(ctx, self, "VBD")
 
 
 @message("VBD.plug")
-async def plug(ctx: Any, self: str) -> str:
+async def plug(ctx: CallContext, self: str) -> str:
     """Hot-plug into the running VM."""
     vbd = ctx.store.get(self, "VBD")
     vm = running_vm(ctx, vbd)
@@ -59,7 +60,7 @@ async def plug(ctx: Any, self: str) -> str:
     return ""
 
 
-async def _unplug(ctx: Any, ref: str, force: bool) -> str:
+async def _unplug(ctx: CallContext, ref: str, force: bool) -> str:
     vbd = ctx.store.get(ref, "VBD")
     vm = running_vm(ctx, vbd)
     if not vbd.fields["currently_attached"]:
@@ -73,23 +74,23 @@ async def _unplug(ctx: Any, ref: str, force: bool) -> str:
 
 
 @message("VBD.unplug")
-async def unplug(ctx: Any, self: str) -> str:
+async def unplug(ctx: CallContext, self: str) -> str:
     return await _unplug(ctx, self, False)
 
 
 @message("VBD.unplug_force")
-async def unplug_force(ctx: Any, self: str) -> str:
+async def unplug_force(ctx: CallContext, self: str) -> str:
     return await _unplug(ctx, self, True)
 
 
-def _cd(ctx: Any, ref: str) -> Any:
+def _cd(ctx: CallContext, ref: str) -> Any:
     vbd = ctx.store.get(ref, "VBD")
     if vbd.fields["type"] != "CD":
         raise XenAPIError("VBD_NOT_REMOVABLE_MEDIA", ref)
     return vbd
 
 
-async def _change_media(ctx: Any, vbd: Any, changes: dict[str, Any]) -> None:
+async def _change_media(ctx: CallContext, vbd: Any, changes: dict[str, Any]) -> None:
     """Apply a media change, telling a running guest's drive about it."""
     vm = ctx.store.get(vbd.fields["VM"], "VM")
     if vbd.fields["currently_attached"] and vm.fields["power_state"] == "Running":
@@ -103,7 +104,7 @@ async def _change_media(ctx: Any, vbd: Any, changes: dict[str, Any]) -> None:
 
 
 @message("VBD.insert")
-async def insert(ctx: Any, vbd: str, vdi: str) -> str:
+async def insert(ctx: CallContext, vbd: str, vdi: str) -> str:
     """Put an ISO into an empty CD drive."""
     obj = _cd(ctx, vbd)
     if not obj.fields["empty"]:
@@ -116,7 +117,7 @@ async def insert(ctx: Any, vbd: str, vdi: str) -> str:
 
 
 @message("VBD.eject")
-async def eject(ctx: Any, vbd: str) -> str:
+async def eject(ctx: CallContext, vbd: str) -> str:
     """Take the ISO out of a CD drive."""
     obj = _cd(ctx, vbd)
     if obj.fields["empty"]:
@@ -126,7 +127,7 @@ async def eject(ctx: Any, vbd: str) -> str:
 
 
 @message("VBD.assert_attachable")
-def assert_attachable(ctx: Any, self: str) -> str:
+def assert_attachable(ctx: CallContext, self: str) -> str:
     """Fail unless the VBD's disk could be attached now (its VDI exists and is not missing)."""
     vbd = ctx.store.get(self, "VBD")
     if not vbd.fields["empty"]:

@@ -14,28 +14,29 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
 from xapid.objects.devices import remove_device, run_storage, sr_driver, storage_error
-from xapid.objects.sr import now, update_sizes
+from xapid.objects.sr import update_sizes
 from xapid.storage import StorageError
 
 log = Logger()
 
 
-def _writable_driver(ctx: Any, sr_ref: str) -> Any:
+def _writable_driver(ctx: CallContext, sr_ref: str) -> Any:
     driver = sr_driver(ctx, sr_ref)
     if driver.read_only:
         raise XenAPIError("SR_OPERATION_NOT_SUPPORTED", sr_ref)
     return driver
 
 
-def _attached_vbds(ctx: Any, vdi: Any) -> list[str]:
+def _attached_vbds(ctx: CallContext, vdi: Any) -> list[str]:
     return [v for v in vdi.fields["VBDs"] if ctx.store.get(v).fields["currently_attached"]]
 
 
 @message("VDI.create")
-async def create(ctx: Any, args: dict[str, Any]) -> str:
+async def create(ctx: CallContext, args: dict[str, Any]) -> str:
     """A new sparse disk of virtual_size bytes in the SR."""
     fields = generic.create_fields(ctx, "VDI", args)
     if fields["virtual_size"] < 0:
@@ -52,7 +53,7 @@ async def create(ctx: Any, args: dict[str, Any]) -> str:
 
 
 @message("VDI.destroy")
-async def destroy(ctx: Any, self: str) -> str:
+async def destroy(ctx: CallContext, self: str) -> str:
     """Delete the disk and its file; VDI_IN_USE while attached; detached VBDs go with it."""
     store = ctx.store
     vdi = store.get(self, "VDI")
@@ -72,7 +73,7 @@ async def destroy(ctx: Any, self: str) -> str:
 
 
 @message("VDI.resize")
-async def resize(ctx: Any, vdi: str, size: int) -> str:
+async def resize(ctx: CallContext, vdi: str, size: int) -> str:
     """Grow the disk (shrinking is refused; not while attached)."""
     obj = ctx.store.get(vdi, "VDI")
     if size < obj.fields["virtual_size"]:
@@ -93,7 +94,7 @@ def _discard(driver: Any, disk: Any) -> None:
     driver.purge(disk.location)
 
 
-async def run_storage_uncancelled(ctx: Any, driver: Any, make: Any, *args: Any) -> Any:
+async def run_storage_uncancelled(ctx: CallContext, driver: Any, make: Any, *args: Any) -> Any:
     """:func:`run_storage` of *make* (which creates a disk file) that a cancel (task cancel, the
     daemon stopping) cannot orphan: the thread cannot be stopped, so the cancelled caller returns
     at once and the file it was making is deleted as soon as it exists, never left behind."""
@@ -123,15 +124,15 @@ async def run_storage_uncancelled(ctx: Any, driver: Any, make: Any, *args: Any) 
         raise storage_error(error) from None
 
 
-async def copy_vdi(ctx: Any, vdi: str, sr: str, extra: dict[str, Any] | None = None) -> str:
+async def copy_vdi(ctx: CallContext, vdi: str, sr: str, extra: dict[str, Any] | None = None) -> str:
     """A full copy of *vdi* in *sr* (file SRs copy rather than share blocks copy-on-write)."""
     source = ctx.store.get(vdi, "VDI")
     src_path = sr_driver(ctx, source.fields["SR"]).file(source.fields["location"])
     driver = _writable_driver(ctx, sr)
     uuid = str(uuidlib.uuid4())
-    ctx.api.tasks.progress(ctx.task, 0.1)
+    ctx.progress(0.1)
     disk = await run_storage_uncancelled(ctx, driver, driver.copy_from, src_path, uuid)
-    ctx.api.tasks.progress(ctx.task, 0.9)
+    ctx.progress(0.9)
     f = source.fields
     with ctx.store.transaction():
         ref = ctx.store.add("VDI", {
@@ -146,24 +147,24 @@ async def copy_vdi(ctx: Any, vdi: str, sr: str, extra: dict[str, Any] | None = N
 
 
 @message("VDI.clone")
-async def clone(ctx: Any, vdi: str, driver_params: dict[str, str]) -> str:
+async def clone(ctx: CallContext, vdi: str, driver_params: dict[str, str]) -> str:
     return await copy_vdi(ctx, vdi, ctx.store.get(vdi, "VDI").fields["SR"])
 
 
 @message("VDI.copy")
-async def copy(ctx: Any, vdi: str, sr: str) -> str:
+async def copy(ctx: CallContext, vdi: str, sr: str) -> str:
     return await copy_vdi(ctx, vdi, sr)
 
 
 @message("VDI.snapshot")
-async def snapshot(ctx: Any, vdi: str, driver_params: dict[str, str]) -> str:
+async def snapshot(ctx: CallContext, vdi: str, driver_params: dict[str, str]) -> str:
     """A read-only point-in-time copy, linked to its source by snapshot_of."""
     return await copy_vdi(ctx, vdi, ctx.store.get(vdi, "VDI").fields["SR"],
-                          {"is_a_snapshot": True, "snapshot_of": vdi, "snapshot_time": now(ctx)})
+                          {"is_a_snapshot": True, "snapshot_of": vdi, "snapshot_time": ctx.now()})
 
 
 @message("VDI.update")
-async def update(ctx: Any, vdi: str) -> str:
+async def update(ctx: CallContext, vdi: str) -> str:
     """Re-read the disk's sizes from its file."""
     obj = ctx.store.get(vdi, "VDI")
     from xapid.objects.sr import reconcile
@@ -173,7 +174,7 @@ async def update(ctx: Any, vdi: str) -> str:
 
 
 @message("VDI.forget")
-def forget(ctx: Any, vdi: str) -> str:
+def forget(ctx: CallContext, vdi: str) -> str:
     """Drop the record and keep the file (an SR.scan brings it back)."""
     obj = ctx.store.get(vdi, "VDI")
     if obj.fields["VBDs"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
 from xapid.objects.devices import allowed_vif_devices, destroy_device, nic_spec, random_mac, running_vm
@@ -13,7 +14,7 @@ MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
 @message("VIF.create")
-def create(ctx: Any, args: dict[str, Any]) -> str:
+def create(ctx: CallContext, args: dict[str, Any]) -> str:
     """A network card in a free slot; an empty MAC is generated in Xen's OUI (00:16:3e)."""
     store = ctx.store
     fields = generic.create_fields(ctx, "VIF", args)
@@ -38,13 +39,13 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
 
 
 @message("VIF.destroy")
-def destroy(ctx: Any, self: str) -> str:
+def destroy(ctx: CallContext, self: str) -> str:
     """Remove a detached VIF (and its metrics)."""
     return destroy_device(ctx, self, "VIF")
 
 
 @message("VIF.plug")
-async def plug(ctx: Any, self: str) -> str:
+async def plug(ctx: CallContext, self: str) -> str:
     vif = ctx.store.get(self, "VIF")
     vm = running_vm(ctx, vif)
     if vif.fields["currently_attached"]:
@@ -54,7 +55,7 @@ async def plug(ctx: Any, self: str) -> str:
     return ""
 
 
-async def _unplug(ctx: Any, ref: str) -> str:
+async def _unplug(ctx: CallContext, ref: str) -> str:
     vif = ctx.store.get(ref, "VIF")
     vm = running_vm(ctx, vif)
     if not vif.fields["currently_attached"]:
@@ -65,17 +66,17 @@ async def _unplug(ctx: Any, ref: str) -> str:
 
 
 @message("VIF.unplug")
-async def unplug(ctx: Any, self: str) -> str:
+async def unplug(ctx: CallContext, self: str) -> str:
     return await _unplug(ctx, self)
 
 
 @message("VIF.unplug_force")
-async def unplug_force(ctx: Any, self: str) -> str:
+async def unplug_force(ctx: CallContext, self: str) -> str:
     return await _unplug(ctx, self)
 
 
 @message("VIF.move")
-async def move(ctx: Any, self: str, network: str) -> str:
+async def move(ctx: CallContext, self: str, network: str) -> str:
     """Connect the VIF to another network (re-plugging it when attached)."""
     vif = ctx.store.get(self, "VIF")
     if vif.fields["currently_attached"]:

@@ -10,15 +10,15 @@ records them (guest agents read them from the record); it does not push them int
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 
 FEATURE = "feature-static-ip-setting"
 
 
-def _check(ctx: Any, vif: str, version: int, mode: str, address: str, gateway: str) -> None:
+def _check(ctx: CallContext, vif: str, version: int, mode: str, address: str, gateway: str) -> None:
     if mode == "Static":
         addr, slash, prefix = address.partition("/")
         try:
@@ -41,7 +41,7 @@ def _check(ctx: Any, vif: str, version: int, mode: str, address: str, gateway: s
         raise XenAPIError("VM_LACKS_FEATURE", vm.ref)
 
 
-def _configure(ctx: Any, vif: str, version: int, mode: str, address: str, gateway: str) -> str:
+def _configure(ctx: CallContext, vif: str, version: int, mode: str, address: str, gateway: str) -> str:
     _check(ctx, vif, version, mode, address, gateway)
     prefix = f"ipv{version}_"
     ctx.store.update(vif, {prefix + "configuration_mode": mode, prefix + "addresses": [address],
@@ -50,10 +50,10 @@ def _configure(ctx: Any, vif: str, version: int, mode: str, address: str, gatewa
 
 
 @message("VIF.configure_ipv4")
-def configure_ipv4(ctx: Any, self: str, mode: str, address: str, gateway: str) -> str:
+def configure_ipv4(ctx: CallContext, self: str, mode: str, address: str, gateway: str) -> str:
     return _configure(ctx, self, 4, mode, address, gateway)
 
 
 @message("VIF.configure_ipv6")
-def configure_ipv6(ctx: Any, self: str, mode: str, address: str, gateway: str) -> str:
+def configure_ipv6(ctx: CallContext, self: str, mode: str, address: str, gateway: str) -> str:
     return _configure(ctx, self, 6, mode, address, gateway)

@@ -15,6 +15,7 @@ from typing import Any
 from xapid.apitypes import NULL_REF
 from xapid.backend.interface import DomainInfo, DomainSpec
 from xapid.backend.specs import BootPolicy, PathRefused
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, guest_metrics, message
 from xapid.objects.devices import disk_spec, domain_type, nic_spec, remove_device
@@ -24,10 +25,6 @@ MiB = 1 << 20
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def _now(ctx: Any) -> datetime:
-    return datetime.fromtimestamp(int(ctx.api.clock()), tz=timezone.utc)
 
 
 def check_memory(fields: dict[str, Any]) -> None:
@@ -51,7 +48,7 @@ def _int_param(params: dict[str, str], key: str, default: int) -> int:
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else default  # never int()'s digit limit
 
 
-def domain_spec(ctx: Any, vm: Any) -> DomainSpec:
+def domain_spec(ctx: CallContext, vm: Any) -> DomainSpec:
     """The driver's view of a VM record and its devices (no refs, no store objects)."""
     f = vm.fields
     store = ctx.store
@@ -72,11 +69,11 @@ def domain_spec(ctx: Any, vm: Any) -> DomainSpec:
     )
 
 
-def suspend_image(ctx: Any, vm: Any) -> Path:
+def suspend_image(ctx: CallContext, vm: Any) -> Path:
     return ctx.api.state_dir / "suspend" / f"{vm.fields['uuid']}.img"
 
 
-def record_domain(ctx: Any, vm_ref: str, info: DomainInfo) -> None:
+def record_domain(ctx: CallContext, vm_ref: str, info: DomainInfo) -> None:
     """Write a live domain's state into the VM and its metrics."""
     store = ctx.store
     with store.transaction():
@@ -88,7 +85,7 @@ def record_domain(ctx: Any, vm_ref: str, info: DomainInfo) -> None:
         vm = store.get(vm_ref, "VM")
         metrics = vm.fields["metrics"]
         if store.exists(metrics, "VM_metrics"):
-            store.update(metrics, metrics_fields(info, _now(ctx)))
+            store.update(metrics, metrics_fields(info, ctx.now()))
         if not was_running:
             for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:
                 store.update(device, {"currently_attached": True})
@@ -110,7 +107,7 @@ def metrics_fields(info: DomainInfo, now: datetime) -> dict[str, Any]:
     }
 
 
-def record_halted(ctx: Any, vm_ref: str, power_state: str = "Halted") -> None:
+def record_halted(ctx: CallContext, vm_ref: str, power_state: str = "Halted") -> None:
     store = ctx.store
     with store.transaction():
         store.update(vm_ref, {"power_state": power_state, "domid": -1, "resident_on": NULL_REF})
@@ -123,10 +120,10 @@ def record_halted(ctx: Any, vm_ref: str, power_state: str = "Halted") -> None:
         metrics = vm.fields["metrics"]
         if store.exists(metrics, "VM_metrics"):
             store.update(metrics, {"memory_actual": 0, "VCPUs_number": 0, "VCPUs_CPU": {}, "VCPUs_flags": {},
-                                   "state": [], "last_updated": _now(ctx)})
+                                   "state": [], "last_updated": ctx.now()})
 
 
-def _host_enabled(ctx: Any) -> None:
+def _host_enabled(ctx: CallContext) -> None:
     host = ctx.store.get(ctx.api.host_ref, "host")
     if not host.fields["enabled"]:
         raise XenAPIError("HOST_DISABLED", host.ref)
@@ -142,7 +139,7 @@ def _bootable(vm: Any) -> None:
 
 
 def _boot_check(judge: Callable[[Any, str], str]) -> Callable[[Any, str], None]:
-    def check(ctx: Any, value: str) -> None:
+    def check(ctx: CallContext, value: str) -> None:
         try:
             judge(ctx.api.boot or BootPolicy.default(str(ctx.api.state_dir)), value)
         except PathRefused as refused:
@@ -162,7 +159,7 @@ generic.FIELD_CHECKS.update({
 
 
 @message("VM.create")
-def create(ctx: Any, args: dict[str, Any]) -> str:
+def create(ctx: CallContext, args: dict[str, Any]) -> str:
     """A new halted VM from a record, with its metrics object."""
     fields = generic.create_fields(ctx, "VM", args)
     probe = {**ctx.api.schema.classes["VM"].defaults(), **fields}
@@ -170,14 +167,14 @@ def create(ctx: Any, args: dict[str, Any]) -> str:
     check_vcpus(probe)
     store = ctx.store
     with store.transaction():
-        metrics = store.add("VM_metrics", {"VCPUs_params": probe["VCPUs_params"], "install_time": _now(ctx),
-                                            "last_updated": _now(ctx)})
+        metrics = store.add("VM_metrics", {"VCPUs_params": probe["VCPUs_params"], "install_time": ctx.now(),
+                                            "last_updated": ctx.now()})
         fields.update(power_state="Halted", domid=-1, metrics=metrics)
         return store.add("VM", fields)
 
 
 @message("VM.destroy")
-def destroy(ctx: Any, self: str) -> str:
+def destroy(ctx: CallContext, self: str) -> str:
     """Remove a halted or suspended VM with its VBDs, VIFs, consoles and metrics (not its VDIs)."""
     store = ctx.store
     vm = store.get(self, "VM")
@@ -203,40 +200,40 @@ def destroy(ctx: Any, self: str) -> str:
 # -- lifecycle ----------------------------------------------------------------------------
 
 
-async def _built(ctx: Any, vm_ref: str, info: DomainInfo) -> None:
+async def _built(ctx: CallContext, vm_ref: str, info: DomainInfo) -> None:
     """Record a domain just built, or destroy it again when the task was cancelled meanwhile."""
     try:
-        ctx.api.tasks.check_cancelled(ctx.task)
+        ctx.check_cancelled()
     except XenAPIError:
         await ctx.api.hypervisor.domain(info.uuid, vm=vm_ref).destroy()
         raise
     record_domain(ctx, vm_ref, info)
 
 
-async def _start(ctx: Any, vm_ref: str, start_paused: bool, op: str) -> str:
+async def _start(ctx: CallContext, vm_ref: str, start_paused: bool, op: str) -> str:
     async with operation(ctx, vm_ref, op) as vm:
         _host_enabled(ctx)
         _bootable(vm)
-        ctx.api.tasks.check_cancelled(ctx.task)
-        ctx.api.tasks.progress(ctx.task, 0.1)
+        ctx.check_cancelled()
+        ctx.progress(0.1)
         info = await ctx.api.hypervisor.create_domain(domain_spec(ctx, vm), start_paused, vm=vm_ref)
         await _built(ctx, vm_ref, info)
     return ""
 
 
 @message("VM.start")
-async def start(ctx: Any, vm: str, start_paused: bool, force: bool) -> str:
+async def start(ctx: CallContext, vm: str, start_paused: bool, force: bool) -> str:
     """Halted → Running (or Paused when *start_paused*)."""
     return await _start(ctx, vm, start_paused, "start")
 
 
 @message("VM.start_on")
-async def start_on(ctx: Any, vm: str, host: str, start_paused: bool, force: bool) -> str:
+async def start_on(ctx: CallContext, vm: str, host: str, start_paused: bool, force: bool) -> str:
     return await _start(ctx, vm, start_paused, "start_on")
 
 
 @message("VM.pause")
-async def pause(ctx: Any, vm: str) -> str:
+async def pause(ctx: CallContext, vm: str) -> str:
     async with operation(ctx, vm, "pause") as obj:
         await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).pause()
         ctx.store.update(vm, {"power_state": "Paused"})
@@ -244,28 +241,28 @@ async def pause(ctx: Any, vm: str) -> str:
 
 
 @message("VM.unpause")
-async def unpause(ctx: Any, vm: str) -> str:
+async def unpause(ctx: CallContext, vm: str) -> str:
     async with operation(ctx, vm, "unpause") as obj:
         await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).unpause()
         ctx.store.update(vm, {"power_state": "Running"})
     return ""
 
 
-async def _clean_shutdown(ctx: Any, vm: str, op: str) -> None:
+async def _clean_shutdown(ctx: CallContext, vm: str, op: str) -> None:
     async with operation(ctx, vm, op) as obj:
-        ctx.api.tasks.check_cancelled(ctx.task)
+        ctx.check_cancelled()
         await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).shutdown("poweroff", ctx.api.shutdown_timeout)
         record_halted(ctx, vm)
 
 
 @message("VM.clean_shutdown")
-async def clean_shutdown(ctx: Any, vm: str) -> str:
+async def clean_shutdown(ctx: CallContext, vm: str) -> str:
     """Ask the guest to power off and wait (VM_SHUTDOWN_TIMEOUT if it does not)."""
     await _clean_shutdown(ctx, vm, "clean_shutdown")
     return ""
 
 
-async def _hard_shutdown(ctx: Any, vm: str, op: str) -> None:
+async def _hard_shutdown(ctx: CallContext, vm: str, op: str) -> None:
     async with operation(ctx, vm, op) as obj:
         if obj.fields["power_state"] == "Suspended":
             suspend_image(ctx, obj).unlink(missing_ok=True)
@@ -275,14 +272,14 @@ async def _hard_shutdown(ctx: Any, vm: str, op: str) -> None:
 
 
 @message("VM.hard_shutdown")
-async def hard_shutdown(ctx: Any, vm: str) -> str:
+async def hard_shutdown(ctx: CallContext, vm: str) -> str:
     """Destroy the domain at once (or drop the suspend image)."""
     await _hard_shutdown(ctx, vm, "hard_shutdown")
     return ""
 
 
 @message("VM.shutdown")
-async def shutdown(ctx: Any, vm: str) -> str:
+async def shutdown(ctx: CallContext, vm: str) -> str:
     """Clean shutdown when the VM is running and the guest complies, hard otherwise."""
     obj = ctx.store.get(vm, "VM")
     if obj.fields["power_state"] == "Running":
@@ -297,9 +294,9 @@ async def shutdown(ctx: Any, vm: str) -> str:
 
 
 @message("VM.clean_reboot")
-async def clean_reboot(ctx: Any, vm: str) -> str:
+async def clean_reboot(ctx: CallContext, vm: str) -> str:
     async with operation(ctx, vm, "clean_reboot") as obj:
-        ctx.api.tasks.check_cancelled(ctx.task)
+        ctx.check_cancelled()
         domain = ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm)
         await domain.shutdown("reboot", ctx.api.shutdown_timeout)
         info = await domain.info()
@@ -308,7 +305,7 @@ async def clean_reboot(ctx: Any, vm: str) -> str:
 
 
 @message("VM.hard_reboot")
-async def hard_reboot(ctx: Any, vm: str) -> str:
+async def hard_reboot(ctx: CallContext, vm: str) -> str:
     async with operation(ctx, vm, "hard_reboot") as obj:
         info = await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).reboot()
         record_domain(ctx, vm, info)
@@ -316,7 +313,7 @@ async def hard_reboot(ctx: Any, vm: str) -> str:
 
 
 @message("VM.power_state_reset")
-async def power_state_reset(ctx: Any, vm: str) -> str:
+async def power_state_reset(ctx: CallContext, vm: str) -> str:
     """Force Halted when the domain is really gone; refused while it still exists."""
     obj = ctx.store.get(vm, "VM")
     check(obj, "power_state_reset")
@@ -329,24 +326,24 @@ async def power_state_reset(ctx: Any, vm: str) -> str:
 
 
 @message("VM.suspend")
-async def suspend(ctx: Any, vm: str) -> str:
+async def suspend(ctx: CallContext, vm: str) -> str:
     """Save the guest's memory to a file in the state dir and stop it."""
     async with operation(ctx, vm, "suspend") as obj:
         image = suspend_image(ctx, obj)
         await ctx.api.runner.run(image.parent.mkdir, parents=True, exist_ok=True)
-        ctx.api.tasks.check_cancelled(ctx.task)
-        ctx.api.tasks.progress(ctx.task, 0.1)
+        ctx.check_cancelled()
+        ctx.progress(0.1)
         await ctx.api.hypervisor.domain(obj.fields["uuid"], vm=vm).suspend(str(image), ctx.api.shutdown_timeout)
         record_halted(ctx, vm, "Suspended")
     return ""
 
 
-async def _resume(ctx: Any, vm: str, start_paused: bool, op: str) -> str:
+async def _resume(ctx: CallContext, vm: str, start_paused: bool, op: str) -> str:
     async with operation(ctx, vm, op) as obj:
         _host_enabled(ctx)
         image = suspend_image(ctx, obj)
-        ctx.api.tasks.check_cancelled(ctx.task)
-        ctx.api.tasks.progress(ctx.task, 0.1)
+        ctx.check_cancelled()
+        ctx.progress(0.1)
         info = await ctx.api.hypervisor.resume_domain(domain_spec(ctx, obj), str(image), start_paused, vm=vm)
         await _built(ctx, vm, info)
         await ctx.api.runner.run(image.unlink, missing_ok=True)
@@ -354,12 +351,12 @@ async def _resume(ctx: Any, vm: str, start_paused: bool, op: str) -> str:
 
 
 @message("VM.resume")
-async def resume(ctx: Any, vm: str, start_paused: bool, force: bool) -> str:
+async def resume(ctx: CallContext, vm: str, start_paused: bool, force: bool) -> str:
     return await _resume(ctx, vm, start_paused, "resume")
 
 
 @message("VM.resume_on")
-async def resume_on(ctx: Any, vm: str, host: str, start_paused: bool, force: bool) -> str:
+async def resume_on(ctx: CallContext, vm: str, host: str, start_paused: bool, force: bool) -> str:
     return await _resume(ctx, vm, start_paused, "resume_on")
 
 
@@ -367,7 +364,7 @@ async def resume_on(ctx: Any, vm: str, host: str, start_paused: bool, force: boo
 
 
 @message("VM.set_VCPUs_number_live")
-async def set_VCPUs_number_live(ctx: Any, self: str, nvcpu: int) -> str:
+async def set_VCPUs_number_live(ctx: CallContext, self: str, nvcpu: int) -> str:
     """Hot-plug or unplug vCPUs of a running VM (1 ≤ nvcpu ≤ VCPUs_max)."""
     async with operation(ctx, self, "changing_VCPUs_live") as obj:
         if not 1 <= nvcpu <= obj.fields["VCPUs_max"]:
@@ -381,7 +378,7 @@ async def set_VCPUs_number_live(ctx: Any, self: str, nvcpu: int) -> str:
     return ""
 
 
-def _set_halted(ctx: Any, ref: str, op: str, changes: dict[str, Any]) -> str:
+def _set_halted(ctx: CallContext, ref: str, op: str, changes: dict[str, Any]) -> str:
     """Apply static resource changes to a halted VM after checking the constraints."""
     vm = ctx.store.get(ref, "VM")
     check(vm, op)
@@ -393,22 +390,22 @@ def _set_halted(ctx: Any, ref: str, op: str, changes: dict[str, Any]) -> str:
 
 
 @message("VM.set_VCPUs_max")
-def set_VCPUs_max(ctx: Any, self: str, value: int) -> str:
+def set_VCPUs_max(ctx: CallContext, self: str, value: int) -> str:
     return _set_halted(ctx, self, "changing_VCPUs", {"VCPUs_max": value})
 
 
 @message("VM.set_VCPUs_at_startup")
-def set_VCPUs_at_startup(ctx: Any, self: str, value: int) -> str:
+def set_VCPUs_at_startup(ctx: CallContext, self: str, value: int) -> str:
     return _set_halted(ctx, self, "changing_VCPUs", {"VCPUs_at_startup": value})
 
 
 @message("VM.set_memory_static_range")
-def set_memory_static_range(ctx: Any, self: str, min: int, max: int) -> str:
+def set_memory_static_range(ctx: CallContext, self: str, min: int, max: int) -> str:
     return _set_halted(ctx, self, "changing_static_range", {"memory_static_min": min, "memory_static_max": max})
 
 
 @message("VM.set_memory_limits")
-def set_memory_limits(ctx: Any, self: str, static_min: int, static_max: int, dynamic_min: int,
+def set_memory_limits(ctx: CallContext, self: str, static_min: int, static_max: int, dynamic_min: int,
                       dynamic_max: int) -> str:
     return _set_halted(ctx, self, "changing_memory_limits", {
         "memory_static_min": static_min, "memory_static_max": static_max,
@@ -416,23 +413,23 @@ def set_memory_limits(ctx: Any, self: str, static_min: int, static_max: int, dyn
 
 
 @message("VM.set_memory")
-def set_memory(ctx: Any, self: str, value: int) -> str:
+def set_memory(ctx: CallContext, self: str, value: int) -> str:
     """static_max, dynamic_min and dynamic_max all become *value* (static_min kept)."""
     return _set_halted(ctx, self, "changing_memory_limits", {
         "memory_static_max": value, "memory_dynamic_min": value, "memory_dynamic_max": value})
 
 
 @message("VM.set_memory_static_max")
-def set_memory_static_max(ctx: Any, self: str, value: int) -> str:
+def set_memory_static_max(ctx: CallContext, self: str, value: int) -> str:
     return _set_halted(ctx, self, "changing_static_range", {"memory_static_max": value})
 
 
 @message("VM.set_memory_static_min")
-def set_memory_static_min(ctx: Any, self: str, value: int) -> str:
+def set_memory_static_min(ctx: CallContext, self: str, value: int) -> str:
     return _set_halted(ctx, self, "changing_static_range", {"memory_static_min": value})
 
 
-async def _set_dynamic(ctx: Any, ref: str, changes: dict[str, Any]) -> str:
+async def _set_dynamic(ctx: CallContext, ref: str, changes: dict[str, Any]) -> str:
     """Change the dynamic range; a running VM's balloon target follows dynamic_max."""
     async with operation(ctx, ref, "changing_dynamic_range") as vm:
         probe = {**vm.fields, **changes}
@@ -450,22 +447,22 @@ async def _set_dynamic(ctx: Any, ref: str, changes: dict[str, Any]) -> str:
 
 
 @message("VM.set_memory_dynamic_range")
-async def set_memory_dynamic_range(ctx: Any, self: str, min: int, max: int) -> str:
+async def set_memory_dynamic_range(ctx: CallContext, self: str, min: int, max: int) -> str:
     return await _set_dynamic(ctx, self, {"memory_dynamic_min": min, "memory_dynamic_max": max})
 
 
 @message("VM.set_memory_dynamic_max")
-async def set_memory_dynamic_max(ctx: Any, self: str, value: int) -> str:
+async def set_memory_dynamic_max(ctx: CallContext, self: str, value: int) -> str:
     return await _set_dynamic(ctx, self, {"memory_dynamic_max": value})
 
 
 @message("VM.set_memory_dynamic_min")
-async def set_memory_dynamic_min(ctx: Any, self: str, value: int) -> str:
+async def set_memory_dynamic_min(ctx: CallContext, self: str, value: int) -> str:
     return await _set_dynamic(ctx, self, {"memory_dynamic_min": value})
 
 
 @message("VM.set_memory_target_live")
-async def set_memory_target_live(ctx: Any, self: str, target: int) -> str:
+async def set_memory_target_live(ctx: CallContext, self: str, target: int) -> str:
     """Deprecated in xapi: set the balloon target of a running VM within its dynamic range."""
     async with operation(ctx, self, "changing_memory_live") as vm:
         if not vm.fields["memory_dynamic_min"] <= target <= vm.fields["memory_dynamic_max"]:
@@ -478,7 +475,7 @@ async def set_memory_target_live(ctx: Any, self: str, target: int) -> str:
 
 
 @message("VM.compute_memory_overhead")
-def compute_memory_overhead(ctx: Any, vm: str) -> int:
+def compute_memory_overhead(ctx: CallContext, vm: str) -> int:
     """Hypervisor memory needed beside the guest's own: page tables and per-vCPU state."""
     f = ctx.store.get(vm, "VM").fields
     pages = (f["memory_static_max"] + 4095) // 4096
@@ -487,25 +484,25 @@ def compute_memory_overhead(ctx: Any, vm: str) -> int:
 
 
 @message("VM.assert_operation_valid")
-def assert_operation_valid(ctx: Any, self: str, op: str) -> str:
+def assert_operation_valid(ctx: CallContext, self: str, op: str) -> str:
     check(ctx.store.get(self, "VM"), op)
     return ""
 
 
 @message("VM.update_allowed_operations")
-def update_allowed_operations(ctx: Any, self: str) -> str:
+def update_allowed_operations(ctx: CallContext, self: str) -> str:
     """allowed_operations is recomputed on every write; this only checks the ref."""
     ctx.store.get(self, "VM")
     return ""
 
 
 @message("crashdump.destroy")
-def crashdump_destroy(ctx: Any, self: str) -> str:
+def crashdump_destroy(ctx: CallContext, self: str) -> str:
     """Forget a crash dump record (its VDI stays)."""
     ctx.store.remove(self)
     return ""
 
 
 @message("VM.get_boot_record")
-def get_boot_record(ctx: Any, self: str) -> Any:
+def get_boot_record(ctx: CallContext, self: str) -> Any:
     return generic.CachedRecord(ctx.store.get(self, "VM"))

@@ -12,9 +12,9 @@ from typing import Any
 from twisted.logger import Logger
 
 from xapid.apitypes import NULL_REF
+from xapid.context import CallContext
 from xapid.objects import message
 from xapid.objects.devices import allowed_vbd_devices, allowed_vif_devices, random_mac
-from xapid.objects.sr import now
 from xapid.objects import vdi as vdi_handlers
 from xapid.objects.vdi import copy_vdi
 from xapid.objects.vm_ops import operation
@@ -39,7 +39,7 @@ def _other_config(fields: dict[str, Any], snapshot: bool) -> dict[str, str]:
     return other
 
 
-async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None, snapshot: bool,
+async def _duplicate(ctx: CallContext, ref: str, op: str, new_name: str, sr: str | None, snapshot: bool,
                      skip_vdis: frozenset[str] = frozenset()) -> str:
     store = ctx.store
     async with operation(ctx, ref, op) as vm:
@@ -52,13 +52,13 @@ async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None,
                 if vbd.fields["empty"] or vbd.fields["type"] == "CD" or source in skip_vdis:
                     disks.append((vbd, source if vbd.fields["type"] == "CD" else NULL_REF))
                     continue
-                extra = ({"is_a_snapshot": True, "snapshot_of": source, "snapshot_time": now(ctx)}
+                extra = ({"is_a_snapshot": True, "snapshot_of": source, "snapshot_time": ctx.now()}
                          if snapshot else None)
                 target_sr = sr if sr and sr != NULL_REF else store.get(source).fields["SR"]
                 copies.append(await copy_vdi(ctx, source, target_sr, extra))
                 disks.append((vbd, copies[-1]))
-                ctx.api.tasks.progress(ctx.task, 0.1 + 0.8 * (index + 1) / len(vbds))
-                ctx.api.tasks.check_cancelled(ctx.task)
+                ctx.progress(0.1 + 0.8 * (index + 1) / len(vbds))
+                ctx.check_cancelled()
         except BaseException:  # failed or cancelled (task cancel, daemon stopping): no stray copies
             for copied in copies:
                 try:
@@ -72,11 +72,11 @@ async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None,
         fields.update(name_label=new_name, uuid=str(uuidlib.uuid4()), power_state=state,
                       is_default_template=False, other_config=_other_config(vm.fields, snapshot))
         if snapshot:  # a snapshot is a template (is_a_template) that only revert, clone, copy… accept
-            fields.update(is_a_snapshot=True, snapshot_of=ref, snapshot_time=now(ctx), is_a_template=True)
+            fields.update(is_a_snapshot=True, snapshot_of=ref, snapshot_time=ctx.now(), is_a_template=True)
         else:
             fields.update(parent=ref)
         with store.transaction():
-            metrics = store.add("VM_metrics", {"install_time": now(ctx)})
+            metrics = store.add("VM_metrics", {"install_time": ctx.now()})
             new = store.add("VM", {**fields, "metrics": metrics})
             for vbd, vdi in disks:
                 copied = {k: v for k, v in vbd.fields.items()
@@ -95,30 +95,30 @@ async def _duplicate(ctx: Any, ref: str, op: str, new_name: str, sr: str | None,
 
 
 @message("VM.clone")
-async def clone(ctx: Any, vm: str, new_name: str) -> str:
+async def clone(ctx: CallContext, vm: str, new_name: str) -> str:
     """A halted copy with copies of its disks and new MACs, in the same SRs."""
     return await _duplicate(ctx, vm, "clone", new_name, None, False)
 
 
 @message("VM.copy")
-async def copy(ctx: Any, vm: str, new_name: str, sr: str) -> str:
+async def copy(ctx: CallContext, vm: str, new_name: str, sr: str) -> str:
     """Like clone, with the disks copied into *sr* (OpaqueRef:NULL: each disk's own SR)."""
     return await _duplicate(ctx, vm, "copy", new_name, sr, False)
 
 
 @message("VM.snapshot")
-async def snapshot(ctx: Any, vm: str, new_name: str, ignore_vdis: list[str]) -> str:
+async def snapshot(ctx: CallContext, vm: str, new_name: str, ignore_vdis: list[str]) -> str:
     """A snapshot VM (is_a_snapshot, snapshot_of) with snapshot copies of its disks."""
     return await _duplicate(ctx, vm, "snapshot", new_name, None, True, frozenset(ignore_vdis))
 
 
 @message("VM.get_allowed_VBD_devices")
-def get_allowed_VBD_devices(ctx: Any, vm: str) -> list[str]:
+def get_allowed_VBD_devices(ctx: CallContext, vm: str) -> list[str]:
     """The free disk slots (userdevice values)."""
     return allowed_vbd_devices(ctx.store, ctx.store.get(vm, "VM"))
 
 
 @message("VM.get_allowed_VIF_devices")
-def get_allowed_VIF_devices(ctx: Any, vm: str) -> list[str]:
+def get_allowed_VIF_devices(ctx: CallContext, vm: str) -> list[str]:
     """The free network card slots (device values)."""
     return allowed_vif_devices(ctx.store, ctx.store.get(vm, "VM"))

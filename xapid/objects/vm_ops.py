@@ -10,6 +10,7 @@ import uuid as uuidlib
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+from xapid.context import CallContext
 from xapid.errors import XenAPIError, operation_not_allowed, vm_bad_power_state
 
 H, P, S, R = "Halted", "Paused", "Suspended", "Running"
@@ -110,7 +111,7 @@ def check(vm: Any, op: str) -> None:
 
 
 @asynccontextmanager
-async def operation(ctx: Any, ref: str, op: str) -> AsyncIterator[Any]:
+async def operation(ctx: CallContext, ref: str, op: str) -> AsyncIterator[Any]:
     """Check *op* on VM *ref*, list it in ``current_operations`` while it runs, then drop it."""
     store = ctx.store
     vm = store.get(ref, "VM")

@@ -13,12 +13,12 @@ from __future__ import annotations
 import shutil
 import uuid as uuidlib
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
 from twisted.logger import Logger
 
 from xapid.apitypes import NULL_REF
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import guest_metrics, message, vbd as vbd_handlers, vdi as vdi_handlers
 from xapid.objects import vm as vm_handlers
@@ -31,18 +31,10 @@ from xapid.templates import ParseFailure, parse_disks
 log = Logger()
 
 
-def _now(ctx: Any) -> datetime:
-    return datetime.fromtimestamp(int(ctx.api.clock()), tz=timezone.utc)
-
-
-def _progress(ctx: Any, value: float) -> None:
-    ctx.api.tasks.progress(ctx.task, value)
-
-
 # -- provision ------------------------------------------------------------------------------
 
 
-def _sr_by_uuid(ctx: Any, uuid: str) -> str:
+def _sr_by_uuid(ctx: CallContext, uuid: str) -> str:
     """xapi resolves a disk's sr only with SR.get_by_uuid: UUID_INVALID [sr, value] otherwise
     (an empty sr included: xapi has no default-SR fallback)."""
     for sr in ctx.store.all("SR"):
@@ -51,7 +43,7 @@ def _sr_by_uuid(ctx: Any, uuid: str) -> str:
     raise XenAPIError("UUID_INVALID", "sr", uuid)
 
 
-async def _undo(ctx: Any, vbds: list[str], vdis: list[str]) -> None:
+async def _undo(ctx: CallContext, vbds: list[str], vdis: list[str]) -> None:
     """Destroy what a failed provision created (VBDs first, then their disks), logging failures."""
     for ref in vbds:
         if ctx.store.find(ref) is not None:
@@ -68,7 +60,7 @@ async def _undo(ctx: Any, vbds: list[str], vdis: list[str]) -> None:
 
 
 @message("VM.provision")
-async def provision(ctx: Any, vm: str) -> str:
+async def provision(ctx: CallContext, vm: str) -> str:
     """Install a template: xapi's steps in xapi's order (wave2-facts §7)."""
     store = ctx.store
     async with operation(ctx, vm, "provision") as obj:
@@ -77,11 +69,11 @@ async def provision(ctx: Any, vm: str) -> str:
             store.update(vm, {"is_a_template": False})
             metrics = obj.fields["metrics"]
             if store.exists(metrics, "VM_metrics"):
-                store.update(metrics, {"install_time": _now(ctx)})
+                store.update(metrics, {"install_time": ctx.now()})
         other = store.get(vm, "VM").fields["other_config"]
         if "disks" not in other and "postinstall" not in other:
             return ""
-        _progress(ctx, 0.1)
+        ctx.progress(0.1)
         try:
             disks = parse_disks(other["disks"]) if "disks" in other else []
         except ParseFailure as failure:  # xapi: an unhandled Parse_failure, i.e. INTERNAL_ERROR
@@ -104,7 +96,7 @@ async def provision(ctx: Any, vm: str) -> str:
                     "qos_algorithm_type": "", "qos_algorithm_params": {}, "other_config": {"owner": ""}})
                 created_vbds.append(vbd)
                 store.update(vdi, {"name_label": store.get(vbd, "VBD").fields["userdevice"]})
-                _progress(ctx, 0.1 + 0.8 * (index + 1) / len(disks))
+                ctx.progress(0.1 + 0.8 * (index + 1) / len(disks))
             # 3. post-install scripts: xapi runs only scripts from its dom0 post-install directory;
             #    xapid has none, so any postinstall key is refused as xapi refuses an outside path
             if "postinstall" in other:
@@ -135,7 +127,7 @@ _KEEP = frozenset({
 
 
 @asynccontextmanager
-async def _reverting(ctx: Any, ref: str) -> AsyncIterator[None]:
+async def _reverting(ctx: CallContext, ref: str) -> AsyncIterator[None]:
     """List ``reverting`` in the VM's current_operations while its snapshot is reverted into it."""
     store = ctx.store
     vm = store.get(ref, "VM")
@@ -152,14 +144,14 @@ async def _reverting(ctx: Any, ref: str) -> AsyncIterator[None]:
             store.update(ref, {"current_operations": ops})
 
 
-async def _copy_file(ctx: Any, source: Any, target: Any) -> None:
+async def _copy_file(ctx: CallContext, source: Any, target: Any) -> None:
     await ctx.api.runner.run(target.parent.mkdir, parents=True, exist_ok=True)
     await ctx.api.runner.run(shutil.copyfile, source, target)
     await ctx.api.runner.run(target.chmod, 0o600)
 
 
 @message("VM.revert")
-async def revert(ctx: Any, snapshot: str) -> str:
+async def revert(ctx: CallContext, snapshot: str) -> str:
     """The VM goes back to the snapshot: fields, disks (fresh copies), NICs and power state."""
     store = ctx.store
     snap = store.get(snapshot, "VM")
@@ -190,12 +182,12 @@ async def revert(ctx: Any, snapshot: str) -> str:
     return ""
 
 
-async def _revert_into(ctx: Any, snap: Any, vm: str) -> None:
+async def _revert_into(ctx: CallContext, snap: Any, vm: str) -> None:
     store = ctx.store
     fields = {k: v for k, v in snap.fields.items() if k not in _KEEP}
     fields["ha_always_run"] = False
     store.update(vm, {k: v for k, v in fields.items() if k in store.get(vm, "VM").fields})
-    _progress(ctx, 0.1)
+    ctx.progress(0.1)
     current = store.get(vm, "VM")
     snap_vbds = [store.get(r) for r in snap.fields["VBDs"]]
     snap_disks = {store.get(v.fields["VDI"]).fields["snapshot_of"] for v in snap_vbds
@@ -210,7 +202,7 @@ async def _revert_into(ctx: Any, snap: Any, vm: str) -> None:
     for vdi in doomed:
         if store.find(vdi) is not None:
             await vdi_handlers.destroy(ctx, vdi)
-    _progress(ctx, 0.2)
+    ctx.progress(0.2)
     new_disks: list[str] = []
     try:
         for index, vbd in enumerate(snap_vbds):
@@ -229,7 +221,7 @@ async def _revert_into(ctx: Any, snap: Any, vm: str) -> None:
                                                                "allowed_operations", "current_operations")}
             with store.transaction():
                 store.add("VBD", {**copied, "VM": vm, "VDI": target, "metrics": store.add("VBD_metrics", {})})
-            _progress(ctx, 0.2 + 0.4 * (index + 1) / max(1, len(snap_vbds)))
+            ctx.progress(0.2 + 0.4 * (index + 1) / max(1, len(snap_vbds)))
         with store.transaction():
             for ref in list(store.get(vm, "VM").fields["VIFs"]):
                 remove_device(store, ref)
@@ -241,7 +233,7 @@ async def _revert_into(ctx: Any, snap: Any, vm: str) -> None:
                 store.add("VIF", {**copied, "VM": vm, "metrics": store.add("VIF_metrics", {})})
             guest_metrics.clear(store, vm)
             store.update(vm, {"parent": snap.ref})
-        _progress(ctx, 0.8)
+        ctx.progress(0.8)
         target = store.get(vm, "VM")
         image = vm_handlers.suspend_image(ctx, target)
         if snap.fields["power_state"] == "Suspended":
@@ -257,14 +249,14 @@ async def _revert_into(ctx: Any, snap: Any, vm: str) -> None:
             if store.find(vdi) is not None:
                 await vdi_handlers.destroy(ctx, vdi)
         raise
-    _progress(ctx, 1.0)
+    ctx.progress(1.0)
 
 
 # -- checkpoint, quiesce, default templates ---------------------------------------------------
 
 
 @message("VM.checkpoint")
-async def checkpoint(ctx: Any, vm: str, new_name: str) -> str:
+async def checkpoint(ctx: CallContext, vm: str, new_name: str) -> str:
     """A Running VM is suspended, copied with its memory image, and resumed; the checkpoint is Suspended.
     A Suspended VM is copied as it is; a Paused one gives a disk-only (Halted) checkpoint, as xapi."""
     store = ctx.store
@@ -300,13 +292,13 @@ async def checkpoint(ctx: Any, vm: str, new_name: str) -> str:
 
 
 @message("VM.snapshot_with_quiesce")
-def snapshot_with_quiesce(ctx: Any, vm: str, new_name: str) -> str:
+def snapshot_with_quiesce(ctx: CallContext, vm: str, new_name: str) -> str:
     """Never reached: the schema marks the message removed, so the dispatcher answers MESSAGE_REMOVED."""
     raise XenAPIError("MESSAGE_REMOVED")
 
 
 @message("VM.set_is_default_template")
-def set_is_default_template(ctx: Any, vm: str, value: bool) -> str:
+def set_is_default_template(ctx: CallContext, vm: str, value: bool) -> str:
     ctx.store.get(vm, "VM")
     ctx.store.update(vm, {"is_default_template": value})
     return ""

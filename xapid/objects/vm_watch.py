@@ -14,13 +14,13 @@ that operation, which sees the outcome itself.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from xapid.backend.interface import BackendError
+from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects.vm import record_domain, record_halted
 from xapid.objects.vm_ops import operation
@@ -44,7 +44,7 @@ async def _handle(api: Any, uuid: str) -> None:
     vm = store.by_uuid(uuid)  # the domain handle is the VM uuid
     if vm is None or vm.cls != "VM" or vm.fields["is_control_domain"] or vm.fields["current_operations"]:
         return
-    ctx = SimpleNamespace(api=api, store=store, task="")
+    ctx = CallContext.internal(api)
     domain = api.hypervisor.domain(uuid, vm=vm.ref)
     info = await api.hypervisor.find_domain(uuid, vm=vm.ref)
     if info is None:

@@ -137,6 +137,24 @@ class RRDTable:
     it, the first update only records the baseline (raw values and time) and produces no PDP.
     """
 
+    # per-slot arrays, (re)allocated by _alloc (last axis: the slot)
+    _kind: np.ndarray
+    _not_derive: np.ndarray
+    _min: np.ndarray
+    _max: np.ndarray
+    _lo: np.ndarray
+    _hi: np.ndarray
+    _last_raw: np.ndarray
+    _last_time: np.ndarray
+    _pdp_sum: np.ndarray
+    _pdp_known: np.ndarray
+    _acc_sum: np.ndarray
+    _acc_cnt: np.ndarray
+    _acc_min: np.ndarray
+    _acc_max: np.ndarray
+    _rings: list[list[_Ring]]
+    _raw_buf: np.ndarray
+
     def __init__(self, start: float | None = None, capacity: int = 16):
         self.last_update: float | None = None if start is None else float(start)
         self._cap = 0
@@ -589,7 +607,8 @@ class RRDTable:
             else:
                 out = np.where(known, block, -np.inf).max(axis=0)
         out[~known.any(axis=0)] = _NAN
-        return out
+        result: np.ndarray = out  # numpy's reductions are typed Any
+        return result
 
     def dump(self, owner: str) -> dict[str, Any]:
         """An rrdtool-dump-like structure of *owner*'s RRD, as plain Python values.
@@ -777,7 +796,11 @@ def write_image(path: str | os.PathLike[str], image: dict[str, np.ndarray], comp
     fd, tmp = tempfile.mkstemp(prefix=".rrd-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **image)
+            if compress:
+                np.savez_compressed(f, **image)  # type: ignore[arg-type]  # stubs: **kwds typed as allow_pickle
+            else:
+                np.savez(f, **image)  # type: ignore[arg-type]  # same stub limitation
+
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -87,7 +87,7 @@ def peer_uid(transport: Any) -> int | None:
         _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     except (AttributeError, OSError, struct.error):
         return None
-    return uid
+    return int(uid)
 
 
 @dataclass
@@ -117,7 +117,7 @@ class HttpResponse:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-Handler = Callable[[HttpRequest], "HttpResponse | Deferred"]
+Handler = Callable[[HttpRequest], "HttpResponse | Deferred[Any]"]
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class HttpChannel(Protocol):
         self._request: HttpRequest | None = None  # headers parsed, body pending
         self._body = bytearray()
         self._remaining = 0  # body or chunk bytes still to come
-        self._pending: Deferred | None = None  # a reply being computed
+        self._pending: Deferred[Any] | None = None  # a reply being computed
         self._processing = False
         self._closing = False
         self._write_paused = False  # the transport's buffer is full: the client is not reading
@@ -200,14 +200,20 @@ class HttpChannel(Protocol):
 
     # -- connection ------------------------------------------------------------------------
 
+    @property
+    def _io(self) -> Any:
+        """The connection's transport, set from connectionMade on: TCP, TLS or UNIX, with the producer
+        and abortConnection methods that Protocol's ``ITransport | None`` does not declare."""
+        return self.transport
+
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer = self._io.getPeer()
         host = getattr(peer, "host", None)
         self.client = Client(str(host) if host is not None else "unix",
                              uid=peer_uid(self.transport) if host is None else None)
         self.peer = f"{host}:{getattr(peer, 'port', '')}" if host is not None else "unix"
         self.connected_at = self.clock.seconds()
-        self.transport.registerProducer(self, True)
+        self._io.registerProducer(self, True)
         self._producing = True
         if self.admission is not None:
             refusal = self.admission.admit(self)
@@ -247,7 +253,7 @@ class HttpChannel(Protocol):
     def evict(self) -> None:
         """Close at once (the admission needs the place)."""
         self._closing = True
-        self.transport.abortConnection()
+        self._io.abortConnection()
 
     # -- IPushProducer: the transport tells us when the client stops reading its replies ------
 
@@ -266,7 +272,7 @@ class HttpChannel(Protocol):
     def _pause_reading(self) -> None:
         if not self._read_paused and not self._closing:
             self._read_paused = True
-            self.transport.pauseProducing()
+            self._io.pauseProducing()
 
     def _flow(self) -> None:
         """Read from the socket only while the input buffered here is small enough, or nothing
@@ -278,7 +284,7 @@ class HttpChannel(Protocol):
             self._pause_reading()
         elif self._read_paused:
             self._read_paused = False
-            self.transport.resumeProducing()
+            self._io.resumeProducing()
 
     # -- deadlines -------------------------------------------------------------------------
 
@@ -450,7 +456,7 @@ class HttpChannel(Protocol):
                 self._state = _CHUNK_END
             elif self._state == _CHUNK_END:
                 if len(buf) < 2:
-                    if buf[:1] not in (b"", b"\r"):
+                    if bytes(buf[:1]) not in (b"", b"\r"):
                         raise _Refused(400, "chunk without CRLF")
                     return False
                 if buf[:2] != b"\r\n":
@@ -551,7 +557,7 @@ class HttpChannel(Protocol):
                 return
             data = data[sent:]
             self._direct = False
-        self.transport.write(data)
+        self._io.write(data)
 
     def _refuse(self, status: int, reason_text: str) -> None:
         log.info("refused a request from {peer}: {status} {reason}", peer=self.peer, status=status,
@@ -567,8 +573,8 @@ class HttpChannel(Protocol):
         self._body = bytearray()
         if self._producing:  # a paused producer would hold the close back forever
             self._producing = False
-            self.transport.unregisterProducer()
-        self.transport.loseConnection()
+            self._io.unregisterProducer()
+        self._io.loseConnection()
 
 
 def _is_cancel(outcome: Any) -> bool:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 import re
-from json.encoder import encode_basestring, encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
 from xapid.apitypes import format_datetime

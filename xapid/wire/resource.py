@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -26,6 +26,8 @@ from xapid.wire.values import Limits, WireError
 
 log = Logger()
 
+_R = TypeVar("_R")
+
 LIST_METHODS = "system.listMethods"
 XML = [(b"Content-Type", b"text/xml")]
 JSON = [(b"Content-Type", b"application/json")]
@@ -33,10 +35,10 @@ ALLOW_HEADERS = (b"Access-Control-Allow-Headers", b"X-Requested-With, Content-Ty
 ALLOW_METHODS = (b"Access-Control-Allow-Methods", b"GET, POST, OPTIONS")
 
 
-Route = Callable[[HttpRequest], "HttpResponse | Deferred"]
+Route = Callable[[HttpRequest], "HttpResponse | Deferred[Any]"]
 
 
-def _with_headers(response: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+def _with_headers(response: _R, headers: list[tuple[bytes, bytes]]) -> _R:
     if isinstance(response, HttpResponse):
         response.headers = [*response.headers, *headers]  # a copy: XML and JSON are shared lists
     return response
@@ -63,7 +65,7 @@ class ApiHandler:
         self.any_origin = "*" in cors_origins
         self.origins = frozenset(o.encode() for o in cors_origins if o != "*")
 
-    def __call__(self, request: HttpRequest) -> HttpResponse | Deferred:
+    def __call__(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         result = self._route(request)
         if (self.any_origin or self.origins) and b"origin" in request.headers:
             origin = request.headers[b"origin"]
@@ -76,7 +78,7 @@ class ApiHandler:
                 return _with_headers(result, allow)
         return result
 
-    def _route(self, request: HttpRequest) -> HttpResponse | Deferred:
+    def _route(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         if request.method == b"POST":
             return self._call(request)
         if request.method == b"OPTIONS":
@@ -88,7 +90,7 @@ class ApiHandler:
         return HttpResponse(405, b"method not allowed\n", [(b"Content-Type", b"text/plain"),
                                                           (b"Allow", b"GET, HEAD, POST, OPTIONS")])
 
-    def _get(self, request: HttpRequest) -> HttpResponse | Deferred:
+    def _get(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         path = request.path.rstrip(b"/") or b"/"
         route = self.routes.get(path)
         if route is not None:
@@ -103,7 +105,7 @@ class ApiHandler:
             body, status = b"not found\n", 404
         return HttpResponse(status, b"" if request.method == b"HEAD" else body, [(b"Content-Type", b"text/plain")])
 
-    def _call(self, request: HttpRequest) -> HttpResponse | Deferred:
+    def _call(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         is_json = request.path.rstrip(b"/") == b"/jsonrpc"
         try:
             if is_json:
@@ -151,8 +153,10 @@ class ApiHandler:
             box: list[Any] = []
             d.addBoth(box.append)
             outcome = box[0]
-            return safely(outcome, fail if isinstance(outcome, Failure) else reply)
-        return d.addCallbacks(lambda v: safely(v, reply), lambda f: safely(f, fail))
+            answer: HttpResponse = safely(outcome, fail if isinstance(outcome, Failure) else reply)
+            return answer
+        answers: Deferred[Any] = d.addCallbacks(lambda v: safely(v, reply), lambda f: safely(f, fail))
+        return answers
 
 
 def make_factory(handler: ApiHandler, settings: HttpSettings, clock: Any, admission: Any = None) -> HttpFactory:
