@@ -13,7 +13,7 @@ import re
 import xmlrpc.client
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 from xapid.errors import XenAPIError, field_type_error, invalid_value
 from xapid.wire.values import DEFAULT_LIMITS, INT64_MAX, INT64_MIN, HugeInt, Limits
@@ -21,6 +21,12 @@ from xapid.wire.values import DEFAULT_LIMITS, INT64_MAX, INT64_MIN, HugeInt, Lim
 NULL_REF = "OpaqueRef:NULL"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 PRIMITIVES = ("string", "int", "float", "bool", "datetime", "void")
+
+
+def utc(seconds: float, *, exact: bool = False) -> datetime:
+    """*seconds* since the epoch as a UTC datetime, in whole seconds as xapi's datetimes
+    (*exact*: keeping the fraction)."""
+    return datetime.fromtimestamp(seconds if exact else int(seconds), tz=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def zero_value(t: Type) -> Any:
             "ref": NULL_REF, "enum": ""}[t.kind]
 
 
-def parse_default(t: Type, text: str, enum_values: dict[str, tuple[str, ...]]) -> Any:
+def parse_default(t: Type, text: str, enum_values: Mapping[str, tuple[str, ...]]) -> Any:
     """Parse a schema ``default`` attribute into a value of type *t* (raises ValueError)."""
     if t.kind in ("set", "map"):
         return coerce(t, json.loads(text), "default", enum_values)
@@ -146,7 +152,7 @@ def _finite(value: float, field: str, text: Any) -> float:
     raise invalid_value(field, text if isinstance(text, str) and len(text) <= 64 else repr(value))
 
 
-def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ...]],
+def coerce(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
            limits: Limits = DEFAULT_LIMITS) -> Any:
     """Turn a decoded wire value into the in-memory value of type *t*.
 
@@ -176,7 +182,7 @@ def coerce(t: Type, value: Any, field: str, enum_values: dict[str, tuple[str, ..
         if isinstance(value, str):
             match = _DIGITS.fullmatch(value)
             digits = match.group(2).lstrip("0") or "0" if match is not None else ""
-            if digits and len(digits) <= 19:  # checked before int(): no digit-limit error, no quadratic work
+            if match is not None and digits and len(digits) <= 19:  # checked before int(): no digit-limit error, no quadratic work
                 number = int(match.group(1) + digits)
                 if INT64_MIN <= number <= INT64_MAX:
                     return number

@@ -35,6 +35,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from xapid.apitypes import utc
 from xapid.schema import READ_ONLY, MessageSpec
 
 log = Logger()
@@ -68,7 +69,7 @@ def audited(spec: MessageSpec) -> bool:
 
 def timestamp(seconds: float) -> str:
     """ISO 8601 UTC with milliseconds and ``Z``: fixed width, so text order is time order."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return utc(seconds, exact=True).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _clean(value: Any) -> Any:

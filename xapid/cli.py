@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from xapid import __version__
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorThreads
 
 EXIT_USAGE = 2
 
@@ -108,7 +111,8 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
             reactor.stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(stop()))
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))
+        threads = cast("IReactorThreads", reactor)  # typed without it, but every reactor has threads
+        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(reload))
         outcome["serving"] = f"serving on {', '.join(addresses)}"
         notifier.notify(READY=1, STATUS=outcome["serving"])
 
@@ -125,9 +129,19 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     return outcome["code"]
 
 
+#: the client's verbs (xapid.client.VERBS, named here so the daemon's commands need not import it)
+CLIENT_VERBS = frozenset({"vm", "vdi", "vbd", "vif", "sr", "network", "host", "task", "top", "events", "call",
+                          "completion"})
+
+
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in CLIENT_VERBS:  # the remote client (xapid/client): vm, top, call…
+        from xapid import client
+
+        return client.run(list(words), stdin, stdout, stderr)
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, stderr)

@@ -9,11 +9,13 @@ handlers through :meth:`CallContext.internal`: no session, no task, no connectio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.task import deferLater
+
+from xapid.apitypes import utc
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -108,7 +110,7 @@ class CallContext:
 
     def now(self) -> datetime:
         """The injected clock's time, UTC, in whole seconds (as xapi's datetimes)."""
-        return datetime.fromtimestamp(int(self.api.clock()), tz=timezone.utc)
+        return utc(self.api.clock())
 
     def check_cancelled(self) -> None:
         """At a safe point of an operation: TASK_CANCELLED when this call's task was asked to stop."""

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from xapid.apitypes import utc
 from xapid.audit import REDACTED, parse_since
 from xapid.roles import ROLES, role_at_least
 from xapid.stats import export, prometheus
@@ -353,7 +354,7 @@ class HttpExports:
         store = self.api.store
         if store.exists(obj.ref, "blob"):
             store.update(obj.ref, {"size": len(request.body),
-                                   "last_updated": datetime.fromtimestamp(int(self.api.clock()), tz=timezone.utc)})
+                                   "last_updated": utc(self.api.clock())})
             await store.flush()
         return HttpResponse(200, b"", [TEXT])
 

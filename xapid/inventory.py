@@ -11,13 +11,13 @@ reported and left alone.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from twisted.logger import Logger
 
 from xapid import __version__
-from xapid.apitypes import NULL_REF
+from xapid.apitypes import NULL_REF, utc
 from xapid.backend.interface import DomainInfo, HostInfo
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
@@ -25,10 +25,6 @@ from xapid.errors import XenAPIError
 log = Logger()
 
 API_VERSION = (2, 21)
-
-
-def _stamp(seconds: float) -> datetime:
-    return datetime.fromtimestamp(int(seconds), tz=timezone.utc)
 
 
 #: the Xen-API platform level of API 2.21 (XenServer 8 / XCP-ng 8.3: platform 3.4.0), and the xapi
@@ -82,7 +78,7 @@ async def initialise(api: Any) -> None:
     nics = await hv.physical_nics()
     domains: list[DomainInfo] = await hv.list_domains()
     free = await hv.free_memory()
-    now = _stamp(api.clock())
+    now = utc(api.clock())
     with store.transaction():
         hosts = store.refs("host")
         if hosts:

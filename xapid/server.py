@@ -307,7 +307,8 @@ class Daemon(MultiService):
         self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner,
                                    on_fatal=self.fatal)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
-        limits = self.api.limits  # built by build_api from [limits]
+        limits = self.api.limits
+        assert limits is not None  # built by build_api from [limits]
         exports = HttpExports(self.api)
         server = config.server
         budget = descriptor_budget(server.max_clients, server.max_anonymous_clients)
@@ -331,7 +332,7 @@ class Daemon(MultiService):
                                   replace(settings, max_body=1 << 16), reactor, self.admission)
             self._factories.append(scrape)
             addresses.append(await self._listen(config.stats.prometheus_listen, scrape, "[stats] prometheus_listen"))
-        self._publish_url()
+        self._publish_url(self.api)
         self.api.stats.start()
         guests = LoopingCall(guest_metrics.tick, self.api)  # the guest agents' data, every stats period
         guests.clock = reactor
@@ -371,26 +372,29 @@ class Daemon(MultiService):
                 log.warn("{warning}", warning=warning)
         return where
 
-    def _publish_url(self) -> None:
+    def _publish_url(self, api: Api) -> None:
         """Tell the API where it is reached (console locations) from the first TCP listener."""
         for port in self.ports:
             address = port.getHost()
             if hasattr(address, "port"):
-                host = self.api.store.get(self.api.host_ref).fields["address"] if address.host in ("0.0.0.0", "::") \
+                host = api.store.get(api.host_ref).fields["address"] if address.host in ("0.0.0.0", "::") \
                     else address.host
                 scheme = "https" if isinstance(getattr(port, "factory", None), TLSMemoryBIOFactory) else "http"
-                self.api.public_url = f"{scheme}://{host}:{address.port}"
+                api.public_url = f"{scheme}://{host}:{address.port}"
                 break
-        with self.api.store.transaction():
-            for console in self.api.store.all("console"):
-                self.api.store.update(console.ref, {"location": self.api.console_url(console.fields["uuid"])})
+        with api.store.transaction():
+            for console in api.store.all("console"):
+                api.store.update(console.ref, {"location": api.console_url(console.fields["uuid"])})
 
     def _housekeeping(self) -> None:
         """Expire idle sessions, forget old finished tasks and login sources with full buckets."""
+        api = self.api
+        if api is None:  # never: the timer starts once the API is built
+            return
         try:
-            self.api.sessions.sweep()  # type: ignore[union-attr]
-            self.api.tasks.collect_garbage()  # type: ignore[union-attr]
-            self.api.passwords.sweep()  # type: ignore[union-attr]
+            api.sessions.sweep()
+            api.tasks.collect_garbage()
+            api.passwords.sweep()
         except Exception:  # noqa: BLE001 - one bad tick must not stop the timer
             log.failure("housekeeping failed")
 
@@ -405,7 +409,7 @@ class Daemon(MultiService):
             await port.stopListening()
         self.ports = []
         if self.api is not None and self.api.tasks is not None:
-            await self._drain(self.config.api.shutdown_timeout)
+            await self._drain(self.api.tasks, self.config.api.shutdown_timeout)
         if self.api is not None:
             if self.api.stats is not None:
                 try:
@@ -431,22 +435,25 @@ class Daemon(MultiService):
             self._lock.release()
             self._lock = None
 
-    async def _drain(self, timeout: float) -> None:
+    async def _drain(self, tasks: TaskManager, timeout: float) -> None:
         """Wait up to *timeout* s for the running Async tasks, then cancel what is left (each ends
         ``cancelled`` with its writes so far committed, its operation's cleanup run)."""
         from twisted.internet.defer import DeferredList
 
-        tasks = self.api.tasks  # type: ignore[union-attr]
         running = tasks.running()
         if not running:
             return
         log.info("stopping: waiting up to {timeout} s for {count} running task(s)", timeout=timeout,
                  count=len(running))
         self.status(f"stopping: waiting for {len(running)} running task(s)")
-        done: Deferred = Deferred()
-        DeferredList([d for _, d in running], consumeErrors=True).addBoth(
-            lambda _: done.called or done.callback(None))
-        timer = self.reactor.callLater(timeout, lambda: done.called or done.callback(None))
+        done: Deferred[None] = Deferred()
+
+        def finish(_: object = None) -> None:
+            if not done.called:
+                done.callback(None)
+
+        DeferredList([d for _, d in running], consumeErrors=True).addBoth(finish)
+        timer = self.reactor.callLater(timeout, finish)
         await done
         if timer.active():
             timer.cancel()
@@ -477,8 +484,8 @@ class Daemon(MultiService):
         from xapid.logs import set_log_level
 
         old = self.config
-        changed: list[str] = []
-        restart: list[str] = []
+        changed: list[tuple[str, str]] = []
+        restart: list[tuple[str, str]] = []
         for section in dc_fields(Config):
             if section.name == "source":
                 continue
@@ -520,12 +527,12 @@ class Daemon(MultiService):
                 factory.settings = replace(factory.settings, max_header=lim.max_header_bytes,
                                            pending_input=lim.pending_input_bytes, idle_timeout=srv.idle_timeout,
                                            header_timeout=srv.header_timeout, body_timeout=srv.body_timeout, **body)
-        for section, key in sorted(changed):
-            log.info("reload: [{section}] {key} = {value}", section=section, key=key,
-                     value=getattr(getattr(applied, section), key))
-        for section, key in sorted(set(restart)):
+        for section_name, key_name in sorted(changed):
+            log.info("reload: [{section}] {key} = {value}", section=section_name, key=key_name,
+                     value=getattr(getattr(applied, section_name), key_name))
+        for section_name, key_name in sorted(set(restart)):
             log.warn("reload: [{section}] {key} changed in {source}; it takes effect at the next restart",
-                     section=section, key=key, source=new.source)
+                     section=section_name, key=key_name, source=new.source)
         log.info("reload: done ({count} change(s) applied; TLS certificates are re-read by every new "
                  "connection when they change)", count=len(changed))
         return [f"[{s}] {k}" for s, k in sorted(set(restart))]

@@ -13,11 +13,11 @@ sessions, which take the new role from their next call on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from xapid.apitypes import utc
 from xapid.store import Store
 from xapid.users import UsersError
 
@@ -51,9 +51,6 @@ class SessionManager:
         #: role -> session.rbac_permissions (xapid.rbac.Rbac.session_permissions; None: left empty)
         self.permissions: Callable[[str], list[str]] | None = None
 
-    def _stamp(self, now: float) -> datetime:
-        return datetime.fromtimestamp(int(now), tz=timezone.utc)
-
     def create(self, user: str, role: str, originator: str, this_host: str, this_user: str,
                local_superuser: bool = False, auth_user_name: str | None = None) -> Session:
         """Open a session; the oldest of this user's sessions closes beyond the bound.
@@ -70,8 +67,8 @@ class SessionManager:
         for old in mine[: max(0, len(mine) - self.max_per_user + 1)]:
             self.end(old.ref, "evicted")
         ref = self._store.add("session", {
-            "this_host": this_host, "this_user": this_user, "last_active": self._stamp(now),
-            "validation_time": self._stamp(now), "originator": originator,
+            "this_host": this_host, "this_user": this_user, "last_active": utc(now),
+            "validation_time": utc(now), "originator": originator,
             "auth_user_name": user if auth_user_name is None else auth_user_name,
             "is_local_superuser": local_superuser,
             "rbac_permissions": [] if local_superuser or self.permissions is None else self.permissions(role),
@@ -93,7 +90,7 @@ class SessionManager:
             self.end(ref, "expired")
             return None
         if int(now) != int(session.last_active):
-            self._store.update(ref, {"last_active": self._stamp(now)})
+            self._store.update(ref, {"last_active": utc(now)})
         session.last_active = now
         return session
 

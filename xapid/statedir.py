@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from xapid.files import fsync_directory
+
 #: the state dir format this xapid writes
 FORMAT = 2
 DB_FILE = "xapid.db"
@@ -89,11 +91,7 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_directory(path.parent)
 
 
 def _checkpoint(path: Path) -> None:

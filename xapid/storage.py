@@ -389,7 +389,7 @@ class IsoSR(_DirectorySR):
         return disks, [], []
 
 
-SR_TYPES = {"file": FileSR, "iso": IsoSR}
+SR_TYPES: dict[str, type[FileSR | IsoSR]] = {"file": FileSR, "iso": IsoSR}
 
 
 def open_sr(sr_type: str, device_config: dict[str, str], disk_format: str = "raw",

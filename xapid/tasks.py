@@ -16,13 +16,13 @@ session and per user while pending, and destroyed when their session ends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from datetime import datetime
+from typing import Any, Callable, Coroutine
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from xapid.apitypes import EPOCH
+from xapid.apitypes import EPOCH, utc
 from xapid.errors import XenAPIError, internal_error_with_id, operation_not_allowed
 from xapid.schema import MessageSpec
 from xapid.store import Change, Store
@@ -70,7 +70,7 @@ class TaskManager:
         store.subscribe(self._changed)
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self.reactor.seconds(), tz=timezone.utc)
+        return utc(self.reactor.seconds(), exact=True)
 
     def create(self, label: str, description: str, *, result_type: str = "", cancellable: bool = False) -> str:
         """A pending task (client tasks are cancellable by the client itself)."""
@@ -80,14 +80,14 @@ class TaskManager:
             "allowed_operations": ["cancel", "destroy"] if cancellable else ["destroy"],
         })
 
-    def run_async(self, session: Any, spec: MessageSpec, invoke: Callable[[str], Awaitable[Any]]) -> str:
+    def run_async(self, session: Any, spec: MessageSpec, invoke: Callable[[str], Coroutine[Any, Any, Any]]) -> str:
         """Start *invoke(task_ref)* in the background and return the task ref now."""
         task = self.create(f"Async.{spec.wire_name}", "", result_type=str(spec.result), cancellable=spec.cancellable)
         if session is not None:
             self._owners[task] = Owner(session.user, session.ref, client=False)
         if spec.cancellable:
             self._cancellable.add(task)
-        d = ensureDeferred(invoke(task))
+        d: Deferred[Any] = ensureDeferred(invoke(task))
         self._running[task] = d
         d.addCallbacks(lambda value: self._succeeded(task, value), lambda f: self._failed(task, f))
         d.addBoth(lambda _: self._done(task))

@@ -23,9 +23,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-log = Logger()
+from xapid.constants import GiB, MiB
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+log = Logger()
 
 #: VDI types a <disk type=…> may name (xapi_templates.ml string2vdi_type); others fall back to system
 DISK_TYPES = ("system", "user", "ephemeral", "suspend", "crashdump")

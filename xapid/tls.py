@@ -25,7 +25,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from xapid.files import write_atomically
 
 log = Logger()
 
@@ -308,6 +309,7 @@ class ServerTLS:
             self.load()
         else:
             self._refresh()
+        assert self._context is not None  # load() sets it or raises
         return SSL.Connection(self._context, None)
 
 
@@ -321,33 +323,11 @@ def own_paths(state_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write *data* to a new file created with *mode*, then rename it over *path*."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    """Replace *path* by *data* with *mode* (:func:`xapid.files.write_atomically`; TLSError on failure)."""
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        write_atomically(path, data, mode)
     except OSError as exc:
         raise TLSError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits of a public file's mode
-        with os.fdopen(fd, "wb") as out:
-            fd = -1
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        temporary.unlink(missing_ok=True)
-        raise TLSError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
 
 
 def host_names() -> list[str]:

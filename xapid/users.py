@@ -19,6 +19,7 @@ from pathlib import Path
 
 from passlib.hash import bcrypt as _bcrypt
 
+from xapid.files import atomic_writer
 from xapid.roles import validate_role
 
 DEFAULT_USERS_FILE = Path("/etc/xapid/users")
@@ -235,26 +236,12 @@ class UsersFile:
                 old = os.stat(self.path)
             except FileNotFoundError:
                 old = None
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    os.fchmod(out.fileno(), 0o600)  # whatever the umask
-                    if old is not None and os.geteuid() == 0:  # root editing the daemon user's file
-                        os.fchown(out.fileno(), old.st_uid, old.st_gid)
-                    out.write(text.encode("utf-8"))
-                    out.flush()
-                    os.fsync(out.fileno())
-                    signature = _signature_of(os.fstat(out.fileno()))
-                os.replace(tmp, self.path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            directory = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            with atomic_writer(self.path, 0o600, temp=tmp) as out:
+                if old is not None and os.geteuid() == 0:  # root editing the daemon user's file
+                    os.fchown(out.fileno(), old.st_uid, old.st_gid)
+                out.write(text.encode("utf-8"))
+                out.flush()
+                signature = _signature_of(os.fstat(out.fileno()))
         except OSError as exc:
             raise self._os_error("write", exc) from None
         return signature

@@ -13,7 +13,7 @@ Xen-API error codes in one place (:mod:`xapid.backend.errors`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 from zope.interface import Attribute, Interface
 
@@ -280,6 +280,7 @@ class IBackend(Interface):
     """A hypervisor driver.  All methods may block; all may raise :class:`BackendError`."""
 
     name = Attribute("Short driver name: 'sim', 'xen'.")
+    boot_policy = Attribute("The BootPolicy every build checks host paths against; the daemon sets it.")
 
     def open() -> None:
         """Connect to the hypervisor.  Raises HypervisorUnavailable with a one-line reason."""
@@ -361,7 +362,7 @@ class IBackend(Interface):
     def read_counters() -> Counters:
         """One batch of raw counters: every domain, physical CPU, domain disk and nic, and PIF."""
 
-    def watch_domains(reactor: object, listener: object) -> None:
+    def watch_domains(reactor: object, listener: Callable[[str], object]) -> None:
         """Report every domain that shuts down, crashes or vanishes on its own (not through this
         driver's operations) by calling ``listener(uuid)`` in the reactor thread; the listener
         looks at :meth:`domain_info` to see what happened.  Does not block."""

@@ -76,16 +76,14 @@ from xapid.backend.specs import (
     validate_nic,
     validate_spec,
 )
+from xapid.constants import DOM0_UUID, PAGE, GiB, MiB
+from xapid.files import write_atomically
 
-MiB = 2**20
-GiB = 2**30
-PAGE = 4096
 NS = 1_000_000_000
 
 STATE_FILE = "sim-state.json"
 STATE_VERSION = 1
 SUSPEND_MAGIC = "xapid-sim-suspend-v1"
-DOM0_UUID = "00000000-0000-0000-0000-000000000000"
 GUEST_LOAD = 0.1
 DOM0_LOAD = 0.05
 #: Bytes per second of each device at load 1.0 (scaled by the domain's load unless set_io fixes it).
@@ -442,23 +440,8 @@ class SimBackend:
         return _State(boot_time=now, next_domid=1, retired_busy_ns=0, domains={DOM0_UUID: dom0})
 
     def _save(self, text: str) -> None:
-        """Write the state file atomically: temporary file, fsync, rename, fsync the directory."""
-        tmp = self._dir / (STATE_FILE + ".tmp")
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._dir / STATE_FILE)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        fd = os.open(self._dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Write the state file atomically (mode as ``open(path, "w")``)."""
+        write_atomically(self._dir / STATE_FILE, text, mode=None)
 
     @contextlib.contextmanager
     def _reading(self, name: str) -> Iterator[_State]:

@@ -12,13 +12,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from xapid.backend.interface import DiskSpec, DomainSpec, InvalidSpec, NicSpec
+from xapid.constants import HVM_DISK_SLOTS, NIC_SLOTS, PV_DISK_SLOTS, MiB
 
-MiB = 2**20
 MIN_DOMAIN_MEMORY = 16 * MiB  # a real domain builder refuses less
 MAX_VCPUS = 512
-MAX_PV_DISKS = 16
-MAX_HVM_DISKS = 4
-MAX_NICS = 7
 ACTIONS = frozenset({"destroy", "restart", "preserve", "rename_restart", "coredump_and_destroy",
                      "coredump_and_restart", "soft_reboot"})
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$", re.IGNORECASE)
@@ -65,11 +62,11 @@ def validate_spec(spec: DomainSpec, boot: BootPolicy | None = None) -> None:
 
 def check_limits(domain_type: str, disks: int, nics: int) -> None:
     """InvalidSpec beyond the device slots a guest has (xapi's allowed-device lists)."""
-    max_disks = MAX_HVM_DISKS if domain_type == "hvm" else MAX_PV_DISKS
+    max_disks = HVM_DISK_SLOTS if domain_type == "hvm" else PV_DISK_SLOTS
     if disks > max_disks:
         raise InvalidSpec(f"{disks} disks: a {domain_type} guest has {max_disks} disk slots")
-    if nics > MAX_NICS:
-        raise InvalidSpec(f"{nics} network cards: a guest has {MAX_NICS} slots")
+    if nics > NIC_SLOTS:
+        raise InvalidSpec(f"{nics} network cards: a guest has {NIC_SLOTS} slots")
 
 
 def validate_disk(disk: DiskSpec) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from xapid.apitypes import EPOCH
 from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value
-from xapid.objects import message
+from xapid.files import write_atomically
+from xapid.objects import called, message
 
 OWNERS = ("VM", "host", "pool", "SR", "network")
 DEFAULT_MIME = "application/octet-stream"
@@ -45,17 +46,7 @@ def blob_path(api: Any, uuid: str) -> Path:
 def write_data(path: Path, data: bytes) -> None:
     """Replace the blob file (0600; via a temporary file, never following a link)."""
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(path.name + ".new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomically(path, data, 0o600)
 
 
 def read_data(path: Path) -> bytes | None:
@@ -77,10 +68,13 @@ def _mime(mime_type: str) -> str:
 
 def new_blob(ctx: CallContext, mime_type: str, public: bool) -> str:
     return ctx.store.add("blob", {"mime_type": _mime(mime_type), "public": public,
-                                  "last_updated": datetime.fromtimestamp(0, tz=timezone.utc)})
+                                  "last_updated": EPOCH})
 
 
-def _create_new_blob(ctx: CallContext, cls: str, ref: str, name: str, mime_type: str, public: bool) -> str:
+@message(*(f"{cls}.create_new_blob" for cls in OWNERS))
+def create_new_blob(ctx: CallContext, ref: str, name: str, mime_type: str, public: bool) -> str:
+    """A new blob entered in the object's ``blobs`` map under *name*."""
+    cls = called(ctx).cls
     obj = ctx.store.get(ref, cls)
     blobs = obj.fields["blobs"]
     if name in blobs:
@@ -89,31 +83,6 @@ def _create_new_blob(ctx: CallContext, cls: str, ref: str, name: str, mime_type:
         blob = new_blob(ctx, mime_type, public)
         ctx.store.update(ref, {"blobs": {**blobs, name: blob}})
     return blob
-
-
-@message("VM.create_new_blob")
-def vm_create_new_blob(ctx: CallContext, vm: str, name: str, mime_type: str, public: bool) -> str:
-    return _create_new_blob(ctx, "VM", vm, name, mime_type, public)
-
-
-@message("host.create_new_blob")
-def host_create_new_blob(ctx: CallContext, host: str, name: str, mime_type: str, public: bool) -> str:
-    return _create_new_blob(ctx, "host", host, name, mime_type, public)
-
-
-@message("pool.create_new_blob")
-def pool_create_new_blob(ctx: CallContext, pool: str, name: str, mime_type: str, public: bool) -> str:
-    return _create_new_blob(ctx, "pool", pool, name, mime_type, public)
-
-
-@message("SR.create_new_blob")
-def sr_create_new_blob(ctx: CallContext, sr: str, name: str, mime_type: str, public: bool) -> str:
-    return _create_new_blob(ctx, "SR", sr, name, mime_type, public)
-
-
-@message("network.create_new_blob")
-def network_create_new_blob(ctx: CallContext, network: str, name: str, mime_type: str, public: bool) -> str:
-    return _create_new_blob(ctx, "network", network, name, mime_type, public)
 
 
 @message("blob.create")

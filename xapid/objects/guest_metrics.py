@@ -44,13 +44,13 @@ the client's own keys are kept.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xapid.apitypes import NULL_REF
+from xapid.apitypes import NULL_REF, utc
 from xapid.backend.interface import GuestData
 from xapid.errors import XenAPIError
 
@@ -201,7 +201,7 @@ async def refresh(api: Any) -> int:
         now = store.find(ref)
         if now is None or now.fields["power_state"] not in ("Running", "Paused") or now.fields["domid"] != domid:
             continue  # halted or rebuilt meanwhile: the next call reads the new domain
-        apply(store, ref, data, datetime.fromtimestamp(int(api.clock()), tz=UTC))
+        apply(store, ref, data, utc(api.clock()))
         read += 1
     return read
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from xapid.apitypes import utc
 from xapid.context import CallContext
 from xapid.errors import XenAPIError, uuid_invalid
 from xapid.objects import message
@@ -29,7 +30,7 @@ def add_message(api: Any, name: str, priority: int, cls: str, obj_uuid: str, bod
     """Store one message (after the caller's checks) and drop the oldest beyond the limit."""
     store = api.store
     fields = {"name": name, "priority": priority, "cls": cls, "obj_uuid": obj_uuid, "body": body,
-              "timestamp": timestamp or datetime.fromtimestamp(int(api.clock()), tz=timezone.utc)}
+              "timestamp": timestamp or utc(api.clock())}
     if uuid:
         fields["uuid"] = uuid
     ref = store.add("message", fields, ref=ref)

@@ -79,11 +79,13 @@ async def slave_local_login_with_password(ctx: CallContext, uname: str, pwd: str
 
 @message("session.logout")
 def logout(ctx: CallContext) -> str:
-    ctx.api.sessions.end(ctx.session.ref)
+    if ctx.session is not None:  # always for a call (it takes a session); never inside the daemon
+        ctx.api.sessions.end(ctx.session.ref)
     return ""
 
 
 @message("session.local_logout")
 def local_logout(ctx: CallContext) -> str:
-    ctx.api.sessions.end(ctx.session.ref)
+    if ctx.session is not None:  # always for a call (it takes a session); never inside the daemon
+        ctx.api.sessions.end(ctx.session.ref)
     return ""

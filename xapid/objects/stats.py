@@ -7,13 +7,15 @@ from typing import Any
 
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
-from xapid.objects import message
+from xapid.objects import called, message
 from xapid.stats.rrd import CFS, STEP
 
 MIN_WINDOW = float(STEP)
 
 
-def _owner(ctx: CallContext, ref: str, cls: str) -> str:
+def _owner(ctx: CallContext, ref: str) -> str:
+    """The metrics owner of *ref*, of the class whose message this call serves (VM or host)."""
+    cls = called(ctx).cls
     return f"{cls.lower()}:{ctx.store.get(ref, cls).fields['uuid']}"
 
 
@@ -22,67 +24,31 @@ def _known(ctx: CallContext, owner: str, name: str) -> None:
         raise XenAPIError("INVALID_VALUE", "data_source", str(name))
 
 
-def _get_data_sources(ctx: CallContext, ref: str, cls: str) -> list[dict[str, Any]]:
-    return ctx.api.stats.data_sources(_owner(ctx, ref, cls))
+@message("VM.get_data_sources", "host.get_data_sources")
+def get_data_sources(ctx: CallContext, obj: str) -> list[dict[str, Any]]:
+    """Every data source of the VM or host (a VM's archived while it has a domain; kept across reboots)."""
+    return ctx.api.stats.data_sources(_owner(ctx, obj))
 
 
-def _query(ctx: CallContext, ref: str, cls: str, name: str) -> float:
-    owner = _owner(ctx, ref, cls)
-    _known(ctx, owner, name)
-    return ctx.api.stats.value(owner, name)
+@message("VM.query_data_source", "host.query_data_source")
+def query_data_source(ctx: CallContext, obj: str, data_source: str) -> float:
+    owner = _owner(ctx, obj)
+    _known(ctx, owner, data_source)
+    return ctx.api.stats.value(owner, data_source)
 
 
-def _record(ctx: CallContext, ref: str, cls: str, name: str) -> str:
-    _known(ctx, _owner(ctx, ref, cls), name)  # every known source is archived already
+@message("VM.record_data_source", "host.record_data_source")
+def record_data_source(ctx: CallContext, obj: str, data_source: str) -> str:
+    _known(ctx, _owner(ctx, obj), data_source)  # every known source is archived already
     return ""
 
 
-def _forget(ctx: CallContext, ref: str, cls: str, name: str) -> str:
-    owner = _owner(ctx, ref, cls)
-    _known(ctx, owner, name)
-    ctx.api.stats.forget(owner, name)
+@message("VM.forget_data_source_archives", "host.forget_data_source_archives")
+def forget_data_source_archives(ctx: CallContext, obj: str, data_source: str) -> str:
+    owner = _owner(ctx, obj)
+    _known(ctx, owner, data_source)
+    ctx.api.stats.forget(owner, data_source)
     return ""
-
-
-@message("VM.get_data_sources")
-def vm_get_data_sources(ctx: CallContext, vm: str) -> list[dict[str, Any]]:
-    """Every data source of the VM (archived while it has a domain; kept across reboots)."""
-    return _get_data_sources(ctx, vm, "VM")
-
-
-@message("VM.query_data_source")
-def vm_query_data_source(ctx: CallContext, vm: str, data_source: str) -> float:
-    return _query(ctx, vm, "VM", data_source)
-
-
-@message("VM.record_data_source")
-def vm_record_data_source(ctx: CallContext, vm: str, data_source: str) -> str:
-    return _record(ctx, vm, "VM", data_source)
-
-
-@message("VM.forget_data_source_archives")
-def vm_forget_data_source_archives(ctx: CallContext, vm: str, data_source: str) -> str:
-    return _forget(ctx, vm, "VM", data_source)
-
-
-@message("host.get_data_sources")
-def host_get_data_sources(ctx: CallContext, host: str) -> list[dict[str, Any]]:
-    return _get_data_sources(ctx, host, "host")
-
-
-@message("host.query_data_source")
-def host_query_data_source(ctx: CallContext, host: str, data_source: str) -> float:
-    return _query(ctx, host, "host", data_source)
-
-
-@message("host.record_data_source")
-def host_record_data_source(ctx: CallContext, host: str, data_source: str) -> str:
-    return _record(ctx, host, "host", data_source)
-
-
-@message("host.forget_data_source_archives")
-def host_forget_data_source_archives(ctx: CallContext, host: str, data_source: str) -> str:
-    return _forget(ctx, host, "host", data_source)
 
 
 def _check_window_cf(window: float, cf: str) -> str:

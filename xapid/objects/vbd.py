@@ -7,7 +7,7 @@ from typing import Any
 from xapid.apitypes import NULL_REF
 from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value, operation_not_allowed
-from xapid.objects import generic, message
+from xapid.objects import called, generic, message
 from xapid.objects.devices import allowed_vbd_devices, destroy_device, disk_device_name, disk_spec, running_vm
 
 
@@ -60,7 +60,9 @@ async def plug(ctx: CallContext, self: str) -> str:
     return ""
 
 
-async def _unplug(ctx: CallContext, ref: str, force: bool) -> str:
+@message("VBD.unplug", "VBD.unplug_force")
+async def unplug(ctx: CallContext, ref: str) -> str:
+    force = called(ctx).name == "unplug_force"
     vbd = ctx.store.get(ref, "VBD")
     vm = running_vm(ctx, vbd)
     if not vbd.fields["currently_attached"]:
@@ -71,16 +73,6 @@ async def _unplug(ctx: CallContext, ref: str, force: bool) -> str:
     await ctx.api.hypervisor.domain(vm.fields["uuid"], vm=vm.ref).detach_disk(device)
     ctx.store.update(ref, {"currently_attached": False})
     return ""
-
-
-@message("VBD.unplug")
-async def unplug(ctx: CallContext, self: str) -> str:
-    return await _unplug(ctx, self, False)
-
-
-@message("VBD.unplug_force")
-async def unplug_force(ctx: CallContext, self: str) -> str:
-    return await _unplug(ctx, self, True)
 
 
 def _cd(ctx: CallContext, ref: str) -> Any:

@@ -55,7 +55,8 @@ async def plug(ctx: CallContext, self: str) -> str:
     return ""
 
 
-async def _unplug(ctx: CallContext, ref: str) -> str:
+@message("VIF.unplug", "VIF.unplug_force")
+async def unplug(ctx: CallContext, ref: str) -> str:
     vif = ctx.store.get(ref, "VIF")
     vm = running_vm(ctx, vif)
     if not vif.fields["currently_attached"]:
@@ -65,22 +66,12 @@ async def _unplug(ctx: CallContext, ref: str) -> str:
     return ""
 
 
-@message("VIF.unplug")
-async def unplug(ctx: CallContext, self: str) -> str:
-    return await _unplug(ctx, self)
-
-
-@message("VIF.unplug_force")
-async def unplug_force(ctx: CallContext, self: str) -> str:
-    return await _unplug(ctx, self)
-
-
 @message("VIF.move")
 async def move(ctx: CallContext, self: str, network: str) -> str:
     """Connect the VIF to another network (re-plugging it when attached)."""
     vif = ctx.store.get(self, "VIF")
     if vif.fields["currently_attached"]:
-        await _unplug(ctx, self)
+        await unplug(ctx, self)
         ctx.store.update(self, {"network": network})
         await plug(ctx, self)
     else:

@@ -13,7 +13,7 @@ import ipaddress
 
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
-from xapid.objects import message
+from xapid.objects import called, message
 
 FEATURE = "feature-static-ip-setting"
 
@@ -41,19 +41,11 @@ def _check(ctx: CallContext, vif: str, version: int, mode: str, address: str, ga
         raise XenAPIError("VM_LACKS_FEATURE", vm.ref)
 
 
-def _configure(ctx: CallContext, vif: str, version: int, mode: str, address: str, gateway: str) -> str:
+@message("VIF.configure_ipv4", "VIF.configure_ipv6")
+def configure(ctx: CallContext, vif: str, mode: str, address: str, gateway: str) -> str:
+    version = 6 if called(ctx).name == "configure_ipv6" else 4
     _check(ctx, vif, version, mode, address, gateway)
     prefix = f"ipv{version}_"
     ctx.store.update(vif, {prefix + "configuration_mode": mode, prefix + "addresses": [address],
                            prefix + "gateway": gateway})
     return ""
-
-
-@message("VIF.configure_ipv4")
-def configure_ipv4(ctx: CallContext, self: str, mode: str, address: str, gateway: str) -> str:
-    return _configure(ctx, self, 4, mode, address, gateway)
-
-
-@message("VIF.configure_ipv6")
-def configure_ipv6(ctx: CallContext, self: str, mode: str, address: str, gateway: str) -> str:
-    return _configure(ctx, self, 6, mode, address, gateway)

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from xapid.apitypes import NULL_REF
+from xapid.apitypes import NULL_REF, utc
 from xapid.backend.interface import DomainInfo, DomainSpec
 from xapid.backend.specs import BootPolicy, PathRefused
+from xapid.constants import MiB
 from xapid.context import CallContext
 from xapid.errors import XenAPIError, invalid_value
-from xapid.objects import generic, guest_metrics, message
+from xapid.objects import called, generic, guest_metrics, message
 from xapid.objects.devices import disk_spec, domain_type, nic_spec, remove_device
 from xapid.objects.vm_ops import check, operation
-
-MiB = 1 << 20
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def metrics_fields(info: DomainInfo, now: datetime) -> dict[str, Any]:
         "VCPUs_CPU": {str(i): cpu for i, cpu in enumerate(info.vcpu_cpu)},
         "VCPUs_flags": {str(i): ["online", "running" if info.state == "running" else "blocked"]
                         for i in range(info.vcpus)},
-        "state": [info.state], "start_time": datetime.fromtimestamp(int(info.start_time), tz=timezone.utc),
+        "state": [info.state], "start_time": utc(info.start_time),
         "current_domain_type": info.domain_type, "hvm": info.domain_type == "hvm", "last_updated": now,
     }
 
@@ -210,8 +209,12 @@ async def _built(ctx: CallContext, vm_ref: str, info: DomainInfo) -> None:
     record_domain(ctx, vm_ref, info)
 
 
-async def _start(ctx: CallContext, vm_ref: str, start_paused: bool, op: str) -> str:
-    async with operation(ctx, vm_ref, op) as vm:
+@message("VM.start", "VM.start_on")
+async def start(ctx: CallContext, vm_ref: str, *args: Any) -> str:
+    """Halted → Running (or Paused when *start_paused*): the arguments are (start_paused, force),
+    after the host for ``VM.start_on`` (always this one)."""
+    start_paused = args[-2]
+    async with operation(ctx, vm_ref, called(ctx).name) as vm:
         _host_enabled(ctx)
         _bootable(vm)
         ctx.check_cancelled()
@@ -219,17 +222,6 @@ async def _start(ctx: CallContext, vm_ref: str, start_paused: bool, op: str) -> 
         info = await ctx.api.hypervisor.create_domain(domain_spec(ctx, vm), start_paused, vm=vm_ref)
         await _built(ctx, vm_ref, info)
     return ""
-
-
-@message("VM.start")
-async def start(ctx: CallContext, vm: str, start_paused: bool, force: bool) -> str:
-    """Halted → Running (or Paused when *start_paused*)."""
-    return await _start(ctx, vm, start_paused, "start")
-
-
-@message("VM.start_on")
-async def start_on(ctx: CallContext, vm: str, host: str, start_paused: bool, force: bool) -> str:
-    return await _start(ctx, vm, start_paused, "start_on")
 
 
 @message("VM.pause")
@@ -338,7 +330,8 @@ async def suspend(ctx: CallContext, vm: str) -> str:
     return ""
 
 
-async def _resume(ctx: CallContext, vm: str, start_paused: bool, op: str) -> str:
+async def resume_vm(ctx: CallContext, vm: str, start_paused: bool, op: str = "resume") -> str:
+    """Suspended → Running (or Paused), as the operation *op*."""
     async with operation(ctx, vm, op) as obj:
         _host_enabled(ctx)
         image = suspend_image(ctx, obj)
@@ -350,14 +343,10 @@ async def _resume(ctx: CallContext, vm: str, start_paused: bool, op: str) -> str
     return ""
 
 
-@message("VM.resume")
-async def resume(ctx: CallContext, vm: str, start_paused: bool, force: bool) -> str:
-    return await _resume(ctx, vm, start_paused, "resume")
-
-
-@message("VM.resume_on")
-async def resume_on(ctx: CallContext, vm: str, host: str, start_paused: bool, force: bool) -> str:
-    return await _resume(ctx, vm, start_paused, "resume_on")
+@message("VM.resume", "VM.resume_on")
+async def resume(ctx: CallContext, vm: str, *args: Any) -> str:
+    """The arguments are (start_paused, force), after the host for ``VM.resume_on`` (always this one)."""
+    return await resume_vm(ctx, vm, args[-2], called(ctx).name)
 
 
 # -- resources ----------------------------------------------------------------------------

@@ -60,11 +60,11 @@ async def _duplicate(ctx: CallContext, ref: str, op: str, new_name: str, sr: str
                 ctx.progress(0.1 + 0.8 * (index + 1) / len(vbds))
                 ctx.check_cancelled()
         except BaseException:  # failed or cancelled (task cancel, daemon stopping): no stray copies
-            for copied in copies:
+            for copy_ref in copies:
                 try:
-                    await vdi_handlers.destroy(ctx, copied)
+                    await vdi_handlers.destroy(ctx, copy_ref)
                 except Exception:  # noqa: BLE001 - keep undoing the rest, then report the first failure
-                    log.failure("undoing VM.{op}: could not destroy the copy {vdi}", op=op, vdi=copied)
+                    log.failure("undoing VM.{op}: could not destroy the copy {vdi}", op=op, vdi=copy_ref)
             raise
         fields = {k: v for k, v in vm.fields.items() if k not in _NOT_COPIED}
         # as xapi_vm_clone.ml: a checkpoint of a Running (now suspended) or Suspended VM is Suspended

@@ -195,9 +195,9 @@ async def _revert_into(ctx: CallContext, snap: Any, vm: str) -> None:
     doomed: list[str] = []
     with store.transaction():
         for ref in list(current.fields["VBDs"]):  # every VBD goes; disks with a snapshot go too
-            vbd = store.get(ref).fields
-            if vbd["type"] == "Disk" and not vbd["empty"] and vbd["VDI"] in snap_disks:
-                doomed.append(vbd["VDI"])
+            current_vbd = store.get(ref).fields
+            if current_vbd["type"] == "Disk" and not current_vbd["empty"] and current_vbd["VDI"] in snap_disks:
+                doomed.append(current_vbd["VDI"])
             remove_device(store, ref)
     for vdi in doomed:
         if store.find(vdi) is not None:
@@ -283,7 +283,7 @@ async def checkpoint(ctx: CallContext, vm: str, new_name: str) -> str:
     finally:
         if running:  # restore the VM's power state whatever happened (xapi: a slow resume)
             try:
-                await vm_handlers.resume(ctx, vm, False, False)
+                await vm_handlers.resume_vm(ctx, vm, False)
             except XenAPIError as error:
                 log.error("checkpoint: VM {vm} could not be resumed: {error}", vm=vm,
                           error=" ".join(error.description))

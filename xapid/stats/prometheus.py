@@ -113,7 +113,7 @@ class MetricsCollector:
 def registry_for(collector: MetricsCollector) -> CollectorRegistry:
     """A private registry holding only *collector*."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     return registry
 
 

@@ -56,12 +56,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
+
+from xapid.files import atomic_writer
 
 STEP = 5
 HEARTBEAT = 300
@@ -790,23 +791,9 @@ class RRDTable:
 
 
 def write_image(path: str | os.PathLike[str], image: dict[str, np.ndarray], compress: bool = False) -> None:
-    """Write an :meth:`RRDTable.export` image to *path* atomically (temp file, fsync, rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".rrd-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if compress:
-                np.savez_compressed(f, **image)  # type: ignore[arg-type]  # stubs: **kwds typed as allow_pickle
-            else:
-                np.savez(f, **image)  # type: ignore[arg-type]  # same stub limitation
-
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write an :meth:`RRDTable.export` image to *path* atomically (:func:`xapid.files.atomic_writer`, 0600)."""
+    with atomic_writer(path, 0o600) as f:
+        if compress:
+            np.savez_compressed(f, **image)  # type: ignore[arg-type]  # stubs: **kwds typed as allow_pickle
+        else:
+            np.savez(f, **image)  # type: ignore[arg-type]  # same stub limitation

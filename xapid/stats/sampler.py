@@ -39,15 +39,15 @@ import functools
 import itertools
 import math
 import re
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from xapid.apitypes import utc
 from xapid.backend.interface import Counters
 from xapid.stats.rrd import HEARTBEAT, RRDTable, write_image
 
@@ -337,7 +337,7 @@ class Sampler:
             entry = vms.get(disk.uuid)
             if entry is not None:
                 raws += disk[2:]  # read and write bytes, read and write requests
-                key = (disk.uuid, "vbd", disk.device)
+                key: tuple[str, str, str | int] = (disk.uuid, "vbd", disk.device)
                 seg = devices.get(key)
                 if seg is None or seg[2][1] is not entry[0]:
                     owner = entry[1]
@@ -382,6 +382,7 @@ class Sampler:
             self._forget_destroyed()
         rates = self.table.latest(idx)
         changed = self._changed_segments(idx, rates, starts, live)
+        order: Sequence[int]
         if changed is None:
             order = range(len(segs))
         else:
@@ -477,7 +478,7 @@ class Sampler:
         """Write the state fields (memory, vCPU count) of the segments numbered in *order* (those
         whose written sources changed) in one :meth:`Store.live_batch`: at most one event per
         object per tick.  Rates are not written: :meth:`_refresh_rates` computes them on read."""
-        now = datetime.fromtimestamp(int(t), tz=timezone.utc)
+        now = utc(t)
         with self.store.live_batch() as batch:
             for i in order:
                 owner, _, subject = segs[i]
@@ -513,6 +514,8 @@ class Sampler:
         kind, owner, names = where
         fields = obj.fields
         row = self.table.latest_row()
+        if row is None:  # never: last_update is set
+            return
         slot = self.table.slot
         try:
             if kind == "vcpus":
@@ -532,7 +535,7 @@ class Sampler:
         fresh = {k: v for k, v in fresh.items() if fields.get(k) != v}
         if fresh:
             if "last_updated" in fields:
-                fresh["last_updated"] = datetime.fromtimestamp(int(last), tz=timezone.utc)
+                fresh["last_updated"] = utc(last)
             fields.update(fresh)
             obj.cache.clear()
 

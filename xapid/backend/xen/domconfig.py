@@ -25,8 +25,8 @@ import shlex
 from typing import Any
 
 from xapid.backend.interface import DiskSpec, DomainSpec, InvalidSpec, NicSpec
+from xapid.constants import KiB
 
-KiB = 1024
 #: xapi's actions_after_* → libxl_action_on_shutdown
 ACTIONS = {
     "destroy": "destroy",

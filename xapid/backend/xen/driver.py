@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -110,13 +110,11 @@ from xapid.backend.xen.xenctrl import (
 )
 from xapid.backend.xen.xenlight import XenLight, XenLightError, load_xenlight
 from xapid.backend.xen.xenstore import CONNECTION_LOST, XenStore
+from xapid.constants import DOM0_UUID, PAGE, KiB, MiB
+from xapid.files import write_atomically
 
 log = Logger()
 
-PAGE = 4096
-KiB = 1024
-MiB = 2**20
-DOM0_UUID = "00000000-0000-0000-0000-000000000000"
 RELEASE = "@releaseDomain"
 STATE_VERSION = 1
 VCPU_SETTLE = 2.0  # seconds a guest gets to act on vCPU hot-plug before the call returns
@@ -154,15 +152,20 @@ class LibxlReaper:
             log.failure("libxl child reaping failed")
 
     def install(self) -> None:
-        from twisted.internet import process
-
-        process.reapProcessHandlers[REAPER_KEY] = self  # type: ignore[index]
+        _reap_handlers()[REAPER_KEY] = self
 
     def uninstall(self) -> None:
-        from twisted.internet import process
+        handlers = _reap_handlers()
+        if handlers.get(REAPER_KEY) is self:
+            del handlers[REAPER_KEY]
 
-        if process.reapProcessHandlers.get(REAPER_KEY) is self:  # type: ignore[call-overload]
-            del process.reapProcessHandlers[REAPER_KEY]  # type: ignore[arg-type]
+
+def _reap_handlers() -> dict[object, object]:
+    """Twisted's reap registry, typed ``dict[int, _BaseProcess]``: our entry's key is no pid and
+    its value only has the ``reapProcess()`` that ``reapAllProcesses`` calls."""
+    from twisted.internet import process
+
+    return cast("dict[object, object]", process.reapProcessHandlers)
 
 
 def _state_of(info: XcDomainInfo) -> str:
@@ -523,15 +526,18 @@ class XenBackend:
 
     def _reconnect(self) -> None:
         """Open new handles for what was lost (libxl's context holds both kinds); old ones retire."""
+        logger = self._logger
+        if logger is None:  # closed while the probe ran: nothing to reconnect
+            return
         try:
-            xc = XenCtrl(self._xenctrl_lib(), self._logger.pointer) if "privcmd" in self._lost else None
+            xc = XenCtrl(self._xenctrl_lib(), logger.pointer) if "privcmd" in self._lost else None
             if xc is not None:
                 xc.version()
             xs = watch = None
             if "xenstored" in self._lost:
                 xs, watch = XenStore(), XenStore()
                 watch.watch(RELEASE, "xapid")
-            xl = XenLight(self._xenlight_lib(), self._logger.pointer)  # type: ignore[union-attr]
+            xl = XenLight(self._xenlight_lib(), logger.pointer)
         except (XenError, XenLightError, XenUnavailable) as exc:
             self._next_attempt = time.monotonic() + self._backoff
             self._backoff = min(BACKOFF_MAX, self._backoff * 2)
@@ -592,16 +598,10 @@ class XenBackend:
 
     def _save_record(self, spec: DomainSpec, start_time: float, cpu_offset: int,
                      memory_target: int | None = None) -> None:
-        path = self._record_path(spec.uuid)
-        tmp = path.with_suffix(".partial")
         data = {"version": STATE_VERSION, "spec": spec_to_json(spec), "start_time": start_time,
                 "cpu_offset": cpu_offset,
                 "memory_target": spec.memory_target if memory_target is None else memory_target}
-        with open(tmp, "w") as out:
-            json.dump(data, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        write_atomically(self._record_path(spec.uuid), json.dumps(data), mode=None)
         self._records[spec.uuid] = data
 
     def _forget(self, uuid: str) -> None:
