@@ -28,6 +28,7 @@ import math
 import os
 import re
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,17 +83,16 @@ def _clean(value: Any) -> Any:
         return value if abs(value) < 1 << 64 else "(a very large integer)"
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        items = list(value.items())
-        out = {str(k)[:MAX_TEXT]: REDACTED if _SECRET_KEY.search(str(k)) else _clean(v) for k, v in items[:MAX_ITEMS]}
-        if len(items) > MAX_ITEMS:
-            out["…"] = f"+{len(items) - MAX_ITEMS} more"
+    if isinstance(value, dict):  # only the kept items are visited, not a copy of the whole
+        out = {str(k)[:MAX_TEXT]: REDACTED if _SECRET_KEY.search(str(k)) else _clean(v)
+               for k, v in islice(value.items(), MAX_ITEMS)}
+        if len(value) > MAX_ITEMS:
+            out["…"] = f"+{len(value) - MAX_ITEMS} more"
         return out
     if isinstance(value, (list, tuple, set, frozenset)):
-        items = list(value)
-        out_list = [_clean(v) for v in items[:MAX_ITEMS]]
-        if len(items) > MAX_ITEMS:
-            out_list.append(f"…(+{len(items) - MAX_ITEMS} more)")
+        out_list = [_clean(v) for v in islice(value, MAX_ITEMS)]
+        if len(value) > MAX_ITEMS:
+            out_list.append(f"…(+{len(value) - MAX_ITEMS} more)")
         return out_list
     inner = getattr(value, "value", None)  # a wire value wrapper
     if inner is not None and inner is not value:
@@ -257,11 +257,13 @@ class CallAudit:
         spec = schema.messages.get(method[6:] if method.startswith("Async.") else method)
         if spec is None or not audited(spec):
             return None
-        note = cls(audit_log, sessions, spec, method, params, client)
-        if spec.session:
+        session = None
+        if spec.session:  # looked up first: a caller without a live session costs no redaction
             session = sessions.get(params[0]) if params and isinstance(params[0], str) else None
             if session is None:
                 return None
+        note = cls(audit_log, sessions, spec, method, params, client)
+        if session is not None:
             note.user, note.role, note.originator = session.user, session.role, session.originator
         return note
 

@@ -12,6 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from xapid import __version__
+from xapid.client import VERBS
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorThreads
@@ -129,9 +130,8 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     return outcome["code"]
 
 
-#: the client's verbs (xapid.client.VERBS, named here so the daemon's commands need not import it)
-CLIENT_VERBS = frozenset({"vm", "vdi", "vbd", "vif", "sr", "network", "host", "task", "top", "events", "call",
-                          "completion"})
+#: the client's verbs (xapid/client/__init__.py imports nothing heavy: the client loads only in client.run)
+CLIENT_VERBS = frozenset(VERBS)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,

@@ -165,11 +165,7 @@ class PasswordChecker:
         clean = source.idle and source.tokens >= self.burst
         if source.tokens < 1:
             self.stats.throttled += 1
-            if not source.throttled:
-                source.throttled = True
-                log.warn("login throttled for source {source}: its {burst} failed logins are spent; it gets "
-                         "one more every {interval} s, and until then every login from it fails without a "
-                         "password check", source=key, burst=self.burst, interval=self.interval)
+            self._throttle(source)
             return _now(Outcome(None, THROTTLED, key))
         if len(source.queue) >= self.queue_per_source:
             self.stats.busy += 1

@@ -127,7 +127,7 @@ def _tighten(root: Path) -> None:
 
 async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Runner,
                     schema_path: str | Path = DEFAULT_SCHEMA, driver: IBackend | None = None,
-                    login_runner: Runner | None = None, on_fatal: Any = None) -> Api:
+                    login_runner: Runner | None = None, on_fatal: Any = None, state_dir_ready: bool = False) -> Api:
     """Open the state dir, users file, database and driver; reconcile the inventory.
 
     *reactor* supplies the clock and timers; *runner* runs blocking driver and auth work,
@@ -135,13 +135,15 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     configured one (tests: the xen driver on a fake host).  Domains found shut down or
     crashed get their VM's actions, as if they had just stopped.  *login_runner* runs the
     password checks (the daemon: its own ``xapid-login`` pool; default: inline, for tests).
+    *state_dir_ready*: the caller has run :func:`_prepare_state_dir` already (the daemon, before its lock).
     """
     try:
         schema = load_schema(schema_path)
     except SchemaError as exc:
         raise StartupError(f"schema error: {exc}") from None
     state_dir = Path(config.server.state_dir)
-    _prepare_state_dir(state_dir)
+    if not state_dir_ready:
+        _prepare_state_dir(state_dir)
     try:
         users = UsersFile(config.server.users)
         users.load()
@@ -305,7 +307,7 @@ class Daemon(MultiService):
         db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
         login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads))
         self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner,
-                                   on_fatal=self.fatal)
+                                   on_fatal=self.fatal, state_dir_ready=True)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
         limits = self.api.limits
         assert limits is not None  # built by build_api from [limits]

@@ -349,8 +349,7 @@ class Store:
         self._rebuild_inverses()
         for obj in cleaned:  # saved cleaned with the next commit (build_api flushes after start-up)
             self._committer.record(obj.cls, obj.ref, obj.fields)
-        self._committer.release()
-        self.derive_all()  # allowed_operations as this version computes them (saved with the next commit)
+        self.derive_all()  # allowed_operations as this version computes them; releases the records above too
 
     def _decode(self, spec: ClassSpec, data: dict[str, Any]) -> dict[str, Any]:
         """A record from its stored JSON (as :meth:`load` reads it)."""
@@ -451,7 +450,7 @@ class Store:
         changed: list[Obj] = []
         for cls in self._derivers:
             for obj in list(self._by_class[cls].values()):
-                before = {k: obj.fields.get(k) for k in obj.fields}
+                before = dict(obj.fields)
                 self._apply_derivers(obj)
                 if obj.fields != before:
                     obj.cache.clear()

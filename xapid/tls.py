@@ -413,14 +413,15 @@ def describe_certificate(path: str | Path) -> list[tuple[str, str]]:
         key = f"ECDSA {public.curve.name}"
     else:
         key = type(public).__name__
+    not_before, not_after = validity(certificate)
     return [
         ("path", str(path)),
         ("subject", certificate.subject.rfc4514_string()),
         ("issuer", certificate.issuer.rfc4514_string()),
         ("subject alternative names", sans),
         ("key", key),
-        ("not before", validity(certificate)[0].strftime("%Y-%m-%d %H:%M:%S UTC")),
-        ("not after", validity(certificate)[1].strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("not before", not_before.strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("not after", not_after.strftime("%Y-%m-%d %H:%M:%S UTC")),
         ("SHA-256 fingerprint", fingerprint(certificate)),
     ]
 
@@ -472,9 +473,10 @@ def server_endpoint(reactor: Any, description: str, state_dir: str | Path | None
     if make_certificate:
         log.info("{description}: TLS certificate {path}, SHA-256 fingerprint {fingerprint}", description=description,
                  path=str(creator.files[0]), fingerprint=fingerprint(certificate))
-        if validity(certificate)[1] < dt.datetime.now(dt.timezone.utc):
+        expires = validity(certificate)[1]
+        if expires < dt.datetime.now(dt.timezone.utc):
             log.warn("the TLS certificate {path} expired on {date}", path=str(creator.files[0]),
-                     date=validity(certificate)[1].strftime("%Y-%m-%d"))
+                     date=expires.strftime("%Y-%m-%d"))
     return TLSServerEndpoint(reactor, spec.port, creator, backlog=spec.backlog, interface=spec.interface)
 
 

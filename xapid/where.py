@@ -220,10 +220,15 @@ def render(value: Any) -> str:
 def field_lookup(fields: dict[str, Any]) -> Callable[[str], str]:
     """Field texts of one record; ``name__label`` is ``name_label``; unknown: xapi's error."""
 
+    rendered: dict[str, str] = {}  # each field rendered once per row, however often the expression names it
+
     def lookup(name: str) -> str:
-        key = name if name in fields else name.replace("__", "_")
-        if key not in fields:
-            raise XenAPIError("INTERNAL_ERROR", "missing field", name, "")
-        return render(fields[key])
+        text = rendered.get(name)
+        if text is None:
+            key = name if name in fields else name.replace("__", "_")
+            if key not in fields:
+                raise XenAPIError("INTERNAL_ERROR", "missing field", name, "")
+            text = rendered[name] = render(fields[key])
+        return text
 
     return lookup

@@ -1178,16 +1178,22 @@ static int mode_arg(int flags, va_list ap)
     return (flags & (O_CREAT | O_TMPFILE)) ? va_arg(ap, int) : 0;
 }
 
+/* open and openat alike: privcmd faked, libxl's directories redirected, the rest real. */
+static int open_at(int dirfd, const char *path, int flags, mode_t mode)
+{
+    if (is_privcmd_path(path))
+        return open_privcmd(flags);
+    REDIRECT(path);
+    return real_openat(dirfd, path, flags, mode);
+}
+
 int open(const char *path, int flags, ...)
 {
     va_list ap;
     va_start(ap, flags);
     mode_t mode = mode_arg(flags, ap);
     va_end(ap);
-    if (is_privcmd_path(path))
-        return open_privcmd(flags);
-    REDIRECT(path);
-    return real_openat(AT_FDCWD, path, flags, mode);
+    return open_at(AT_FDCWD, path, flags, mode);
 }
 
 int open64(const char *path, int flags, ...) __attribute__((alias("open")));
@@ -1198,10 +1204,7 @@ int openat(int dirfd, const char *path, int flags, ...)
     va_start(ap, flags);
     mode_t mode = mode_arg(flags, ap);
     va_end(ap);
-    if (is_privcmd_path(path))
-        return open_privcmd(flags);
-    REDIRECT(path);
-    return real_openat(dirfd, path, flags, mode);
+    return open_at(dirfd, path, flags, mode);
 }
 
 int openat64(int dirfd, const char *path, int flags, ...) __attribute__((alias("openat")));

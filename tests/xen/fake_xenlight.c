@@ -324,7 +324,7 @@ int fakexl_device_nic_remove(libxl_ctx *ctx, uint32_t domid, libxl_device_nic *n
  * + LIBXL_MAXMEM_CONSTANT (1024 KiB); memory/target and /vm/<uuid>/memory (MiB) written. */
 int fakexl_set_memory_target(libxl_ctx *ctx, uint32_t domid, int64_t target_memkb, int relative, int enforce)
 {
-    char path[128], value[64], uuid[40];
+    char path[128], value[64];
     int rc = ERROR_FAIL;
     struct xs_handle *xs = xs_open(0);
     if (xs == NULL)
@@ -355,7 +355,6 @@ int fakexl_set_memory_target(libxl_ctx *ctx, uint32_t domid, int64_t target_memk
         put(xs, XBT_NULL, path, value);
         free(vm);
     }
-    (void)uuid;
     rc = 0;
 out:
     free(current);

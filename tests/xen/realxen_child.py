@@ -14,6 +14,8 @@ to stderr.
     realxen_child.py driver STATE_DIR KERNEL
         xapid's XenBackend under a running Twisted reactor: open, create_domain, destroy_domain,
         each in a reactor pool thread as the daemon runs them.
+        --checks: also the domain's (weight, cap) as the hypervisor holds them, and
+        set_memory_target (libxl_set_memory_target) with /vm/<uuid>/memory and domain_info.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def libxl_scenario(kernel: str, own_sigchld: bool, mainloop: bool) -> None:
     out(**result)
 
 
-def driver_scenario(state_dir: str, kernel: str) -> None:
+def driver_scenario(state_dir: str, kernel: str, checks: bool = False) -> None:
     from twisted.internet import reactor, threads
 
     from xapid.backend.interface import DomainSpec
@@ -146,7 +148,7 @@ def driver_scenario(state_dir: str, kernel: str) -> None:
         pass
     spec = DomainSpec(uuid=str(uuidlib.uuid4()), name="realxen-driver", domain_type="pv",
                       memory_static_max=64 * MiB, memory_target=64 * MiB, vcpus_max=2, vcpus_at_startup=1,
-                      kernel=kernel, cmdline="console=hvc0")
+                      kernel=kernel, cmdline="console=hvc0", vcpu_weight=512, vcpu_cap=50)
 
     def step(name: str, call: object, *args: object) -> object:
         def ok(value: object) -> object:
@@ -159,6 +161,24 @@ def driver_scenario(state_dir: str, kernel: str) -> None:
 
         return threads.deferToThread(call, *args).addCallbacks(ok, failed)  # type: ignore[arg-type]
 
+    def sched_of(domid: int) -> tuple[int, int]:
+        from xapid.backend.xen.xenctrl import XenCtrl, load_xenctrl
+
+        xc = XenCtrl(load_xenctrl(), None)
+        try:
+            return xc.sched_credit_get(domid, credit2=xc.sched_id() == "credit2")
+        finally:
+            xc.close()
+
+    def vm_memory() -> str:
+        from xapid.backend.xen.xenstore import XenStore
+
+        xs = XenStore()
+        try:
+            return xs.read(f"/vm/{spec.uuid}/memory").decode()
+        finally:
+            xs.close()
+
     def listed() -> bool:
         return any(d.uuid == spec.uuid for d in backend.list_domains())
 
@@ -168,6 +188,12 @@ def driver_scenario(state_dir: str, kernel: str) -> None:
             info = await step("create_domain", backend.create_domain, spec, False)
             result["state"] = info.state  # type: ignore[attr-defined]
             result["listed"] = await threads.deferToThread(listed)
+            if checks:  # --checks: libxl applied sched_params; libxl_set_memory_target
+                result["sched"] = list(await threads.deferToThread(sched_of, info.domid))  # type: ignore[attr-defined]
+                await step("set_memory_target", backend.set_memory_target, spec.uuid, 48 * MiB)
+                result["vm_memory"] = await threads.deferToThread(vm_memory)
+                result["memory_target"] = (await threads.deferToThread(
+                    backend.domain_info, spec.uuid)).memory_target  # type: ignore[attr-defined]
             await step("destroy_domain", backend.destroy_domain, spec.uuid)
             result["listed_after"] = await threads.deferToThread(listed)
         except Exception:
@@ -190,7 +216,7 @@ def main(argv: list[str]) -> None:
     elif scenario == "libxl":
         libxl_scenario(argv[2], "--sigchld" in argv, "--mainloop" in argv)
     elif scenario == "driver":
-        driver_scenario(argv[2], argv[3])
+        driver_scenario(argv[2], argv[3], "--checks" in argv)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
 

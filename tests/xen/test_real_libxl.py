@@ -80,3 +80,17 @@ def test_driver_creates_and_destroys_under_a_running_reactor(real_xen: RealXenHo
     got = result(proc)
     assert got == {"open": "ok", "create_domain": "ok", "state": "running", "listed": True, "destroy_domain": "ok",
                    "listed_after": False}, got
+
+
+def test_driver_sched_params_and_memory_target_through_real_libxl(real_xen: RealXenHost, tmp_path: Any) -> None:
+    """The real-libxl versions of test_driver_hardening's scheduler and memory-target tests: on
+    credit2 and credit the spec's weight and cap reach the hypervisor through libxl's
+    sched_params (no xc_sched_credit_domain_set by the driver), and set_memory_target goes through
+    the real libxl_set_memory_target (/vm/<uuid>/memory in MiB, the driver's memory_target)."""
+    proc = real_xen.run_child("driver", str(tmp_path / "state"), str(real_xen.kernel), "--checks")
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    got = result(proc)
+    assert (got.get("create_domain"), got.get("sched")) == ("ok", [512, 50]), got
+    assert (got.get("set_memory_target"), got.get("vm_memory"), got.get("memory_target")) == (
+        "ok", "48", 48 * 2**20), got
+    assert got.get("destroy_domain") == "ok", got

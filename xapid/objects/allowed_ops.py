@@ -284,7 +284,10 @@ def register(store: Any) -> None:
 
     classes = store.schema.classes
     rules: dict[str, tuple[Any, dict[str, Any]]] = {
-        "VDI": (vdi_allowed, {"VBD": _vdi_of_vbd, "PBD": _vdis_of_pbd, "SR": lambda s, sr: sr.fields["VDIs"]}),
+        # no "SR" source: a VDI reads only its SR's type (static-RO) and PBDs (changed only by a
+        # PBD add or remove, which the PBD source covers); every SR write (VDIs, utilisation)
+        # would otherwise re-derive all of its VDIs, quadratic when filling an SR
+        "VDI": (vdi_allowed, {"VBD": _vdi_of_vbd, "PBD": _vdis_of_pbd}),
         "VBD": (vbd_allowed, {"VM": lambda s, vm: vm.fields["VBDs"], "VDI": lambda s, vdi: vdi.fields["VBDs"]}),
         "VIF": (vif_allowed, {"VM": lambda s, vm: vm.fields["VIFs"]}),
         "SR": (sr_allowed, {"PBD": lambda s, pbd: [pbd.fields["SR"]]}),

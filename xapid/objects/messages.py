@@ -9,6 +9,7 @@ second (a poller may see a message twice, never miss one).
 
 from __future__ import annotations
 
+import heapq
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,7 +38,7 @@ def add_message(api: Any, name: str, priority: int, cls: str, obj_uuid: str, bod
     limit = getattr(api, "max_messages", DEFAULT_LIMIT) or DEFAULT_LIMIT
     excess = store.count("message") - limit
     if excess > 0:
-        oldest = sorted(store.all("message"), key=lambda o: o.fields["timestamp"])[:excess]
+        oldest = heapq.nsmallest(excess, store.all("message"), key=lambda o: o.fields["timestamp"])
         for obj in oldest:
             if obj.ref != ref:
                 store.remove(obj.ref)

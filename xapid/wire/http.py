@@ -383,7 +383,8 @@ class HttpChannel(Protocol):
         return True
 
     def _start(self, head: bytes) -> None:
-        if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+        bare = head.replace(b"\r\n", b"")
+        if b"\n" in bare or b"\r" in bare:
             raise _Refused(400, "bare CR or LF in the request head")
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ")
@@ -393,15 +394,23 @@ class HttpChannel(Protocol):
         if version not in (b"HTTP/1.1", b"HTTP/1.0"):
             raise _Refused(505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
         headers: dict[bytes, bytes] = {}
+        repeated: dict[bytes, list[bytes]] = {}  # joined once at the end: linear however many repeats
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not _TOKEN.match(name):
                 raise _Refused(400, "malformed header line")
             key = name.lower()
             value = value.strip(b" \t")
-            if key == b"content-length" and key in headers and headers[key] != value:
-                raise _Refused(400, "conflicting Content-Length headers")
-            headers[key] = headers[key] + b", " + value if key in headers and key != b"content-length" else value
+            first = headers.get(key)
+            if first is None:
+                headers[key] = value
+            elif key == b"content-length":
+                if first != value:
+                    raise _Refused(400, "conflicting Content-Length headers")
+            else:
+                repeated.setdefault(key, [first]).append(value)
+        for key, values in repeated.items():
+            headers[key] = b", ".join(values)
         self._request = HttpRequest(method, target, version, headers, peer=self.peer, client=self.client)
         coding = headers.get(b"transfer-encoding")
         if coding is not None:

@@ -118,7 +118,6 @@ log = Logger()
 RELEASE = "@releaseDomain"
 STATE_VERSION = 1
 VCPU_SETTLE = 2.0  # seconds a guest gets to act on vCPU hot-plug before the call returns
-MAXMEM_SLACK_KIB = 1024  # libxl's slack above the balloon target
 POLL = 0.5  # seconds between domain-table checks while waiting (the watch usually wakes us first)
 HEALTH_INTERVAL = 1.0  # seconds between probes of xenstored and privcmd (and libxl child reaping)
 BACKOFF_MAX = 10.0  # longest wait between reconnection attempts
