@@ -269,7 +269,7 @@ class ServerProcess:
 
 def start_xapid(workdir: Path, name: str, listen: str, max_sessions: int) -> ServerProcess:
     """A real daemon on the sim backend with its own state dir and a users file holding one pool-admin."""
-    from xapid.users import UsersFile  # the daemon's own code, for the users file only
+    from xapid.auth.users import UsersFile  # the daemon's own code, for the users file only
 
     workdir.mkdir()
     users = UsersFile(workdir / "users", rounds=4)

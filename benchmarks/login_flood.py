@@ -155,7 +155,7 @@ def benchmark(args: argparse.Namespace) -> None:
         mode = f"before (the tree at {root}: bcrypt on the shared worker pool)"
     if not new_limits:
         if args.no_throttle:
-            raise RuntimeError(f"--no-throttle needs a tree with xapid/login.py; {root} is already 'before'")
+            raise RuntimeError(f"--no-throttle needs a tree with xapid/auth/login.py; {root} is already 'before'")
     print(machine(), flush=True)
     if args.auth_failure_delay is not None:
         mode += f", auth_failure_delay {args.auth_failure_delay:g} s"

@@ -24,7 +24,7 @@ from xapid.errors import XenAPIError
 from xapid.objects import collect_handlers
 from xapid.runner import InlineRunner
 from xapid.server import build_api
-from xapid.users import UsersFile
+from xapid.auth.users import UsersFile
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret pass"

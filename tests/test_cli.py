@@ -15,7 +15,7 @@ import XenAPI
 
 from support import PASSWORD, ROOT, RealDaemon, vm_record
 from xapid.schema import SchemaError, load_schema
-from xapid.users import UsersFile
+from xapid.auth.users import UsersFile
 
 ENV = {**os.environ, "XAPID_BCRYPT_ROUNDS": "4"}
 

@@ -341,7 +341,7 @@ def test_completion_scripts(xc):
 def test_client_verbs_through_the_xapid_command(tmp_path):
     """`xapid vm list --json` (the installed entry point) is the client: the same verbs, same output."""
     from xapid import client
-    from xapid.cli import CLIENT_VERBS
+    from xapid.cli.main import CLIENT_VERBS
 
     assert CLIENT_VERBS == frozenset(client.VERBS)
     d = RealDaemon(tmp_path)

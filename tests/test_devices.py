@@ -109,8 +109,7 @@ def test_permission_error_is_clear_and_leaves_nothing(admin, monkeypatch):
     """A permission error creating a disk is SR_BACKEND_FAILURE EACCES with the reason; nothing is left."""
     import errno
 
-    from xapid import storage
-
+    from xapid.backend import storage
     sr = default_sr(admin)
     directory = sr_dir(admin, sr)
     before, vdis = set(os.listdir(directory)), admin("SR.get_VDIs", sr)
@@ -129,8 +128,7 @@ def test_disk_full_leaves_nothing(admin, env, monkeypatch):
     """A disk-full failure while copying is SR_BACKEND_FAILURE ENOSPC and leaves no file or VDI."""
     import errno
 
-    from xapid import storage
-
+    from xapid.backend import storage
     sr = default_sr(admin)
     vdi = admin("VDI.create", vdi_record(sr, 4 << 20))
     path = os.path.join(sr_dir(admin, sr), admin("VDI.get_location", vdi))

@@ -22,9 +22,9 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from xapid.errors import XenAPIError
-from xapid.http_exports import HttpExports
-from xapid.login import BUSY, FAILED, OK, THROTTLED, PasswordChecker, source_key
-from xapid.users import UsersFile
+from xapid.stats.http import HttpExports
+from xapid.auth.login import BUSY, FAILED, OK, THROTTLED, PasswordChecker, source_key
+from xapid.auth.users import UsersFile
 from xapid.wire.http import Client, HttpRequest
 
 BURST, INTERVAL = 10, 6.0  # the defaults of [limits] login_failures_burst / login_failure_interval

@@ -6,7 +6,7 @@ Generated from ``xapid/data/xenapi.xml``: nothing here names the messages one by
 covered as soon as it is declared.  One test per class runs on its own fresh API (sim driver, fake
 clock) with a world holding one object of every class the calls need; each call gets arguments that
 pass the type and ref checks (refs of live objects of the right class, the caller's own session and a
-task the caller created, as the ownership checks of ``xapid/ownership.py`` would otherwise refuse
+task the caller created, as the ownership checks of ``xapid/auth/ownership.py`` would otherwise refuse
 other users' ones).  An allowed call may still fail for state reasons (a VM already running, a
 destroyed object re-created for the next role); only a role refusal counts against it.
 
@@ -34,7 +34,7 @@ from support import PASSWORD, USERS, ApiEnv, RealDaemon, vm_record
 from xapid.apitypes import Type
 from xapid.errors import XenAPIError
 from xapid.schema import MessageSpec, load_schema
-from xapid.users import UsersFile
+from xapid.auth.users import UsersFile
 
 DENIED = "RBAC_PERMISSION_DENIED"
 NULL = "OpaqueRef:NULL"

@@ -29,7 +29,7 @@ import pytest
 import XenAPI
 
 from support import PASSWORD, ApiEnv, RealDaemon, resolve
-from xapid import rbac
+from xapid.auth import rbac
 from xapid.errors import XenAPIError
 from xapid.schema import load_schema
 

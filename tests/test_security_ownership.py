@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from support import PASSWORD, ROOT, USERS, ApiEnv, RealDaemon, vm_record
 from xapid.config import ConfigError, parse_config
-from xapid.users import UsersFile
+from xapid.auth.users import UsersFile
 
 DENIED = "RBAC_PERMISSION_DENIED"
 

@@ -292,7 +292,7 @@ def test_sdk_refuses_host_paths(tmp_path):
 def test_upgrade_keeps_known_disks_writable(tmp_path):
     """Disks an older xapid made (known to the database, no marker yet) are marked once at the
     first scan and stay deletable; a file dropped in later is adopted read-only."""
-    from xapid.storage import OWNED, FileSR
+    from xapid.backend.storage import OWNED, FileSR
 
     sr = FileSR(tmp_path / "sr")
     sr.attach(create=True)

@@ -17,7 +17,7 @@ from support import PASSWORD, ApiEnv, RealDaemon, resolve
 from test_stats import T0, host_uuid, running_vm, tick
 from twisted.internet.defer import Deferred
 
-from xapid.http_exports import HttpExports
+from xapid.stats.http import HttpExports
 from xapid.stats.export import num
 from xapid.wire.http import HttpRequest, HttpResponse
 

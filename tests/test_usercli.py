@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from xapid import usercli
-from xapid.users import User, UsersFile
+from xapid.cli import user as usercli
+from xapid.auth.users import User, UsersFile
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRY = "import sys; from xapid.usercli import main_for_tests; sys.exit(main_for_tests(sys.argv[1:]))"
+ENTRY = "import sys; from xapid.cli.user import main_for_tests; sys.exit(main_for_tests(sys.argv[1:]))"
 
 
 def xapid(*args: str, stdin: bytes = b"", rounds: str | None = "4") -> subprocess.CompletedProcess[str]:

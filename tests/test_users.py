@@ -1,4 +1,4 @@
-"""The users file (xapid.users) and the role list (xapid.roles)."""
+"""The users file (xapid.auth.users) and the role list (xapid.auth.roles)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from xapid import users as users_module
-from xapid.roles import ROLES, role_at_least, validate_role
-from xapid.users import User, UsersError, UsersFile
+from xapid.auth import users as users_module
+from xapid.auth.roles import ROLES, role_at_least, validate_role
+from xapid.auth.users import User, UsersError, UsersFile
 
 HASH = "$2b$04$" + "a" * 21 + "e" + "a" * 31  # a well-formed bcrypt hash nobody's password matches
 

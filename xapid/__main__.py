@@ -1,5 +1,5 @@
 import sys
 
-from xapid.cli import main
+from xapid.cli.main import main
 
 sys.exit(main())

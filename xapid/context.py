@@ -25,15 +25,15 @@ if TYPE_CHECKING:
     from xapid.backend.specs import BootPolicy
     from xapid.config import StorageConfig
     from xapid.events import EventHub
-    from xapid.login import PasswordChecker
-    from xapid.rbac import Rbac
+    from xapid.auth.login import PasswordChecker
+    from xapid.auth.rbac import Rbac
     from xapid.runner import Runner
     from xapid.schema import MessageSpec, Schema
     from xapid.sessions import Session, SessionManager
     from xapid.stats.sampler import Sampler
     from xapid.store import Database, Store
     from xapid.tasks import TaskManager
-    from xapid.users import UsersFile
+    from xapid.auth.users import UsersFile
     from xapid.wire.values import Limits
 
 

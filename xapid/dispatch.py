@@ -25,7 +25,7 @@ from xapid.context import CallContext
 from xapid.errors import (
     XenAPIError, handle_invalid, internal_error_with_id, method_unknown, parameter_count_mismatch, session_invalid,
 )
-from xapid import ownership
+from xapid.auth import ownership
 from xapid.objects import generic
 from xapid.schema import READ_ONLY, MessageSpec
 from xapid.wire.values import DEFAULT_LIMITS
@@ -146,7 +146,7 @@ class Dispatcher:
         values = [self._check(p, v) for p, v in zip(spec.params, args)]
         values += [p.default for p in spec.params[len(values):]]
         if session is not None:
-            ownership.check(self.api, session, spec, values)  # whose task or session (xapid/ownership.py)
+            ownership.check(self.api, session, spec, values)  # whose task or session (xapid/auth/ownership.py)
         if is_async:
             return spec, self.api.tasks.run_async(session, spec,
                                                   lambda task: self._run(spec, session, values, task, client))

@@ -24,7 +24,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from xapid import autostart, inventory, statedir, tls
+from xapid import autostart, statedir, tls
+
+from xapid.objects import inventory
 from xapid.context import Api
 from xapid.audit import AUDIT_FILE, AuditLog
 from xapid.backend.interface import BackendError, IBackend
@@ -34,8 +36,8 @@ from xapid.config import Config
 from xapid.dispatch import Dispatcher
 from xapid.errors import XenAPIError
 from xapid.events import EventHub
-from xapid.http_exports import HttpExports
-from xapid.login import PasswordChecker
+from xapid.stats.http import HttpExports
+from xapid.auth.login import PasswordChecker
 from xapid.objects import collect_handlers, guest_metrics
 from xapid.objects.allowed_ops import register as register_allowed_operations
 from xapid.objects.vm_ops import derive as derive_vm
@@ -45,10 +47,10 @@ from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
 from xapid.stats.rrd import RRDTable
 from xapid.stats.sampler import RRD_FILE, Sampler
-from xapid.storage import have_qemu_img
+from xapid.backend.storage import have_qemu_img
 from xapid.store import Committer, Database, Store
 from xapid.tasks import TaskManager
-from xapid.users import UsersError, UsersFile
+from xapid.auth.users import UsersError, UsersFile
 from xapid.wire.admission import Admission, descriptor_budget
 from xapid.wire.http import HttpSettings
 from xapid.wire.resource import ApiHandler, make_factory
@@ -483,7 +485,7 @@ class Daemon(MultiService):
         """Apply what *new* changes live (SIGHUP); returns the changed keys that need a restart."""
         from dataclasses import fields as dc_fields
 
-        from xapid.logs import set_log_level
+        from xapid.cli.logs import set_log_level
 
         old = self.config
         changed: list[tuple[str, str]] = []

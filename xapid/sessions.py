@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from xapid.apitypes import utc
 from xapid.store import Store
-from xapid.users import UsersError
+from xapid.auth.users import UsersError
 
 log = Logger()
 
@@ -45,10 +45,10 @@ class SessionManager:
         self.idle_timeout = idle_timeout
         self.max_per_user = max_per_user
         self._sessions: dict[str, Session] = {}
-        self._users = users  # xapid.users.UsersFile, watched for revocations (None: not watched)
+        self._users = users  # xapid.auth.users.UsersFile, watched for revocations (None: not watched)
         self._users_seen: dict[str, tuple[str, str]] = users.credentials() if users is not None else {}
         self._users_checked = float("-inf")
-        #: role -> session.rbac_permissions (xapid.rbac.Rbac.session_permissions; None: left empty)
+        #: role -> session.rbac_permissions (xapid.auth.rbac.Rbac.session_permissions; None: left empty)
         self.permissions: Callable[[str], list[str]] | None = None
 
     def create(self, user: str, role: str, originator: str, this_host: str, this_user: str,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xapid.storage import SR_TYPES
+from xapid.backend.storage import SR_TYPES
 
 NULL = "OpaqueRef:NULL"
 

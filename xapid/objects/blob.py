@@ -2,7 +2,7 @@
 
 The record is an ordinary stored object; the data is the file ``blobs/<uuid>`` of the state
 dir (mode 0600, in a 0700 directory), written by ``PUT /blob?ref=`` and read by
-``GET /blob?ref=`` (:mod:`xapid.http_exports`).  ``<C>.create_new_blob`` enters the blob in
+``GET /blob?ref=`` (:mod:`xapid.stats.http`).  ``<C>.create_new_blob`` enters the blob in
 the object's ``blobs`` map under its name (MAP_DUPLICATE_KEY when the name is taken).
 """
 

@@ -13,7 +13,7 @@ from xapid.backend.interface import DiskSpec, NicSpec
 from xapid.constants import HVM_DISK_SLOTS, NIC_SLOTS, PV_DISK_SLOTS
 from xapid.context import CallContext
 from xapid.errors import XenAPIError, operation_not_allowed, vm_bad_power_state
-from xapid.storage import StorageError, StorageRoots, UnknownSRType, open_sr
+from xapid.backend.storage import StorageError, StorageRoots, UnknownSRType, open_sr
 
 
 def domain_type(fields: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """``role.*``, ``subject.*`` and ``auth.*``: RBAC as xapi serves it without external authentication.
 
-Roles and permissions are static ``role`` objects generated from the schema (:mod:`xapid.rbac`);
+Roles and permissions are static ``role`` objects generated from the schema (:mod:`xapid.auth.rbac`);
 the getters, records and lookups are the generic ones.  xapid's users and their roles live in
 its users file, not in a directory, so it behaves as xapi with external authentication off:
 there are no subjects, and ``subject.create`` and every ``auth.*`` query answer

@@ -1,4 +1,4 @@
-"""``session.*``: password login against the users file (see :mod:`xapid.login`), logout.
+"""``session.*``: password login against the users file (see :mod:`xapid.auth.login`), logout.
 
 **Local superuser** (xapi's ``is_local_superuser``): a peer whose kernel credentials
 (``SO_PEERCRED``, read by :mod:`xapid.wire.http`) are uid 0 on a UNIX-socket listener logs in

@@ -15,7 +15,7 @@ from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 from xapid.objects.devices import run_storage, sr_driver, sr_roots, storage_error
-from xapid.storage import SR_TYPES, StorageError, open_sr
+from xapid.backend.storage import SR_TYPES, StorageError, open_sr
 
 
 async def reconcile(ctx: CallContext, sr_ref: str) -> None:

@@ -19,7 +19,7 @@ from xapid.errors import XenAPIError, invalid_value
 from xapid.objects import generic, message
 from xapid.objects.devices import remove_device, run_storage, sr_driver, storage_error
 from xapid.objects.sr import update_sizes
-from xapid.storage import StorageError
+from xapid.backend.storage import StorageError
 
 log = Logger()
 

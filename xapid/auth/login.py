@@ -45,7 +45,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xapid.users import User, UsersError
+from xapid.auth.users import User, UsersError
 
 log = Logger()
 

@@ -10,7 +10,7 @@ or the role name) read as a uuid, so they never change and are the same as xapi'
 Here the table is derived from ``xapid/data/xenapi.xml``: a role's permissions are the messages whose
 declared minimum role it reaches (every served message: implicit ones, explicit ones and the
 session-less login family; not those of removed classes), plus xapi's extra permission
-``task.destroy/any`` (pool-operator and above), which :mod:`xapid.ownership` checks.
+``task.destroy/any`` (pool-operator and above), which :mod:`xapid.auth.ownership` checks.
 
 A session of a users-file user gets, as xapi gives an externally authenticated user,
 ``rbac_permissions`` = its role's name followed by the role's permissions

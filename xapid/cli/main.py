@@ -21,9 +21,9 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xapid.certcli import add_cert_subparsers
-    from xapid.opscli import add_ops_subparsers
-    from xapid.usercli import add_user_subparsers
+    from xapid.cli.cert import add_cert_subparsers
+    from xapid.cli.ops import add_ops_subparsers
+    from xapid.cli.user import add_user_subparsers
 
     parser = argparse.ArgumentParser(prog="xapid", description="Xen Management API daemon")
     parser.add_argument("--version", action="version", version=f"xapid {__version__}")
@@ -69,10 +69,10 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     from twisted.internet.defer import Deferred
     from twisted.logger import Logger
 
-    from xapid.logs import start_logging
+    from xapid.cli.logs import start_logging
     from xapid.server import Daemon, StartupError
 
-    log = Logger(namespace="xapid.cli")
+    log = Logger(namespace="xapid.cli.main")
     systemd.forget_listen_fds()
     start_logging(stderr, config.server.log_level)
     os.umask(0o077)  # every file the daemon makes (database, images, audit log, keys) is private from its first byte
@@ -146,21 +146,21 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     if args.command == "serve":
         return serve(args, stderr)
     if args.command == "user":
-        from xapid.usercli import run_user_command
+        from xapid.cli.user import run_user_command
 
         return run_user_command(args, stdin, stdout, stderr, isatty=stdin.isatty())
     if args.command == "cert":
-        from xapid.certcli import run_cert_command
+        from xapid.cli.cert import run_cert_command
 
         return run_cert_command(args, stdout, stderr)
     if args.command in ("check-config", "db"):
-        from xapid.opscli import check_config, run_db_command
+        from xapid.cli.ops import check_config, run_db_command
 
         problem = check_config(args, stdout) if args.command == "check-config" else run_db_command(args, stdout)
         return _fail(stderr, problem) if problem else 0
     if args.command == "schema-doc":
         from xapid.schema import SchemaError, load_schema
-        from xapid.schemadoc import render
+        from xapid.cli.schemadoc import render
 
         try:
             text = render(load_schema())

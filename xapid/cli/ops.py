@@ -36,7 +36,7 @@ def check_config(args: argparse.Namespace, stdout: TextIO) -> str | None:
     from xapid import statedir
     from xapid.schema import SchemaError, load_schema
     from xapid.server import Daemon, StartupError
-    from xapid.users import UsersError, UsersFile
+    from xapid.auth.users import UsersError, UsersFile
 
     try:
         load_schema()

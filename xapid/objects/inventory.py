@@ -198,8 +198,7 @@ def _mirror_users(api: Any) -> None:
 def _roles(api: Any) -> None:
     """xapi's roles and permissions as role objects (generated from the schema; not stored), and
     the sessions' rbac_permissions from the same table."""
-    from xapid import rbac
-
+    from xapid.auth import rbac
     api.rbac = rbac.install(api.store, api.schema)
     api.sessions.permissions = api.rbac.session_permissions
 

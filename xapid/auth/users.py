@@ -4,7 +4,7 @@ Every change re-reads the file, edits the one line concerned (comments and order
 and replaces the file atomically with mode 0600.  :meth:`UsersFile.verify` is slow on purpose
 (bcrypt) and costs the same whether or not the user exists, so timing does not tell an
 unknown name from a wrong password; the daemon calls it from its login threads (see
-:mod:`xapid.login`), so the table is guarded by a lock and the hash check runs outside it.
+:mod:`xapid.auth.login`), so the table is guarded by a lock and the hash check runs outside it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from passlib.hash import bcrypt as _bcrypt
 
 from xapid.files import atomic_writer
-from xapid.roles import validate_role
+from xapid.auth.roles import validate_role
 
 DEFAULT_USERS_FILE = Path("/etc/xapid/users")
 DEFAULT_ROUNDS = 10

@@ -16,8 +16,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from xapid.roles import ROLES
-from xapid.users import DEFAULT_ROUNDS, DEFAULT_USERS_FILE, UsersError, UsersFile
+from xapid.auth.roles import ROLES
+from xapid.auth.users import DEFAULT_ROUNDS, DEFAULT_USERS_FILE, UsersError, UsersFile
 
 EXIT_ERROR = 2
 ROUNDS_ENV = "XAPID_BCRYPT_ROUNDS"

@@ -20,7 +20,7 @@
 
 Credentials: ``session_id`` as a query parameter or a cookie (a live API session), or HTTP
 Basic ``user:password`` checked against the users file by the API's
-:class:`~xapid.login.PasswordChecker`, with the same per-source limits as ``session.login*`` (a
+:class:`~xapid.auth.login.PasswordChecker`, with the same per-source limits as ``session.login*`` (a
 failure waits ``auth_failure_delay`` like a failed login).  None or a bad one is 401 with
 ``WWW-Authenticate: Basic realm="xapid"``; a role below read-only would be 403.  ``task_id`` is
 accepted (Xen Orchestra sends one) and not needed.  Bad parameters are 400 with one line.
@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from xapid.apitypes import utc
 from xapid.audit import REDACTED, parse_since
-from xapid.roles import ROLES, role_at_least
+from xapid.auth.roles import ROLES, role_at_least
 from xapid.stats import export, prometheus
 from xapid.wire.http import HttpRequest, HttpResponse
 
