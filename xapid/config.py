@@ -26,6 +26,8 @@ class ServerConfig:
     users: str = "/etc/xapid/users"
     threads: int = 10
     log_level: str = "info"
+    log_file: str = ""  # empty: stderr (the journal under systemd)
+    log_file_bytes: int = 10 << 20
     idle_timeout: float = 600.0
     header_timeout: float = 30.0
     body_timeout: float = 120.0
@@ -63,6 +65,11 @@ class LimitsConfig:
     max_pending_tasks_per_user: int = 1000
     max_blob_bytes: int = 4 << 20  # data of one blob (PUT /blob)
     max_messages: int = 10_000  # messages kept (xapi's message_limit); the oldest go first
+    max_transfers: int = 8  # disk/VM transfers (export/import over HTTP) at once, all users
+    max_transfers_per_user: int = 2  # of them by one user
+    console_idle_timeout: float = 1800.0  # a console relay without a byte either way is closed
+    max_consoles: int = 64  # console sessions (/console) at once, in total
+    max_consoles_per_vm: int = 4  # of them on one VM
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 DISK_FORMATS = ("raw", "qcow2")
 _PATH_LISTS = {"roots", "bootloaders", "kernel_dirs"}  # may be empty; absolute paths (bootloaders: or names)
 AUTOBALLOON = ("auto", "on", "off")
-_POSITIVE = {"xenstored_timeout", "log_max_bytes", "audit_log_bytes", "max_pending_tasks_per_session", "max_pending_tasks_per_user", "max_blob_bytes", "max_messages",
+_POSITIVE = {"xenstored_timeout", "log_max_bytes", "log_file_bytes", "audit_log_bytes", "max_pending_tasks_per_session", "max_pending_tasks_per_user", "max_blob_bytes", "max_messages", "max_transfers", "max_transfers_per_user", "console_idle_timeout", "max_consoles", "max_consoles_per_vm",
              "threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
              "max_depth", "max_elements", "cpus",
              "idle_timeout", "header_timeout", "body_timeout", "max_clients", "max_anonymous_clients",
@@ -164,7 +171,7 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
             raise ConfigError(f"{problem}: expected a number, got {text!r}") from None
     else:
         value = text.strip()
-        if not value and key not in ("hostname", "local_sr", "iso_library", "prometheus_listen", "log_dir"):
+        if not value and key not in ("hostname", "local_sr", "iso_library", "prometheus_listen", "log_dir", "log_file"):
             raise ConfigError(f"{problem}: must not be empty")
     if key in _POSITIVE and value <= 0:
         raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")
@@ -178,7 +185,7 @@ def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any
         raise ConfigError(f"{problem}: expected one of {', '.join(AUTOBALLOON)}, got {value!r}")
     if key == "plugin_dir" and not value.startswith("/"):
         raise ConfigError(f"{problem}: {value!r} is not an absolute path")
-    if key == "log_dir" and value and not value.startswith("/"):
+    if key in ("log_dir", "log_file") and value and not value.startswith("/"):
         raise ConfigError(f"{problem}: {value!r} is not an absolute path")
     if key == "disk_format" and value not in DISK_FORMATS:
         raise ConfigError(f"{problem}: unknown format {value!r} (expected one of: {', '.join(DISK_FORMATS)})")

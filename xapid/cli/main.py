@@ -74,7 +74,14 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
 
     log = Logger(namespace="xapid.cli.main")
     systemd.forget_listen_fds()
-    start_logging(stderr, config.server.log_level)
+    try:
+        start_logging(stderr, config.server.log_level, log_file=config.server.log_file,
+                      log_file_bytes=config.server.log_file_bytes)
+    except OSError as exc:
+        return _fail(stderr, f"cannot open [server] log_file {config.server.log_file}: {exc.strerror or exc}")
+    if config.server.log_file:
+        stderr.write(f"xapid: logging to {config.server.log_file}\n")
+        stderr.flush()
     os.umask(0o077)  # every file the daemon makes (database, images, audit log, keys) is private from its first byte
     daemon = Daemon(config, reactor)
     daemon.status = notifier.status
