@@ -353,3 +353,19 @@ def test_client_verbs_through_the_xapid_command(tmp_path):
         assert isinstance(json.loads(out.stdout), list)
     finally:
         d.stop()
+
+
+def test_vm_install_onto_another_sr(daemon, xc):
+    """``vm install --sr``: the template is copied onto that SR, and the disks it provisions are made there, not on the
+    pool's default SR."""
+    sr = js(xc("call", "SR.create", js(xc("call", "host.get_all"))[0], json.dumps({"location": str(daemon.state / "second")}),
+               "0", "second-sr", "", "file", "user", "false", "{}"))
+    sr_uuid = js(xc("call", "SR.get_uuid", sr))
+    vm = js(xc("vm", "install", "Debian Bookworm 12", "on-second", "--sr", "second-sr", "--json"))
+    ref = js(xc("call", "VM.get_by_uuid", vm["uuid"]))
+    assert sr_uuid
+    vdis = [js(xc("call", "VBD.get_VDI", vbd)) for vbd in js(xc("call", "VM.get_VBDs", ref))]
+    disks = [v for v in vdis if v != "OpaqueRef:NULL"]
+    assert disks and {js(xc("call", "VDI.get_SR", v)) for v in disks} == {sr}
+    assert js(xc("call", "VM.get_suspend_SR", ref)) == sr
+    assert "no-such-sr" in one_line_failure(xc("vm", "install", "Debian Bookworm 12", "x", "--sr", "no-such-sr"))

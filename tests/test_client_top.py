@@ -24,11 +24,13 @@ GiB = 1 << 30
 
 
 class Tmux:
-    def __init__(self, daemon_url: str, home: str, command: list[str]):
+    def __init__(self, daemon_url: str, home: str, command: list[str], password: str | None = PASSWORD):
         self.server = f"xapid-test-{os.getpid()}-{time.monotonic_ns()}"
-        env = {"XAPID_URL": daemon_url, "XAPID_USER": "admin", "XAPID_PASSWORD": PASSWORD, "HOME": home,
+        env = {"XAPID_URL": daemon_url, "XAPID_USER": "admin", "HOME": home,
                "TERM": "xterm-256color", "PYTHONPATH": str(ROOT)}
-        line = "env -u COLUMNS -u LINES " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(
+        if password is not None:
+            env["XAPID_PASSWORD"] = password
+        line = "env -u COLUMNS -u LINES -u XAPID_PASSWORD " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + shlex.join(
             [sys.executable, "-m", "xapid.client", *command])
         shell = f"cd {shlex.quote(str(ROOT))} && {line}; echo EXIT=$?; sleep 600"
         self.tmux("-f", "/dev/null", "new-session", "-d", "-x", "160", "-y", "40", "-s", "t", shell, ";",
@@ -153,3 +155,24 @@ def test_clone_progress_bar_and_ctrl_c_cancels(daemon, tmp_path):
     while len(js(xc("vdi", "list", "--json"))) != vdis_before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert len(js(xc("vdi", "list", "--json"))) == vdis_before
+
+
+def test_password_prompt_in_a_terminal(daemon, tmp_path):
+    """Without XAPID_PASSWORD or a profile, the client asks for the password in the terminal (not echoed), then
+    runs the verb; a wrong one is a one-line failure with exit 1."""
+    for typed, expect in ((PASSWORD, "EXIT=0"), ("not-the-password", "EXIT=1")):
+        t = Tmux(daemon.url, str(tmp_path), ["host", "list"], password=None)
+        try:
+            t.wait(lambda s: any(line.startswith("Password for admin at ") for line in s))
+            t.keys("-l", typed)
+            t.keys("Enter")
+            lines = t.wait(lambda s: any(line.startswith("EXIT=") for line in s))
+            text = "\n".join(lines)
+            assert typed not in text  # never echoed
+            assert expect in text, text
+            if expect == "EXIT=0":
+                assert any(line.startswith("NAME") or line.startswith("UUID") for line in lines), text
+            else:
+                assert "xapid: SESSION_AUTHENTICATION_FAILED" in text, text
+        finally:
+            t.close()

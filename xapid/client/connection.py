@@ -135,7 +135,8 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         super().connect()
-        der = self.sock.getpeercert(binary_form=True)
+        assert isinstance(self.sock, ssl.SSLSocket)  # HTTPSConnection.connect wraps the socket
+        der = self.sock.getpeercert(binary_form=True) or b""
         try:
             self._check(hashlib.sha256(der).hexdigest().upper())
         except BaseException:
@@ -154,13 +155,16 @@ class PinnedTransport(xmlrpc.client.SafeTransport):
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         super().__init__(context=context)
         self._check = check
+        self._pinned_context = context
 
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        if self._connection and host == self._connection[0]:
-            return self._connection[1]
+    def make_connection(self, host: Any) -> http.client.HTTPSConnection:
+        cached = self._connection
+        if cached and host == cached[0] and isinstance(cached[1], http.client.HTTPSConnection):
+            return cached[1]
         chost, self._extra_headers, _ = self.get_host_info(host)
-        self._connection = host, _PinnedHTTPSConnection(chost, self._check, context=self.context)
-        return self._connection[1]
+        connection = _PinnedHTTPSConnection(chost, self._check, context=self._pinned_context)
+        self._connection = host, connection
+        return connection
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -181,16 +185,18 @@ def unix_transport(path: str) -> xmlrpc.client.Transport:
     except ImportError:  # the SDK is optional: the standard transport does the same HTTP
         UDSTransport = xmlrpc.client.Transport
 
-    class Transport(UDSTransport):  # type: ignore[misc, valid-type]
+    class Transport(UDSTransport):
         def make_connection(self, host: Any) -> http.client.HTTPConnection:
             if hasattr(UDSTransport, "with_originator"):
-                self._extra_headers = []
+                self._extra_headers: list[tuple[str, str]] = []
                 self.with_tracecontext()
                 self.with_originator()
-            if self._connection and self._connection[0] == path:
-                return self._connection[1]
-            self._connection = path, _UnixConnection(path)
-            return self._connection[1]
+            cached: tuple[Any, http.client.HTTPConnection | None] | None = getattr(self, "_connection", None)
+            if cached and cached[0] == path and cached[1] is not None:
+                return cached[1]
+            connection = _UnixConnection(path)
+            self._connection = path, connection
+            return connection
 
     return Transport()
 
