@@ -28,52 +28,31 @@ accepted (Xen Orchestra sends one) and not needed.  Bad parameters are 400 with 
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime, timezone
-import binascii
 import math
 import secrets
 from collections.abc import Callable
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from xapid.apitypes import utc
-from xapid.audit import REDACTED, parse_since
+from xapid.audit import parse_since
+from xapid.auth.http import TEXT, HttpError, authenticate, parse_query
 from xapid.auth.roles import ROLES, role_at_least
 from xapid.stats import export, prometheus
 from xapid.wire.http import HttpRequest, HttpResponse
 
 log = Logger()
 
-TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 READ_ROLE = "read-only"
 AUDIT_ROLE = "pool-admin"
 MESSAGES_PUT_ROLE = "vm-power-admin"  # xapi's put_messages
 
 
-class HttpError(Exception):
-    """An HTTP refusal: *status* and a one-line reason for the body."""
-
-    def __init__(self, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.headers = headers
-
-
 def _response(error: HttpError) -> HttpResponse:
-    return HttpResponse(error.status, f"{error}\n".encode(), [TEXT, *error.headers])
-
-
-def parse_query(request: HttpRequest) -> dict[str, list[str]]:
-    """The query parameters (repeatable); 400 for a query that is not UTF-8."""
-    try:
-        return parse_qs(request.query.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError):
-        raise HttpError(400, "the query string is not valid UTF-8") from None
+    return error.response()
 
 
 def _one(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
@@ -172,68 +151,12 @@ class HttpExports:
 
     async def _authenticate(self, request: HttpRequest, params: dict[str, list[str]], need: str = READ_ROLE) -> str:
         """The caller's role, from a session (query or cookie) or HTTP Basic; HttpError otherwise."""
-        challenge = ((b"WWW-Authenticate", b'Basic realm="xapid"'),)
-        session_ref = _one(params, "session_id") or self._cookie_session(request)
-        role: str | None = None
-        if session_ref:
-            session = self.api.sessions.touch(session_ref)
-            if session is None:
-                raise HttpError(401, "invalid or expired session_id", challenge)
-            role = session.role
-        else:
-            header = request.headers.get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"basic":
-                raise HttpError(401, "authentication required: session_id or HTTP Basic", challenge)
-            try:
-                name, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                raise HttpError(401, "malformed Basic credentials", challenge) from None
-            client = getattr(request, "client", None)
-            user = None
-            if sep:
-                outcome = await self.api.passwords.check(client.address if client is not None else "", name, password)
-                user = outcome.user
-                if user is None and outcome.checked:  # throttled and refused tries are not logged one by one
-                    log.warn("failed HTTP login for {user!r} from {peer} (source {source})", user=name,
-                             peer=request.peer, source=outcome.source)
-            if user is None:
-                self._audit_failure(request, name if sep else None)
-                await self.api.sleep(self.api.auth_failure_delay)
-                raise HttpError(401, "authentication failed", challenge)
-            if client is not None:
-                client.authenticated = True
-            role = user.role
+        role = (await authenticate(self.api, request, params)).role
         if role not in ROLES or not role_at_least(role, READ_ROLE):
             raise HttpError(403, f"role {role} may not read metrics")
         if not role_at_least(role, need):
             raise HttpError(403, f"role {role} may not read {request.path.decode('latin-1')}: it needs {need}")
         return role
-
-    def _audit_failure(self, request: HttpRequest, name: str | None) -> None:
-        """A failed HTTP Basic login, in the audit log like a failed session.login_with_password."""
-        audit = getattr(self.api, "audit", None)
-        if audit is None:
-            return
-        try:
-            client = getattr(request, "client", None)
-            audit.record(method=f"HTTP Basic GET {request.path.decode('latin-1')[:256]}", user=name, role=None,
-                         originator=None, peer=client.address if client is not None else None,
-                         args={"uname": name, "pwd": REDACTED}, outcome="SESSION_AUTHENTICATION_FAILED")
-        except Exception:  # noqa: BLE001 - the audit never changes the answer
-            log.failure("writing an audit line failed")
-
-    @staticmethod
-    def _cookie_session(request: HttpRequest) -> str | None:
-        header = request.headers.get(b"cookie")
-        if not header:
-            return None
-        try:
-            cookie = SimpleCookie(header.decode("latin-1"))
-        except CookieError:
-            return None
-        morsel = cookie.get("session_id")
-        return morsel.value if morsel else None
 
     def _owner_names(self) -> dict[str, str]:
         store = self.api.store

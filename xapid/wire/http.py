@@ -29,16 +29,21 @@ parsing, request machinery); the small calls the API lives on are dominated by i
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Callable
+from typing import Protocol as Protocol_
+from typing import runtime_checkable
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IProtocol, IPushProducer
+from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -112,9 +117,117 @@ class HttpRequest:
 
 @dataclass
 class HttpResponse:
+    """A reply.  With *stream*, *body* is ignored: the head carries ``Content-Length: length``
+    when *length* is set (else the body is close-delimited) and ``stream(writer)`` produces the
+    body through a :class:`BodyWriter`, the connection closing abruptly if its Deferred fails or
+    the byte count differs from *length*.  With *takeover* (a 101 upgrade or a CONNECT's 200),
+    the head is written without a length and the connection is handed to the protocol it builds."""
+
     status: int = 200
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    stream: Callable[[BodyWriter], Deferred[None] | None] | None = None
+    length: int | None = None
+    takeover: Callable[[], IProtocol] | None = None
+
+
+@runtime_checkable
+class BodySink(Protocol_):
+    """Where a streamed request body goes (returned by a handler's ``sink_for``).
+
+    ``write`` is called with each piece as it arrives (de-chunked); an unfired Deferred pauses
+    the reading of the socket until it fires; raising or failing ends the request (an exception
+    with an integer ``status`` attribute, such as :class:`xapid.auth.http.HttpError`, is sent as
+    that status, anything else as 500) and ``abort`` is called.  ``finish`` is called once the
+    whole body has arrived and gives the reply.  ``abort(reason)`` is called at most once, never
+    after ``finish``, when the connection breaks, the framing is invalid, the body stalls or
+    a write failed: the sink cleans up.
+
+    Optional attributes (read with ``getattr``), for xapi's import handlers:
+
+    * ``early: HttpResponse | None`` — a reply head sent as soon as the sink is accepted, before
+      any of the body is read (``Connection: close``, no Content-Length, its body ignored).  The
+      body still streams to the sink; whatever happens later, the client gets no other reply: a
+      failure only fails the sink's task and the connection is closed.
+    * ``complete: bool`` — once True after a write, the body is over for the sink even if more
+      was announced (an XVA's tar end, a raw disk's size reached): ``finish`` is called, and the
+      rest is read and discarded (at most :data:`DRAIN_MAX` bytes) until the client closes or the
+      announced end, then the connection is closed."""
+
+    def write(self, data: bytes) -> Deferred[None] | None: ...
+
+    def finish(self) -> HttpResponse | Deferred[HttpResponse]: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class BodyWriter:
+    """Writes a streamed response body to one connection.
+
+    ``write(data)`` returns a Deferred that fires when the connection wants more (at once,
+    unless the transport's buffer is over its high-water mark: then when it drains), or fails
+    with :class:`~twisted.internet.error.ConnectionLost` once the client is gone or the body
+    overran its announced length; the producer must then stop.  ``closed`` is then True."""
+
+    def __init__(self, channel: HttpChannel, length: int | None) -> None:
+        self._channel = channel
+        self.length = length
+        self.sent = 0
+        self.closed = False
+        self._waiting: list[Deferred[None]] = []
+
+    def write(self, data: bytes) -> Deferred[None]:
+        if self.closed:
+            return fail(ConnectionLost("the connection is closed"))
+        if not data:
+            return succeed(None)
+        if self.length is not None and self.sent + len(data) > self.length:
+            self._channel._abort_stream(f"the body overran its Content-Length of {self.length}")
+            return fail(ConnectionLost("the body overran its Content-Length"))
+        self.sent += len(data)
+        self._channel._send(bytes(data))
+        if not self._channel._write_paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        self._channel._stalled()
+        return d
+
+    def direct(self) -> int | None:
+        """A duplicate of the connection's socket descriptor, for a producer that sends the body
+        itself from a thread (``sendfile``, zero buffers: no copy through the reactor), when the
+        transport is a plain TCP or UNIX socket with nothing queued; None otherwise (TLS, queued
+        bytes: use :meth:`write`).  The producer then never calls :meth:`write`, counts what it
+        sent with :meth:`account`, stops when :attr:`closed` turns True, and closes the descriptor.
+        A duplicate, so that the connection closing never lets its number be reused under it."""
+        transport = self._channel.transport
+        if (self.closed or not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False)
+                or not transport.connected or transport.disconnecting):
+            return None
+        queued = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+        if queued > 0 or getattr(transport, "_tempDataLen", 0):
+            return None
+        try:
+            return os.dup(transport.fileno())
+        except (OSError, AttributeError):
+            return None
+
+    def account(self, count: int) -> None:
+        """*count* bytes were sent directly (see :meth:`direct`)."""
+        self.sent += count
+
+    def _resume(self) -> None:
+        if self._channel._timer_kind == "send":
+            self._channel._cancel_timer()
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def _lost(self, why: str) -> None:
+        self.closed = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(ConnectionLost(why))
 
 
 Handler = Callable[[HttpRequest], "HttpResponse | Deferred[Any]"]
@@ -161,9 +274,27 @@ def write_now(transport: Any, data: bytes) -> int:
 
 
 _NOTHING = object()
+_STREAM_PIECE = 1 << 20  # decoded chunk data given to a sink in one write at most
+HIGH_WATER = 256 << 10  # bytes a streamed reply may queue in a socket transport before its writer waits
+DRAIN_MAX = 16 << 20  # after an early reply's body ended (complete or failed): input read and discarded at most
+STREAM_READ = 1 << 20  # bytes per recv while a body streams to a sink (Twisted's default is 64 KiB)
 
 # parser states
-_HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(7)
+_HEAD, _DECIDE, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(8)
+
+
+def _refusal(failure: Failure) -> tuple[int, str, tuple[tuple[bytes, bytes], ...]] | None:
+    """The HTTP refusal a failure stands for when its exception carries an integer ``status``
+    (4xx/5xx) — e.g. :class:`xapid.auth.http.HttpError` — with its text and ``headers``; else None."""
+    status = getattr(failure.value, "status", None)
+    if not isinstance(status, int) or not 400 <= status <= 599:
+        return None
+    headers = getattr(failure.value, "headers", ())
+    return status, str(failure.value) or reason(status).decode(), tuple(headers) if isinstance(headers, (tuple, list)) else ()
+
+
+def _gone(failure: Failure) -> bool:
+    return bool(failure.check(ConnectionLost, ConnectionDone, CancelledError))
 
 
 @implementer(IPushProducer)
@@ -177,14 +308,24 @@ class HttpChannel(Protocol):
         self.admission = admission
         self.client = Client("")
         self.peer = ""
+        self._sink_for: Callable[[HttpRequest], Any] | None = getattr(handler, "sink_for", None)
         self._buf = bytearray()
         self._scan = 0  # where the search for the end of the headers resumes
         self._blank = 0  # blank lines skipped before the current request
         self._state = _HEAD
+        self._framing = _DONE  # the body's first state (_BODY, _CHUNK_SIZE, or _DONE: no body)
         self._request: HttpRequest | None = None  # headers parsed, body pending
         self._body = bytearray()
         self._remaining = 0  # body or chunk bytes still to come
-        self._pending: Deferred[Any] | None = None  # a reply being computed
+        self._pending: Deferred[Any] | None = None  # a reply (or a sink_for decision) being computed
+        self._sink: BodySink | None = None  # where the current request's body is streamed
+        self._sink_wait: Deferred[Any] | None = None  # the sink's write that reading waits on
+        self._writer: BodyWriter | None = None  # a streamed reply in progress
+        self._stream_keep = False
+        self._takeover: IProtocol | None = None  # the protocol the connection was handed to
+        self._early = False  # an early reply head was sent: nothing else is ever answered here
+        self._ended = False  # an early reply's request is over: the input is only drained
+        self._drain_left = 0  # bytes still discarded before closing, while _ended
         self._processing = False
         self._closing = False
         self._write_paused = False  # the transport's buffer is full: the client is not reading
@@ -223,27 +364,58 @@ class HttpChannel(Protocol):
         self._deadline("header", self.settings.header_timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
+        takeover = self._takeover
         self._closing = True
         self._cancel_timer()
         self._buf = bytearray()
         self._body = bytearray()
         if self.admission is not None:
             self.admission.release(self)
+        self._abort_sink("the connection was lost")
+        if self._writer is not None:
+            self._writer._lost("the client went away")
         if self._pending is not None and not self._pending.called:
             self._pending.cancel()
+        if takeover is not None:
+            takeover.connectionLost(reason if reason is not None else Failure(ConnectionDone()))
 
     def dataReceived(self, data: bytes) -> None:
+        if self._takeover is not None:
+            self._takeover.dataReceived(data)
+            return
         if self._closing:
+            return
+        if self._ended:
+            self._drain(len(data))
             return
         if self._timer_kind == "idle":  # the first byte of the next request
             self._deadline("header", self.settings.header_timeout)
-        self._buf += data
+        elif self._sink is not None and self._timer_kind == "body":  # a streamed body: an inactivity deadline
+            self._timer.reset(self.settings.body_timeout)
+        if (self._state == _BODY and self._sink is not None and not self._buf and self._sink_wait is None
+                and not self._processing and self._pending is None):
+            # a Content-Length body streaming to a sink: the piece goes to it as received, uncopied
+            taken = min(len(data), self._remaining)
+            if taken < len(data):
+                self._buf += memoryview(data)[taken:]
+                data = data[:taken]
+            self._remaining -= taken
+            if not self._remaining:
+                self._state = _DONE
+            self._processing = True
+            try:
+                self._feed(data)
+            finally:
+                self._processing = False
+        else:
+            self._buf += data
         self._process()
 
     @property
     def busy(self) -> bool:
-        """A request is being answered (so the connection is not idle)."""
-        return self._pending is not None
+        """A request is being answered, streamed, or the connection was handed over (so it is not idle)."""
+        return (self._pending is not None or self._sink is not None or self._writer is not None
+                or self._takeover is not None)
 
     @property
     def receiving(self) -> bool:
@@ -263,6 +435,8 @@ class HttpChannel(Protocol):
 
     def resumeProducing(self) -> None:
         self._write_paused = False
+        if self._writer is not None:
+            self._writer._resume()
         if not self._closing:
             self._process()
 
@@ -276,10 +450,12 @@ class HttpChannel(Protocol):
 
     def _flow(self) -> None:
         """Read from the socket only while the input buffered here is small enough, or nothing
-        waits on a reply, and the client reads what it is sent."""
-        if self._closing:
+        waits on a reply, the client reads what it is sent, and no streamed body's sink is behind."""
+        if self._closing or self._takeover is not None:
             return
-        blocked = self._write_paused or (self._pending is not None and len(self._buf) > self.settings.pending_input)
+        replying = self._pending is not None or self._writer is not None
+        blocked = (self._write_paused or self._sink_wait is not None
+                   or (replying and len(self._buf) > self.settings.pending_input))
         if blocked:
             self._pause_reading()
         elif self._read_paused:
@@ -301,7 +477,17 @@ class HttpChannel(Protocol):
 
     def _expired(self) -> None:
         kind, self._timer, self._timer_kind = self._timer_kind, None, ""
-        if self._closing or self._pending is not None:
+        if self._ended:  # draining after an early reply: the client went quiet
+            if not self._closing:
+                self._close()
+            return
+        if kind == "send" and not self._closing:
+            self._abort_stream("the client read nothing of a streamed reply for idle_timeout seconds")
+            if self._writer is not None:
+                self._writer._lost("the client stopped reading")
+            return
+        if (self._closing or self._pending is not None or self._sink_wait is not None or self._writer is not None
+                or self._takeover is not None):
             return
         if kind == "idle" or (kind == "header" and not self.receiving):
             self._close()  # nothing of a request arrived: just hang up
@@ -311,51 +497,35 @@ class HttpChannel(Protocol):
     # -- the parse loop --------------------------------------------------------------------
 
     def _process(self) -> None:
-        """Answer every complete request buffered, in order, until one needs to wait."""
+        """Advance the buffered requests, in order, until one needs to wait."""
         if self._processing:
             return
         self._processing = True
         try:
-            while not self._closing and self._pending is None and not self._write_paused:
-                request = self._parse()
-                if request is None:
+            while (not self._closing and self._pending is None and not self._write_paused and self._sink_wait is None
+                   and self._writer is None and self._takeover is None and not self._ended):
+                if not self._step():
                     break
-                self._cancel_timer()
-                self._answer(request)
         except _Refused as refusal:
             self._refuse(refusal.status, refusal.reason)
         finally:
             self._processing = False
         self._flow()
 
-    def _parse(self) -> HttpRequest | None:
-        """The next complete request, consuming its bytes; None if more input is needed."""
-        buf = self._buf
-        if self._state == _HEAD:
-            if not self._head(buf):
-                return None
-        if self._state == _BODY:
-            if len(buf) < self._remaining:
-                self._body += buf
-                self._remaining -= len(buf)
-                del buf[:]
-                return None
-            if self._body:
-                self._body += buf[:self._remaining]
-                body = bytes(self._body)
-                self._body = bytearray()
-            else:
-                body = bytes(buf[:self._remaining])
-            del buf[:self._remaining]
-            self._remaining = 0
-            self._state = _DONE
-            assert self._request is not None
-            self._request.body = body
-        elif self._state != _DONE and not self._chunked(buf):
-            return None
-        request, self._request = self._request, None
-        self._state = _HEAD
-        return request
+    def _step(self) -> bool:
+        """Advance the current request by one stage; False when more input is needed."""
+        state = self._state
+        if state == _HEAD:
+            return self._head(self._buf)
+        if state == _DECIDE:
+            self._decide()
+            return True
+        if state == _BODY:
+            return self._fixed(self._buf)
+        if state != _DONE:
+            return self._chunked(self._buf)
+        self._complete()
+        return True
 
     def _head(self, buf: bytearray) -> bool:
         """Parse the request line and headers once they have all arrived."""
@@ -380,6 +550,7 @@ class HttpChannel(Protocol):
         self._scan = 0
         self._blank = 0
         self._start(head)
+        self._cancel_timer()
         return True
 
     def _start(self, head: bytes) -> None:
@@ -418,23 +589,170 @@ class HttpChannel(Protocol):
                 raise _Refused(501, "only the chunked transfer coding is supported")
             if b"content-length" in headers:
                 raise _Refused(400, "both Content-Length and Transfer-Encoding")
-            self._state = _CHUNK_SIZE
+            self._framing = _CHUNK_SIZE
         else:
             length = headers.get(b"content-length", b"0")
             if not length.isdigit() or len(length) > 18:
                 raise _Refused(400, "bad Content-Length")
             self._remaining = int(length)
-            if self._remaining > self.settings.max_body:
-                raise _Refused(413, "request body is too large")
-            self._state = _BODY if self._remaining else _DONE
-        if self._state != _DONE:
-            if headers.get(b"expect", b"").lower() == b"100-continue":
-                self._send(version + b" 100 Continue\r\n\r\n")
+            self._framing = _BODY if self._remaining else _DONE
+        self._state = _DECIDE
+
+    # -- where the body goes ---------------------------------------------------------------
+
+    def _decide(self) -> None:
+        """Ask the handler's ``sink_for`` (if it has one) where the body goes, before reading any of it."""
+        if self._sink_for is None:
+            self._chosen(None)
+            return
+        request = self._request
+        assert request is not None
+        try:
+            choice = self._sink_for(request)
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the connection silently
+            choice = Failure()
+        if isinstance(choice, Deferred):
+            self._settle(choice, self._chosen)
+        else:
+            self._chosen(choice)
+
+    def _chosen(self, choice: Any) -> None:
+        request = self._request
+        if request is None or self._closing:
+            if isinstance(choice, BodySink) and not isinstance(choice, HttpResponse):
+                try:
+                    choice.abort("the connection was lost")
+                except Exception:  # noqa: BLE001
+                    log.failure("aborting a body sink failed")
+            return
+        announced = self._framing != _DONE
+        if choice is None:  # the ordinary buffered body
+            if self._framing == _BODY and self._remaining > self.settings.max_body:
+                self._refuse(413, "request body is too large")
+                return
+        elif isinstance(choice, (HttpResponse, Failure)) or not isinstance(choice, BodySink):
+            # answered before the body: an unread body ends the connection
+            self._request, self._state = None, _HEAD
+            self._reply(request, choice, close=announced)
+            return
+        else:
+            self._sink = choice
+            self._stream_reads()
+        self._state = self._framing
+        if announced and request.headers.get(b"expect", b"").lower() == b"100-continue":
+            self._send(request.version + b" 100 Continue\r\n\r\n")
+        early = getattr(choice, "early", None) if self._sink is not None else None
+        if isinstance(early, HttpResponse):
+            self._send_early(early)
+        if announced:
             self._deadline("body", self.settings.body_timeout)
 
+    def _stream_reads(self) -> None:
+        """Read up to :data:`STREAM_READ` bytes per recv from now on (this connection streams a body)."""
+        transport = self.transport
+        if isinstance(transport, FileDescriptor) and transport.bufferSize < STREAM_READ:
+            transport.bufferSize = STREAM_READ  # also the transport's write high-water mark: fine at 1 MiB
+
+    def _send_early(self, response: HttpResponse) -> None:
+        """xapi's import reply: the head now (200, ``Connection: close``, no length), before the body."""
+        self._early = True
+        if self.client.authenticated and not self._authenticated:
+            self._authenticated = True
+            if self.admission is not None:
+                self.admission.authenticated(self)
+        self._send(self._head_bytes(b"HTTP/1.1", response, None, False))
+
+    def _sink_completed(self) -> bool:
+        """After a write: has the sink declared the body over (before its announced end)?"""
+        sink = self._sink
+        if sink is None or self._state == _DONE or not getattr(sink, "complete", False):
+            return False
+        self._state = _DONE
+        self._body = bytearray()
+        # what is left of the announced body is discarded (what is buffered counts)
+        rest = self._remaining if self._framing == _BODY else DRAIN_MAX
+        self._drain_left = min(DRAIN_MAX, rest)
+        return True
+
+    def _drain(self, count: int) -> None:
+        """Discard *count* bytes of input after an early reply's body ended; close once enough went."""
+        self._drain_left -= count
+        if self._drain_left <= 0:
+            self._close()
+        elif self._timer_kind != "body":
+            self._deadline("body", self.settings.body_timeout)
+        else:
+            self._timer.reset(self.settings.body_timeout)
+
+    def _end_early(self) -> None:
+        """The request of an early reply is over (finished, completed or failed): drain, then close."""
+        self._ended = True
+        self._request, self._sink = None, None
+        self._cancel_timer()
+        if self._drain_left <= 0:
+            self._close()
+            return
+        left, self._buf = len(self._buf), bytearray()
+        if self._read_paused:
+            self._read_paused = False
+            self._io.resumeProducing()
+        self._drain(left)
+
+    def _fixed(self, buf: bytearray) -> bool:
+        """Take Content-Length body bytes from *buf*: buffered, or fed to the sink as they come."""
+        if self._sink is not None:
+            if not buf:
+                return False
+            taken = min(len(buf), self._remaining)
+            if taken == len(buf):
+                piece = bytes(buf)
+                self._buf = bytearray()
+            else:
+                piece = bytes(buf[:taken])
+                del buf[:taken]
+            self._remaining -= taken
+            if not self._remaining:
+                self._state = _DONE
+            self._feed(piece)
+            return True
+        if len(buf) < self._remaining:
+            self._body += buf
+            self._remaining -= len(buf)
+            del buf[:]
+            return False
+        if self._body:
+            self._body += buf[:self._remaining]
+            body = bytes(self._body)
+            self._body = bytearray()
+        else:
+            body = bytes(buf[:self._remaining])
+        del buf[:self._remaining]
+        self._remaining = 0
+        self._state = _DONE
+        assert self._request is not None
+        self._request.body = body
+        return True
+
     def _chunked(self, buf: bytearray) -> bool:
-        """Decode chunked body data from *buf*; True once the last chunk and trailers arrived."""
+        """Decode chunked body data from *buf*; True once the last chunk and trailers arrived.
+        With a sink, the data decoded from what has arrived goes to it in one write (however
+        small the chunks); False also when the sink asked to wait."""
+        done = self._dechunk(buf)
+        if self._sink is not None and self._body and not self._closing:
+            self._flush_chunks()
+            if self._sink_wait is not None:
+                return done  # True: the loop waits on the sink before finishing
+        return done or self._state == _DONE
+
+    def _flush_chunks(self) -> None:
+        piece = bytes(self._body)
+        self._body = bytearray()
+        self._feed(piece)
+
+    def _dechunk(self, buf: bytearray) -> bool:
         while True:
+            if self._state == _DONE:  # the sink declared the body complete
+                return True
             if self._state == _CHUNK_SIZE:
                 end = buf.find(b"\r\n", 0, _CHUNK_LINE_MAX + 2)
                 if end < 0:
@@ -449,7 +767,7 @@ class HttpChannel(Protocol):
                 if size == 0:
                     self._state = _TRAILERS
                     continue
-                if len(self._body) + size > self.settings.max_body:
+                if self._sink is None and len(self._body) + size > self.settings.max_body:
                     raise _Refused(413, "request body is too large")
                 self._remaining = size
                 self._state = _CHUNK_DATA
@@ -457,6 +775,17 @@ class HttpChannel(Protocol):
                 if not buf:
                     return False
                 taken = min(len(buf), self._remaining)
+                if self._sink is not None:
+                    self._body += buf[:taken]
+                    del buf[:taken]
+                    self._remaining -= taken
+                    if not self._remaining:
+                        self._state = _CHUNK_END
+                    if len(self._body) >= _STREAM_PIECE:
+                        self._flush_chunks()
+                        if self._sink_wait is not None or self._closing:
+                            return False
+                    continue
                 self._body += buf[:taken]
                 del buf[:taken]
                 self._remaining -= taken
@@ -476,8 +805,9 @@ class HttpChannel(Protocol):
                 if buf[:2] == b"\r\n":
                     del buf[:2]
                     assert self._request is not None
-                    self._request.body = bytes(self._body)
-                    self._body = bytearray()
+                    if self._sink is None:
+                        self._request.body = bytes(self._body)
+                        self._body = bytearray()
                     self._state = _DONE
                     return True
                 end = buf.find(b"\r\n\r\n", 0, _TRAILERS_MAX)
@@ -487,6 +817,120 @@ class HttpChannel(Protocol):
                     return False
                 del buf[:end + 2]  # the trailer lines; the blank line ends the body next turn
 
+    def _feed(self, piece: bytes) -> None:
+        """Give *piece* to the sink; if it returns an unfired Deferred, stop reading until it fires."""
+        sink = self._sink
+        assert sink is not None
+        try:
+            written = sink.write(piece)
+        except Exception:  # noqa: BLE001 - the sink refused: the request ends
+            self._sink_failed(Failure())
+            return
+        if not isinstance(written, Deferred):
+            self._sink_completed()
+            return
+        box: list[Any] = [True]
+        written.addBoth(self._written, box)
+        box[0] = False
+        if len(box) > 1:  # fired at once
+            if isinstance(box[1], Failure):
+                self._sink_failed(box[1])
+            else:
+                self._sink_completed()
+            return
+        self._sink_wait = written
+        if self._timer_kind == "body":
+            self._cancel_timer()  # the disk is behind, not the client
+        self._pause_reading()
+
+    def _written(self, outcome: Any, box: list[Any]) -> None:
+        if box[0]:
+            box.append(outcome)
+            return
+        self._sink_wait = None
+        if self._closing:
+            return
+        if isinstance(outcome, Failure):
+            self._sink_failed(outcome)
+            return
+        self._sink_completed()
+        if self._sink is not None and self._state != _DONE:
+            self._deadline("body", self.settings.body_timeout)
+        self._process()
+        return
+
+    def _sink_failed(self, failure: Failure) -> None:
+        """The sink refused or broke: abort it, answer its status (or 500) and close."""
+        request = self._request
+        refusal = _refusal(failure)
+        if refusal is None:
+            log.failure("streaming the body of {method} {path} failed", failure,
+                        method=request.method if request else b"", path=request.path if request else b"")
+            refusal = (500, "internal error", ())
+        self._abort_sink(refusal[1])
+        if self._early and self._state != _DONE:  # the client may still be sending: read some of it first
+            self._drain_left = min(DRAIN_MAX, self._remaining if self._framing == _BODY else DRAIN_MAX)
+        self._refuse(*refusal)
+
+    def _abort_sink(self, why: str) -> None:
+        sink, self._sink = self._sink, None
+        if sink is None:
+            return
+        try:
+            sink.abort(why)
+        except Exception:  # noqa: BLE001 - cleaning up must not kill the connection
+            log.failure("aborting a body sink failed")
+
+    def _complete(self) -> None:
+        """The whole request arrived: answer it (the handler, or the sink's finish)."""
+        request, self._request = self._request, None
+        assert request is not None
+        self._state = _HEAD
+        self._cancel_timer()
+        sink, self._sink = self._sink, None  # finish() is never followed by abort()
+        result: Any
+        try:
+            result = sink.finish() if sink is not None else self.handler(request)
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the connection silently
+            result = Failure()
+        if self._early:  # the reply went out already: the outcome is the sink's (its task), never cancelled
+            if isinstance(result, Deferred):
+                result.addBoth(self._early_outcome, request)
+            else:
+                self._early_outcome(result, request)
+            self._end_early()
+            return
+        if isinstance(result, Deferred):
+            self._settle(result, lambda outcome: self._reply(request, outcome))
+        else:
+            self._reply(request, result)
+
+    def _early_outcome(self, outcome: Any, request: HttpRequest) -> None:
+        if isinstance(outcome, Failure) and _refusal(outcome) is None and not _is_cancel(outcome):
+            log.failure("finishing the body of {method} {path} failed", outcome, method=request.method,
+                        path=request.path)
+
+    def _settle(self, d: Deferred[Any], then: Callable[[Any], None]) -> None:
+        """Call *then* with *d*'s outcome: now if it has fired, else later (the loop waits on ``_pending``)."""
+        self._inline = True
+        d.addBoth(self._settled, then)
+        self._inline = False
+        outcome, self._outcome = self._outcome, _NOTHING
+        if outcome is _NOTHING:  # a deferred outcome: the loop stops until it is ready
+            self._pending = d
+            return
+        then(outcome)
+
+    def _settled(self, outcome: Any, then: Callable[[Any], None]) -> None:
+        if self._inline:  # fired at once, inside _settle
+            self._outcome = outcome
+            return
+        self._pending = None  # later, from the reactor: never from inside _process
+        if self._closing and then != self._chosen:  # a sink chosen too late is aborted by _chosen
+            return
+        then(outcome)
+        self._process()
+
     # -- answering -------------------------------------------------------------------------
 
     def _keep_alive(self, request: HttpRequest) -> bool:
@@ -495,46 +939,41 @@ class HttpChannel(Protocol):
             return b"close" not in connection
         return b"keep-alive" in connection
 
-    def _answer(self, request: HttpRequest) -> None:
-        try:
-            result = self.handler(request)
-        except Exception:  # noqa: BLE001 - a handler bug must not kill the connection silently
-            log.failure("handling {method} {path} failed", method=request.method, path=request.path)
-            result = HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")])
-        if isinstance(result, Deferred):
-            self._inline = True
-            result.addBoth(self._settled, request)
-            self._inline = False
-            outcome, self._outcome = self._outcome, _NOTHING
-            if outcome is _NOTHING:  # a deferred reply: the loop stops until it is ready
-                self._pending = result
-                return
-            result = outcome
-        self._reply(request, result)
-
-    def _settled(self, outcome: Any, request: HttpRequest) -> None:
-        if self._inline:  # answered at once, inside _answer
-            self._outcome = outcome
-            return
-        self._pending = None  # later, from the reactor: never from inside _process
-        if self._closing:
-            return
-        self._reply(request, outcome)
-        self._process()
-
-    def _reply(self, request: HttpRequest, outcome: Any) -> None:
+    def _reply(self, request: HttpRequest, outcome: Any, close: bool = False) -> None:
         if not isinstance(outcome, HttpResponse):
-            if not self._closing and not _is_cancel(outcome):
-                log.failure("handling {method} {path} failed", outcome, method=request.method, path=request.path)
-            outcome = HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")])
+            refusal = _refusal(outcome) if isinstance(outcome, Failure) else None
+            if refusal is not None:
+                outcome = HttpResponse(refusal[0], f"{refusal[1]}\n".encode(),
+                                       [(b"Content-Type", b"text/plain"), *refusal[2]])
+            else:
+                if not self._closing and not _is_cancel(outcome):
+                    log.failure("handling {method} {path} failed", outcome if isinstance(outcome, Failure) else None,
+                                method=request.method, path=request.path)
+                outcome = HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")])
         if self._closing:
             return
         if self.client.authenticated and not self._authenticated:
             self._authenticated = True
             if self.admission is not None:
                 self.admission.authenticated(self)
-        keep = self._keep_alive(request)
-        self._write(request.version, outcome, keep)
+        keep = not close and self._keep_alive(request)
+        if outcome.takeover is not None:
+            self._take_over(request, outcome)
+            return
+        if outcome.stream is not None:
+            length = outcome.length
+            keep = keep and length is not None
+            self._send(self._head_bytes(request.version, outcome, length, keep))
+            if request.method == b"HEAD":
+                self._after_reply(keep)
+            else:
+                self._start_stream(outcome, keep)
+            return
+        self._send(self._head_bytes(request.version, outcome, len(outcome.body), keep) + outcome.body)
+        self._after_reply(keep)
+
+    def _after_reply(self, keep: bool) -> None:
+        """A reply is written: close, or wait for the next request."""
         if not keep:
             self._close()
             return
@@ -545,17 +984,101 @@ class HttpChannel(Protocol):
         else:
             self._deadline("idle", self.settings.idle_timeout)
 
-    def _write(self, version: bytes, response: HttpResponse, keep: bool) -> None:
-        head = [b"%s %d %s\r\nServer: %s\r\nContent-Length: %d\r\n"
-                % (version, response.status, reason(response.status), SERVER, len(response.body))]
+    def _head_bytes(self, version: bytes, response: HttpResponse, length: int | None, keep: bool,
+                    takeover: bool = False) -> bytes:
+        head = [b"%s %d %s\r\nServer: %s\r\n" % (version, response.status, reason(response.status), SERVER)]
+        if length is not None:
+            head.append(b"Content-Length: %d\r\n" % length)
         for name, value in response.headers:
             head.append(name + b": " + value + b"\r\n")
-        if not keep:
+        if takeover:
+            pass
+        elif not keep:
             head.append(b"Connection: close\r\n")
         elif version == b"HTTP/1.0":
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
-        self._send(b"".join(head) + response.body)
+        return b"".join(head)
+
+    def _write(self, version: bytes, response: HttpResponse, keep: bool) -> None:
+        self._send(self._head_bytes(version, response, len(response.body), keep) + response.body)
+
+    def _start_stream(self, response: HttpResponse, keep: bool) -> None:
+        """Run the response's producer with a :class:`BodyWriter`; requests wait until it is done."""
+        assert response.stream is not None
+        writer = BodyWriter(self, response.length)
+        self._writer = writer
+        self._stream_keep = keep
+        self._cancel_timer()
+        transport = self.transport
+        if isinstance(transport, FileDescriptor) and transport.bufferSize < HIGH_WATER:
+            transport.bufferSize = HIGH_WATER  # the transport pauses us (and the writer waits) past this
+        try:
+            d = response.stream(writer)
+        except Exception:  # noqa: BLE001 - a producer bug ends this reply, not the daemon
+            d = fail()
+        (d if isinstance(d, Deferred) else succeed(None)).addBoth(self._streamed, writer)
+
+    def _streamed(self, outcome: Any, writer: BodyWriter) -> None:
+        if self._writer is writer:
+            self._writer = None
+        writer.closed = True
+        if self._closing:
+            return
+        if isinstance(outcome, Failure):
+            if not _gone(outcome):
+                log.failure("streaming a reply to {peer} failed", outcome, peer=self.peer)
+            self._abort_connection()
+            return
+        if writer.length is not None and writer.sent != writer.length:
+            log.warn("a streamed reply to {peer} ended after {sent} of its {length} bytes", peer=self.peer,
+                     sent=writer.sent, length=writer.length)
+            self._abort_connection()
+            return
+        self._after_reply(self._stream_keep)
+        self._process()
+        return
+
+    def _stalled(self) -> None:
+        """A streamed reply waits on the client: it has ``idle_timeout`` seconds to read more."""
+        if self._timer_kind != "send":
+            self._deadline("send", self.settings.idle_timeout)
+
+    def _abort_stream(self, why: str) -> None:
+        log.warn("closing the connection to {peer}: {why}", peer=self.peer, why=why)
+        if self._writer is not None:
+            self._writer.closed = True
+        self._abort_connection()
+
+    def _take_over(self, request: HttpRequest, response: HttpResponse) -> None:
+        """Write the head, then hand the connection (and any bytes already buffered) to the protocol."""
+        assert response.takeover is not None
+        # HTTP/1.1 whatever the request said, as xapi answers Xen Orchestra's `CONNECT … HTTP/1.0`
+        self._send(self._head_bytes(b"HTTP/1.1", response, None, True, takeover=True))
+        try:
+            proto = response.takeover()
+        except Exception:  # noqa: BLE001
+            log.failure("taking over the connection from {peer} failed", peer=self.peer)
+            self._abort_connection()
+            return
+        self._cancel_timer()
+        self._takeover = proto
+        self._request, self._state = None, _HEAD
+        if not self._authenticated:
+            self._authenticated = True
+            if self.admission is not None:
+                self.admission.authenticated(self)
+        if self._producing:  # the new protocol may register its own producer
+            self._producing = False
+            self._io.unregisterProducer()
+        self._write_paused = False
+        if self._read_paused:
+            self._read_paused = False
+            self._io.resumeProducing()
+        leftover, self._buf = bytes(self._buf), bytearray()
+        proto.makeConnection(self._io)
+        if leftover and self._takeover is proto and not self._closing:
+            proto.dataReceived(leftover)
 
     def _send(self, data: bytes) -> None:
         """Write *data*: straight to the socket while nothing of ours is queued (:func:`write_now`),
@@ -568,16 +1091,34 @@ class HttpChannel(Protocol):
             self._direct = False
         self._io.write(data)
 
-    def _refuse(self, status: int, reason_text: str) -> None:
+    def _refuse(self, status: int, reason_text: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         log.info("refused a request from {peer}: {status} {reason}", peer=self.peer, status=status,
                  reason=reason_text)
+        self._abort_sink(reason_text)
+        if self._early:  # the reply was sent: the task says what happened; drain what was set, then close
+            if not self._ended:
+                self._end_early()
+            else:
+                self._close()
+            return
+        if self._writer is not None or self._takeover is not None:  # something else is on the wire already
+            self._abort_connection()
+            return
         body = f"{reason_text}\n".encode()
-        self._write(b"HTTP/1.1", HttpResponse(status, body, [(b"Content-Type", b"text/plain")]), keep=False)
+        self._write(b"HTTP/1.1", HttpResponse(status, body, [(b"Content-Type", b"text/plain"), *headers]), keep=False)
         self._close()
+
+    def _abort_connection(self) -> None:
+        """Close at once, dropping what is queued (a broken stream: the client sees a short body)."""
+        self._closing = True
+        self._cancel_timer()
+        self._abort_sink("the connection was closed")
+        self._io.abortConnection()
 
     def _close(self) -> None:
         self._closing = True
         self._cancel_timer()
+        self._abort_sink("the connection was closed")
         self._buf = bytearray()
         self._body = bytearray()
         if self._producing:  # a paused producer would hold the close back forever

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.wire import jsonrpc, xmlrpc
-from xapid.wire.http import HttpFactory, HttpRequest, HttpResponse, HttpSettings
+from xapid.wire.http import BodySink, HttpFactory, HttpRequest, HttpResponse, HttpSettings
 from xapid.wire.values import Limits, WireError
 
 log = Logger()
@@ -36,12 +36,52 @@ ALLOW_METHODS = (b"Access-Control-Allow-Methods", b"GET, POST, OPTIONS")
 
 
 Route = Callable[[HttpRequest], "HttpResponse | Deferred[Any]"]
+#: a streamed-body route: where the body goes (a sink), or the answer before any of it is read
+SinkRoute = Callable[[HttpRequest], "BodySink | HttpResponse | Deferred[Any]"]
 
 
 def _with_headers(response: _R, headers: list[tuple[bytes, bytes]]) -> _R:
     if isinstance(response, HttpResponse):
         response.headers = [*response.headers, *headers]  # a copy: XML and JSON are shared lists
     return response
+
+
+class _CorsSink:
+    """A sink whose final reply carries the CORS headers."""
+
+    def __init__(self, sink: BodySink, headers: list[tuple[bytes, bytes]]) -> None:
+        self.sink = sink
+        self.headers = headers
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        return self.sink.write(data)
+
+    def finish(self) -> HttpResponse | Deferred[HttpResponse]:
+        result = self.sink.finish()
+        if isinstance(result, Deferred):
+            return result.addCallback(_with_headers, self.headers)
+        return _with_headers(result, self.headers)
+
+    def abort(self, reason: str) -> None:
+        self.sink.abort(reason)
+
+    @property
+    def early(self) -> HttpResponse | None:
+        """The wrapped sink's early reply head, with the CORS headers."""
+        early = getattr(self.sink, "early", None)
+        return _with_headers(early, self.headers) if isinstance(early, HttpResponse) else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(getattr(self.sink, "complete", False))
+
+
+def _sink_with_headers(result: Any, headers: list[tuple[bytes, bytes]]) -> BodySink | HttpResponse | Deferred[Any]:
+    if isinstance(result, HttpResponse):
+        return _with_headers(result, headers)
+    if isinstance(result, BodySink):
+        return _CorsSink(result, headers)
+    return cast("BodySink | HttpResponse | Deferred[Any]", result)
 
 
 def _headless(response: HttpResponse) -> HttpResponse:
@@ -54,29 +94,59 @@ class ApiHandler:
 
     *routes* maps a GET path (no query, no trailing slash) to its handler; the wiring supplies
     them (the wire knows no endpoint).  GET / is the note; other unknown paths are 404.
+    *stream_routes* maps ``(method, path)`` to a route whose request body is streamed
+    (:meth:`sink_for`); *connect_routes* maps a path to the handler of ``CONNECT path?query``
+    (which answers with a takeover); CONNECT to any other target is 404, and never a call.
     """
 
     def __init__(self, dispatcher: Any, limits: Limits, routes: dict[bytes, Route] | None = None,
-                 cors_origins: tuple[str, ...] = (), put_routes: dict[bytes, Route] | None = None):
+                 cors_origins: tuple[str, ...] = (), put_routes: dict[bytes, Route] | None = None,
+                 stream_routes: dict[tuple[bytes, bytes], SinkRoute] | None = None,
+                 connect_routes: dict[bytes, Route] | None = None):
         self.dispatcher = dispatcher
         self.limits = limits
         self.routes = dict(routes or {})
         self.put_routes = dict(put_routes or {})  # PUT paths (/blob, /messages), as xapi serves them
+        self.stream_routes = dict(stream_routes or {})  # (method, path): a streamed body (/import_raw_vdi)
+        self.connect_routes = dict(connect_routes or {})  # CONNECT paths (/console)
         self.any_origin = "*" in cors_origins
         self.origins = frozenset(o.encode() for o in cors_origins if o != "*")
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         result = self._route(request)
+        allow = self._cors(request)
+        if allow:
+            if isinstance(result, Deferred):
+                return result.addCallback(_with_headers, allow)
+            return _with_headers(result, allow)
+        return result
+
+    def sink_for(self, request: HttpRequest) -> BodySink | HttpResponse | Deferred[Any] | None:
+        """Where the body of a streamed route goes (called before the body is read); None for the
+        other requests, whose body is buffered and given to :meth:`__call__`."""
+        if not self.stream_routes:
+            return None
+        route = self.stream_routes.get((request.method, request.path.rstrip(b"/") or b"/"))
+        if route is None:
+            return None
+        result = route(request)
+        allow = self._cors(request)
+        if allow:
+            if isinstance(result, Deferred):
+                return result.addCallback(_sink_with_headers, allow)
+            return _sink_with_headers(result, allow)
+        return result
+
+    def _cors(self, request: HttpRequest) -> list[tuple[bytes, bytes]] | None:
+        """The CORS headers a reply to *request* carries, if any."""
         if (self.any_origin or self.origins) and b"origin" in request.headers:
             origin = request.headers[b"origin"]
             if self.any_origin or origin in self.origins:
                 allow = [(b"Access-Control-Allow-Origin", b"*" if self.any_origin else origin), ALLOW_HEADERS]
                 if not self.any_origin:
                     allow.append((b"Vary", b"Origin"))
-                if isinstance(result, Deferred):
-                    return result.addCallback(_with_headers, allow)
-                return _with_headers(result, allow)
-        return result
+                return allow
+        return None
 
     def _route(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         if request.method == b"POST":
@@ -87,6 +157,11 @@ class ApiHandler:
             return self._get(request)
         if request.method == b"PUT" and (request.path.rstrip(b"/") or b"/") in self.put_routes:
             return self.put_routes[request.path.rstrip(b"/") or b"/"](request)
+        if request.method == b"CONNECT" and self.connect_routes:
+            route = self.connect_routes.get(request.path.rstrip(b"/") or b"/") if request.path[:1] == b"/" else None
+            if route is None:
+                return HttpResponse(404, b"not found\n", [(b"Content-Type", b"text/plain")])
+            return route(request)
         return HttpResponse(405, b"method not allowed\n", [(b"Content-Type", b"text/plain"),
                                                           (b"Allow", b"GET, HEAD, POST, OPTIONS")])
 
