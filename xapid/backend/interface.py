@@ -207,6 +207,28 @@ class GuestData:
     vnc_listen: str = ""
 
 
+ConsoleKind = Literal["pty", "tcp", "sim"]
+CONSOLE_PROTOCOLS = ("vt100", "rfb")
+
+
+@dataclass(frozen=True)
+class ConsoleEndpoint:
+    """Where a running domain's console is served, for the relay of ``/console``.
+
+    *protocol* ``vt100`` (the text console) or ``rfb`` (the device model's VNC server).
+    *kind* ``pty``: the dom0 pty at *path* (xenconsoled's end of the guest's console);
+    ``tcp``: a VNC server at *host*:*port* on this host; ``sim``: the simulator's own console,
+    served in-process (:mod:`xapid.console`), naming the guest *name*.
+    """
+
+    protocol: str
+    kind: ConsoleKind
+    path: str = ""
+    host: str = ""
+    port: int = -1
+    name: str = ""
+
+
 #: The subtrees of a domain's xenstore home that a driver reports in :attr:`GuestData.agent`.
 GUEST_SUBTREES = ("data", "attr", "control", "feature", "drivers", "xenserver/attr")
 GUEST_KEYS_MAX = 512
@@ -268,6 +290,13 @@ class ShutdownTimeout(BackendError):
     """The guest did not act on a clean shutdown/reboot/suspend request in time."""
 
     code = "SHUTDOWN_TIMEOUT"
+
+
+class NoConsole(BackendError):
+    """The domain has no console of the asked protocol (an HVM-only VNC on a PV guest, a
+    device model without VNC, a pty not (yet) published)."""
+
+    code = "NO_CONSOLE"
 
 
 class HypervisorUnavailable(BackendError):
@@ -358,6 +387,11 @@ class IBackend(Interface):
     def guest_data(uuid: str) -> GuestData:
         """What the domain publishes: its guest agent's keys and its console's location (NoSuchDomain
         when it does not exist).  Cheap enough to be polled every metrics period."""
+
+    def console_endpoint(uuid: str, protocol: str) -> ConsoleEndpoint:
+        """Where the running or paused domain's console of *protocol* (``vt100``/``rfb``) is
+        served (NoSuchDomain, BadDomainState when it is not running, NoConsole when it has none).
+        A driver checks what a guest could have written (paths, ports) before answering."""
 
     def read_counters() -> Counters:
         """One batch of raw counters: every domain, physical CPU, domain disk and nic, and PIF."""

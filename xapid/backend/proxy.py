@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from xapid.backend.interface import (
-    BackendError, BadDomainState, Counters, DiskSpec, DomainInfo, DomainSpec, GuestData, HostInfo,
+    BackendError, BadDomainState, ConsoleEndpoint, Counters, DiskSpec, DomainInfo, DomainSpec, GuestData, HostInfo,
     HypervisorUnavailable, IBackend, InvalidSpec, NicSpec, NoSuchDomain, NotEnoughMemory, NotSupported,
     PhysicalCPU, PhysicalNic, ShutdownTimeout,
 )
@@ -171,6 +171,11 @@ class Hypervisor:
     async def guest_data(self, uuid: str, *, vm: str = "") -> GuestData:
         return cast("GuestData", await self._call("guest_data", uuid, vm=vm))
 
+    async def console_endpoint(self, uuid: str, protocol: str, *, vm: str = "") -> ConsoleEndpoint:
+        """Where the domain's console of *protocol* is served (driver errors left unmapped:
+        the console handler answers HTTP statuses, not Xen-API errors)."""
+        return cast("ConsoleEndpoint", await self.runner.run(self.driver.console_endpoint, uuid, protocol))
+
 
 class Domain:
     """One domain's operations, its uuid and VM ref bound once (from :meth:`Hypervisor.domain`).
@@ -227,3 +232,6 @@ class Domain:
 
     async def guest_data(self) -> GuestData:
         return await self.hypervisor.guest_data(self.uuid, vm=self.vm)
+
+    async def console_endpoint(self, protocol: str) -> ConsoleEndpoint:
+        return await self.hypervisor.console_endpoint(self.uuid, protocol, vm=self.vm)

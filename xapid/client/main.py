@@ -12,7 +12,7 @@ from xapid.client.connection import ClientError, connect, resolve_target
 
 NOUNS = ("vm", "vdi", "vbd", "vif", "sr", "network", "host", "task")
 VM_VERBS = ("list", "show", "start", "shutdown", "reboot", "suspend", "resume", "destroy", "snapshot", "revert",
-            "clone", "install", "set")
+            "clone", "install", "console", "set")
 OTHER_VERBS = {"task": ("list", "show", "cancel")}
 VERBS = (*NOUNS, "top", "events", "call", "completion")
 
@@ -106,6 +106,12 @@ def build_parser(stdout: Any, stderr: Any) -> argparse.ArgumentParser:
         p.add_argument("template", metavar="TEMPLATE")
         p.add_argument("name", metavar="NAME")
         p.add_argument("--sr", help="the SR of its disks (default: the pool's default SR)")
+        p = leaf(sub, "console", "attach to a running VM's text console (Ctrl-] leaves), or --vnc: its graphical one")
+        p.add_argument("target", metavar="VM")
+        p.add_argument("--vnc", type=int, nargs="?", const=5900, default=None, metavar="PORT",
+                       help="relay the graphical (rfb) console to 127.0.0.1:PORT for a VNC viewer (default 5900)")
+        p.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+                       help="stdin not a terminal: leave once it ended and the console was quiet this long")
         p = leaf(sub, "set", "set fields: KEY=VALUE, MAP:KEY=VALUE (empty VALUE removes the key)")
         p.add_argument("target", metavar="VM")
         p.add_argument("assignments", metavar="KEY=VALUE", nargs="+")
@@ -157,6 +163,10 @@ def main(argv: list[str], stdin: Any, stdout: Any, stderr: Any, environ: dict[st
         target = resolve_target(_Opts(args), environ)
         client = connect(target, stdin, stderr)
         ctx = commands.Ctx(client, stdout, stderr, bool(opt(args, "json")), bool(opt(args, "quiet")))
+        if args.noun == "vm" and opt(args, "verb") == "console":
+            from xapid.client.console import vm_console
+
+            return vm_console(ctx, args, target, stdin)
         return dispatch(ctx, args)
     except ClientError as exc:
         stderr.write(f"xapid: {exc}\n")

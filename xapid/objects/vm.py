@@ -55,7 +55,7 @@ def domain_spec(ctx: CallContext, vm: Any) -> DomainSpec:
     vifs = sorted((store.get(r) for r in f["VIFs"]), key=lambda v: int(v.fields["device"]))
     params = f["VCPUs_params"]
     return DomainSpec(
-        uuid=f["uuid"], name=f["name_label"], domain_type=domain_type(f),  # type: ignore[arg-type]
+        uuid=f["uuid"], name=f["name_label"], domain_type=domain_type(f),
         memory_static_max=f["memory_static_max"], memory_target=f["memory_dynamic_max"],
         vcpus_max=f["VCPUs_max"], vcpus_at_startup=f["VCPUs_at_startup"],
         kernel=f["PV_kernel"], ramdisk=f["PV_ramdisk"], cmdline=" ".join(x for x in (f["PV_args"], f["PV_legacy_args"]) if x),
@@ -88,10 +88,11 @@ def record_domain(ctx: CallContext, vm_ref: str, info: DomainInfo) -> None:
         if not was_running:
             for device in [*vm.fields["VBDs"], *vm.fields["VIFs"]]:
                 store.update(device, {"currently_attached": True})
-        if not vm.fields["consoles"]:
-            uuid = str(uuidlib.uuid4())
-            store.add("console", {"uuid": uuid, "VM": vm_ref, "location": ctx.api.console_url(uuid),
-                                  "protocol": "rfb" if info.domain_type == "hvm" else "vt100"})
+        if not vm.fields["consoles"]:  # HVM: the device model's VNC (first, as xapi lists it) and the serial line
+            for protocol in (("rfb", "vt100") if info.domain_type == "hvm" else ("vt100",)):
+                uuid = str(uuidlib.uuid4())
+                store.add("console", {"uuid": uuid, "VM": vm_ref, "location": ctx.api.console_url(uuid),
+                                      "protocol": protocol})
 
 
 def metrics_fields(info: DomainInfo, now: datetime) -> dict[str, Any]:

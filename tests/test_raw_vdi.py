@@ -1,0 +1,521 @@
+"""GET /export_raw_vdi and PUT /import_raw_vdi: raw and VHD disk transfers, against a real daemon
+over real sockets, plus the VHD/chunked formats and the sparse helpers on their own (hostile input
+included).  qemu-img (qemu-utils) checks the VHDs independently."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import struct
+import subprocess
+import time
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import PASSWORD, RealDaemon
+from xapid.transfer import sparse, vhd
+from xapid.transfer.limits import TransferLimitError, TransferSlots
+
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def vhd_bytes(data_path: Path, size: int) -> bytes:
+    """The VHD the writer makes of a disk file (its allocated blocks)."""
+    fd = os.open(data_path, os.O_RDONLY)
+    try:
+        blocks = sparse.allocated_blocks(fd, size, vhd.BLOCK_SIZE)
+        layout = vhd.VhdLayout(size, blocks, timestamp=1.7e9)
+        parts = [layout.head()]
+        for b in blocks:
+            parts += [layout.bitmap(), sparse.read_block(fd, b, vhd.BLOCK_SIZE, size)]
+        return b"".join(parts + [layout.tail()])
+    finally:
+        os.close(fd)
+
+
+def apply_ops(ops: list[vhd.Op], image: bytearray) -> None:
+    for op in ops:
+        image[op.offset:op.offset + op.length] = bytes(op.length) if op.data is None else op.data
+
+
+def parse_all(parser: Any, data: bytes, step: int = 7777) -> bytearray:
+    image = bytearray(parser.limit)
+    for i in range(0, len(data), step):
+        apply_ops(parser.feed(data[i:i + step]), image)
+    apply_ops(parser.finish(), image)
+    return image
+
+
+def make_disk(path: Path, size: int, writes: dict[int, bytes]) -> bytes:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in writes.items():
+            f.seek(offset)
+            f.write(data)
+    return path.read_bytes()
+
+
+def qemu_to_raw(vhd_path: Path, out: Path) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd_path), str(out)], check=True,
+                   capture_output=True)
+    return out.read_bytes()
+
+
+def refix_footer(raw: bytearray, at: int = 0) -> None:
+    raw[at + 64:at + 68] = b"\0\0\0\0"
+    raw[at + 64:at + 68] = struct.pack(">I", vhd.checksum(bytes(raw[at:at + 512]), 64))
+
+
+def refix_header(raw: bytearray) -> None:
+    raw[512 + 36:512 + 40] = b"\0\0\0\0"
+    raw[512 + 36:512 + 40] = struct.pack(">I", vhd.checksum(bytes(raw[512:1536]), 36))
+
+
+# ---------------------------------------------------------------------------------------- formats
+
+
+def test_vhd_writer_output_is_read_by_qemu_img(tmp_path):
+    """Only allocated blocks are emitted, and qemu-img reads the VHD back byte-exact (a size not a
+    multiple of the block size, data in the last partial block)."""
+    size = 21 * MIB
+    original = make_disk(tmp_path / "d.img", size, {5 * MIB: os.urandom(3000), size - 100: b"x" * 100})
+    image = vhd_bytes(tmp_path / "d.img", size)
+    assert len(image) == 512 + 1024 + 512 + 2 * (512 + vhd.BLOCK_SIZE) + 512  # 2 of 11 blocks
+    (tmp_path / "d.vhd").write_bytes(image)
+    info = subprocess.run(["qemu-img", "info", "-f", "vpc", str(tmp_path / "d.vhd")], capture_output=True,
+                          text=True, check=True).stdout
+    assert f"({size} bytes)" in info
+    assert qemu_to_raw(tmp_path / "d.vhd", tmp_path / "back.img") == original
+
+
+def test_vhd_parser_reads_own_and_qemu_images(tmp_path):
+    size = 9 * MIB
+    original = make_disk(tmp_path / "d.img", size, {0: b"boot" * 100, 7 * MIB + 3: os.urandom(5000)})
+    assert parse_all(vhd.VhdParser(size), vhd_bytes(tmp_path / "d.img", size)) == original
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", str(tmp_path / "d.img"),
+                    str(tmp_path / "q.vhd")], check=True)
+    data = (tmp_path / "q.vhd").read_bytes()
+    parser = vhd.VhdParser(2 * size, len(data))
+    assert bytes(parse_all(parser, data, 65536)[:size]) == original
+
+
+def test_vhd_parser_partial_bitmap_and_absent_blocks(tmp_path):
+    """Sectors with a clear bitmap bit read as zeros; blocks absent from the BAT produce no write."""
+    size = 4 * MIB
+    make_disk(tmp_path / "d.img", size, {0: b"\1" * 4096})
+    raw = bytearray(vhd_bytes(tmp_path / "d.img", size))
+    bitmap_at = 512 + 1024 + 512
+    raw[bitmap_at:bitmap_at + 1] = b"\x80"  # only sector 0 present
+    raw[bitmap_at + 1:bitmap_at + 512] = bytes(511)
+    parser = vhd.VhdParser(size)
+    ops = parser.feed(bytes(raw)) + parser.finish()
+    written = [(op.offset, op.length, op.data is None) for op in ops]
+    assert written == [(0, 512, False), (512, vhd.BLOCK_SIZE - 512, True)]  # block 1 absent: untouched
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("footer_checksum", "footer checksum"),
+    ("cookie", "conectix"),
+    ("header_checksum", "header checksum"),
+    ("too_big", "exceeds the VDI's virtual_size"),
+    ("bat_outside", "beyond the"),
+    ("bat_overlap", "inside the metadata or another block"),
+    ("block_size", "power of two"),
+    ("entries", "BAT of"),
+    ("fixed", "fixed VHD"),
+    ("truncated", "truncated"),
+])
+def test_hostile_vhd_is_refused_quickly(tmp_path, damage, message):
+    size = 8 * MIB
+    make_disk(tmp_path / "d.img", size, {0: b"a" * 10, 3 * MIB: b"b" * 10})
+    raw = bytearray(vhd_bytes(tmp_path / "d.img", size))
+    bat = 1536
+    limit, body_length = size, len(raw)
+    if damage == "footer_checksum":
+        raw[40] ^= 1
+    elif damage == "cookie":
+        raw[0:8] = b"notavhd!"
+    elif damage == "header_checksum":
+        raw[512 + 30] ^= 1
+    elif damage == "too_big":
+        limit = size - 512
+    elif damage == "bat_outside":
+        raw[bat + 4:bat + 8] = struct.pack(">I", 0x7FFFFFF0)
+    elif damage == "bat_overlap":
+        raw[bat + 4:bat + 8] = raw[bat:bat + 4]
+    elif damage == "block_size":
+        raw[512 + 32:512 + 36] = struct.pack(">I", 3 << 20)
+        refix_header(raw)
+    elif damage == "entries":
+        raw[512 + 28:512 + 32] = struct.pack(">I", 0xFFFFFFFF)
+        refix_header(raw)
+    elif damage == "fixed":
+        raw[60:64] = struct.pack(">I", 2)
+        refix_footer(raw)
+    elif damage == "truncated":
+        raw = raw[: len(raw) - 600]
+        body_length = None
+    parser = vhd.VhdParser(limit, body_length)
+    start = time.monotonic()
+    with pytest.raises(vhd.FormatError, match=message):
+        parser.feed(bytes(raw))
+        parser.finish()
+    assert time.monotonic() - start < 1.0
+
+
+def test_chunked_protocol_parser():
+    frame = struct.pack("<QI", 4096, 5) + b"hello" + struct.pack("<QI", 10, 3) + b"abc"
+    parser = vhd.ChunkedParser(8192)
+    image = parse_all(parser, frame + bytes(12), step=5)
+    assert image[4096:4101] == b"hello" and image[10:13] == b"abc" and image.count(0) == 8192 - 8
+    with pytest.raises(vhd.FormatError, match="end marker"):
+        p = vhd.ChunkedParser(8192)
+        p.feed(frame)
+        p.finish()
+    with pytest.raises(vhd.FormatError, match="beyond the disk"):
+        vhd.ChunkedParser(8192).feed(struct.pack("<QI", 8190, 5) + b"hello")
+
+
+def test_sparse_extents_and_changed_blocks(tmp_path):
+    size = 16 * MIB
+    make_disk(tmp_path / "a.img", size, {3 * MIB: b"x" * 10, 10 * MIB: b"y" * 10})
+    make_disk(tmp_path / "b.img", size, {3 * MIB: b"x" * 10, 10 * MIB: b"z" * 10, 14 * MIB: b"w"})
+    a, b = os.open(tmp_path / "a.img", os.O_RDONLY), os.open(tmp_path / "b.img", os.O_RDONLY)
+    try:
+        assert sparse.allocated_blocks(a, size, 2 * MIB) == [1, 5]
+        assert sparse.changed_blocks(b, size, a, size, 2 * MIB) == [5, 7]
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_transfer_slots_total_and_per_user():
+    slots = TransferSlots(total=3, per_user=2)
+    a1, a2 = slots.acquire("alice"), slots.acquire("alice")
+    with pytest.raises(TransferLimitError, match="alice"):
+        slots.acquire("alice")
+    with slots.acquire("bob"):
+        with pytest.raises(TransferLimitError) as info:
+            slots.acquire("carol")
+        assert info.value.status == 503
+    a1.release()
+    a1.release()  # idempotent
+    assert slots.running == 1 and slots.running_for("alice") == 1 and slots.running_for("bob") == 0
+    slots.acquire("alice")
+    a2.release()
+
+
+# ---------------------------------------------------------------------------------------- daemon
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = RealDaemon(tmp_path_factory.mktemp("rawvdi"), config="[limits]\nmax_transfers = 4\n"
+                                                             "max_transfers_per_user = 2\n")
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def api(daemon):
+    proxy = xmlrpc.client.ServerProxy(daemon.url)
+    session = proxy.session.login_with_password("admin", PASSWORD)["Value"]
+    return proxy, session
+
+
+def call(api: Any, method: str, *args: Any) -> Any:
+    proxy, session = api
+    obj = proxy
+    for part in method.split("."):
+        obj = getattr(obj, part)
+    result = obj(session, *args)
+    assert result["Status"] == "Success", result
+    return result["Value"]
+
+
+def new_vdi(api: Any, size: int, name: str = "disk") -> tuple[str, Path]:
+    sr = call(api, "pool.get_default_SR", call(api, "pool.get_all")[0])
+    ref = call(api, "VDI.create", {"name_label": name, "name_description": "", "SR": sr, "virtual_size": str(size),
+                                   "type": "user", "sharable": False, "read_only": False, "other_config": {},
+                                   "xenstore_data": {}, "sm_config": {}, "tags": []})
+    return ref, sr_dir(api, sr) / call(api, "VDI.get_location", ref)
+
+
+def sr_dir(api: Any, sr: str) -> Path:
+    pbd = call(api, "PBD.get_record", call(api, "SR.get_PBDs", sr)[0])
+    return Path(pbd["device_config"]["location"])
+
+
+def request(daemon: Any, method: str, target: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection; a body the daemon refuses before reading it (it answers
+    and closes at once) is not an error: the reply is read all the same."""
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
+    try:
+        head = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        for name, value in (headers or {}).items():
+            head += f"{name}: {value}\r\n"
+        if body is not None:
+            head += f"Content-Length: {len(body)}\r\n"
+        sock.sendall((head + "\r\n").encode())
+        try:
+            if body:
+                sock.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = http.client.HTTPResponse(sock, method=method)
+        reply.begin()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+    finally:
+        sock.close()
+
+
+def fill(path: Path, writes: dict[int, bytes]) -> bytes:
+    with open(path, "r+b") as f:
+        for offset, data in writes.items():
+            f.seek(offset)
+            f.write(data)
+    return path.read_bytes()
+
+
+def task_record(api: Any, ref: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        rec = call(api, "task.get_record", ref)
+        if rec["status"] != "pending" or time.monotonic() > deadline:
+            return rec
+        time.sleep(0.05)
+
+
+def test_raw_export_and_reimport_byte_exact_with_holes(daemon, api, tmp_path):
+    size = 24 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {MIB: os.urandom(70000), 20 * MIB + 5: b"tail data"})
+    s = api[1]
+    status, headers, body = request(daemon, "GET", f"/export_raw_vdi?session_id={s}&vdi={ref}&format=raw")
+    assert status == 200 and body == original
+    assert headers["content-type"] == "application/octet-stream"
+    uuid = call(api, "VDI.get_uuid", ref)
+    assert f'filename="{uuid}.raw"' in headers["content-disposition"]
+    rec = task_record(api, headers["task-id"])
+    assert rec["status"] == "success" and ref in rec["result"]
+    # re-import into a new VDI of the SR (xapi's sr_id + Content-Length form)
+    sr = call(api, "VDI.get_SR", ref)
+    status, headers, reply = request(daemon, "PUT", f"/import_raw_vdi?session_id={s}&sr_id={sr}&format=raw", body)
+    assert status == 200, reply
+    assert reply == b"" and headers["connection"] == "close" and "content-length" not in headers  # xapi's early 200
+    new = task_record(api, headers["task-id"])
+    assert new["status"] == "success"
+    new_ref = xmlrpc.client.loads(f"<params><param>{new['result']}</param></params>")[0][0]
+    assert new_ref.startswith("OpaqueRef:") and call(api, "VDI.get_name_label", new_ref) == "Imported VDI"
+    assert int(call(api, "VDI.get_virtual_size", new_ref)) == size
+    new_path = sr_dir(api, sr) / call(api, "VDI.get_location", new_ref)
+    assert new_path.read_bytes() == original
+    assert new_path.stat().st_blocks * 512 < 2 * MIB  # holes stayed holes
+
+
+def test_vhd_export_only_allocated_blocks_and_vhd_import(daemon, api, tmp_path):
+    size = 40 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {0: b"MBR" * 100, 33 * MIB: os.urandom(3 * MIB)})
+    s = api[1]
+    status, headers, body = request(daemon, "GET", f"/export_raw_vdi?session_id={s}&vdi={ref}&format=vhd")
+    assert status == 200 and headers["content-type"] == "application/vhd"
+    blocks = 3  # block 0 and blocks 16-17
+    assert len(body) == 512 + 1024 + 512 + blocks * (512 + vhd.BLOCK_SIZE) + 512
+    (tmp_path / "e.vhd").write_bytes(body)
+    assert qemu_to_raw(tmp_path / "e.vhd", tmp_path / "e.img") == original
+    target, target_path = new_vdi(api, size, "restore")
+    status, headers, reply = request(daemon, "PUT", f"/import_raw_vdi?session_id={s}&vdi={target}&format=vhd", body)
+    assert status == 200, reply
+    assert task_record(api, headers["task-id"])["status"] == "success"
+    assert target_path.read_bytes() == original
+    assert target_path.stat().st_blocks * 512 <= 5 * MIB
+    assert not list(target_path.parent.glob("*.partial"))
+
+
+def test_base_differential_export_applied_over_a_copy_of_the_base(daemon, api, tmp_path):
+    size = 32 * MIB
+    ref, path = new_vdi(api, size)
+    fill(path, {0: b"A" * MIB, 10 * MIB: b"B" * MIB, 20 * MIB: b"C" * 100})
+    base = call(api, "VDI.snapshot", ref, {})
+    current = fill(path, {10 * MIB + 7: b"changed", 30 * MIB: b"new block"})
+    s = api[1]
+    status, _, delta = request(daemon, "GET", f"/export_raw_vdi?session_id={s}&vdi={ref}&format=vhd&base={base}")
+    assert status == 200
+    assert len(delta) == 512 + 1024 + 512 + 2 * (512 + vhd.BLOCK_SIZE) + 512  # blocks 5 and 15 only
+    restored = call(api, "VDI.copy", base, call(api, "VDI.get_SR", base))
+    status, headers, reply = request(daemon, "PUT", f"/import_raw_vdi?session_id={s}&vdi={restored}&format=vhd",
+                                     delta)
+    assert status == 200, reply
+    assert task_record(api, headers["task-id"])["status"] == "success"  # the outcome is on the task (xapi)
+    restored_path = sr_dir(api, call(api, "VDI.get_SR", restored)) / call(api, "VDI.get_location", restored)
+    assert restored_path.read_bytes() == current
+
+
+def test_chunked_protocol_import(daemon, api):
+    size = 8 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {0: b"keep me"})
+    body = struct.pack("<QI", 5 * MIB, 4) + b"data" + bytes(12)
+    status, headers, reply = request(daemon, "PUT", f"/import_raw_vdi?session_id={api[1]}&vdi={ref}&format=raw"
+                                                    "&chunked=true", body)
+    assert status == 200, reply
+    assert task_record(api, headers["task-id"])["status"] == "success"
+    expected = bytearray(original)
+    expected[5 * MIB:5 * MIB + 4] = b"data"
+    assert path.read_bytes() == bytes(expected)
+
+
+def test_given_task_gets_progress_and_result(daemon, api):
+    ref, path = new_vdi(api, 4 * MIB)
+    task = call(api, "task.create", "backup", "")
+    status, headers, _ = request(daemon, "GET", f"/export_raw_vdi?session_id={api[1]}&vdi={ref}&task_id={task}")
+    assert status == 200 and headers["task-id"] == task
+    rec = task_record(api, task)
+    assert rec["status"] == "success" and float(rec["progress"]) == 1.0 and ref in rec["result"]
+
+
+def test_broken_import_leaves_the_disk_and_database_unchanged(daemon, api):
+    size = 16 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {2 * MIB: b"precious" * 1000})
+    vdis_before = len(call(api, "VDI.get_all"))
+    for target in (f"vdi={ref}", f"sr_id={call(api, 'VDI.get_SR', ref)}"):
+        sock = socket.create_connection(("127.0.0.1", daemon.port))
+        sock.sendall(f"PUT /import_raw_vdi?session_id={api[1]}&{target}&format=raw HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode() + os.urandom(6 * MIB))
+        time.sleep(0.3)
+        sock.close()
+    deadline = time.monotonic() + 10
+    while list(path.parent.glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(path.parent.glob("*.partial"))
+    assert path.read_bytes() == original
+    assert len(call(api, "VDI.get_all")) == vdis_before
+    failed = [t for t in call(api, "task.get_all_records").values()
+              if t["name_label"] == "Import of a raw VDI" and t["status"] == "failure"]
+    assert len(failed) >= 2
+
+
+def test_hostile_vhd_import_is_400_and_changes_nothing(daemon, api, tmp_path):
+    size = 8 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {MIB: b"keep" * 100})
+    src = tmp_path / "s.img"
+    make_disk(src, size, {0: b"x" * 10})
+    bad = bytearray(vhd_bytes(src, size))
+    bad[1536:1540] = struct.pack(">I", 0x7FFFFFF0)  # the BAT points far outside the body
+    status, headers, reply = request(daemon, "PUT", f"/import_raw_vdi?session_id={api[1]}&vdi={ref}&format=vhd",
+                                     bytes(bad))
+    assert status == 200 and reply == b""  # as xapi: the 200 went out before the body; the task tells
+    rec = task_record(api, headers["task-id"])
+    assert rec["status"] == "failure" and rec["error_info"][0] == "IMPORT_ERROR" and "beyond" in rec["error_info"][1]
+    assert path.read_bytes() == original
+
+
+def test_refusals(daemon, api):
+    size = 4 * MIB
+    ref, path = new_vdi(api, size)
+    s = api[1]
+    assert request(daemon, "GET", f"/export_raw_vdi?vdi={ref}")[0] == 401
+    assert request(daemon, "PUT", f"/import_raw_vdi?vdi={ref}&format=raw", b"x")[0] == 401
+    proxy = xmlrpc.client.ServerProxy(daemon.url)
+    reader = proxy.session.login_with_password("reader", PASSWORD)["Value"]
+    operator = proxy.session.login_with_password("operator", PASSWORD)["Value"]
+    assert request(daemon, "GET", f"/export_raw_vdi?session_id={reader}&vdi={ref}")[0] == 403
+    assert request(daemon, "PUT", f"/import_raw_vdi?session_id={operator}&vdi={ref}&format=raw", b"x")[0] == 403
+    vmadmin = proxy.session.login_with_password("vmadmin", PASSWORD)["Value"]
+    assert request(daemon, "GET", f"/export_raw_vdi?session_id={vmadmin}&vdi={ref}")[0] == 200
+    status, headers, _ = request(daemon, "GET", f"/export_raw_vdi?session_id={s}&vdi={ref}&format=qcow9")
+    assert status == 404 and task_record(api, headers["task-id"])["status"] == "failure"
+    assert request(daemon, "GET", f"/export_raw_vdi?session_id={s}&vdi=OpaqueRef:nope")[0] == 404
+    assert request(daemon, "GET", f"/export_raw_vdi?session_id={s}")[0] == 400
+    # a raw body ends at the VDI's size (the rest is not read: Xen Orchestra announces 1 PiB for a stream)
+    status, headers, _ = request(daemon, "PUT", f"/import_raw_vdi?session_id={s}&vdi={ref}&format=raw",
+                                 b"\x01" * size + b"\x02")
+    assert status == 200 and task_record(api, headers["task-id"])["status"] == "success"
+    assert path.read_bytes() == b"\x01" * size
+    src_status, _, _ = request(daemon, "PUT", f"/import_raw_vdi?session_id={s}&sr_id={call(api, 'VDI.get_SR', ref)}"
+                                              "&format=vhd", b"x")
+    assert src_status == 400
+
+
+def test_import_into_a_disk_attached_to_a_running_vm_is_vdi_in_use(daemon, api):
+    from support import vm_record
+
+    ref, path = new_vdi(api, 4 * MIB)
+    vm = call(api, "VM.create", vm_record(name_label="user"))
+    call(api, "VBD.create", {"VM": vm, "VDI": ref, "userdevice": "0", "bootable": True, "mode": "RW", "type": "Disk",
+                             "empty": False, "other_config": {}, "qos_algorithm_type": "",
+                             "qos_algorithm_params": {}})
+    call(api, "VM.start", vm, False, False)
+    status, _, reply = request(daemon, "PUT", f"/import_raw_vdi?session_id={api[1]}&vdi={ref}&format=raw", b"x" * 512)
+    assert status == 409 and b"VDI_IN_USE" in reply
+    call(api, "VM.hard_shutdown", vm)
+
+
+def test_npm_xen_api_get_and_put_resource_round_trip(daemon, api, tmp_path_factory):
+    """Xen Orchestra's connector exports a raw VDI (getResource) and imports it into another VDI
+    (putResource), through tasks; the bytes come back identical."""
+    import hashlib
+    import json
+    import shutil
+
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.fail("node and npm are required for the xen-api connector test")
+    prefix = tmp_path_factory.mktemp("npm-raw-vdi")
+    npm_dir = Path(__file__).resolve().parent / "npm"
+    shutil.copy(npm_dir / "package.json", prefix)
+    shutil.copy(npm_dir / "xen_api_raw_vdi.mjs", prefix)
+    proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), "xen-api@4.7"],
+                          cwd=prefix, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    size = 6 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {MIB: os.urandom(100000), 5 * MIB: b"end"})
+    target, target_path = new_vdi(api, size, "copy")
+    run = subprocess.run([node, "xen_api_raw_vdi.mjs", daemon.url, "admin", PASSWORD, ref, target], cwd=prefix,
+                         capture_output=True, text=True, timeout=120)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    digest = hashlib.sha256(original).hexdigest()
+    assert "error" not in result, (result, run.stderr)
+    assert result["exported"] == {"size": size, "sha256": digest}
+    assert result["reimported"] == {"size": size, "sha256": digest}
+    assert target_path.read_bytes() == original
+
+
+def test_export_to_a_client_that_stops_reading_then_goes_away(daemon, api):
+    """A raw export sent straight from the thread pool (sendfile): a client that reads the head and
+    a little, then closes, fails the task within seconds, frees its transfer slot, and the daemon
+    keeps answering; the next export of the same disk is byte-exact, and keep-alive still works after it."""
+    size = 256 * MIB
+    ref, path = new_vdi(api, size)
+    fill(path, {0: b"first", 100 * MIB: os.urandom(MIB), size - 4: b"last"})
+    sock = socket.create_connection(("127.0.0.1", daemon.port))
+    sock.sendall(f"GET /export_raw_vdi?session_id={api[1]}&vdi={ref} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    task = next(line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n") if line.startswith(b"task-id"))
+    time.sleep(0.3)  # the socket buffers fill up; the sender waits for the client
+    sock.close()
+    rec = task_record(api, task)
+    assert rec["status"] == "failure" and rec["error_info"][0] == "INTERNAL_ERROR", rec
+    assert call(api, "pool.get_all")
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    for _ in range(2):  # a second request on the same connection: the direct path left it usable
+        conn.request("GET", f"/export_raw_vdi?session_id={api[1]}&vdi={ref}")
+        reply = conn.getresponse()
+        body = reply.read()
+        assert reply.status == 200 and len(body) == size
+        assert body[:5] == b"first" and body[-4:] == b"last" and body == path.read_bytes()
+    conn.close()

@@ -1,0 +1,397 @@
+"""Console relays: a client connection (raw after CONNECT, or WebSocket) joined to a console
+backend (:class:`~xapid.backend.interface.ConsoleEndpoint`).
+
+Backends, behind :class:`Link`:
+
+* ``sim``: the simulator's consoles, in process (:mod:`xapid.console.serial`,
+  :mod:`xapid.console.rfb`);
+* ``pty``: the dom0 end of a guest's text console, opened non-blocking and set raw, read
+  and written by the reactor (no thread);
+* ``tcp``: the device model's VNC server, connected by the reactor.
+
+Flow control: each side's transport is the producer of the other's, so a slow reader on
+either side stops the reading of the other (the simulator's answers stop the reading of the
+client itself).  A session without a byte either way for ``idle_timeout`` seconds is closed;
+:class:`ConsoleLimits` counts sessions per VM and in total.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import termios
+import tty
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import abstract, fdesc
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from xapid.backend.interface import ConsoleEndpoint
+from xapid.console import websocket as ws
+from xapid.console.rfb import RfbError, RfbServer
+from xapid.console.serial import SerialConsole
+
+log = Logger()
+
+MAX_WS_FRAME = 1 << 20
+MAX_WS_MESSAGE = 4 << 20
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass
+class ConsoleLimits:
+    """Console sessions at once: at most *total*, and *per_vm* on one VM."""
+
+    total: int = 64
+    per_vm: int = 4
+    idle_timeout: float = 1800.0
+    open: dict[str, int] = field(default_factory=dict)
+
+    def full(self, vm: str) -> str:
+        """Why one more session on *vm* is refused ("" when it is not)."""
+        if sum(self.open.values()) >= self.total:
+            return f"too many console sessions ({self.total} at most)"
+        if self.open.get(vm, 0) >= self.per_vm:
+            return f"too many console sessions on this VM ({self.per_vm} at most)"
+        return ""
+
+    def take(self, vm: str) -> bool:
+        if self.full(vm):
+            return False
+        self.open[vm] = self.open.get(vm, 0) + 1
+        return True
+
+    def release(self, vm: str) -> None:
+        left = self.open.get(vm, 0) - 1
+        if left > 0:
+            self.open[vm] = left
+        else:
+            self.open.pop(vm, None)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Link:
+    """A console backend: bytes in with :meth:`write`, out through *deliver*, ``closed`` once."""
+
+    transport: Any = None  # the backend's transport, when it has one (flow control)
+
+    def __init__(self, deliver: Callable[[bytes], None], closed: Callable[[str], None]) -> None:
+        self.deliver = deliver
+        self.closed = closed
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SimLink(Link):
+    """The simulator's console of *endpoint*, answering in the caller's turn."""
+
+    def __init__(self, endpoint: ConsoleEndpoint, deliver: Callable[[bytes], None],
+                 closed: Callable[[str], None]) -> None:
+        super().__init__(deliver, closed)
+        self.machine: SerialConsole | RfbServer = (RfbServer(endpoint.name) if endpoint.protocol == "rfb"
+                                                   else SerialConsole(endpoint.name))
+        self._open = True
+
+    def start(self) -> None:
+        self.deliver(self.machine.start())
+
+    def write(self, data: bytes) -> None:
+        if not self._open:
+            return
+        try:
+            answer = self.machine.feed(data)
+        except RfbError as exc:
+            self._open = False
+            self.closed(f"the client broke the RFB protocol: {exc}")
+            return
+        if answer:
+            self.deliver(answer)
+
+    def close(self) -> None:
+        self._open = False
+
+
+class _Backend(Protocol):
+    """The backend side of a pty or TCP link."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    def dataReceived(self, data: bytes) -> None:
+        self.link.deliver(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.link.transport = None
+        self.link.closed("the console closed")
+
+
+class StreamLink(Link):
+    """A backend reached through a reactor transport (pty or TCP)."""
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class PtyTransport(abstract.FileDescriptor):
+    """A pty's file descriptor read and written by the reactor (non-blocking)."""
+
+    def __init__(self, fd: int, protocol: Protocol, reactor: Any) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self.protocol = protocol
+        self.connected = 1
+        protocol.makeConnection(self)
+        self.startReading()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(self.fd, self.protocol.dataReceived)
+
+    def writeSomeData(self, data: bytes) -> Any:
+        return fdesc.writeToFD(self.fd, data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        abstract.FileDescriptor.connectionLost(self, reason)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.protocol.connectionLost(reason)
+
+    def getPeer(self) -> str:
+        return "pty"
+
+    def getHost(self) -> str:
+        return "pty"
+
+
+def open_pty(path: str) -> int:
+    """The pty *path* opened read-write, non-blocking, not as the controlling tty, in raw mode."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+    except (termios.error, OSError):
+        os.close(fd)
+        raise OSError(errno.ENOTTY, "not a terminal", path) from None
+    return fd
+
+
+def connect(endpoint: ConsoleEndpoint, reactor: Any, deliver: Callable[[bytes], None],
+            closed: Callable[[str], None]) -> Deferred[Link]:
+    """A Link to *endpoint*, connected (OSError-like failures when it cannot be reached)."""
+    if endpoint.kind == "sim":
+        sim = SimLink(endpoint, deliver, closed)
+        return Deferred.fromCoroutine(_ready(sim, sim.start))
+    link = StreamLink(deliver, closed)
+    proto = _Backend(link)
+    if endpoint.kind == "pty":
+        try:
+            fd = open_pty(endpoint.path)
+        except OSError as exc:
+            from twisted.internet.defer import fail
+
+            return fail(exc)
+        link.transport = PtyTransport(fd, proto, reactor)
+        return Deferred.fromCoroutine(_ready(link))
+    if endpoint.kind == "tcp":
+        d = connectProtocol(TCP4ClientEndpoint(reactor, endpoint.host, endpoint.port, timeout=10), proto)
+
+        def connected(p: _Backend) -> Link:
+            link.transport = p.transport
+            return link
+
+        return d.addCallback(connected)
+    from twisted.internet.defer import fail
+
+    return fail(ValueError(f"unknown console kind {endpoint.kind!r}"))
+
+
+async def _ready(link: Link, start: Callable[[], None] | None = None) -> Link:
+    if start is not None:
+        start()
+    return link
+
+
+# --------------------------------------------------------------------------- client side
+
+
+class ConsoleSession(Protocol):
+    """The client's side of a console, after the connection was taken over from HTTP.
+
+    *websocket*: the client speaks WebSocket frames (binary out; binary or text in), else
+    raw bytes (after CONNECT).  The backend link is opened when the connection is handed over;
+    the session slot (*limits*, *vm*) is taken then and released when either side closes.
+    """
+
+    def __init__(self, endpoint: ConsoleEndpoint, reactor: Any, limits: ConsoleLimits, vm: str,
+                 websocket: bool = False, label: str = "") -> None:
+        self.endpoint = endpoint
+        self.reactor = reactor
+        self.limits = limits
+        self.vm = vm
+        self.websocket = websocket
+        self.label = label
+        self.link: Link | None = None
+        self.parser = ws.FrameParser(MAX_WS_FRAME, MAX_WS_MESSAGE) if websocket else None
+        self.pending: list[bytes] = []  # client input before the backend is connected (bounded)
+        self.pending_size = 0
+        self.ending = False
+        self.slot = False
+        self.last = 0.0
+        self._timer: Any = None
+
+    # -- connection
+
+    def connectionMade(self) -> None:
+        if not self.limits.take(self.vm):
+            self._fail(ws.GOING_AWAY, "too many console sessions")
+            return
+        self.slot = True
+        self.last = self.reactor.seconds()
+        self._timer = self.reactor.callLater(self.limits.idle_timeout, self._idle)
+        d = connect(self.endpoint, self.reactor, self._from_console, self._console_closed)
+        d.addCallbacks(self._linked, self._unreachable)
+
+    def _linked(self, link: Link) -> None:
+        if self.ending:
+            link.close()
+            return
+        self.link = link
+        log.info("console {label}: {protocol} relay open", label=self.label, protocol=self.endpoint.protocol)
+        self._flow(link)
+        pending, self.pending, self.pending_size = self.pending, [], 0
+        for data in pending:
+            link.write(data)
+
+    def _flow(self, link: Link) -> None:
+        """Each side's transport produces for the other's (the sim's answers: the client's own)."""
+        transport: Any = self.transport
+        try:
+            if link.transport is not None:
+                transport.registerProducer(link.transport, True)
+                link.transport.registerProducer(transport, True)
+            else:
+                transport.registerProducer(transport, True)
+        except (RuntimeError, AttributeError) as exc:  # a producer is registered already
+            log.debug("console {label}: no flow control: {error}", label=self.label, error=str(exc))
+
+    def _unreachable(self, failure: Failure) -> None:
+        log.warn("console {label}: cannot reach the {protocol} console: {error}", label=self.label,
+                 protocol=self.endpoint.protocol, error=failure.getErrorMessage())
+        self._fail(ws.GOING_AWAY, "the console cannot be reached")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.ending = True
+        self._stop_timer()
+        if self.slot:
+            self.slot = False
+            self.limits.release(self.vm)
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.close()
+        log.info("console {label}: closed", label=self.label)
+
+    # -- client → console
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.ending:
+            return
+        self.last = self.reactor.seconds()
+        if self.parser is None:
+            self._to_console(data)
+            return
+        try:
+            messages = self.parser.feed(data)
+        except ws.ProtocolError as exc:
+            log.info("console {label}: WebSocket refused: {reason}", label=self.label, reason=str(exc))
+            self._fail(exc.code, str(exc))
+            return
+        for message in messages:
+            if self.ending:
+                return
+            if message.opcode in (ws.BINARY, ws.TEXT):
+                self._to_console(message.payload)
+            elif message.opcode == ws.PING and self.transport is not None:
+                self.transport.write(ws.frame(ws.PONG, message.payload))
+            elif message.opcode == ws.CLOSE:
+                self._fail(ws.close_code(message.payload), "")
+            # PONG: nothing to do
+
+    def _to_console(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.link is None:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > MAX_WS_MESSAGE:
+                self._fail(ws.TOO_BIG, "too much input before the console is connected")
+            return
+        self.link.write(data)
+
+    # -- console → client
+
+    def _from_console(self, data: bytes) -> None:
+        if self.ending or self.transport is None:
+            return
+        self.last = self.reactor.seconds()
+        self.transport.write(ws.frame(ws.BINARY, data) if self.websocket else data)
+
+    def _console_closed(self, why: str) -> None:
+        if not self.ending:
+            log.info("console {label}: {why}", label=self.label, why=why)
+            self._fail(ws.NORMAL, why)
+
+    # -- ending
+
+    def _fail(self, code: int, reason: str) -> None:
+        """End the session: a close frame first for a WebSocket client."""
+        if self.ending:
+            return
+        self.ending = True
+        if self.websocket and self.transport is not None:
+            self.transport.write(ws.close_frame(code, reason))
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.close()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.ending:
+            return
+        quiet = self.reactor.seconds() - self.last
+        if quiet >= self.limits.idle_timeout:
+            log.info("console {label}: closed after {seconds:.0f} s without a byte", label=self.label, seconds=quiet)
+            self._fail(ws.GOING_AWAY, "idle timeout")
+            return
+        self._timer = self.reactor.callLater(self.limits.idle_timeout - quiet, self._idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
