@@ -13,14 +13,69 @@ import re
 import xmlrpc.client
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from xapid.errors import XenAPIError, field_type_error, invalid_value
-from xapid.wire.values import DEFAULT_LIMITS, INT64_MAX, INT64_MIN, HugeInt, Limits
 
 NULL_REF = "OpaqueRef:NULL"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 PRIMITIVES = ("string", "int", "float", "bool", "datetime", "void")
+
+
+# xapi's int is OCaml's Int64: anything outside is FIELD_TYPE_ERROR, however it arrived.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class Int32(int):
+    """An int sent as ``<i4>`` on XML-RPC (only ``event.from``'s ``valid_ref_counts``)."""
+
+
+class Preencoded(Protocol):
+    """A value able to give (and cache) its own encoding in a wire format.
+
+    ``encoded(fmt, encode)`` returns the UTF-8 encoding for format *fmt* ("xml" or "json"),
+    calling ``encode(plain_value)`` at most once per format until the underlying object changes.
+    """
+
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes: ...
+
+
+class HugeInt(int):
+    """Stands for an integer literal too long to convert (the wire decoders make it, see
+    :func:`xapid.wire.values.parse_int`).
+
+    Its value is ±2⁶⁴, outside every API int (so FIELD_TYPE_ERROR for int parameters); as a
+    float it is out of range (INVALID_VALUE).  ``text`` is a short description for errors.
+    """
+
+    text: str
+
+    @classmethod
+    def of(cls, literal: str) -> "HugeInt":
+        negative = literal.startswith("-")
+        value = cls(-(1 << 64) if negative else 1 << 64)
+        value.text = f"{literal[:20]}... ({len(literal)} characters)"
+        return value
+
+
+class Limits:
+    """Bounds on what a request may contain.
+
+    The body, nesting and element bounds are checked by the wire decoders; the value bounds
+    (``max_string_bytes`` for every string, ``max_collection_items`` for every set, map and
+    record) by :func:`coerce`, which knows the parameter's name.
+    """
+
+    def __init__(self, max_body: int = 8 << 20, max_depth: int = 64, max_elements: int = 1_000_000, *,
+                 max_string_bytes: int = 1 << 20, max_collection_items: int = 10_000):
+        self.max_body = max_body
+        self.max_depth = max_depth
+        self.max_elements = max_elements
+        self.max_string_bytes = max_string_bytes
+        self.max_collection_items = max_collection_items
+
+
+DEFAULT_LIMITS = Limits()
 
 
 def utc(seconds: float, *, exact: bool = False) -> datetime:
@@ -37,6 +92,20 @@ class Type:
     name: str = ""  # class (ref, record) or enum name
     elem: "Type | None" = None  # set element, map value
     key: "Type | None" = None  # map key
+
+    @property
+    def item(self) -> "Type":
+        """The element type of a set, the value type of a map (:func:`parse_type` always gives one)."""
+        if self.elem is None:
+            raise TypeError(f"{self.kind} type has no element type")
+        return self.elem
+
+    @property
+    def map_key(self) -> "Type":
+        """The key type of a map."""
+        if self.key is None:
+            raise TypeError(f"{self.kind} type has no key type")
+        return self.key
 
     def __str__(self) -> str:
         if self.kind in PRIMITIVES:
@@ -239,8 +308,9 @@ def coerce(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str,
         out: list[Any] = []
         seen: set[Any] = set()  # items are all of the element type: hash equality is list equality
         unhashable: list[Any] = []  # sets of sets or maps (none in the schema today): compared in full
+        elem = t.item
         for item in value:
-            item = coerce(t.elem, item, field, enum_values, limits)  # type: ignore[arg-type]
+            item = coerce(elem, item, field, enum_values, limits)
             try:
                 if item in seen:
                     continue
@@ -256,9 +326,10 @@ def coerce(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str,
             raise field_type_error(field)
         _check_items(value, field, limits)
         result: dict[str, Any] = {}
+        key_type, elem = t.map_key, t.item
         for k, v in value.items():
-            key = coerce(t.key, k if isinstance(k, str) else str(k), field, enum_values, limits)  # type: ignore[arg-type]
-            result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(t.elem, v, field, enum_values, limits)  # type: ignore[arg-type]
+            key = coerce(key_type, k if isinstance(k, str) else str(k), field, enum_values, limits)
+            result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(elem, v, field, enum_values, limits)
         return result
     if kind == "record":
         if not isinstance(value, dict):
@@ -280,7 +351,9 @@ def from_json(t: Type, value: Any) -> Any:
     if t.kind == "datetime":
         return parse_datetime(value) if isinstance(value, str) else EPOCH
     if t.kind == "set":
-        return [from_json(t.elem, v) for v in value]  # type: ignore[arg-type]
+        elem = t.item
+        return [from_json(elem, v) for v in value]
     if t.kind == "map":
-        return {k: from_json(t.elem, v) for k, v in value.items()}  # type: ignore[arg-type]
+        elem = t.item
+        return {k: from_json(elem, v) for k, v in value.items()}
     return value

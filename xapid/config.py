@@ -2,113 +2,274 @@
 
 Every key is validated before any service starts; a problem raises :class:`ConfigError`
 naming the file, the section and the key.  Unknown sections and keys are errors too.
+Each key declares its rule on its field (:func:`key`): the text is read as the field's type,
+then the rule says what is wrong with the value, if anything.
 """
 
 from __future__ import annotations
 
 import configparser
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 DEFAULT_CONFIG = Path("/etc/xapid/xapid.conf")
+
+BACKENDS = ("sim", "xen", "auto")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+DISK_FORMATS = ("raw", "qcow2")
+AUTOBALLOON = ("auto", "on", "off")
+
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
     """One line saying what is wrong and where."""
 
 
+# -- rules ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """A key's check, for the field types in ``types``.  The plain rule: any value of the type.
+
+    Before the check, a text is stripped and a list is one item per non-blank line; an empty
+    text ("must not be empty") or list ("needs at least one value") is refused unless *empty_ok*.
+    """
+
+    empty_ok: bool = field(default=False, kw_only=True)
+    types: ClassVar[tuple[type, ...]] = (str,)
+
+    def problem(self, value: Any, text: str) -> str | None:
+        """What is wrong with *value* (read from *text*), or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class Text(Rule):
+    """A plain string (not empty unless *empty_ok*)."""
+
+
+@dataclass(frozen=True)
+class Flag(Rule):
+    """true/false, yes/no or 1/0."""
+
+    types = (bool,)
+
+
+@dataclass(frozen=True)
+class Number(Rule):
+    """A plain number (whole for an ``int`` field)."""
+
+    types = (int, float)
+
+
+@dataclass(frozen=True)
+class Positive(Number):
+    """Greater than 0."""
+
+    def problem(self, value: Any, text: str) -> str | None:
+        return f"must be greater than 0, got {text!r}" if value <= 0 else None
+
+
+@dataclass(frozen=True)
+class NonNegative(Number):
+    """0 or more."""
+
+    def problem(self, value: Any, text: str) -> str | None:
+        return f"must not be negative, got {text!r}" if value < 0 else None
+
+
+@dataclass(frozen=True)
+class AtLeast(Number):
+    """At least *least* (*unit* names it in the message)."""
+
+    least: float = 0
+    unit: str = ""
+
+    def problem(self, value: Any, text: str) -> str | None:
+        unit = f" ({self.unit})" if self.unit else ""
+        return f"must be at least {self.least}{unit}, got {text!r}" if value < self.least else None
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    """One of *choices*; *noun* words the message ("unknown <noun> …") when given."""
+
+    choices: tuple[str, ...] = ()
+    noun: str = ""
+
+    def problem(self, value: Any, text: str) -> str | None:
+        if value in self.choices:
+            return None
+        if self.noun:
+            return f"unknown {self.noun} {value!r} (expected one of: {', '.join(self.choices)})"
+        return f"expected one of {', '.join(self.choices)}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class AbsolutePath(Rule):
+    """An absolute path (or empty, with *empty_ok*)."""
+
+    def problem(self, value: Any, text: str) -> str | None:
+        return f"{value!r} is not an absolute path" if value and not value.startswith("/") else None
+
+
+@dataclass(frozen=True)
+class Lines(Rule):
+    """A plain list, one item per line (at least one unless *empty_ok*): e.g. endpoint strings."""
+
+    types = (tuple,)
+
+    def problem(self, value: Any, text: str) -> str | None:
+        for item in value:
+            reason = self.item_problem(item)
+            if reason:
+                return reason
+        return None
+
+    def item_problem(self, item: str) -> str | None:
+        """What is wrong with one item, or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class PathList(Lines):
+    """Absolute paths, maybe none; with *names_ok* also program names (no ``/``)."""
+
+    empty_ok: bool = field(default=True, kw_only=True)
+    names_ok: bool = False
+
+    def item_problem(self, item: str) -> str | None:
+        if item.startswith("/") or (self.names_ok and "/" not in item):
+            return None
+        return f"{item!r} is not an absolute path" + (" (or a program name)" if self.names_ok else "")
+
+
+@dataclass(frozen=True)
+class OriginList(Lines):
+    """Web origins (``scheme://host[:port]`` over http or https, or ``*``), maybe none."""
+
+    empty_ok: bool = field(default=True, kw_only=True)
+
+    def item_problem(self, item: str) -> str | None:
+        if item == "*" or (item.startswith(("http://", "https://")) and "/" not in item.split("://", 1)[1]):
+            return None
+        return f"{item!r} is not an origin (scheme://host[:port], or *)"
+
+
+positive = Positive()
+non_negative = NonNegative()
+non_empty = Text()
+may_be_empty = Text(empty_ok=True)
+_PLAIN: dict[type, Rule] = {bool: Flag(), int: Number(), float: Number(), str: non_empty, tuple: Lines()}
+
+
+def key(default: _T, rule: Rule) -> _T:
+    """A config key's field: its default and its rule."""
+    return field(default=default, metadata={"rule": rule})
+
+
+def rule_of(f: Field[Any]) -> Rule:
+    """The rule declared on field *f* (a field without one gets the plain rule of its type)."""
+    rule = f.metadata.get("rule")
+    return rule if isinstance(rule, Rule) else _PLAIN.get(type(f.default), non_empty)
+
+
+# -- sections ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: tuple[str, ...] = ("tcp:9363:interface=127.0.0.1:backlog=1024",)
-    backend: str = "sim"
-    state_dir: str = "/var/lib/xapid"
-    users: str = "/etc/xapid/users"
-    threads: int = 10
-    log_level: str = "info"
-    log_file: str = ""  # empty: stderr (the journal under systemd)
-    log_file_bytes: int = 10 << 20
-    idle_timeout: float = 600.0
-    header_timeout: float = 30.0
-    body_timeout: float = 120.0
-    max_clients: int = 5000
-    max_anonymous_clients: int = 256
-    cors_origins: tuple[str, ...] = ()
+    listen: tuple[str, ...] = key(("tcp:9363:interface=127.0.0.1:backlog=1024",), Lines())  # endpoint strings
+    backend: str = key("sim", OneOf(BACKENDS, "backend"))
+    state_dir: str = key("/var/lib/xapid", non_empty)
+    users: str = key("/etc/xapid/users", non_empty)
+    threads: int = key(10, positive)
+    log_level: str = key("info", OneOf(LOG_LEVELS, "level"))
+    log_file: str = key("", AbsolutePath(empty_ok=True))  # empty: stderr (the journal under systemd)
+    log_file_bytes: int = key(10 << 20, positive)
+    idle_timeout: float = key(600.0, positive)
+    header_timeout: float = key(30.0, positive)
+    body_timeout: float = key(120.0, positive)
+    max_clients: int = key(5000, positive)
+    max_anonymous_clients: int = key(256, positive)
+    cors_origins: tuple[str, ...] = key((), OriginList())
 
 
 @dataclass(frozen=True)
 class ApiConfig:
-    session_idle_timeout: float = 86400.0
-    max_sessions_per_user: int = 500
-    auth_failure_delay: float = 2.0
-    shutdown_timeout: float = 60.0
-    task_ttl: float = 3600.0
-    event_history: int = 10_000
-    event_queue_size: int = 1_000
+    session_idle_timeout: float = key(86400.0, positive)
+    max_sessions_per_user: int = key(500, positive)
+    auth_failure_delay: float = key(2.0, non_negative)
+    shutdown_timeout: float = key(60.0, positive)
+    task_ttl: float = key(3600.0, positive)
+    event_history: int = key(10_000, positive)
+    event_queue_size: int = key(1_000, positive)
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_body_bytes: int = 8 << 20
-    max_depth: int = 64
-    max_elements: int = 1_000_000
-    max_header_bytes: int = 64 << 10
-    pending_input_bytes: int = 1 << 20
-    login_threads: int = 2
-    login_failures_burst: int = 10
-    login_failure_interval: float = 6.0
-    login_queue_per_source: int = 64
-    max_string_bytes: int = 1 << 20
-    max_collection_items: int = 10_000
-    audit_log_bytes: int = 10 << 20
-    max_pending_tasks_per_session: int = 100
-    max_pending_tasks_per_user: int = 1000
-    max_blob_bytes: int = 4 << 20  # data of one blob (PUT /blob)
-    max_messages: int = 10_000  # messages kept (xapi's message_limit); the oldest go first
-    max_transfers: int = 8  # disk/VM transfers (export/import over HTTP) at once, all users
-    max_transfers_per_user: int = 2  # of them by one user
-    console_idle_timeout: float = 1800.0  # a console relay without a byte either way is closed
-    max_consoles: int = 64  # console sessions (/console) at once, in total
-    max_consoles_per_vm: int = 4  # of them on one VM
+    max_body_bytes: int = key(8 << 20, positive)
+    max_depth: int = key(64, positive)
+    max_elements: int = key(1_000_000, positive)
+    max_header_bytes: int = key(64 << 10, positive)
+    pending_input_bytes: int = key(1 << 20, positive)
+    login_threads: int = key(2, positive)
+    login_failures_burst: int = key(10, positive)
+    login_failure_interval: float = key(6.0, positive)
+    login_queue_per_source: int = key(64, positive)
+    max_string_bytes: int = key(1 << 20, positive)
+    max_collection_items: int = key(10_000, positive)
+    audit_log_bytes: int = key(10 << 20, positive)
+    max_pending_tasks_per_session: int = key(100, positive)
+    max_pending_tasks_per_user: int = key(1000, positive)
+    max_blob_bytes: int = key(4 << 20, positive)  # data of one blob (PUT /blob)
+    max_messages: int = key(10_000, positive)  # messages kept (xapi's message_limit); the oldest go first
+    max_transfers: int = key(8, positive)  # disk/VM transfers (export/import over HTTP) at once, all users
+    max_transfers_per_user: int = key(2, positive)  # of them by one user
+    console_idle_timeout: float = key(1800.0, positive)  # a console relay without a byte either way is closed
+    max_consoles: int = key(64, positive)  # console sessions (/console) at once, in total
+    max_consoles_per_vm: int = key(4, positive)  # of them on one VM
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    local_sr: str = ""
-    iso_library: str = ""
-    disk_format: str = "raw"
-    roots: tuple[str, ...] = ()
+    local_sr: str = key("", may_be_empty)
+    iso_library: str = key("", may_be_empty)
+    disk_format: str = key("raw", OneOf(DISK_FORMATS, "format"))
+    roots: tuple[str, ...] = key((), PathList())
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    bootloaders: tuple[str, ...] = ("pygrub",)
-    kernel_dirs: tuple[str, ...] = ("/var/lib/xcp/guest",)
-    plugin_dir: str = "/etc/xapi.d/plugins"  # host.call_plugin runs root-owned files directly in it
+    bootloaders: tuple[str, ...] = key(("pygrub",), PathList(names_ok=True))
+    kernel_dirs: tuple[str, ...] = key(("/var/lib/xcp/guest",), PathList())
+    # host.call_plugin runs root-owned files directly in it
+    plugin_dir: str = key("/etc/xapi.d/plugins", AbsolutePath())
 
 
 @dataclass(frozen=True)
 class SimConfig:
-    cpus: int = 4
-    memory_mib: int = 16384
-    dom0_memory_mib: int = 1024
-    dom0_vcpus: int = 4
-    hostname: str = "xapid-sim"
+    cpus: int = key(4, positive)
+    memory_mib: int = key(16384, positive)
+    dom0_memory_mib: int = key(1024, positive)
+    dom0_vcpus: int = key(4, positive)  # at most 8 per cpu (checked in parse_config)
+    hostname: str = key("xapid-sim", may_be_empty)
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    period: float = 5.0
-    save_interval: float = 3600.0
-    prometheus_listen: str = ""
+    period: float = key(5.0, AtLeast(1, "seconds"))
+    save_interval: float = key(3600.0, positive)
+    prometheus_listen: str = key("", may_be_empty)
 
 
 @dataclass(frozen=True)
 class XenConfig:
-    autoballoon: str = "auto"
-    xenstored_timeout: float = 60.0
-    log_dir: str = ""
-    log_max_bytes: int = 10 << 20
+    autoballoon: str = key("auto", OneOf(AUTOBALLOON))
+    xenstored_timeout: float = key(60.0, positive)
+    log_dir: str = key("", AbsolutePath(empty_ok=True))
+    log_max_bytes: int = key(10 << 20, positive)
 
 
 @dataclass(frozen=True)
@@ -124,80 +285,44 @@ class Config:
     source: str = "<defaults>"
 
 
-BACKENDS = ("sim", "xen", "auto")
-LOG_LEVELS = ("debug", "info", "warn", "error")
-DISK_FORMATS = ("raw", "qcow2")
-_PATH_LISTS = {"roots", "bootloaders", "kernel_dirs"}  # may be empty; absolute paths (bootloaders: or names)
-AUTOBALLOON = ("auto", "on", "off")
-_POSITIVE = {"xenstored_timeout", "log_max_bytes", "log_file_bytes", "audit_log_bytes", "max_pending_tasks_per_session", "max_pending_tasks_per_user", "max_blob_bytes", "max_messages", "max_transfers", "max_transfers_per_user", "console_idle_timeout", "max_consoles", "max_consoles_per_vm",
-             "threads", "session_idle_timeout", "max_sessions_per_user", "shutdown_timeout", "task_ttl", "event_history", "event_queue_size", "max_body_bytes",
-             "max_depth", "max_elements", "cpus",
-             "idle_timeout", "header_timeout", "body_timeout", "max_clients", "max_anonymous_clients",
-             "max_header_bytes", "pending_input_bytes", "login_threads", "login_failures_burst",
-             "login_failure_interval", "login_queue_per_source", "max_string_bytes", "max_collection_items", "memory_mib", "dom0_memory_mib", "dom0_vcpus", "save_interval"}
-
-
-def _convert(section: str, key: str, text: str, default: Any, where: str) -> Any:
-    problem = f"{where}: [{section}] {key}"
-    if isinstance(default, tuple):
-        items = tuple(part for line in text.splitlines() for part in [line.strip()] if part)
-        if key == "cors_origins":
-            for item in items:
-                if item != "*" and not (item.startswith(("http://", "https://")) and "/" not in item.split("://", 1)[1]):
-                    raise ConfigError(f"{problem}: {item!r} is not an origin (scheme://host[:port], or *)")
-            return items
-        if key in _PATH_LISTS:
-            for item in items:
-                if not item.startswith("/") and not (key == "bootloaders" and "/" not in item):
-                    raise ConfigError(f"{problem}: {item!r} is not an absolute path"
-                                      + (" (or a program name)" if key == "bootloaders" else ""))
-            return items
-        if not items:
+def _read(section: str, f: Field[Any], text: str, where: str) -> Any:
+    """*text* read as field *f*'s type and checked by its rule; else ConfigError."""
+    problem = f"{where}: [{section}] {f.name}"
+    rule = rule_of(f)
+    kind: type = type(f.default)
+    value: Any
+    if kind is tuple:
+        value = tuple(part for line in text.splitlines() for part in [line.strip()] if part)
+        if not value and not rule.empty_ok:
             raise ConfigError(f"{problem}: needs at least one value")
-        return items
-    if isinstance(default, bool):
+    elif kind is bool:
         if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
             raise ConfigError(f"{problem}: expected true or false, got {text!r}")
-        return text.lower() in ("true", "yes", "1")
-    if isinstance(default, int):
+        value = text.lower() in ("true", "yes", "1")
+    elif kind is int:
         try:
-            value: Any = int(text)
+            value = int(text)
         except ValueError:
             raise ConfigError(f"{problem}: expected a whole number, got {text!r}") from None
-    elif isinstance(default, float):
+    elif kind is float:
         try:
             value = float(text)
         except ValueError:
             raise ConfigError(f"{problem}: expected a number, got {text!r}") from None
     else:
         value = text.strip()
-        if not value and key not in ("hostname", "local_sr", "iso_library", "prometheus_listen", "log_dir", "log_file"):
+        if not value and not rule.empty_ok:
             raise ConfigError(f"{problem}: must not be empty")
-    if key in _POSITIVE and value <= 0:
-        raise ConfigError(f"{problem}: must be greater than 0, got {text!r}")
-    if key == "period" and section == "stats" and value < 1:
-        raise ConfigError(f"{problem}: must be at least 1 (seconds), got {text!r}")
-    if key in ("auth_failure_delay",) and value < 0:
-        raise ConfigError(f"{problem}: must not be negative, got {text!r}")
-    if key == "backend" and value not in BACKENDS:
-        raise ConfigError(f"{problem}: unknown backend {value!r} (expected one of: {', '.join(BACKENDS)})")
-    if key == "autoballoon" and value not in AUTOBALLOON:
-        raise ConfigError(f"{problem}: expected one of {', '.join(AUTOBALLOON)}, got {value!r}")
-    if key == "plugin_dir" and not value.startswith("/"):
-        raise ConfigError(f"{problem}: {value!r} is not an absolute path")
-    if key in ("log_dir", "log_file") and value and not value.startswith("/"):
-        raise ConfigError(f"{problem}: {value!r} is not an absolute path")
-    if key == "disk_format" and value not in DISK_FORMATS:
-        raise ConfigError(f"{problem}: unknown format {value!r} (expected one of: {', '.join(DISK_FORMATS)})")
-    if key == "log_level" and value not in LOG_LEVELS:
-        raise ConfigError(f"{problem}: unknown level {value!r} (expected one of: {', '.join(LOG_LEVELS)})")
+    reason = rule.problem(value, text)
+    if reason:
+        raise ConfigError(f"{problem}: {reason}")
     return value
 
 
 def parse_config(text: str, where: str) -> Config:
     """Parse INI *text* (from *where*, for messages) into a validated Config."""
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep key case: configparser's documented override of a method
     try:
         parser.read_string(text, source=where)
     except configparser.Error as exc:
@@ -209,12 +334,12 @@ def parse_config(text: str, where: str) -> Config:
         if name not in sections:
             raise ConfigError(f"{where}: unknown section [{name}] (expected one of: {', '.join(sections)})")
         current = getattr(config, name)
-        known = {f.name: getattr(current, f.name) for f in fields(current)}
+        known = {f.name: f for f in fields(current)}
         changes = {}
-        for key, text_value in parser.items(name):
-            if key not in known:
-                raise ConfigError(f"{where}: [{name}] unknown key {key!r} (expected one of: {', '.join(known)})")
-            changes[key] = _convert(name, key, text_value, known[key], where)
+        for key_name, text_value in parser.items(name):
+            if key_name not in known:
+                raise ConfigError(f"{where}: [{name}] unknown key {key_name!r} (expected one of: {', '.join(known)})")
+            changes[key_name] = _read(name, known[key_name], text_value, where)
         config = replace(config, **{name: replace(current, **changes)})
     if config.server.max_anonymous_clients > config.server.max_clients:
         raise ConfigError(f"{where}: [server] max_anonymous_clients: must not exceed max_clients "
@@ -238,6 +363,9 @@ def load_config(path: str | None) -> Config:
     return parse_config(text, path)
 
 
+_SERVER = {f.name: f for f in fields(ServerConfig)}
+
+
 def override(config: Config, *, listen: list[str] | None = None, backend: str | None = None,
              state_dir: str | None = None, users: str | None = None) -> Config:
     """Apply command-line flags (validated like config values)."""
@@ -245,9 +373,9 @@ def override(config: Config, *, listen: list[str] | None = None, backend: str | 
     if listen:
         changes["listen"] = tuple(listen)
     if backend is not None:
-        changes["backend"] = _convert("server", "backend", backend, "", "--backend")
+        changes["backend"] = _read("server", _SERVER["backend"], backend, "--backend")
     if state_dir is not None:
-        changes["state_dir"] = _convert("server", "state_dir", state_dir, "", "--state-dir")
+        changes["state_dir"] = _read("server", _SERVER["state_dir"], state_dir, "--state-dir")
     if users is not None:
-        changes["users"] = _convert("server", "users", users, "", "--users")
+        changes["users"] = _read("server", _SERVER["users"], users, "--users")
     return replace(config, server=replace(config.server, **changes)) if changes else config

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from xapid.store import Database, Store
     from xapid.tasks import TaskManager
     from xapid.auth.users import UsersFile
-    from xapid.wire.values import Limits
+    from xapid.apitypes import Limits
 
 
 @dataclass

@@ -19,16 +19,16 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fai
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xapid.apitypes import NULL_REF, coerce
+from xapid.apitypes import DEFAULT_LIMITS, NULL_REF, coerce
 from xapid.audit import CallAudit
 from xapid.context import CallContext
 from xapid.errors import (
     XenAPIError, handle_invalid, internal_error_with_id, method_unknown, parameter_count_mismatch, session_invalid,
 )
 from xapid.auth import ownership
+from xapid.auth.rbac import permission_denied
 from xapid.objects import generic
 from xapid.schema import READ_ONLY, MessageSpec
-from xapid.wire.values import DEFAULT_LIMITS
 
 __all__ = ["CallContext", "Dispatcher", "Handler"]  # CallContext lives in xapid.context
 
@@ -139,10 +139,7 @@ class Dispatcher:
             if self.schema.classes[spec.cls].removed or spec.removed:
                 raise XenAPIError("MESSAGE_REMOVED")
             if not self.schema.role_allows(session.role, spec.role):
-                allowed = ", ".join(self.schema.roles_at_least(spec.role))
-                raise XenAPIError("RBAC_PERMISSION_DENIED", spec.wire_name.lower(),
-                                  f"No permission in this session to perform this operation. "
-                                  f"Your session has the role {session.role}; these roles would allow it: {allowed}")
+                raise permission_denied(self.schema, session.role, spec.wire_name.lower(), spec.role)
         values = [self._check(p, v) for p, v in zip(spec.params, args)]
         values += [p.default for p in spec.params[len(values):]]
         if session is not None:

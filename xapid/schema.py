@@ -120,6 +120,19 @@ class ClassSpec:
 
 
 @dataclass(frozen=True)
+class ErrorArity:
+    """How many parameters an error may carry: at least *least*, at most *most* (None: no bound),
+    from its ``<param>`` list (``optional="true"`` ones may be left off, a ``repeated="true"`` one
+    may be given any number of times)."""
+
+    least: int
+    most: int | None
+
+    def accepts(self, count: int) -> bool:
+        return self.least <= count and (self.most is None or count <= self.most)
+
+
+@dataclass(frozen=True)
 class Schema:
     version: str
     roles: tuple[str, ...]  # least to most privileged
@@ -130,6 +143,7 @@ class Schema:
     # (class, ref field) -> [(class, set field)] that mirror it
     inverses: Mapping[tuple[str, str], tuple[tuple[str, str], ...]] = field(default_factory=dict)
     role_docs: Mapping[str, str] = field(default_factory=dict)  # role -> its doc (role.name_description)
+    error_arity: Mapping[str, ErrorArity] = field(default_factory=dict)  # code -> its parameter counts
 
     def role_allows(self, role: str, minimum: str) -> bool:
         return self.roles.index(role) >= self.roles.index(minimum)
@@ -186,11 +200,13 @@ class _Builder:
                 raise self.fail(node, f"enum {name} declared twice")
             self.enums[name] = tuple(v.text for v in node.iterfind("value"))
         errors: dict[str, tuple[str, ...]] = {}
+        arity: dict[str, ErrorArity] = {}
         for node in root.iterfind("error"):
             code = node.get("code")
             if code in errors:
                 raise self.fail(node, f"error {code} declared twice")
             errors[code] = tuple(p.text for p in node.iterfind("param"))
+            arity[code] = self.error_arity(node)
         classes: dict[str, ClassSpec] = {}
         messages: dict[str, MessageSpec] = {}
         for node in root.iterfind("class"):
@@ -219,7 +235,19 @@ class _Builder:
             messages=MappingProxyType(messages),
             inverses=MappingProxyType({k: tuple(v) for k, v in inverses.items()}),
             role_docs=MappingProxyType({r.get("name"): r.get("doc", "") for r in root.find("roles")}),
+            error_arity=MappingProxyType(arity),
         )
+
+    def error_arity(self, node: etree._Element) -> ErrorArity:
+        """The parameter counts of an ``<error>``: optional parameters only at the end, a repeated one last."""
+        params = list(node.iterfind("param"))
+        optional = [p.get("optional") == "true" for p in params]
+        if any(o and not later for o, later in zip(optional, optional[1:])):
+            raise self.fail(node, f"error {node.get('code')}: a required parameter follows an optional one")
+        if any(p.get("repeated") == "true" for p in params[:-1]):
+            raise self.fail(node, f"error {node.get('code')}: only the last parameter may be repeated")
+        repeated = bool(params) and params[-1].get("repeated") == "true"
+        return ErrorArity(optional.count(False), None if repeated else len(params))
 
     def build_class(self, node: etree._Element, roles: tuple[str, ...], errors: Mapping[str, tuple[str, ...]]) -> tuple[ClassSpec, dict[str, MessageSpec]]:
         name = node.get("name")

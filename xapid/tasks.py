@@ -3,7 +3,8 @@
 An ``Async.`` call returns its task ref at once; the operation runs as a coroutine on the
 reactor (its blocking steps in the thread pool), and its outcome lands in the task record:
 ``success`` with ``result`` = the XML-RPC ``<value>`` text of the return value (as xapi
-stores it), ``failure`` with ``error_info`` = ``[code, params…]``, or ``cancelled``.
+stores it; the encoder is given by the composition root, so the core does not import the
+wire), ``failure`` with ``error_info`` = ``[code, params…]``, or ``cancelled``.
 
 Ownership (xapi's model): every task records the user and session that created it in a side
 table (:class:`Owner`, keyed by task ref; tasks are not persisted, so neither is the table).
@@ -23,15 +24,13 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from xapid.apitypes import EPOCH, utc
+from xapid.auth.rbac import ANY_TASK_PERMISSION, ANY_TASK_ROLE, permission_denied
 from xapid.errors import XenAPIError, internal_error_with_id, operation_not_allowed
 from xapid.schema import MessageSpec
 from xapid.store import Change, Store
-from xapid.wire.xmlrpc import encode_value
 
 log = Logger()
 
-ANY_TASK_PERMISSION = "task.destroy/any"  # xapi's one "any" permission (pool-operator and above)
-ANY_TASK_ROLE = "pool-operator"
 
 
 @dataclass(frozen=True)
@@ -43,18 +42,16 @@ class Owner:
     client: bool  # task.create (destroyed with its session, capped while pending); else Async.*
 
 
-def rbac_denied(schema: Any, role: str, permission: str, minimum: str, what: str) -> XenAPIError:
-    """RBAC_PERMISSION_DENIED [permission, message] worded as the dispatcher words it."""
-    allowed = ", ".join(schema.roles_at_least(minimum))
-    return XenAPIError("RBAC_PERMISSION_DENIED", permission,
-                       f"No permission in this session to perform this operation {what}. "
-                       f"Your session has the role {role}; these roles would allow it: {allowed}")
+#: the text a task's ``result`` field holds for an operation's return value
+ResultEncoder = Callable[[Any], str]
 
 
 class TaskManager:
     def __init__(self, store: Store, reactor: Any, host_ref: Callable[[], str], ttl: float,
-                 max_pending_per_session: int = 100, max_pending_per_user: int = 1000):
+                 max_pending_per_session: int = 100, max_pending_per_user: int = 1000, *,
+                 encode_result: ResultEncoder):
         self.store = store
+        self.encode_result = encode_result
         self.reactor = reactor
         self.host_ref = host_ref
         self.ttl = ttl
@@ -111,8 +108,8 @@ class TaskManager:
             return
         log.info("refused {message} on task {task} of another user: session of {user} ({role})",
                  message=message, task=task, user=session.user, role=session.role)
-        raise rbac_denied(schema, session.role, ANY_TASK_PERMISSION, ANY_TASK_ROLE,
-                          "on a task created by another user")
+        raise permission_denied(schema, session.role, ANY_TASK_PERMISSION, ANY_TASK_ROLE,
+                                "on a task created by another user")
 
     def create_for_client(self, session: Any, label: str, description: str) -> str:
         """``task.create``: a pending, cancellable task owned by *session*, within the caps;
@@ -203,7 +200,7 @@ class TaskManager:
         """``success`` only once the operation's writes are committed (the task record itself is
         not persisted): a client that sees it may kill -9 the daemon and keep the result.  A
         commit that fails makes the task a failure with the commit's error instead."""
-        result = encode_value(value).decode()
+        result = self.encode_result(value)
         return self.store.flush().addCallbacks(
             lambda _: self._finish(task, {"status": "success", "progress": 1.0, "result": result}),
             lambda f: self._failed(task, f, flushed=True))

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from xapid.auth.rbac import permission_denied
 from xapid.schema import MessageSpec
-from xapid.tasks import rbac_denied
 
 READS = frozenset({"get", "get_record", "get_by_uuid", "get_by_name_label", "get_all", "get_all_records",
                    "get_all_records_where", "get_all_where"})
@@ -70,7 +70,7 @@ def _session(api: Any, session: Any, spec: MessageSpec, values: list[Any]) -> No
         what = "on a session of another user"
     else:
         what = "on another session than the caller's own"
-    raise rbac_denied(api.schema, session.role, spec.wire_name.lower(), SESSION_ADMIN, what)
+    raise permission_denied(api.schema, session.role, spec.wire_name.lower(), SESSION_ADMIN, what)
 
 
 def _stored_user(api: Any, ref: str) -> str | None:

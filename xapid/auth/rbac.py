@@ -24,12 +24,24 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from xapid.errors import XenAPIError
 from xapid.schema import Schema
-from xapid.tasks import ANY_TASK_PERMISSION
 
 PERMISSION_DESCRIPTION = "A basic permission"
+ANY_TASK_PERMISSION = "task.destroy/any"  # xapi's one "any" permission: act on anyone's tasks
+ANY_TASK_ROLE = "pool-operator"
 #: xapi's permissions that are not messages, with the least role holding them
-EXTRA_PERMISSIONS: dict[str, str] = {ANY_TASK_PERMISSION: "pool-operator"}
+EXTRA_PERMISSIONS: dict[str, str] = {ANY_TASK_PERMISSION: ANY_TASK_ROLE}
+
+
+def permission_denied(schema: Schema, role: str, permission: str, minimum: str, what: str = "") -> XenAPIError:
+    """RBAC_PERMISSION_DENIED [permission, message], the message naming the session's *role* and
+    the roles that would allow it (*minimum* and above); *what* says on what, when it matters."""
+    allowed = ", ".join(schema.roles_at_least(minimum))
+    operation = f"this operation {what}" if what else "this operation"
+    return XenAPIError("RBAC_PERMISSION_DENIED", permission,
+                       f"No permission in this session to perform {operation}. "
+                       f"Your session has the role {role}; these roles would allow it: {allowed}")
 
 
 def name_uuid(name: str) -> str:

@@ -49,7 +49,7 @@ def open_log_file(path: str, max_bytes: int) -> Any:
 def set_log_level(level: str) -> None:
     """Change the level of the running daemon's log (SIGHUP reload)."""
     if _predicate is not None:
-        _predicate.setLogLevelForNamespace(None, LogLevel.levelWithName(level))  # type: ignore[arg-type]
+        _predicate.setLogLevelForNamespace("", LogLevel.levelWithName(level))  # "": the default namespace
 
 
 #: syslog priorities journald reads from a ``<N>`` line prefix (sd-daemon.h)

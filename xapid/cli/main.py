@@ -109,6 +109,16 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
 
         notifier.start_watchdog(reactor)
         systemd.install_block_hook(reactor)
+        threads = cast("IReactorThreads", reactor)  # typed without it, but every reactor has threads
+        hup = {"serving": False, "pending": False}
+
+        def on_hup() -> None:
+            if hup["serving"]:
+                reload()
+            else:  # during start-up: applied once serving (SIGHUP's default action would kill us)
+                hup["pending"] = True
+
+        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(on_hup))
         try:
             addresses = await daemon.start()
         except Exception as exc:  # noqa: BLE001 - never a traceback to the user
@@ -119,10 +129,11 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
             reactor.stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(stop()))
-        threads = cast("IReactorThreads", reactor)  # typed without it, but every reactor has threads
-        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(reload))
         outcome["serving"] = f"serving on {', '.join(addresses)}"
         notifier.notify(READY=1, STATUS=outcome["serving"])
+        hup["serving"] = True
+        if hup["pending"]:
+            reload()
 
     try:
         daemon.check()

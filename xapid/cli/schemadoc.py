@@ -36,5 +36,15 @@ def render(schema: Schema) -> str:
                            f"| {m.doc} |")
             out.append("")
     out += ["## Errors", "", "| code | parameters |", "|---|---|"]
-    out += [f"| `{code}` | {', '.join(params)} |" for code, params in schema.errors.items()]
+    out += [f"| `{code}` | {_error_params(schema, code)} |" for code in schema.errors]
     return "\n".join(out) + "\n"
+
+
+def _error_params(schema: Schema, code: str) -> str:
+    """An error's parameter names; ``?`` marks one that may be left off, ``…`` one that may repeat."""
+    names = list(schema.errors[code])
+    arity = schema.error_arity[code]
+    marked = [name + ("?" if i >= arity.least else "") for i, name in enumerate(names)]
+    if arity.most is None and marked:
+        marked[-1] += "…"
+    return ", ".join(marked)

@@ -15,9 +15,12 @@ the dependents again whenever a source object is written.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xapid.backend.storage import SR_TYPES
+
+if TYPE_CHECKING:
+    from xapid.objects import Hooks
 
 NULL = "OpaqueRef:NULL"
 
@@ -301,3 +304,8 @@ def register(store: Any) -> None:
         spec = classes.get(cls)
         if spec is not None and "allowed_operations" in spec.fields:
             store.derive(cls, _deriver(cls, rule), {src: fn for src, fn in depends.items() if src in classes})
+
+
+def install(hooks: "Hooks") -> None:
+    """The objects hook (:func:`xapid.objects.install`): derive allowed_operations from the store's first load."""
+    hooks.setup_store(register)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from xapid.apitypes import coerce
+from xapid.apitypes import DEFAULT_LIMITS, coerce
 from xapid.context import CallContext
 from xapid.errors import XenAPIError, field_type_error, handle_invalid, invalid_value, uuid_invalid
 from xapid.schema import MessageSpec
 from xapid.store import CachedRecord
-from xapid.wire.values import DEFAULT_LIMITS
 
 
 def create_fields(ctx: CallContext, cls: str, args: dict[str, Any]) -> dict[str, Any]:

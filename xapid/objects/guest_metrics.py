@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -53,6 +53,9 @@ from twisted.logger import Logger
 from xapid.apitypes import NULL_REF, utc
 from xapid.backend.interface import GuestData
 from xapid.errors import XenAPIError
+
+if TYPE_CHECKING:
+    from xapid.objects import Hooks
 
 log = Logger()
 
@@ -211,3 +214,8 @@ def tick(api: Any) -> Deferred:
     d = Deferred.fromCoroutine(refresh(api))
     d.addErrback(lambda f: log.failure("reading the guests' agent data failed", f))
     return d
+
+
+def install(hooks: "Hooks") -> None:
+    """The objects hook (:func:`xapid.objects.install`): read the guests' agent data every stats period."""
+    hooks.every_stats_period(tick)

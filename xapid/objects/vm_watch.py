@@ -14,7 +14,7 @@ that operation, which sees the outcome itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -25,11 +25,28 @@ from xapid.errors import XenAPIError
 from xapid.objects.vm import record_domain, record_halted
 from xapid.objects.vm_ops import operation
 
+if TYPE_CHECKING:
+    from xapid.objects import Hooks
+
 log = Logger()
 
 ACTION_FIELD = {"poweroff": "actions_after_shutdown", "reboot": "actions_after_reboot",
                 "crash": "actions_after_crash", "watchdog": "actions_after_crash"}
 RESTART = {"restart", "coredump_and_restart", "rename_restart"}
+
+
+def install(hooks: "Hooks") -> None:
+    """The objects hook (:func:`xapid.objects.install`): listen to the driver once the inventory is read."""
+    hooks.at_start(watch)
+
+
+async def watch(api: Any) -> None:
+    """Hear of every domain that shuts down, crashes or vanishes, and handle those that did so
+    while the daemon was not running (a shut-down or crashed domain the driver still lists)."""
+    api.hypervisor.watch_domains(api.reactor, lambda uuid: domain_changed(api, uuid))
+    for domain in await api.hypervisor.list_domains():
+        if domain.state in ("shutdown", "crashed"):
+            domain_changed(api, domain.uuid)
 
 
 def domain_changed(api: Any, uuid: str) -> Deferred:

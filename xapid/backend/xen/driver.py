@@ -41,8 +41,10 @@ import errno
 import json
 import os
 import pathlib
+import re
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,11 +61,13 @@ from xapid.backend.interface import (
     GUEST_SUBTREES,
     BackendError,
     BadDomainState,
+    ConsoleEndpoint,
     Counters,
     DiskCounters,
     DiskSpec,
     DomainInfo,
     DomainSpec,
+    DomainState,
     GuestData,
     HostInfo,
     HypervisorUnavailable,
@@ -71,6 +75,7 @@ from xapid.backend.interface import (
     InvalidSpec,
     NicCounters,
     NicSpec,
+    NoConsole,
     NoSuchDomain,
     NotEnoughMemory,
     PhysicalCPU,
@@ -167,7 +172,19 @@ def _reap_handlers() -> dict[object, object]:
     return cast("dict[object, object]", process.reapProcessHandlers)
 
 
-def _state_of(info: XcDomainInfo) -> str:
+_PTS = re.compile(r"/dev/pts/[0-9]{1,9}")
+
+
+def _is_pty_slave(path: str) -> bool:
+    """Whether *path* is a Unix98 pty slave (character device, major 136-143)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and 136 <= os.major(st.st_rdev) <= 143
+
+
+def _state_of(info: XcDomainInfo) -> DomainState:
     if info.flags & XEN_DOMINF_dying:
         return "dying"
     if info.flags & XEN_DOMINF_shutdown:
@@ -267,7 +284,7 @@ class XenBackend:
         self._reader: WatchReader | None = None
         self._listener: Callable[[str], Any] | None = None
         self._reactor: Any = None
-        self._known: dict[str, tuple[int, str]] = {}  # uuid -> (domid, state) as last reported
+        self._known: dict[str, tuple[int, DomainState]] = {}  # uuid -> (domid, state) as last reported
         self._busy: set[str] = set()  # handles with an operation in flight: not reported
         self._records: dict[str, dict[str, Any]] = {}  # build records by handle (cache of the files)
         self._lock = threading.RLock()
@@ -735,8 +752,8 @@ class XenBackend:
                 name = "Domain-0" if domid == 0 else ""
         kind = spec.get("domain_type") or ("hvm" if raw.flags & XEN_DOMINF_hvm_guest else "pv")
         return DomainInfo(
-            domid=domid, uuid=uuid, name=name, state=_state_of(raw),  # type: ignore[arg-type]
-            shutdown_reason=raw.shutdown_reason if raw.flags & XEN_DOMINF_shutdown else "",  # type: ignore[arg-type]
+            domid=domid, uuid=uuid, name=name, state=_state_of(raw),
+            shutdown_reason=raw.shutdown_reason if raw.flags & XEN_DOMINF_shutdown else "",  # type: ignore[arg-type]  # a code newer than Xen 4.17's comes as its number
             memory_actual=raw.tot_pages * PAGE, memory_target=target,
             memory_max=int(spec.get("memory_static_max") or self._unbuilt_max(raw)),
             vcpus=online, vcpus_max=raw.max_vcpu_id + 1, cpu_time_ns=raw.cpu_time + record.get("cpu_offset", 0),
@@ -1172,6 +1189,77 @@ class XenBackend:
         return GuestData(agent=agent, pv_drivers_detected=connected, tty=guest_text(tty),
                          vnc_port=int(port) if port.isdigit() and int(port) < 65536 else -1,
                          vnc_listen=guest_text(listen))
+
+    # -- consoles ----------------------------------------------------------------------
+
+    def console_endpoint(self, uuid: str, protocol: str) -> ConsoleEndpoint:
+        """The domain's console as published in xenstore, checked, since a guest may write
+        under its own ``console/`` node:
+
+        * ``vt100``: ``console/tty`` (``serial/0/tty`` for an HVM guest without a PV console)
+          must be ``/dev/pts/<n>`` and a pty slave character device (majors 136-143);
+        * ``rfb``: ``console/vnc-port`` must be a TCP port on which this domain's own device
+          model (the process with ``-xen-domid <domid>``) listens; reached on 127.0.0.1, where
+          :mod:`xapid.backend.xen.domconfig` has qemu listen, whatever ``vnc-listen`` says.
+        """
+        raw = self._find(uuid)
+        state = _state_of(raw)
+        if state not in ("running", "paused"):
+            raise BadDomainState(f"domain {uuid} is {state}: it has no console", uuid, state)
+        if protocol not in ("vt100", "rfb"):
+            raise NoConsole(f"no {protocol} console", uuid, protocol)
+        home = f"/local/domain/{raw.domain}"
+        xs = self._store()
+
+        def read(rel: str) -> str:
+            try:
+                return xs.read(f"{home}/{rel}").decode("ascii", "replace").strip()
+            except XenError as exc:
+                if exc.errno in (errno.ENOENT, errno.EACCES):
+                    return ""
+                raise
+
+        with self._hypercall("read the console's location", uuid):
+            if protocol == "vt100":
+                path = read("console/tty") or read("serial/0/tty")
+            else:
+                port_text = read("console/vnc-port")
+        if protocol == "vt100":
+            if not _PTS.fullmatch(path) or not _is_pty_slave(path):
+                raise NoConsole(f"domain {uuid} publishes no usable console pty", uuid, protocol)
+            return ConsoleEndpoint("vt100", "pty", path=path)
+        port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else -1
+        if not 0 < port < 65536 or not self._device_model_listens(raw.domain, port):
+            raise NoConsole(f"domain {uuid} has no VNC server of its device model", uuid, protocol)
+        return ConsoleEndpoint("rfb", "tcp", host="127.0.0.1", port=port)
+
+    def _device_model_listens(self, domid: int, port: int) -> bool:
+        """Whether a process started with ``-xen-domid <domid>`` holds a socket listening on *port*."""
+        inodes: set[str] = set()
+        for table in ("net/tcp", "net/tcp6"):
+            try:
+                lines = (self._procfs / table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and fields[1].rpartition(":")[2] == f"{port:04X}":
+                    inodes.add(f"socket:[{fields[9]}]")
+        if not inodes:
+            return False
+        want = str(domid).encode()
+        for proc in self._procfs.iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if not any(a == b"-xen-domid" and b == want for a, b in zip(argv, argv[1:])):
+                    continue
+                if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                    return True
+            except OSError:
+                continue
+        return False
 
     # -- counters ----------------------------------------------------------------------
 

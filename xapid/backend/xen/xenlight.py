@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import POINTER, c_char_p, c_int, c_int64, c_uint, c_uint32, c_uint64, c_void_p
+from typing import Any, Callable, TypeVar
 
 from xapid.backend.xen.libs import SUPPORTED_ABI, declare, load, load_libc
+
+L = TypeVar("L")
+T = TypeVar("T")
 
 DOMAIN_CONFIG_SIZE = 1288
 RESTORE_PARAMS_SIZE = 24
@@ -97,27 +101,29 @@ class XenLightError(Exception):
         super().__init__(self.strerror)
 
 
-def bind(lib: object) -> object:
+def bind(lib: L) -> L:
     """Declare argtypes/restype of every libxenlight function used here on *lib*."""
     return declare(lib, _PROTOTYPES)
 
 
 def load_xenlight() -> ctypes.CDLL:
     """libxenlight found by name; refused unless its soname carries the supported Xen release."""
-    return bind(load("xenlight", abi=SUPPORTED_ABI))  # type: ignore[return-value]
+    return bind(load("xenlight", abi=SUPPORTED_ABI))
 
 
 class XenLight:
     """An open libxl context; methods raise :class:`XenLightError`."""
 
-    def __init__(self, lib: object, logger: int | None) -> None:
-        """Open a context through *lib* logging to *logger* (never None: libxl crashes without one)."""
+    def __init__(self, lib: Any, logger: int | None) -> None:
+        """Open a context through *lib* (libxenlight with its prototypes bound, :func:`bind`; tests
+        give a fake of the same functions, hence ``Any``) logging to *logger* (never None: libxl
+        crashes without one)."""
         if not logger:
             raise XenLightError("libxl_ctx_alloc", -6)
-        self._lib = lib
+        self._lib: Any = lib
         self._libc = load_libc()
         ctx = c_void_p()
-        rc = lib.libxl_ctx_alloc(ctypes.byref(ctx), LIBXL_VERSION, 0, logger)  # type: ignore[attr-defined]
+        rc = lib.libxl_ctx_alloc(ctypes.byref(ctx), LIBXL_VERSION, 0, logger)
         if rc or not ctx.value:
             raise XenLightError("libxl_ctx_alloc", rc or -3)
         self._ctx: int | None = ctx.value
@@ -125,18 +131,18 @@ class XenLight:
         # Without this libxl installs its own handler at its first child, asserts that none was
         # there (Twisted's is) and aborts the process.  The driver calls sigchld_occurred().
         self._hooks = ChildprocHooks(LIBXL_SIGCHLD_OWNER_MAINLOOP, None, None)
-        lib.libxl_childproc_setmode(self._ctx, ctypes.byref(self._hooks), None)  # type: ignore[attr-defined]
+        lib.libxl_childproc_setmode(self._ctx, ctypes.byref(self._hooks), None)
 
     def sigchld_occurred(self) -> None:
         """Let libxl reap those of its children that exited (``waitpid(pid, WNOHANG)`` on its own
         pids only).  Any thread but never a signal handler; a no-op on a closed context."""
         if self._ctx:
-            self._lib.libxl_childproc_sigchld_occurred(self._ctx)  # type: ignore[attr-defined]
+            self._lib.libxl_childproc_sigchld_occurred(self._ctx)
 
     def close(self) -> None:
         """Free the context; idempotent."""
         if self._ctx:
-            self._lib.libxl_ctx_free(self._ctx)  # type: ignore[attr-defined]
+            self._lib.libxl_ctx_free(self._ctx)
             self._ctx = None
 
     def _c(self) -> int:
@@ -148,22 +154,22 @@ class XenLight:
         if rc:
             raise XenLightError(call, rc)
 
-    def _with_config(self, config_json: str, use: object) -> object:
+    def _with_config(self, config_json: str, use: Callable[[Any], T]) -> T:
         buf = ctypes.create_string_buffer(DOMAIN_CONFIG_SIZE)
         lib = self._lib
-        lib.libxl_domain_config_init(buf)  # type: ignore[attr-defined]
+        lib.libxl_domain_config_init(buf)
         try:
             self._check("libxl_domain_config_from_json",
-                        lib.libxl_domain_config_from_json(self._c(), buf, config_json.encode()))  # type: ignore[attr-defined]
-            return use(buf)  # type: ignore[operator]
+                        lib.libxl_domain_config_from_json(self._c(), buf, config_json.encode()))
+            return use(buf)
         finally:
-            lib.libxl_domain_config_dispose(buf)  # type: ignore[attr-defined]
+            lib.libxl_domain_config_dispose(buf)
 
     def validate(self, config_json: str) -> str:
         """libxl's canonical JSON of *config_json*; XenLightError when libxl refuses it."""
 
         def canonical(buf: object) -> str:
-            ptr = self._lib.libxl_domain_config_to_json(self._c(), buf)  # type: ignore[attr-defined]
+            ptr = self._lib.libxl_domain_config_to_json(self._c(), buf)
             if not ptr:
                 raise XenLightError("libxl_domain_config_to_json", -3)
             try:
@@ -171,18 +177,18 @@ class XenLight:
             finally:
                 self._libc.free(ptr)
 
-        return self._with_config(config_json, canonical)  # type: ignore[return-value]
+        return self._with_config(config_json, canonical)
 
     def create(self, config_json: str) -> int:
         """Build a domain from *config_json*; it is left paused.  Returns its domid."""
 
         def build(buf: object) -> int:
             domid = c_uint32(0)
-            self._check("libxl_domain_create_new", self._lib.libxl_domain_create_new(  # type: ignore[attr-defined]
+            self._check("libxl_domain_create_new", self._lib.libxl_domain_create_new(
                 self._c(), buf, ctypes.byref(domid), None, None))
             return domid.value
 
-        return self._with_config(config_json, build)  # type: ignore[return-value]
+        return self._with_config(config_json, build)
 
     def restore(self, config_json: str, fd: int) -> int:
         """Rebuild a domain from the image on *fd* (written by :meth:`suspend`), paused; its domid."""
@@ -190,16 +196,16 @@ class XenLight:
         def build(buf: object) -> int:
             domid = c_uint32(0)
             params = RestoreParams()
-            self._lib.libxl_domain_restore_params_init(ctypes.byref(params))  # type: ignore[attr-defined]
+            self._lib.libxl_domain_restore_params_init(ctypes.byref(params))
             params.stream_version = LIBXL_STREAM_VERSION_V2
             try:
-                self._check("libxl_domain_create_restore", self._lib.libxl_domain_create_restore(  # type: ignore[attr-defined]
+                self._check("libxl_domain_create_restore", self._lib.libxl_domain_create_restore(
                     self._c(), buf, ctypes.byref(domid), fd, -1, ctypes.byref(params), None, None))
             finally:
-                self._lib.libxl_domain_restore_params_dispose(ctypes.byref(params))  # type: ignore[attr-defined]
+                self._lib.libxl_domain_restore_params_dispose(ctypes.byref(params))
             return domid.value
 
-        return self._with_config(config_json, build)  # type: ignore[return-value]
+        return self._with_config(config_json, build)
 
     def _domain_call(self, name: str, domid: int, *args: object) -> None:
         self._check(name, getattr(self._lib, name)(self._c(), domid, *args))
@@ -233,7 +239,7 @@ class XenLight:
         """Memory free for new domains, as libxl counts it (KiB)."""
         free = c_uint64(0)
         self._check("libxl_get_free_memory",
-                    self._lib.libxl_get_free_memory(self._c(), ctypes.byref(free)))  # type: ignore[attr-defined]
+                    self._lib.libxl_get_free_memory(self._c(), ctypes.byref(free)))
         return free.value
 
     def _device(self, kind: str, action: str, domid: int, device_json: str) -> None:
