@@ -276,7 +276,10 @@ def start_xapid(workdir: Path, name: str, listen: str, max_sessions: int) -> Ser
     users.load()
     users.add(USER, "pool-admin", PASSWORD)
     config = workdir / "xapid.conf"
-    config.write_text(f"[api]\nauth_failure_delay = 0.0\nmax_sessions_per_user = {max_sessions}\n")
+    # every watcher connects before its first call: they are all anonymous at once for a moment
+    clients = max(5000, max_sessions + 256)
+    config.write_text(f"[server]\nmax_clients = {clients}\nmax_anonymous_clients = {clients}\n"
+                      f"[api]\nauth_failure_delay = 0.0\nmax_sessions_per_user = {max_sessions}\n")
     args = [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--backend", "sim",
             "--state-dir", str(workdir / "state"), "--users", str(workdir / "users"), "--listen", listen]
     return ServerProcess(name, args, workdir / "daemon.log")

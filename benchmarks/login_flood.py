@@ -1,7 +1,7 @@
 """A password-guessing flood against xapid: what it costs a legitimate user, in one run.
 
     python benchmarks/login_flood.py [--connections 150] [--sources 10] [--seconds 15]
-                                     [--no-throttle] [--root DIR] [--auth-failure-delay S]
+                                     [--no-throttle] [--root DIR] [--auth-failure-delay S] [--scrapes N]
 
 Starts xapid (a real subprocess on the sim backend, temporary state dir, loopback only, default
 config: ``auth_failure_delay`` 2 s, the default ``[limits] login_*``) with one pool-admin user whose
@@ -13,6 +13,10 @@ password is hashed at the default bcrypt cost, as ``xapid user add`` does.  Then
 2. **under the flood:** ``tests/flood.py`` (its own process) opens *connections* keep-alive
    connections from 127.0.0.2 … 127.0.0.(1+*sources*) and sends wrong-password logins for the
    same user in a loop for *seconds*, while the same two legitimate loops run again.
+
+Before the flood, *scrapes* GETs of ``/metrics`` with the client's session id and as many with HTTP
+Basic (alternating) give the daemon's CPU per scrape each way (schedstat around each request): the
+cost of checking a password on every Basic request, against the session path.
 
 It prints one line per figure: p50 and p99 of both legitimate calls unloaded and under the
 flood, as ratios (flood ÷ unloaded: 1.0 means the flood costs nothing), the attackers' answered
@@ -40,6 +44,7 @@ import math
 import os
 import re
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +78,50 @@ def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str, root: Pat
                                  str(tmp / "state"), "--users", str(users), "--listen", "tcp:0:interface=127.0.0.1"],
                                 cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out, env=env)
     stack.callback(stop, proc)
-    return wait_listening("xapid", proc, log), log
+    server = wait_listening("xapid", proc, log)
+    SERVER_PIDS[server.port] = proc.pid
+    return server, log
+
+
+SERVER_PIDS: dict[int, int] = {}  # port -> the daemon's pid (for its CPU time)
+
+
+def run_ns(pid: int) -> int:
+    """Nanoseconds on CPU of every thread of *pid* so far (/proc/<pid>/task/*/schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def scrapes(server: Server, session_ref: str, password: str, count: int) -> dict[str, list[float]]:
+    """*count* GETs of /metrics with the session id and *count* with HTTP Basic, alternating on
+    one keep-alive connection each; the daemon's CPU seconds per scrape (schedstat around it)."""
+    import base64
+    import http.client
+
+    pid = SERVER_PIDS[server.port]
+    token = base64.b64encode(f"{USER}:{password}".encode()).decode()
+    ways = {"session id": ("/metrics?session_id=" + session_ref, {}),
+            "HTTP Basic": ("/metrics", {"Authorization": f"Basic {token}"})}
+    conns = {name: http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
+    try:
+        for _ in range(count + 1):  # the first of each warms up (and fills the Basic cache)
+            for name, (path, headers) in ways.items():
+                before = run_ns(pid)
+                conns[name].request("GET", path, headers=headers)
+                reply = conns[name].getresponse()
+                reply.read()
+                if reply.status != 200:
+                    raise RuntimeError(f"/metrics with {name}: HTTP {reply.status}")
+                time.sleep(0.02)  # the daemon's CPU accounting catches up
+                cpu[name].append((run_ns(pid) - before) / 1e9)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    return {name: values[1:] for name, values in cpu.items()}
 
 
 def session(server: Server, password: str) -> Any:
@@ -143,7 +191,7 @@ def checked_failures(log: Path) -> int:
 
 def benchmark(args: argparse.Namespace) -> None:
     root = Path(args.root).resolve() if args.root else ROOT
-    new_limits = (root / "xapid" / "login.py").exists()
+    new_limits = (root / "xapid" / "login.py").exists() or (root / "xapid" / "auth" / "login.py").exists()
     if args.no_throttle:
         limits = "login_threads = 10\nlogin_failures_burst = 1000000000\nlogin_queue_per_source = 1000000\n"
         mode = "before (--no-throttle: no buckets, no queue cap, 10 login threads)"
@@ -169,6 +217,10 @@ def benchmark(args: argparse.Namespace) -> None:
         progress(f"unloaded: legitimate login and VDI.create loops for {UNLOADED_SECONDS:.0f} s")
         until = time.monotonic() + UNLOADED_SECONDS
         base = legit.measure(lambda: time.monotonic() < until)
+        scraped: dict[str, list[float]] = {}
+        if args.scrapes:
+            progress(f"/metrics: {args.scrapes} scrapes with a session id and {args.scrapes} with HTTP Basic")
+            scraped = scrapes(server, legit.admin.handle, password, args.scrapes)
 
         progress(f"flood: {args.connections} connections from {args.sources} addresses for {args.seconds:.0f} s")
         checked_before = checked_failures(log)
@@ -185,6 +237,11 @@ def benchmark(args: argparse.Namespace) -> None:
         report = json.loads(out.strip().splitlines()[-1])
         checked = checked_failures(log) - checked_before
 
+    if scraped:
+        by_session, by_basic = (statistics.median(scraped[k]) * 1000 for k in ("session id", "HTTP Basic"))
+        print(f"/metrics scrape, daemon CPU (median of {args.scrapes}): session id {by_session:.2f} ms, "
+              f"HTTP Basic {by_basic:.2f} ms, Basic / session {by_basic / by_session:.2f}x "
+              f"(Basic max {max(scraped['HTTP Basic']) * 1000:.2f} ms)", flush=True)
     for name in ("login", "VDI.create"):
         for label, q in (("p50", 0.5), ("p99", 0.99)):
             before, during = percentile(base[name], q) * 1000, percentile(loaded[name], q) * 1000
@@ -210,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="'before' on this tree: no per-source limits, 10 login threads")
     parser.add_argument("--root", help="run the daemon from this source tree (e.g. the code before)")
     parser.add_argument("--auth-failure-delay", type=float, help="[api] auth_failure_delay (default: xapid's, 2 s)")
+    parser.add_argument("--scrapes", type=int, default=20,
+                        help="/metrics scrapes with a session id and with HTTP Basic, before the flood (default 20; "
+                             "0: none)")
     args = parser.parse_args(argv)
     try:
         import XenAPI  # noqa: F401

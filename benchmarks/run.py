@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import http.client
 import os
-import platform
 import re
 import secrets
 import signal
@@ -43,7 +42,7 @@ from support import vm_record  # noqa: E402 - the same valid VM.create record th
 import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
-BASELINE = Path(__file__).resolve().parent / "stdlib_server.py"
+from common import BASELINE, machine, stop  # noqa: E402 - shared by the benchmarks (re-exported)
 USER = "bench"
 VMS = 1000
 CONNECTIONS = 8
@@ -126,15 +125,6 @@ def report(figure: Figure) -> None:
     sys.stdout.flush()
 
 
-def machine() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = f" ({found.group(1).strip()})" if found else ""
-    return (f"machine: nproc {os.cpu_count()}{cpu}, {platform.python_implementation()} "
-            f"{platform.python_version()}, {platform.platform()}")
-
-
 # -- processes --------------------------------------------------------------------------------
 
 
@@ -149,17 +139,6 @@ def spawn(stack: contextlib.ExitStack, args: list[str], log: Path, stdin_text: s
         proc.stdin.write(stdin_text.encode())
         proc.stdin.close()
     return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after 15 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def wait_listening(name: str, proc: subprocess.Popen[bytes], log: Path) -> Server:

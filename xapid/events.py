@@ -19,6 +19,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from xapid.errors import XenAPIError, session_invalid
 from xapid.schema import Schema
 from xapid.store import CachedRecord, Change, Store
-from xapid.wire.values import Int32
+from xapid.apitypes import Int32
 
 log = Logger()
 
@@ -64,10 +65,7 @@ class Subscription:
                 self.refs.add(ref)
             else:
                 self.classes.add(spec.name)
-
-    @property
-    def key(self) -> tuple[bool, frozenset[str], frozenset[str]]:
-        return (self.all, frozenset(self.classes), frozenset(self.refs))
+        self.key = (self.all, frozenset(self.classes), frozenset(self.refs))  # what equal subscriptions share
 
     def matches(self, cls: str, ref: str) -> bool:
         return self.all or cls in self.classes or ref in self.refs
@@ -92,13 +90,19 @@ class SharedReply:
         return self.value[key]
 
 
-@dataclass
 class _Waiter:
-    subscription: Subscription
-    token: int
-    deferred: Deferred[Any]
-    session: Any
-    cleanup: list[Callable[[], object]] = field(default_factory=list)
+    """One parked event.from: its subscription and token, the Deferred its reply fires, and where
+    it is registered (its timeout bucket, its session's end callbacks) so dropping it is O(1)."""
+
+    __slots__ = ("subscription", "token", "deferred", "session", "bucket", "registered")
+
+    def __init__(self, subscription: Subscription, token: int, deferred: Deferred[Any], session: Any, bucket: int):
+        self.subscription = subscription
+        self.token = token
+        self.deferred = deferred
+        self.session = session
+        self.bucket = bucket
+        self.registered = True
 
 
 def _class_name(schema: Schema, name: str) -> str:
@@ -263,27 +267,34 @@ class EventHub:
         if events or timeout <= 0:
             return self.batch(events)
         d: Deferred[Any] = Deferred(lambda _: self._drop(waiter))
-        waiter = _Waiter(subscription, since, d, session)
         bucket = math.ceil(self.reactor.seconds() + min(timeout, MAX_TIMEOUT))
-        self._buckets.setdefault(bucket, {})[id(waiter)] = waiter
-        waiter.cleanup.append(lambda: self._buckets.get(bucket, {}).pop(id(waiter), None))
+        waiter = _Waiter(subscription, since, d, session, bucket)
+        key = id(waiter)
+        waiting = self._buckets.get(bucket)
+        if waiting is None:
+            waiting = self._buckets[bucket] = {}
+        waiting[key] = waiter
         self._schedule_expiry(bucket)
-
-        def session_ended() -> None:
-            self._drop(waiter)
-            if not d.called:
-                d.errback(session_invalid(session.ref))
-
-        session.ended[id(waiter)] = session_ended
-        waiter.cleanup.append(lambda: session.ended.pop(id(waiter), None))
-        self._waiters[id(waiter)] = waiter
+        session.ended[key] = partial(self._session_ended, waiter)
+        self._waiters[key] = waiter
         return d
 
+    def _session_ended(self, waiter: _Waiter) -> None:
+        self._drop(waiter)
+        if not waiter.deferred.called:
+            waiter.deferred.errback(session_invalid(waiter.session.ref))
+
     def _drop(self, waiter: _Waiter) -> None:
-        self._waiters.pop(id(waiter), None)
-        for undo in waiter.cleanup:
-            undo()
-        waiter.cleanup.clear()
+        """Unregister *waiter* everywhere (idempotent)."""
+        if not waiter.registered:
+            return
+        waiter.registered = False
+        key = id(waiter)
+        self._waiters.pop(key, None)
+        waiting = self._buckets.get(waiter.bucket)
+        if waiting is not None:
+            waiting.pop(key, None)
+        waiter.session.ended.pop(key, None)
 
     def _schedule_expiry(self, bucket: int) -> None:
         timer = self._expiry

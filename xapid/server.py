@@ -27,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 from xapid import autostart, statedir, tls
 
 from xapid.objects import inventory
+from xapid.apitypes import Limits
 from xapid.context import Api
 from xapid.audit import AUDIT_FILE, AuditLog
 from xapid.backend.interface import BackendError, IBackend
@@ -37,15 +38,18 @@ from xapid.dispatch import Dispatcher
 from xapid.errors import XenAPIError
 from xapid.events import EventHub
 from xapid.stats.http import HttpExports
+from xapid.console.relay import ConsoleLimits
+from xapid.console.routes import ConsoleRoutes
+from xapid.transfer.limits import TransferSlots
+from xapid.transfer.raw_routes import RawVdiRoutes
+from xapid.transfer.xva_routes import XvaRoutes
 from xapid.auth.login import PasswordChecker
-from xapid.objects import collect_handlers, guest_metrics
-from xapid.objects.allowed_ops import register as register_allowed_operations
-from xapid.objects.vm_ops import derive as derive_vm
-from xapid.objects.vm_watch import domain_changed
+from xapid.objects import Hooks, collect_handlers, install as install_objects
 from xapid.runner import InlineRunner, Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
 from xapid.stats.rrd import RRDTable
+from xapid.gcpolicy import GcPolicy
 from xapid.stats.sampler import RRD_FILE, Sampler
 from xapid.backend.storage import have_qemu_img
 from xapid.store import Committer, Database, Store
@@ -54,7 +58,7 @@ from xapid.auth.users import UsersError, UsersFile
 from xapid.wire.admission import Admission, descriptor_budget
 from xapid.wire.http import HttpSettings
 from xapid.wire.resource import ApiHandler, make_factory
-from xapid.wire.values import Limits
+from xapid.wire.xmlrpc import encode_value
 
 log = Logger()
 
@@ -129,7 +133,8 @@ def _tighten(root: Path) -> None:
 
 async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Runner,
                     schema_path: str | Path = DEFAULT_SCHEMA, driver: IBackend | None = None,
-                    login_runner: Runner | None = None, on_fatal: Any = None, state_dir_ready: bool = False) -> Api:
+                    login_runner: Runner | None = None, on_fatal: Any = None, state_dir_ready: bool = False,
+                    hooks: Hooks | None = None) -> Api:
     """Open the state dir, users file, database and driver; reconcile the inventory.
 
     *reactor* supplies the clock and timers; *runner* runs blocking driver and auth work,
@@ -138,7 +143,9 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     crashed get their VM's actions, as if they had just stopped.  *login_runner* runs the
     password checks (the daemon: its own ``xapid-login`` pool; default: inline, for tests).
     *state_dir_ready*: the caller has run :func:`_prepare_state_dir` already (the daemon, before its lock).
+    *hooks*: what the objects modules install (default: :func:`xapid.objects.install`).
     """
+    hooks = hooks or install_objects()
     try:
         schema = load_schema(schema_path)
     except SchemaError as exc:
@@ -161,8 +168,7 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     try:
         database = Database(db_path)
         store = Store(schema, Committer(database, db_runner, clock=reactor))
-        store.derive("VM", derive_vm)
-        register_allowed_operations(store)  # VDI, VBD, VIF, SR, host, pool, network (xapid/objects/allowed_ops.py)
+        hooks.prepare(store)  # the objects' derivers (allowed_operations, ...), before load computes them
         store.load()
     except Exception as exc:  # noqa: BLE001 - sqlite reports many kinds of unusable file
         raise StartupError(f"database {db_path} is unusable: {exc}") from None
@@ -187,15 +193,13 @@ async def build_api(config: Config, reactor: Any, runner: Runner, db_runner: Run
     try:
         await inventory.initialise(api)
         await store.flush()
-        hypervisor.watch_domains(reactor, lambda uuid: domain_changed(api, uuid))
-        for domain in await api.hypervisor.list_domains():
-            if domain.state in ("shutdown", "crashed"):
-                domain_changed(api, domain.uuid)
+        await hooks.start(api)  # the objects' watchers on the driver (domains that shut down or crash, ...)
     except (XenAPIError, BackendError) as exc:
         raise StartupError(f"cannot read the host inventory from the {driver.name} driver: {exc}") from None
     api.tasks = TaskManager(store, reactor, lambda: api.host_ref, config.api.task_ttl,
                             max_pending_per_session=config.limits.max_pending_tasks_per_session,
-                            max_pending_per_user=config.limits.max_pending_tasks_per_user)
+                            max_pending_per_user=config.limits.max_pending_tasks_per_user,
+                            encode_result=lambda value: encode_value(value).decode())  # xapi: the XML-RPC <value>
     api.events = EventHub(store, reactor, tombstones=config.api.event_history,
                           queue_size=config.api.event_queue_size)
     api.stats = _build_sampler(config, api, runner)
@@ -264,6 +268,7 @@ class Daemon(MultiService):
         self.dispatcher: Dispatcher | None = None
         self._pools: list[ThreadPool] = []
         self._timers: list[LoopingCall] = []
+        self.gc_policy: GcPolicy | None = None  # installed once started (xapid/gcpolicy.py)
         self.admission: Admission | None = None
         self.fatal_error = ""  # set when a component cannot go on: the daemon stops and exits non-zero
         self.status: Any = lambda text: None  # start-up and shutdown progress (the cli: sd_notify STATUS=)
@@ -308,8 +313,9 @@ class Daemon(MultiService):
         runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads))
         db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
         login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads))
+        hooks = install_objects()
         self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner,
-                                   on_fatal=self.fatal, state_dir_ready=True)
+                                   on_fatal=self.fatal, state_dir_ready=True, hooks=hooks)
         self.dispatcher = Dispatcher(self.api, collect_handlers())
         limits = self.api.limits
         assert limits is not None  # built by build_api from [limits]
@@ -323,8 +329,18 @@ class Daemon(MultiService):
         settings = HttpSettings(max_body=config.limits.max_body_bytes, max_header=config.limits.max_header_bytes,
                                 pending_input=config.limits.pending_input_bytes, idle_timeout=server.idle_timeout,
                                 header_timeout=server.header_timeout, body_timeout=server.body_timeout)
-        site = make_factory(ApiHandler(self.dispatcher, limits, exports.routes(), server.cors_origins,
-                                       put_routes=exports.put_routes()), settings,
+        lim = config.limits  # /console (xapid/console/routes.py)
+        consoles = ConsoleRoutes(self.api, ConsoleLimits(lim.max_consoles, lim.max_consoles_per_vm,
+                                                         lim.console_idle_timeout), server.cors_origins)
+        # one budget of concurrent transfers for /export_raw_vdi, /import_raw_vdi, /export, /import
+        transfers = TransferSlots(lim.max_transfers, lim.max_transfers_per_user)
+        raw_vdi = RawVdiRoutes(self.api, transfers)  # xapid/transfer/raw_routes.py
+        xva_routes = XvaRoutes(self.api, transfers)  # /export, /export_metadata, /import (XVA)
+        site = make_factory(ApiHandler(self.dispatcher, limits, {**exports.routes(), **consoles.get_routes(),
+                                                                 **raw_vdi.routes(), **xva_routes.routes()},
+                                       server.cors_origins, put_routes=exports.put_routes(),
+                                       connect_routes=consoles.connect_routes(),
+                                       stream_routes={**raw_vdi.stream_routes(), **xva_routes.stream_routes()}), settings,
                             reactor, self.admission)
         self._factories = [site]
         self.status("listening")
@@ -338,10 +354,13 @@ class Daemon(MultiService):
             addresses.append(await self._listen(config.stats.prometheus_listen, scrape, "[stats] prometheus_listen"))
         self._publish_url(self.api)
         self.api.stats.start()
-        guests = LoopingCall(guest_metrics.tick, self.api)  # the guest agents' data, every stats period
-        guests.clock = reactor
-        guests.start(config.stats.period, now=False)
-        self._timers.append(guests)
+        self.gc_policy = GcPolicy(reactor)
+        self.gc_policy.install(self.api.stats)  # the inventory loaded: its graph frozen
+        for tick in hooks.periodic:  # the objects' periodic work (the guest agents' data)
+            timer = LoopingCall(tick, self.api)
+            timer.clock = reactor
+            timer.start(config.stats.period, now=False)
+            self._timers.append(timer)
         sweeper = LoopingCall(self._housekeeping)
         sweeper.clock = reactor
         sweeper.start(SWEEP_INTERVAL, now=False)
@@ -406,6 +425,8 @@ class Daemon(MultiService):
         """Stop listening, let running tasks finish (up to ``[api] shutdown_timeout``, then cancel
         them), make every write durable, close the driver and the database."""
         self.stopping = True
+        if self.gc_policy is not None:
+            self.gc_policy.uninstall()
         for timer in self._timers:
             if timer.running:
                 timer.stop()

@@ -1,4 +1,5 @@
-"""The object store: every API object by ref, with uuid and name indexes, persisted in SQLite.
+"""The object store: every API object by ref, with uuid and name indexes, persisted in SQLite
+(:mod:`xapid.persistence`: the database and the committer).
 
 Every write goes through :meth:`Store.add`, :meth:`Store.update` or :meth:`Store.remove`,
 which keep two-sided references (schema ``inverse`` declarations) and derived fields
@@ -16,55 +17,45 @@ every object with an uncommitted write gets back its last committed image, liste
 the rollback as ordinary changes (mod, or add/del for objects that come back or go away), and
 every waiting flush fails with a clear INTERNAL_ERROR (:func:`commit_error`) — nothing that was
 refused is saved later.
+
+Writes cost what the written object costs, not what the inventory holds (issue 20): a mirrored
+set (``SR.VDIs``, ``VM.VBDs``, ``network.VIFs``…) changes by one member in place — copied first
+only while someone else holds the list (a queued legacy event's snapshot, a caller iterating it),
+so what others hold never changes under them — and is neither stored nor copied into rollback
+images (the committer keeps an undo log of the member changes instead); a long set's members have
+an index of their positions, so taking one out does not search the set; deletes find what points
+at an object through an index of plain ref fields; and sums over a class
+(:meth:`Store.tally`, the SR's sizes) are running totals.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import sqlite3
+import sys
+from bisect import bisect_left, insort
 import uuid as uuidlib
-from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from xapid.apitypes import NULL_REF, format_datetime, from_json
-from xapid.errors import XenAPIError, handle_invalid, internal_error_with_id
-from xapid.runner import Runner
+from xapid.apitypes import NULL_REF, from_json
+from xapid.errors import XenAPIError, handle_invalid
+from xapid.persistence import COMMIT_DELAY, DISK_FULL, Committer, Database, commit_error, is_disk_full
 from xapid.schema import ClassSpec, Schema
+
+__all__ = ["COMMIT_DELAY", "DISK_FULL", "CachedRecord", "Change", "Committer", "Database", "FieldIndex", "LiveBatch",
+           "Obj", "Positions", "Store", "Tally", "commit_error", "is_disk_full", "new_ref"]
 
 log = Logger()
 
-COMMIT_DELAY = 0.05  # s: a write not followed by a flush is committed this soon on its own
-
-DISK_FULL = ("the disk holding xapid's state database is full (no space left on device): the change was not "
-             "saved and has been undone; free some space and try again")
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether *exc* (from SQLite or the OS) means the file system is full."""
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def commit_error(exc: BaseException) -> XenAPIError:
-    """What a caller whose writes could not be committed is told: INTERNAL_ERROR saying the disk is
-    full, or an INTERNAL_ERROR with a short id that the log line repeats (never the exception text)."""
-    if isinstance(exc, XenAPIError):
-        return exc
-    if is_disk_full(exc):
-        return XenAPIError("INTERNAL_ERROR", DISK_FULL)
-    incident, error = internal_error_with_id()
-    log.error("the state database could not be written (internal error id {incident}): {error}",
-              incident=incident, error=repr(exc))
-    return error
+#: sys.getrefcount of a list only its object's fields hold, seen from a function with it in a local
+_UNSHARED = 3
+#: a mirrored set at least this long gets an index of its members' positions (:class:`Positions`)
+INDEXED = 64
 
 
 def new_ref() -> str:
@@ -120,6 +111,88 @@ class Change:
 Deriver = Callable[["Store", Obj], dict[str, Any]]
 
 
+class Positions:
+    """Where each member of one long mirrored set is, so that taking one out costs O(log n), not a
+    search of the set: every member has a number, increasing in the set's order (its position when
+    the index was built, or a next number when appended since), and the numbers of the members taken
+    out since are kept sorted; a member's position is its number less the removed numbers below it.
+    The store builds it again from the list when it no longer matches the list's length, and
+    after as many removals as the set has members (so an O(n) rebuild per n removals)."""
+
+    __slots__ = ("number", "gone", "next")
+
+    def __init__(self, members: list[str]):
+        self.number = {member: n for n, member in enumerate(members)}
+        self.gone: list[int] = []
+        self.next = len(members)
+
+    def position(self, member: str) -> int | None:
+        n = self.number.get(member)
+        return None if n is None else n - bisect_left(self.gone, n)
+
+    def appended(self, member: str) -> None:
+        self.number[member] = self.next
+        self.next += 1
+
+    def removed(self, member: str) -> None:
+        n = self.number.pop(member, None)
+        if n is not None:
+            insort(self.gone, n)
+
+
+class Tally:
+    """A running sum of one field over the objects of a class, by the ref another field holds
+    (:meth:`Store.tally`; e.g. the ``virtual_size`` of VDIs by ``SR``)."""
+
+    __slots__ = ("cls", "group", "value", "totals")
+
+    def __init__(self, cls: str, group: str, value: str):
+        self.cls, self.group, self.value = cls, group, value
+        self.totals: dict[Any, Any] = {}
+
+    def total(self, ref: str) -> Any:
+        """The sum over the objects whose group field is *ref* (0 when there are none)."""
+        return self.totals.get(ref, 0)
+
+    def add(self, fields: dict[str, Any], sign: int) -> None:
+        key = fields.get(self.group)
+        total = self.totals.get(key, 0) + sign * fields.get(self.value, 0)
+        if total or sign > 0:
+            self.totals[key] = total
+        else:
+            self.totals.pop(key, None)
+
+
+class FieldIndex:
+    """The objects of a class by the value of one field, as *key* normalises it (:meth:`Store.index`;
+    e.g. VIFs by lower-case MAC), kept by every write."""
+
+    __slots__ = ("cls", "field", "key", "refs")
+
+    def __init__(self, cls: str, field: str, key: Callable[[Any], Any] | None = None):
+        self.cls, self.field, self.key = cls, field, key
+        self.refs: dict[Any, dict[str, None]] = {}
+
+    def __contains__(self, value: Any) -> bool:
+        """Whether some object's field holds *value* (normalised by *key* like the fields)."""
+        return (self.key(value) if self.key is not None else value) in self.refs
+
+    def add(self, ref: str, fields: dict[str, Any], sign: int) -> None:
+        value = fields.get(self.field)
+        try:
+            value = self.key(value) if self.key is not None else value
+            if sign > 0:
+                self.refs.setdefault(value, {})[ref] = None
+                return
+            refs = self.refs.get(value)
+        except (TypeError, AttributeError):  # a value the key does not take (or unhashable): not indexed
+            return
+        if refs is not None:
+            refs.pop(ref, None)
+            if not refs:
+                del self.refs[value]
+
+
 class Store:
     def __init__(self, schema: Schema, committer: "Committer | None" = None):
         self.schema = schema
@@ -136,11 +209,31 @@ class Store:
         self._txn_depth = 0
         self._plain_refs: dict[str, list[tuple[str, str]]] = {}
         self._refreshers: dict[str, Callable[[Obj], None]] = {}
+        # class -> its mirrored set fields (maintained from the other side's ref fields, not stored)
+        self._mirrors: dict[str, frozenset[str]] = {}
+        self._positions: dict[tuple[str, str], Positions] = {}  # (owner, set field) of long mirrored sets
+        for mirrors in schema.inverses.values():
+            for other_cls, set_field in mirrors:
+                self._mirrors[other_cls] = self._mirrors.get(other_cls, frozenset()) | {set_field}
+        # plain (unmirrored) ref fields by class, and per (class, field) the objects pointing at each ref
+        mirrored = {inverse for spec in schema.classes.values() for f in spec.fields.values()
+                    if (inverse := f.inverse) is not None}
+        self._pointers: dict[str, list[str]] = {}
+        self._pointing: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
+        for spec in schema.classes.values():
+            for f in spec.fields.values():
+                if f.type.kind == "ref" and (spec.name, f.name) not in mirrored:
+                    self._pointers.setdefault(spec.name, []).append(f.name)
+                    self._pointing[(spec.name, f.name)] = {}
+        self._tallies: dict[str, list[Tally]] = {}
+        self._indexes: dict[str, list[FieldIndex]] = {}
+        self._watched: dict[str, frozenset[str]] = {cls: frozenset(names) for cls, names in self._pointers.items()}
         self.seq = 0
         self.rollbacks = 0  # failed commits undone in memory so far (see _rollback)
         self.rollback_error: XenAPIError | None = None  # what the last one answered
         if committer is not None:
             committer.store = self
+            committer.skip = self._mirrors
 
     # -- reading -------------------------------------------------------------------------
 
@@ -161,6 +254,11 @@ class Store:
             if refresh is not None:
                 refresh(obj)
         return obj
+
+    def peek(self, ref: str) -> Obj | None:
+        """The object named by *ref*, or None, as stored: not brought up to date by a
+        :meth:`compute_on_read` refresher (for the refreshers' own bookkeeping)."""
+        return self._objects.get(ref) if isinstance(ref, str) else None
 
     def exists(self, ref: str, cls: str) -> bool:
         obj = self._objects.get(ref)
@@ -218,6 +316,32 @@ class Store:
         for source, refs in (depends or {}).items():
             self._dependents.setdefault(source, []).append((cls, refs))
 
+    def tally(self, cls: str, group: str, value: str) -> Tally:
+        """The running sum of *value* over *cls* objects by their *group* ref, kept by every
+        write from now on (registered on first use: one pass over the class)."""
+        for tally in self._tallies.get(cls, ()):
+            if tally.group == group and tally.value == value:
+                return tally
+        tally = Tally(cls, group, value)
+        for obj in self._by_class[cls].values():
+            tally.add(obj.fields, 1)
+        self._tallies.setdefault(cls, []).append(tally)
+        self._watched[cls] = self._watched.get(cls, frozenset()) | {group, value}
+        return tally
+
+    def index(self, cls: str, field: str, key: Callable[[Any], Any] | None = None) -> FieldIndex:
+        """The objects of *cls* by the value of *field* (normalised by *key*), kept by every write
+        from now on (registered on first use with that field and key: one pass over the class)."""
+        for found in self._indexes.get(cls, ()):
+            if found.field == field and found.key == key:
+                return found
+        made = FieldIndex(cls, field, key)
+        for obj in self._by_class[cls].values():
+            made.add(obj.ref, obj.fields, 1)
+        self._indexes.setdefault(cls, []).append(made)
+        self._watched[cls] = self._watched.get(cls, frozenset()) | {field}
+        return made
+
     # -- writing -------------------------------------------------------------------------
 
     def add(self, cls: str, fields: dict[str, Any] | None = None, ref: str | None = None) -> str:
@@ -227,13 +351,19 @@ class Store:
         record.update(fields or {})
         if "uuid" in spec.fields and not record.get("uuid"):
             record["uuid"] = str(uuidlib.uuid4())
+        explicit = ref is not None
         ref = ref or new_ref()
-        self._remember(cls, ref, self._objects.get(ref))
+        replaced = self._objects.get(ref)
+        self._remember(cls, ref, replaced)
+        if replaced is not None:
+            self._account(replaced, -1)
+            self._forget_positions(replaced)
         obj = Obj(cls, ref, record)
         self._index(obj)
         self._apply_derivers(obj)
+        self._account(obj, 1)
         self._emit(obj, "add")
-        self._link(cls, ref, {}, record)
+        self._link(cls, ref, {}, record, check=explicit)
         self._derive_dependents(obj)
         return ref
 
@@ -246,10 +376,19 @@ class Store:
             return
         old = {k: fields.get(k) for k in changed}
         self._remember(obj.cls, ref, obj)
+        mirrors = self._mirrors.get(obj.cls)
+        if mirrors is not None and not mirrors.isdisjoint(changed):  # a set written whole
+            self._forget_positions(obj)
+        watched = self._watched.get(obj.cls)
+        account = watched is not None and not watched.isdisjoint(changed)
+        if account:
+            self._account(obj, -1)
         self._unindex_names(obj)
         fields.update(changed)
         self._index_names(obj)
         self._apply_derivers(obj)
+        if account:
+            self._account(obj, 1)
         self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
         self._derive_dependents(obj)
@@ -281,7 +420,8 @@ class Store:
 
     def _check_live(self, cls: str, changes: dict[str, Any]) -> None:
         linked = {name for (c, name) in self.schema.inverses if c == cls}
-        bad = [k for k in changes if k in ("name_label", "uuid") or k in linked]
+        watched = self._watched.get(cls, frozenset())
+        bad = [k for k in changes if k in ("name_label", "uuid") or k in linked or k in watched]
         if self._derivers.get(cls) or bad:
             raise ValueError(f"live writes cannot set {cls} {bad or '(derived class)'}")
         self._live_ok.add(cls)
@@ -302,10 +442,23 @@ class Store:
                 if self.exists(member, other_cls) and self._objects[member].fields.get(ref_field) == ref:
                     self.update(member, {ref_field: NULL_REF})
         for other_cls, ref_field in self._plain_refs_to(obj.cls):  # e.g. VM.suspend_SR, pool.default_SR
-            for other in list(self._by_class[other_cls].values()):
+            pointing = self._pointing[(other_cls, ref_field)].get(ref)
+            if not pointing:
+                continue  # nothing points at it that way
+            if len(pointing) == 1:  # the usual case (a VM's metrics): no scan
+                self.update(next(iter(pointing)), {ref_field: NULL_REF})
+                continue
+            for other in list(self._by_class[other_cls].values()):  # several: in store order, as always
                 if other.fields.get(ref_field) == ref:
                     self.update(other.ref, {ref_field: NULL_REF})
         self._remember(obj.cls, ref, obj)
+        mirrors = self._mirrors.get(obj.cls)
+        if mirrors and self._committer is not None and ref in self._committer.before:
+            # the sets it goes with, for a rollback that brings it back (see Committer.undo)
+            self._committer.undo.setdefault(ref, []).append(
+                (None, 0, {name: obj.fields.get(name) or [] for name in mirrors}, False))
+        self._account(obj, -1)
+        self._forget_positions(obj)
         del self._objects[ref]
         del self._by_class[obj.cls][ref]
         if "uuid" in obj.fields:
@@ -347,6 +500,7 @@ class Store:
                 cleaned.append(obj)
             self._index(obj)
         self._rebuild_inverses()
+        self._recount()
         for obj in cleaned:  # saved cleaned with the next commit (build_api flushes after start-up)
             self._committer.record(obj.cls, obj.ref, obj.fields)
         self.derive_all()  # allowed_operations as this version computes them; releases the records above too
@@ -467,8 +621,10 @@ class Store:
         write already, so a failed commit can put it back (:meth:`_rollback`)."""
         committer = self._committer
         if committer is not None and ref not in committer.before and self.schema.classes[cls].persist:
+            skip = self._mirrors.get(cls, ())  # mirrored sets: Committer.undo logs their changes instead
             committer.before[ref] = (cls, "live", None if obj is None else {
-                k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in obj.fields.items()})
+                k: (None if k in skip else v.copy() if isinstance(v, (list, dict)) else v)
+                for k, v in obj.fields.items()})
 
     def _emit(self, obj: Obj, op: str) -> None:
         spec = self.schema.classes[obj.cls]
@@ -485,16 +641,25 @@ class Store:
         for listener, _ in list(self._listeners):
             listener(change)
 
-    def _rollback(self, images: dict[str, tuple[str, str, Any]], error: XenAPIError) -> None:
+    def _rollback(self, images: dict[str, tuple[str, str, Any]], error: XenAPIError,
+                  undo: dict[str, list[tuple[Any, ...]]] | None = None) -> None:
         """A commit failed: every object with an uncommitted write gets back its last committed
-        image (*images*: ref -> (class, "live" fields or "json" text, or None: absent)), and
-        listeners hear of each object put back (mod, add or del), so no watcher keeps a phantom."""
+        image (*images*: ref -> (class, "live" fields or "json" text, or None: absent); their
+        mirrored sets as the *undo* logs played backwards give them), and listeners hear of each
+        object put back (mod, add or del), so no watcher keeps a phantom."""
         self.rollbacks += 1
         self.rollback_error = error
+        self._positions.clear()
+        records: dict[str, dict[str, Any] | None] = {}
+        for ref, (cls, kind, image) in images.items():
+            record = image if kind == "live" or image is None else self._decode(self.schema.classes[cls],
+                                                                                json.loads(image))
+            if record is not None and cls in self._mirrors:
+                record.update(self._undo_sets(ref, cls, (undo or {}).get(ref, [])))
+            records[ref] = record
         touched: list[tuple[Obj, str]] = []
         for ref, (cls, kind, image) in images.items():
-            spec = self.schema.classes[cls]
-            record = image if kind == "live" or image is None else self._decode(spec, json.loads(image))
+            record = records[ref]
             current = self._objects.get(ref)
             if current is not None:
                 self._unindex_names(current)
@@ -517,16 +682,39 @@ class Store:
                 touched.append((obj, "add"))
         done = {obj.ref for obj, _ in touched}
         repaired = [obj for obj in self._repair_inverses() if obj.ref not in done]
+        self._recount()
         for obj, op in touched + [(obj, "mod") for obj in repaired]:
             if op != "del":
                 self._apply_derivers(obj)
             self._notify(obj, op)
         log.warn("a failed commit was rolled back: {count} object(s) put back as last committed", count=len(touched))
 
+    def _undo_sets(self, ref: str, cls: str, entries: list[tuple[Any, ...]]) -> dict[str, list[str]]:
+        """The mirrored sets of *ref* as its rollback image had them: its sets now (or as it was
+        removed with them) with the logged member changes undone, latest first."""
+        current = self._objects.get(ref)
+        names = self._mirrors[cls]
+        sets = {name: list(current.fields.get(name) or []) if current is not None and current.cls == cls else []
+                for name in names}
+        for field, index, member, added in reversed(entries):
+            if field is None:  # removed here, with these sets
+                sets = {name: list(member.get(name) or []) for name in names}
+            elif added:
+                members = sets.setdefault(field, [])
+                if index < len(members) and members[index] == member:
+                    del members[index]
+                elif member in members:
+                    members.remove(member)
+            else:
+                members = sets.setdefault(field, [])
+                members.insert(min(index, len(members)), member)
+        return sets
+
     def _repair_inverses(self) -> list[Obj]:
         """Bring mirrored sets in step with the ref fields after a rollback (members kept in
         their order); returns the objects whose sets changed."""
         changed: dict[str, Obj] = {}
+        self._positions.clear()
         for other_cls, set_field, sets in self._inverse_sets():
             for target, members in sets.items():
                 obj = self._by_class[other_cls][target]
@@ -539,19 +727,125 @@ class Store:
                     changed[target] = obj
         return list(changed.values())
 
-    def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any]) -> None:
-        """Keep mirrored sets (``inverse``) in step with a change of ref fields of *ref*."""
+    def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any], check: bool = False) -> None:
+        """Keep mirrored sets (``inverse``) in step with a change of ref fields of *ref*: one
+        member added or removed.  The store keeps each set holding exactly the objects whose ref
+        field names its owner, so a new pointer is not looked for first (*check*: it is, for an
+        object added under a ref of the caller's choosing)."""
+        inverses = self.schema.inverses
         for name, target in new.items():
-            for other_cls, set_field in self.schema.inverses.get((cls, name), ()):
+            for other_cls, set_field in inverses.get((cls, name), ()):
                 before = old.get(name, NULL_REF)
                 if before != target and self.exists(before, other_cls):
-                    current = self._objects[before].fields[set_field]
-                    if ref in current:
-                        self.update(before, {set_field: [r for r in current if r != ref]})
+                    self._set_remove(before, set_field, ref)
                 if self.exists(target, other_cls):
-                    current = self._objects[target].fields[set_field]
-                    if ref not in current:
-                        self.update(target, {set_field: [*current, ref]})
+                    if (before == target or check) and self._position(
+                            target, set_field, self._objects[target].fields[set_field], ref) is not None:
+                        continue
+                    self._set_add(target, set_field, ref)
+
+    def _set_add(self, owner: str, field: str, member: str) -> None:
+        """Append *member* to the set *field* of *owner* (a write of *owner*: event, commit)."""
+        obj = self.get(owner)
+        self._remember(obj.cls, owner, obj)
+        current = obj.fields[field]
+        if sys.getrefcount(current) > _UNSHARED:  # someone holds this list: they keep it as it is
+            current = obj.fields[field] = list(current)
+        current.append(member)
+        positions = self._positions.get((owner, field))
+        if positions is not None:
+            positions.appended(member)
+        self._set_written(obj, (field, len(current) - 1, member, True))
+
+    def _set_remove(self, owner: str, field: str, member: str) -> None:
+        """Take *member* out of the set *field* of *owner*, if there (a write of *owner*)."""
+        obj = self.get(owner)
+        current = obj.fields[field]
+        index = self._position(owner, field, current, member)
+        if index is None:
+            return
+        self._remember(obj.cls, owner, obj)
+        if sys.getrefcount(current) > _UNSHARED:
+            current = obj.fields[field] = current[:index] + current[index + 1:]
+        else:
+            del current[index]
+        positions = self._positions.get((owner, field))
+        if positions is not None:
+            positions.removed(member)
+        self._set_written(obj, (field, index, member, False))
+
+    def _position(self, owner: str, field: str, members: list[str], member: str) -> int | None:
+        """Where *member* is in the mirrored set *field* of *owner* (*members*), or None: looked
+        up in the set's :class:`Positions` when it is long, searched when it is short."""
+        key = (owner, field)
+        positions = self._positions.get(key)
+        if len(members) >= INDEXED:
+            if positions is None or len(positions.number) != len(members) or len(positions.gone) > len(members):
+                positions = Positions(members)
+                if len(positions.number) != len(members):  # a member twice (never kept so): search
+                    self._positions.pop(key, None)
+                    positions = None
+                else:
+                    self._positions[key] = positions
+            if positions is not None:
+                index = positions.position(member)
+                if index is None:
+                    return None
+                if index < len(members) and members[index] == member:
+                    return index
+                del self._positions[key]  # out of step (never expected): searched instead
+        elif positions is not None:
+            del self._positions[key]  # short again
+        try:
+            return members.index(member)
+        except ValueError:
+            return None
+
+    def _forget_positions(self, obj: Obj) -> None:
+        """Drop the position indexes of *obj*'s mirrored sets (replaced whole, or removed)."""
+        for name in self._mirrors.get(obj.cls, ()):
+            self._positions.pop((obj.ref, name), None)
+
+    def _set_written(self, obj: Obj, change: tuple[Any, ...]) -> None:
+        committer = self._committer
+        if committer is not None and obj.ref in committer.before:
+            committer.undo.setdefault(obj.ref, []).append(change)
+        self._apply_derivers(obj)
+        self._emit(obj, "mod")
+        self._derive_dependents(obj)
+
+    def _account(self, obj: Obj, sign: int) -> None:
+        """Count *obj* in (1) or out (-1) of the plain-ref index and the tallies of its class."""
+        for name in self._pointers.get(obj.cls, ()):
+            target = obj.fields.get(name)
+            if isinstance(target, str) and target != NULL_REF:
+                index = self._pointing[(obj.cls, name)]
+                if sign > 0:
+                    index.setdefault(target, {})[obj.ref] = None
+                else:
+                    pointing = index.get(target)
+                    if pointing is not None:
+                        pointing.pop(obj.ref, None)
+                        if not pointing:
+                            del index[target]
+        for tally in self._tallies.get(obj.cls, ()):
+            tally.add(obj.fields, sign)
+        for by_value in self._indexes.get(obj.cls, ()):
+            by_value.add(obj.ref, obj.fields, sign)
+
+    def _recount(self) -> None:
+        """Count every object again (after a load or a rollback)."""
+        for counts in self._pointing.values():
+            counts.clear()
+        for tallies in self._tallies.values():
+            for tally in tallies:
+                tally.totals.clear()
+        for indexes in self._indexes.values():
+            for by_value in indexes:
+                by_value.refs.clear()
+        for cls in set(self._pointers) | set(self._tallies) | set(self._indexes):
+            for obj in self._by_class[cls].values():
+                self._account(obj, 1)
 
     def _inverse_sets(self) -> Iterator[tuple[str, str, dict[str, list[str]]]]:
         """For each mirrored set: (class, set field, {object: the refs pointing at it, in store order})."""
@@ -565,6 +859,7 @@ class Store:
                 yield other_cls, set_field, sets
 
     def _rebuild_inverses(self) -> None:
+        self._positions.clear()
         for other_cls, set_field, sets in self._inverse_sets():
             for target, members in sets.items():
                 self._by_class[other_cls][target].fields[set_field] = members
@@ -606,156 +901,3 @@ class LiveBatch:
 
 def _finite(value: Any) -> Any:
     return 0.0 if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _dump(fields: dict[str, Any]) -> str:
-    return json.dumps(fields, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(value: Any) -> str:
-    if isinstance(value, datetime):
-        return format_datetime(value)
-    raise TypeError(f"cannot store {type(value).__name__}")
-
-
-class Database:
-    """The SQLite file behind the store: one row per object, the record as JSON."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.closed = False
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS objects (ref TEXT PRIMARY KEY, cls TEXT NOT NULL, data TEXT NOT NULL)")
-        from xapid.statedir import stamp  # the state dir's format version (xapid/statedir.py)
-
-        stamp(self._conn)
-
-    def read_all(self) -> list[tuple[str, str, dict[str, Any]]]:
-        rows = self._conn.execute("SELECT cls, ref, data FROM objects ORDER BY rowid").fetchall()
-        return [(cls, ref, json.loads(data)) for cls, ref, data in rows]
-
-    def write(self, batch: dict[str, tuple[str, str | None]]) -> None:
-        """Apply ``ref -> (cls, json or None for delete)`` in one durable transaction."""
-        cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            for ref, (cls, data) in batch.items():
-                if data is None:
-                    cur.execute("DELETE FROM objects WHERE ref = ?", (ref,))
-                else:
-                    cur.execute("INSERT INTO objects(ref, cls, data) VALUES (?, ?, ?) "
-                                "ON CONFLICT(ref) DO UPDATE SET data = excluded.data", (ref, cls, data))
-            cur.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:  # SQLite has already rolled back after e.g. SQLITE_FULL
-                try:
-                    cur.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # the original error is the one to report
-            raise
-
-    def close(self) -> None:
-        self.closed = True
-        self._conn.close()
-
-
-class Committer:
-    """Group commit: writes recorded in the reactor thread, committed by *runner* in batches.
-
-    Only one batch is in flight at a time; writes arriving meanwhile form the next batch.
-    Writes inside a store transaction are held back until it ends, so a batch never holds
-    half of a transaction.  With *clock* (the reactor), a flush is scheduled *delay* seconds
-    after any write, so writes that no call flushes are committed all the same.
-
-    ``before`` keeps, for every object with an uncommitted write, its last committed image
-    (filled by the store before each write); a failed commit hands them to the store's
-    ``_rollback`` and fails every waiting flush with :func:`commit_error`.  Nothing of a failed
-    batch is retried.
-    """
-
-    def __init__(self, database: Database, runner: Runner, clock: Any = None, delay: float = COMMIT_DELAY):
-        self.database = database
-        self._runner = runner
-        self._clock = clock
-        self._delay = delay
-        self._scheduled: Any = None
-        self.store: Store | None = None  # set by the Store it serves
-        self.before: dict[str, tuple[str, str, Any]] = {}
-        # ref -> (class, the live fields or None when deleted); serialised when a batch is taken,
-        # so an object changed many times between commits is encoded once
-        self._held: dict[str, tuple[str, dict[str, Any] | None]] = {}
-        self._ready: dict[str, tuple[str, dict[str, Any] | None]] = {}
-        self._ready_waiters: list[Deferred[Any]] = []
-        self._inflight_waiters: list[Deferred[Any]] | None = None
-        self.failed: BaseException | None = None
-
-    def record(self, cls: str, ref: str, fields: dict[str, Any] | None) -> None:
-        self._held[ref] = (cls, fields)
-
-    def release(self) -> None:
-        """Move held writes to the next batch (the end of a transaction)."""
-        if self._held:
-            self._ready.update(self._held)
-            self._held = {}
-        if self._ready and self._clock is not None and self._scheduled is None:
-            self._scheduled = self._clock.callLater(self._delay, self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        """The store's own commit of writes no call flushed (a failure is logged and rolled back)."""
-        self._scheduled = None
-        if not self.database.closed:
-            self.flush().addErrback(lambda _: None)
-
-    def flush(self) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        if self._ready:
-            self._ready_waiters.append(d)
-            self._kick()
-        elif self._inflight_waiters is not None:
-            self._inflight_waiters.append(d)
-        else:
-            d.callback(None)
-        return d
-
-    def _kick(self) -> None:
-        if self._inflight_waiters is not None or not self._ready:
-            return
-        taken, self._ready = self._ready, {}  # no transaction is open here: fields are consistent
-        batch = {ref: (cls, None if fields is None else _dump(fields)) for ref, (cls, fields) in taken.items()}
-        waiters, self._ready_waiters = self._ready_waiters, []
-        self._inflight_waiters = waiters
-
-        def done(_: Any) -> None:
-            for ref, (cls, data) in batch.items():
-                if ref in self._ready or ref in self._held:  # written again meanwhile: this is its committed image
-                    self.before[ref] = (cls, "json", data)
-                else:
-                    self.before.pop(ref, None)
-            finished, self._inflight_waiters = self._inflight_waiters or [], None
-            for w in finished:
-                w.callback(None)
-            self._kick()
-
-        def failed(failure: Any) -> None:
-            self.failed = failure.value
-            if is_disk_full(failure.value):
-                log.error("committing {count} objects to {path} failed: the disk is full ({error}); "
-                          "rolling back", count=len(batch), path=str(self.database.path), error=str(failure.value))
-            else:
-                log.failure("committing {count} objects to {path} failed; rolling back", failure, count=len(batch),
-                            path=str(self.database.path))
-            error = commit_error(failure.value)
-            # everything not committed is undone: this batch and the writes made since, whose
-            # waiters fail too (they may build on what was refused)
-            images, self.before = self.before, {}
-            self._ready, self._held = {}, {}
-            waiters = (self._inflight_waiters or []) + self._ready_waiters
-            self._inflight_waiters, self._ready_waiters = None, []
-            if self.store is not None:
-                self.store._rollback(images, error)
-            for w in waiters:
-                w.errback(error)
-
-        self._runner.run(self.database.write, batch).addCallbacks(done, failed)

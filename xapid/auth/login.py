@@ -30,6 +30,18 @@ nothing queued or running (when a check of it ends, and in :meth:`PasswordChecke
 beyond ``max_sources`` the least recently seen idle source is evicted to make room (or, if every
 tracked source is busy, the new one is refused at once).
 
+**Remembered credentials** (``check(..., remembered=True)``, what HTTP Basic asks for: a scraper
+sends the same password on every request).  A right password is remembered for ``remember_ttl``
+seconds (default 60) under an HMAC-SHA256 of the name and password with a key drawn at random
+when the checker is made (neither the password nor an unkeyed hash of it is ever held), so the
+next request with the same credentials is answered without bcrypt.  Only successes are
+remembered; a remembered answer is used only when the source is not throttled (gate 1 comes
+first) and only while the users file is unchanged: every lookup compares the file's signature
+(device, inode, size, mtime) with the one taken before the check that filled the entry, and any
+change (an edit, ``xapid user passwd``, a role change, a deletion) drops every entry at once.  At
+most ``remember_max`` entries are held, the least recently used evicted first.  The RPC login
+(``session.login_with_password``) always runs bcrypt, as xapi's does.
+
 The caller turns every unsuccessful :class:`Outcome` into the same answer (after the usual
 ``auth_failure_delay``), whatever the reason: wrong password, unknown user, throttled or queue
 full all look alike to the client.
@@ -37,7 +49,11 @@ full all look alike to the client.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import os
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +67,10 @@ log = Logger()
 
 OK, FAILED, THROTTLED, BUSY = "ok", "failed", "throttled", "busy"
 MAX_SOURCES = 4096
+REMEMBER_TTL = 60.0  # s: how long a right password given with remembered=True skips bcrypt
+REMEMBER_MAX = 1024  # remembered credentials held at most
+
+_Signature = tuple[int, int, int, int] | None  # the users file's (dev, ino, size, mtime_ns); None: no file
 
 
 @dataclass(frozen=True)
@@ -109,16 +129,19 @@ class _Job:
     name: str
     password: str
     deferred: Deferred
+    remember: bytes | None = None  # the credentials' keyed hash, to remember a success under
 
 
 @dataclass
 class CheckerStats:
-    """Counts since start: checks that ran bcrypt, failed ones, and the two kinds of refusal."""
+    """Counts since start: checks that ran bcrypt, failed ones, the two kinds of refusal, and
+    successes answered from remembered credentials."""
 
     checked: int = 0
     failed: int = 0
     throttled: int = 0
     busy: int = 0
+    remembered: int = 0  # right passwords answered from the remembered credentials, without bcrypt
 
 
 class PasswordChecker:
@@ -131,9 +154,12 @@ class PasswordChecker:
     """
 
     def __init__(self, users: Any, reactor: Any, runner: Any, *, threads: int = 2, burst: int = 10,
-                 interval: float = 6.0, queue_per_source: int = 16, max_sources: int = MAX_SOURCES):
+                 interval: float = 6.0, queue_per_source: int = 16, max_sources: int = MAX_SOURCES,
+                 remember_ttl: float = REMEMBER_TTL, remember_max: int = REMEMBER_MAX):
         if threads < 1 or burst < 1 or interval <= 0 or queue_per_source < 1 or max_sources < 1:
             raise ValueError("threads, burst, interval, queue_per_source and max_sources must be positive")
+        if remember_ttl < 0 or remember_max < 0:
+            raise ValueError("remember_ttl and remember_max must not be negative")
         self.users = users
         self.reactor = reactor
         self.runner = runner
@@ -150,12 +176,21 @@ class PasswordChecker:
         self._round = 0
         self._running = 0
         self._pumping = False
+        self.remember_ttl = remember_ttl
+        self.remember_max = remember_max
+        self._key = secrets.token_bytes(32)  # this process's only: the hashes mean nothing elsewhere
+        # keyed hash -> (expiry on the reactor clock, the user, the users file's signature before the check)
+        self._remembered: OrderedDict[bytes, tuple[float, User, _Signature]] = OrderedDict()
 
     # -- the one entry point -----------------------------------------------------------------
 
-    def check(self, address: str | None, name: str, password: str) -> Deferred:
+    def check(self, address: str | None, name: str, password: str, *, remembered: bool = False) -> Deferred:
         """A Deferred firing with the :class:`Outcome` of checking *name*'s *password* for a
-        caller at *address* (text IP, ``"unix"``, or ``""``/None for an in-process caller)."""
+        caller at *address* (text IP, ``"unix"``, or ``""``/None for an in-process caller).
+
+        With *remembered*, a right password given (with *remembered*) in the last ``remember_ttl``
+        seconds, the users file unchanged since, is answered at once without bcrypt; throttled
+        sources are refused first all the same."""
         key = source_key(address)
         source = self._source(key)
         if source is None:
@@ -167,10 +202,18 @@ class PasswordChecker:
             self.stats.throttled += 1
             self._throttle(source)
             return _now(Outcome(None, THROTTLED, key))
+        digest = None
+        if remembered and self.remember_ttl > 0 and self.remember_max > 0:
+            digest = self._digest(name, password)
+            user = self._recall(digest)
+            if user is not None:
+                self.stats.remembered += 1
+                self._forget_if_idle(source)
+                return _now(Outcome(user, OK, key))
         if len(source.queue) >= self.queue_per_source:
             self.stats.busy += 1
             return _now(Outcome(None, BUSY, key))
-        job = _Job(source, name, password, Deferred(lambda d: self._cancel(job)))
+        job = _Job(source, name, password, Deferred(lambda d: self._cancel(job)), digest)
         source.queue.append(job)
         self._schedule(source, clean)
         self._pump()
@@ -198,6 +241,58 @@ class PasswordChecker:
         """How many sources the table holds now (bounded by *max_sources*)."""
         return len(self._sources)
 
+    # -- remembered credentials ------------------------------------------------------------
+
+    def _digest(self, name: str, password: str) -> bytes:
+        """The keyed hash of *name* and *password* (length-prefixed name, so no two pairs collide)."""
+        raw_name = name.encode("utf-8", "surrogatepass")
+        message = len(raw_name).to_bytes(4, "big") + raw_name + password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def _recall(self, digest: bytes) -> User | None:
+        """The user remembered under *digest*, if the entry has not expired and the users file
+        is unchanged since (any change drops every entry)."""
+        entry = self._remembered.get(digest)
+        if entry is None:
+            return None
+        expiry, user, signature = entry
+        if self.reactor.seconds() >= expiry:
+            del self._remembered[digest]
+            return None
+        if self._users_signature() != signature:
+            self.forget_remembered()
+            return None
+        self._remembered.move_to_end(digest)
+        return user
+
+    def _remember(self, digest: bytes, user: User, signature: _Signature) -> None:
+        if self._users_signature() != signature:  # changed while the check ran: not remembered
+            return
+        self._remembered[digest] = (self.reactor.seconds() + self.remember_ttl, user, signature)
+        self._remembered.move_to_end(digest)
+        while len(self._remembered) > self.remember_max:
+            self._remembered.popitem(last=False)
+
+    def forget_remembered(self) -> None:
+        """Drop every remembered credential (the next check of each runs bcrypt)."""
+        self._remembered.clear()
+
+    @property
+    def remembered_count(self) -> int:
+        """How many credentials are remembered now (bounded by *remember_max*)."""
+        return len(self._remembered)
+
+    def _users_signature(self) -> _Signature:
+        """The users file's signature now (one stat; None when there is no file to stat)."""
+        path = getattr(self.users, "path", None)
+        if path is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
     # -- the buckets ------------------------------------------------------------------------
 
     def _source(self, key: str) -> _Source | None:
@@ -211,10 +306,13 @@ class PasswordChecker:
         return source
 
     def sweep(self) -> None:
-        """Forget every source whose bucket is full again and that has nothing queued or running
-        (the daemon calls this from its housekeeping timer)."""
+        """Forget every source whose bucket is full again and that has nothing queued or running,
+        and every expired remembered credential (the daemon calls this from its housekeeping timer)."""
         for source in list(self._sources.values()):
             self._forget_if_idle(source)
+        now = self.reactor.seconds()
+        for digest in [d for d, (expiry, _, _) in self._remembered.items() if now >= expiry]:
+            del self._remembered[digest]
 
     def _make_room(self) -> bool:
         """Evict the least recently seen idle source (the one most likely full); False if all are busy."""
@@ -278,7 +376,8 @@ class PasswordChecker:
                 self._running += 1
                 job.source.running += 1
                 self.stats.checked += 1
-                self.runner.run(self._verify, job.name, job.password).addBoth(self._finished, job)
+                self.runner.run(self._verify, job.name, job.password, job.remember is not None).addBoth(
+                    self._finished, job)
         finally:
             self._pumping = False
 
@@ -286,6 +385,11 @@ class PasswordChecker:
         self._running -= 1
         source = job.source
         source.running -= 1
+        if isinstance(result, tuple):  # a success to remember: (user, the file's signature before)
+            user, signature = result
+            if job.remember is not None:
+                self._remember(job.remember, user, signature)
+            result = user
         if isinstance(result, User):
             outcome: Any = Outcome(result, OK, source.key)  # successes cost nothing
         elif result is None:
@@ -328,13 +432,20 @@ class PasswordChecker:
 
     # -- the blocking part (in the login runner) --------------------------------------------
 
-    def _verify(self, name: str, password: str) -> User | None:
+    def _verify(self, name: str, password: str, remember: bool = False) -> User | tuple[User, _Signature] | None:
+        """The user, or None; with *remember*, a success comes as (user, the users file's
+        signature taken before the table was reloaded), so a change racing the check is seen."""
         users = self.users
+        signature = self._users_signature() if remember else None
         try:
             users.reload_if_changed()
         except UsersError as error:  # a bad edit of the file: keep serving the previous table
             log.error("users file not reloaded: {error}", error=str(error))
-        return users.verify(name, password)
+            remember = False  # the table in use is not the file's: nothing remembered from it
+        user = users.verify(name, password)
+        if user is not None and remember:
+            return user, signature
+        return user
 
 
 def _now(outcome: Outcome) -> Deferred:

@@ -7,7 +7,7 @@ Slot limits follow xapi's allowed-device lists: 16 disk slots for PV guests (xvd
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Literal
 
 from xapid.backend.interface import DiskSpec, NicSpec
 from xapid.constants import HVM_DISK_SLOTS, NIC_SLOTS, PV_DISK_SLOTS
@@ -16,7 +16,7 @@ from xapid.errors import XenAPIError, operation_not_allowed, vm_bad_power_state
 from xapid.backend.storage import StorageError, StorageRoots, UnknownSRType, open_sr
 
 
-def domain_type(fields: dict[str, Any]) -> str:
+def domain_type(fields: dict[str, Any]) -> Literal["hvm", "pv", "pvh"]:
     """The kind of guest a VM record describes: hvm, pv or pvh (unspecified: by HVM_boot_policy)."""
     declared = fields["domain_type"]
     if declared in ("hvm", "pv", "pvh"):
@@ -90,11 +90,11 @@ def disk_spec(ctx: CallContext, vm: Any, vbd: Any) -> DiskSpec:
     f = vbd.fields
     empty = f["empty"] or not ctx.store.exists(f["VDI"], "VDI")
     path = "" if empty else vdi_path(ctx, f["VDI"])
-    fmt = "raw"
+    fmt: Literal["raw", "qcow2"] = "raw"
     if not empty:
         fmt = "qcow2" if ctx.store.get(f["VDI"]).fields["location"].endswith(".qcow2") else "raw"
     return DiskSpec(device=disk_device_name(vm, f["userdevice"]), path=path, mode="r" if f["mode"] == "RO" else "w",
-                    kind="cdrom" if f["type"] == "CD" else "disk", format=fmt)  # type: ignore[arg-type]
+                    kind="cdrom" if f["type"] == "CD" else "disk", format=fmt)
 
 
 def nic_spec(ctx: CallContext, vif: Any) -> NicSpec:
@@ -130,8 +130,9 @@ def destroy_device(ctx: CallContext, ref: str, cls: str) -> str:
 
 
 def random_mac(store: Any) -> str:
-    """A MAC in Xen's OUI 00:16:3e, unique among this host's VIFs."""
-    used = {o.fields["MAC"].lower() for o in store.all("VIF")}
+    """A MAC in Xen's OUI 00:16:3e, unique among this host's VIFs (looked up in the store's index of
+    VIF MACs, lower case: no scan of the VIFs)."""
+    used = store.index("VIF", "MAC", str.lower)
     while True:
         mac = "00:16:3e:%02x:%02x:%02x" % (random.randrange(0x80), random.randrange(256), random.randrange(256))
         if mac not in used:

@@ -65,11 +65,15 @@ async def reconcile(ctx: CallContext, sr_ref: str) -> None:
 
 
 def update_sizes(ctx: CallContext, sr_ref: str, physical_size: int | None = None, used: int | None = None) -> None:
+    """Set the SR's ``virtual_allocation`` (the sum of its VDIs' virtual sizes) and
+    ``physical_utilisation`` (*used*, or the sum of its VDIs' physical utilisation), and
+    ``physical_size`` when given.  The sums are the store's running totals (:meth:`Store.tally`),
+    so this costs the same in an SR of ten disks as in one of ten thousand."""
     store = ctx.store
-    sr = store.get(sr_ref, "SR")
-    vdis = [store.get(v).fields for v in sr.fields["VDIs"]]
-    changes: dict[str, Any] = {"virtual_allocation": sum(v["virtual_size"] for v in vdis)}
-    changes["physical_utilisation"] = used if used is not None else sum(v["physical_utilisation"] for v in vdis)
+    store.get(sr_ref, "SR")
+    changes: dict[str, Any] = {"virtual_allocation": store.tally("VDI", "SR", "virtual_size").total(sr_ref)}
+    changes["physical_utilisation"] = (
+        used if used is not None else store.tally("VDI", "SR", "physical_utilisation").total(sr_ref))
     if physical_size is not None:
         changes["physical_size"] = physical_size
     store.update(sr_ref, changes)

@@ -3,7 +3,8 @@ calls (``host.query_stats``, ``host.top_VMs``), served from the metrics engine (
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
@@ -48,6 +49,7 @@ def forget_data_source_archives(ctx: CallContext, obj: str, data_source: str) ->
     owner = _owner(ctx, obj)
     _known(ctx, owner, data_source)
     ctx.api.stats.forget(owner, data_source)
+    _cache_of(ctx.api.stats).forgot()
     return ""
 
 
@@ -59,19 +61,106 @@ def _check_window_cf(window: float, cf: str) -> str:
     return cf.upper()
 
 
-@message("host.query_stats")
-def query_stats(ctx: CallContext, host: str, sources: list[str], window: float, cf: str) -> dict[str, float]:
-    """The cooked call: every source matching the patterns, consolidated over the window."""
-    ctx.store.get(host, "host")
-    cf = _check_window_cf(window, cf)
-    stats = ctx.api.stats
+class CookedReply:
+    """A ``host.query_stats`` answer whose wire encodings are made once per format (several
+    clients asking the same between two samples share them)."""
+
+    __slots__ = ("value", "cache")
+
+    def __init__(self, value: dict[str, float]):
+        self.value = value
+        self.cache: dict[str, bytes] = {}
+
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
+        text = self.cache.get(fmt)
+        if text is None:
+            text = self.cache[fmt] = encode(self.value)
+        return text
+
+
+class _QueryCache:
+    """Per metrics engine: the keys each list of patterns selects, and the answers of the
+    current sample.
+
+    The sources of the table change only in a sampler tick (which also moves the table's
+    ``last_update``) and in ``forget_data_source_archives`` (which calls :meth:`forgot`).  So
+    selected keys stay valid while the owners and their numbers of sources are the same (a tick
+    only adds names to an owner, or drops whole owners), and an answer while ``last_update``
+    and the forget count are the same.  Both tables are small and bounded.
+    """
+
+    MAX = 16
+
+    def __init__(self) -> None:
+        self.forgets = 0
+        self.keys: dict[tuple[str, ...], tuple[Any, list[tuple[str, str]]]] = {}
+        self.replies: dict[tuple[Any, ...], CookedReply] = {}
+        self.replies_at: tuple[Any, ...] = ()
+
+    def forgot(self) -> None:
+        self.forgets += 1
+        self.keys.clear()
+        self.replies.clear()
+
+
+_CACHES: "weakref.WeakKeyDictionary[Any, _QueryCache]" = weakref.WeakKeyDictionary()
+
+
+def _cache_of(stats: Any) -> _QueryCache:
+    cache = _CACHES.get(stats)
+    if cache is None:
+        cache = _CACHES[stats] = _QueryCache()
+    return cache
+
+
+def _select(stats: Any, cache: _QueryCache, sources: list[str]) -> list[tuple[str, str]]:
+    """Every key the patterns select, each once, in first-match order (cached while the table's
+    owners and their numbers of sources stay the same); INVALID_VALUE for a malformed pattern."""
+    table = stats.table
+    owners = table.owners()
+    shape = (table, tuple(owners), tuple(len(table.names(owner)) for owner in owners), cache.forgets)
+    pattern_key = tuple(sources) if all(type(p) is str for p in sources) else None
+    cached = cache.keys.get(pattern_key) if pattern_key is not None else None
+    if cached is not None and cached[0] == shape:
+        return cached[1]
     keys: dict[tuple[str, str], None] = {}  # each key once, in first-match order
     for pattern in sources:
         try:
             keys.update(dict.fromkeys(stats.select(pattern)))
         except ValueError:
             raise XenAPIError("INVALID_VALUE", "sources", pattern) from None
-    return stats.cooked(list(keys), window, cf)
+    selected = list(keys)
+    if pattern_key is not None:
+        if len(cache.keys) >= cache.MAX:
+            cache.keys.clear()
+        cache.keys[pattern_key] = (shape, selected)
+    return selected
+
+
+@message("host.query_stats")
+def query_stats(ctx: CallContext, host: str, sources: list[str], window: float, cf: str) -> Any:
+    """The cooked call: every source matching the patterns, consolidated over the window.  The
+    answer (a :class:`CookedReply`, the ``(string -> float) map``) is shared by identical
+    calls until the next sample."""
+    ctx.store.get(host, "host")
+    cf = _check_window_cf(window, cf)
+    stats = ctx.api.stats
+    cache = _cache_of(stats)
+    table = stats.table
+    now = (table, table.last_update, cache.forgets)
+    if cache.replies_at != now:
+        cache.replies.clear()
+        cache.replies_at = now
+    reply_key = (tuple(sources), float(window), cf) if all(type(p) is str for p in sources) else None
+    reply = cache.replies.get(reply_key) if reply_key is not None else None
+    if reply is not None:
+        return reply
+    reply = CookedReply(stats.cooked(_select(stats, cache, sources), window, cf))
+    if reply_key is not None:
+        if len(cache.replies) >= cache.MAX:
+            cache.replies.clear()
+        cache.replies[reply_key] = reply
+    return reply
 
 
 @message("host.top_VMs")

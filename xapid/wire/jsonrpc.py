@@ -51,6 +51,10 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif t is int or t is Int32:
         out.append(b"%d" % value)
     elif t is dict:
+        fast = _float_map(value)
+        if fast is not None:
+            out.append(fast)
+            return
         out.append(b"{")
         first = True
         for k, v in value.items():
@@ -76,7 +80,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif isinstance(value, datetime):
         out.append(_string(format_datetime(value)).encode())
     elif hasattr(value, "encoded"):
-        out.append(value.encoded("json", encode_value))
+        out.append(value.encoded("json", encode_record))
     elif isinstance(value, str):
         _encode(str(value), out)
     elif isinstance(value, int):
@@ -85,6 +89,99 @@ def _encode(value: Any, out: list[bytes]) -> None:
         _encode(sorted(value), out)
     else:
         raise TypeError(f"cannot encode {t.__name__} as JSON")
+
+
+# -- records: memoised member fragments (as in xmlrpc.encode_record) ----------------------------
+
+MEMO_LIMIT = 65_536
+_MEMO: dict[Any, bytes] = {}  # (type, name, value or its key) -> '"name":value' as bytes
+_SCALARS = frozenset((str, int, bool, datetime, type(None)))  # never floats: -0.0 == 0.0
+SHARED_TEXT = 32  # longer strings (uuids, references: one object's own) are not memoised
+
+
+def _member(name: Any, value: Any) -> bytes:
+    """One object member, exactly as :func:`_encode` writes it."""
+    out = [_string(str(name)).encode() + b":"]
+    _encode(value, out)
+    return b"".join(out)
+
+
+def encode_record(value: Any) -> bytes:
+    """*value* as :func:`encode_value` gives it; a dict's members come from a memo shared by all
+    records, so values many objects share (defaults, enums, empty sets and maps) are encoded
+    once.  Only values whose equal copies always encode alike are memoised (exact str up to
+    SHARED_TEXT characters, int, bool, None and datetime, lists and maps of exact strings);
+    at most MEMO_LIMIT entries."""
+    if type(value) is not dict:
+        return encode_value(value)
+    fast = _float_map(value)
+    if fast is not None:
+        return fast
+    if not all(type(name) is str for name in value):  # 1, True and 1.0 are one dict key: no sharing
+        return encode_value(value)
+    out: list[bytes] = []
+    append = out.append
+    memo = _MEMO
+    scalars = _SCALARS
+    for name, v in value.items():
+        t = type(v)
+        if t is str and len(v) > SHARED_TEXT:
+            append(_string(name if type(name) is str else str(name)).encode() + b":" + _string(v).encode())
+            continue
+        if t in scalars:
+            key: Any = (t, name, v)
+        elif t is list:
+            if v and not all(type(item) is str for item in v):
+                append(_member(name, v))
+                continue
+            key = (t, name, tuple(v))
+        elif t is dict:
+            items = tuple(v.items())
+            if items and not all(type(k) is str and type(x) is str for k, x in items):
+                append(_member(name, v))
+                continue
+            key = (t, name, items)
+        else:
+            append(_member(name, v))
+            continue
+        fragment = memo.get(key)
+        if fragment is None:
+            fragment = _member(name, v)
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[key] = fragment
+        append(fragment)
+    return b"{" + b",".join(out) + b"}"
+
+
+_FLOAT_PREFIX: dict[str, str] = {}  # map key -> '"KEY":' (bounded)
+
+
+def _float_map(value: dict[Any, Any]) -> bytes | None:
+    """A map of string keys to finite floats (``host.query_stats``) as the general path writes
+    it (float.__repr__ is what json writes for a finite float), each key's text memoised; None
+    for any other map."""
+    values = value.values()
+    if not values or not all(type(v) is float for v in values):
+        return None
+    total = sum(values)
+    if total - total != 0.0:  # a NaN or infinity (or an overflow): the general path says which
+        return None
+    prefixes = _FLOAT_PREFIX
+    get = prefixes.get
+    parts: list[str] = []
+    append = parts.append
+    for k, v in value.items():
+        prefix = get(k)
+        if prefix is None:
+            if not isinstance(k, str):
+                return None
+            prefix = _string(str(k)) + ":"
+            if len(prefixes) >= MEMO_LIMIT:
+                prefixes.clear()
+            prefixes[k] = prefix
+        append(prefix + repr(v))
+    return ("{" + ",".join(parts) + "}").encode()
 
 
 def _depth_ok(value: Any, limit: int) -> bool:

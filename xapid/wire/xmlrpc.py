@@ -11,6 +11,7 @@ import base64
 import math
 import re
 import xmlrpc.client
+from operator import eq
 from datetime import datetime
 from typing import Any, Callable
 
@@ -57,6 +58,10 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif t is int:
         out.append(b"<value>%d</value>" % value)
     elif t is dict:
+        fast = _float_map(value)
+        if fast is not None:
+            out.append(fast)
+            return
         # scalar members are formatted as text and encoded in runs (big metrics maps, records)
         run = ["<value><struct>"]
         for k, v in value.items():
@@ -90,7 +95,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif isinstance(value, datetime):
         out.append(b"<value><dateTime.iso8601>" + format_datetime(value).encode() + b"</dateTime.iso8601></value>")
     elif hasattr(value, "encoded"):
-        out.append(value.encoded("xml", encode_value))
+        out.append(value.encoded("xml", encode_record))
     elif isinstance(value, str):
         _encode(str(value), out)
     elif isinstance(value, int):
@@ -99,6 +104,201 @@ def _encode(value: Any, out: list[bytes]) -> None:
         _encode(sorted(value), out)
     else:
         raise TypeError(f"cannot encode {t.__name__} as XML-RPC")
+
+
+# -- records: shared member fragments ------------------------------------------------------------
+# A record (a ``Preencoded`` value: a stored object's fields, an event.from reply) is encoded from
+# per-member fragments, each ``<member><name>N</name><value>…</value></member>`` as bytes:
+#
+# - a *template* per record shape (the same field names with values of the same types, i.e. one
+#   class): a recent record of that shape, its values and fragments (replaced by the record being
+#   encoded when more than an eighth of the fields, and more than 8, differ).  A record of the shape takes
+#   the template's fragment for every field whose value equals the template's (one C-level
+#   comparison of the two value lists), and encodes only the others;
+# - those others come from a memo by (type, name, value), shared by all records, so values many
+#   objects share but the template does not (an enum, a common map) are formatted once.
+#
+# Only values whose equal copies always encode alike are shared: exact str, int, bool, None and
+# datetime, and short lists or maps of exact strings; a float only from the template, when equal
+# and not zero (-0.0 == 0.0 but is written differently), never from the memo.  Strings longer
+# than SHARED_TEXT (uuids, references: one object's own) are formatted directly, anything else is
+# encoded as usual.  The memo holds at most MEMO_LIMIT fragments, the templates TEMPLATE_LIMIT shapes;
+# each is emptied when full.  Templates hold copies of their containers, so records changed in place
+# later never alter a template.
+
+MEMO_LIMIT = 65_536
+TEMPLATE_LIMIT = 256
+SHARED_TEXT = 32  # longer strings are not memoised: they are almost always one object's own
+_MEMO: dict[Any, bytes] = {}  # (type, name, value or its key) -> the member's bytes
+_NAMES: dict[Any, bytes] = {}  # member name -> b"<member><name>NAME</name>" (bounded like _MEMO)
+_SCALARS = frozenset((str, int, bool, datetime, type(None)))
+_NOT_SHARED = object()  # a key part never stored
+
+
+class _Template:
+    __slots__ = ("names", "values", "fragments", "always", "floats")
+
+    def __init__(self, names: tuple[Any, ...], values: list[Any], fragments: list[bytes], always: list[int],
+                 floats: list[int]):
+        self.names = names
+        self.values = values
+        self.fragments = fragments
+        self.always = always  # fields never taken from the template (unshared types)
+        self.floats = floats  # float fields: taken from the template only when equal and not zero (-0.0 == 0.0)
+
+
+_TEMPLATES: dict[tuple[type, ...], _Template] = {}
+
+
+def _name(name: Any) -> bytes:
+    head = _NAMES.get(name)
+    if head is None:
+        head = ("<member><name>" + escape(name if type(name) is str else str(name)) + "</name>").encode()
+        if len(_NAMES) >= MEMO_LIMIT:
+            _NAMES.clear()
+        _NAMES[name] = head
+    return head
+
+
+def _member(name: Any, value: Any) -> bytes:
+    """One struct member, exactly as :func:`_encode` writes it inside a struct."""
+    out = [_name(name)]
+    _encode(value, out)
+    out.append(b"</member>")
+    return b"".join(out)
+
+
+def _shared_key(t: type, value: Any) -> Any:
+    """What stands for *value* (of type *t*) in the memo, or _NOT_SHARED."""
+    if t in _SCALARS:
+        if t is str and len(value) > SHARED_TEXT:
+            return _NOT_SHARED
+        return value
+    if t is list:
+        if not value:
+            return ()
+        if len(value) <= 64 and all(type(item) is str and len(item) <= SHARED_TEXT for item in value):
+            return tuple(value)
+    elif t is dict:
+        if not value:
+            return ()
+        items = tuple(value.items())
+        if len(items) <= 16 and all(type(k) is str and type(x) is str for k, x in items):
+            return items
+    return _NOT_SHARED
+
+
+def _fragment(name: Any, value: Any) -> bytes:
+    """The member for *name* = *value*, from the memo when the value is shared."""
+    t = type(value)
+    if t is str and len(value) > SHARED_TEXT:
+        return _name(name) + b"<value>" + escape(value).encode() + b"</value></member>"
+    key = _shared_key(t, value)
+    if key is _NOT_SHARED:
+        if t is list and all(type(item) is str for item in value):  # e.g. references: one object's own
+            items = "".join(["<value>" + escape(item) + "</value>" for item in value])
+            return _name(name) + b"<value><array><data>" + items.encode() + b"</data></array></value></member>"
+        return _member(name, value)
+    memo_key = (t, name, key)
+    fragment = _MEMO.get(memo_key)
+    if fragment is None:
+        fragment = _member(name, value)
+        if len(_MEMO) >= MEMO_LIMIT:
+            _MEMO.clear()
+        _MEMO[memo_key] = fragment
+    return fragment
+
+
+def _template(names: tuple[Any, ...], values: list[Any], types: tuple[type, ...], fragments: list[bytes]) -> None:
+    """Keep this record as the template of its shape (containers copied)."""
+    kept: list[Any] = []
+    always: list[int] = []
+    floats: list[int] = []
+    for i, (t, v) in enumerate(zip(types, values)):
+        if t is float:
+            floats.append(i)
+            kept.append(v)
+        elif t not in _SCALARS and _shared_key(t, v) is _NOT_SHARED:
+            always.append(i)
+            kept.append(_NOT_SHARED)
+        else:
+            kept.append(list(v) if t is list else dict(v) if t is dict else v)
+    if len(_TEMPLATES) >= TEMPLATE_LIMIT:
+        _TEMPLATES.clear()
+    _TEMPLATES[types] = _Template(names, kept, list(fragments), always, floats)
+
+
+def encode_record(value: Any) -> bytes:
+    """*value* as :func:`encode_value` gives it; a dict's members come from its shape's template
+    and the shared memo."""
+    if type(value) is not dict:
+        return encode_value(value)
+    fast = _float_map(value)
+    if fast is not None:  # unique floats: nothing to share
+        return fast
+    values = list(value.values())
+    types = tuple(map(type, values))
+    template = _TEMPLATES.get(types)
+    names = tuple(value)
+    if template is None or template.names != names:
+        if not all(type(name) is str for name in names):  # 1, True and 1.0 are one dict key: no sharing
+            return encode_value(value)
+        fragments = [_fragment(name, v) for name, v in zip(names, values)]
+        if template is None:
+            _template(names, values, types, fragments)
+    else:
+        fragments = template.fragments.copy()
+        same = list(map(eq, values, template.values))
+        for i in template.always:
+            same[i] = False
+        for i in template.floats:
+            if same[i] and values[i] == 0.0:  # 0.0 or -0.0: equal, written differently
+                same[i] = False
+        index = same.index
+        i = -1
+        changed = 0
+        try:
+            while True:
+                i = index(False, i + 1)
+                fragments[i] = _fragment(names[i], values[i])
+                changed += 1
+        except ValueError:
+            pass
+        if changed > len(template.always) + max(8, len(fragments) // 8):  # a poor template: this record instead
+            _template(names, values, types, fragments)
+    return b"<value><struct>" + b"".join(fragments) + b"</struct></value>"
+
+
+_FLOAT_PREFIX: dict[str, str] = {}  # map key -> "<member><name>KEY</name><value><double>" (bounded)
+_FLOAT_SUFFIX = "</double></value></member>"
+
+
+def _float_map(value: dict[Any, Any]) -> bytes | None:
+    """A map of string keys to finite floats (``host.query_stats``, metrics maps) as the general
+    path writes it, with each key's escaped text memoised; None for any other map."""
+    values = value.values()
+    if not values or not all(type(v) is float for v in values):
+        return None
+    total = sum(values)
+    if total - total != 0.0:  # a NaN or infinity (or an overflow): the general path says which
+        return None
+    prefixes = _FLOAT_PREFIX
+    get = prefixes.get
+    suffix = _FLOAT_SUFFIX
+    parts = ["<value><struct>"]
+    append = parts.append
+    for k, v in value.items():
+        prefix = get(k)
+        if prefix is None:
+            if not isinstance(k, str):
+                return None
+            prefix = "<member><name>" + escape(str(k)) + "</name><value><double>"
+            if len(prefixes) >= MEMO_LIMIT:
+                prefixes.clear()
+            prefixes[k] = prefix
+        append(prefix + repr(v) + suffix)
+    append("</struct></value>")
+    return "".join(parts).encode()
 
 
 def _double(value: float) -> str:

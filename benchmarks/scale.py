@@ -1,0 +1,260 @@
+"""Inventory scale: does a write cost the same on a host with 10 000 disks as on one with 10?
+
+    python benchmarks/scale.py [--quick] [--levels 10,1000,10000] [--reps N]
+
+1. **Growth** (in process: tests/support.py's ``ApiEnv``, the sim backend, a real SQLite state
+   database on disk, every call flushed before it is answered as on the wire): the inventory is
+   grown through the dispatcher in units of one ``VM.create``, ten ``VDI.create`` (1 MiB sparse
+   files in the default SR) and two ``VBD.create`` (the VM's first two disks).  The throughput of
+   each thousand VDIs is printed (calls/s over the unit's 13 calls), so a slowdown with size shows.
+2. **Per-operation costs** at each level (10, 1 000 and 10 000 VDIs; a tenth as many VMs):
+   ``VDI.create``, ``VDI.set_name_label``, ``VM.create``, ``VBD.create``, ``VM.set_name_label``,
+   ``VBD.destroy``, ``VDI.destroy`` and ``VM.destroy``, each ``--reps`` times on objects made for
+   the purpose (removed again, so the level holds).  Median wall time per call (SQLite's fsync
+   included) and median CPU time, side by side, with the ratio to the smallest level: the baseline
+   of the same run.  Goal: every ratio at 10 000 ≤ 1.5.
+3. **Start-up and memory**: the state dir is closed and a real daemon (``python -m xapid serve``,
+   sim backend) is started on it: time until it listens, and its VmRSS then.  The same daemon on an
+   empty state dir is the same-run baseline.  Goals: start ≤ 5 s, RSS ≤ 1 GB.
+
+``--quick`` (levels 10, 100, 300; few repetitions) runs in well under 20 s: the smoke test's size.
+Figures go to stdout, progress to stderr; the daemons are stopped however the run ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from run import machine, stop, wait_listening  # noqa: E402 - shared with the core benchmark
+from support import ApiEnv, LocalClient, vm_record  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+
+T0 = 1_700_000_000
+DISK_SIZE = 1 << 20
+VDIS_PER_VM = 10
+VBDS_PER_VM = 2
+GOAL_RATIO = 1.5
+GOAL_START_S = 5.0
+GOAL_RSS_MB = 1024.0
+OPS = ("VDI.create", "VDI.set_name_label", "VM.create", "VBD.create", "VM.set_name_label", "VBD.destroy",
+       "VDI.destroy", "VM.destroy")
+VM_RECORD = vm_record(name_label="scale-vm")
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def vdi_record(sr: str, n: int) -> dict[str, Any]:
+    return {"SR": sr, "virtual_size": str(DISK_SIZE), "type": "user", "sharable": False, "read_only": False,
+            "other_config": {}, "name_label": f"scale-disk-{n}", "name_description": ""}
+
+
+def vbd_record(vm: str, vdi: str, disk: int) -> dict[str, Any]:
+    return {"VM": vm, "VDI": vdi, "userdevice": str(disk), "bootable": disk == 0, "mode": "RW", "type": "Disk",
+            "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}}
+
+
+@dataclass
+class Cost:
+    """Per-call samples of one operation at one level: wall and CPU seconds."""
+
+    wall: list[float]
+    cpu: list[float]
+
+    @property
+    def wall_us(self) -> float:
+        return statistics.median(self.wall) * 1e6
+
+    @property
+    def cpu_us(self) -> float:
+        return statistics.median(self.cpu) * 1e6
+
+
+class Inventory:
+    """The in-process API and the objects grown so far."""
+
+    def __init__(self, tmp: Path):
+        self.env = ApiEnv(tmp, Clock())
+        self.env.clock.advance(T0)
+        self.api: LocalClient = self.env.login()
+        self.sr = self.api("pool.get_default_SR", self.api("pool.get_all")[0])
+        self.vdis = 0
+        self.vms = 0
+        self.calls = 0
+
+    def grow_unit(self) -> None:
+        """One VM, ten disks, two of them attached (13 calls)."""
+        api = self.api
+        vm = api("VM.create", VM_RECORD)
+        disks = [api("VDI.create", vdi_record(self.sr, self.vdis + i)) for i in range(VDIS_PER_VM)]
+        for disk in range(VBDS_PER_VM):
+            api("VBD.create", vbd_record(vm, disks[disk], disk))
+        self.vms += 1
+        self.vdis += VDIS_PER_VM
+        self.calls += 1 + VDIS_PER_VM + VBDS_PER_VM
+
+    def grow_to(self, vdis: int, report: Callable[[int, float], None]) -> None:
+        """Grow until *vdis* VDIs exist; *report(vdis, calls/s)* after each thousand (or the end)."""
+        chunk_start, calls_start = time.perf_counter(), self.calls
+        while self.vdis < vdis:
+            self.grow_unit()
+            if self.vdis % 1000 == 0 or self.vdis >= vdis:
+                elapsed = time.perf_counter() - chunk_start
+                report(self.vdis, (self.calls - calls_start) / elapsed if elapsed else 0.0)
+                chunk_start, calls_start = time.perf_counter(), self.calls
+
+    def measure(self, reps: int) -> dict[str, Cost]:
+        """Each operation *reps* times on objects made for it, removed again afterwards."""
+        api = self.api
+        costs = {op: Cost([], []) for op in OPS}
+
+        def timed(op: str, *args: Any) -> Any:
+            cpu, wall = time.process_time(), time.perf_counter()
+            value = api(op, *args)
+            costs[op].wall.append(time.perf_counter() - wall)
+            costs[op].cpu.append(time.process_time() - cpu)
+            return value
+
+        vdis = [timed("VDI.create", vdi_record(self.sr, -1 - i)) for i in range(reps)]
+        for i, vdi in enumerate(vdis):
+            timed("VDI.set_name_label", vdi, f"renamed-{i}")
+        vms = [timed("VM.create", VM_RECORD) for _ in range(reps)]
+        vbds = [timed("VBD.create", vbd_record(vm, vdi, 0)) for vm, vdi in zip(vms, vdis)]
+        for i, vm in enumerate(vms):
+            timed("VM.set_name_label", vm, f"renamed-{i}")
+        for vbd in vbds:
+            timed("VBD.destroy", vbd)
+        for vdi in vdis:
+            timed("VDI.destroy", vdi)
+        for vm in vms:
+            timed("VM.destroy", vm)
+        return costs
+
+    def close(self) -> None:
+        self.env.api.hypervisor.driver.close()
+        self.env.api.database.close()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_daemon(stack: contextlib.ExitStack, tmp: Path, name: str) -> tuple[float, float]:
+    """Start ``xapid serve`` on ``tmp/state`` (users ``tmp/users``): seconds until it listens, and its RSS (MB)."""
+    config, log = tmp / "scale.conf", tmp / f"{name}.log"
+    config.write_text("[server]\nbackend = sim\n")
+    started = time.perf_counter()
+    with log.open("wb") as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
+                                 str(tmp / "state"), "--users", str(tmp / "users"),
+                                 "--listen", "tcp:0:interface=127.0.0.1"],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stack.callback(stop, proc)
+    try:
+        wait_listening(name, proc, log)
+        elapsed = time.perf_counter() - started
+        return elapsed, rss_mb(proc.pid)
+    finally:
+        stop(proc)
+
+
+def print_costs(levels: list[int], costs: dict[int, dict[str, Cost]]) -> list[float]:
+    """The side-by-side table; returns the wall ratios of the largest level to the smallest."""
+    base, top = levels[0], levels[-1]
+    out(f"per-call cost, median µs wall / CPU (ratio to {base} VDIs, wall / CPU):")
+    out("  " + f"{'operation':20}" + "".join(f"{f'{n} VDIs':>20}" for n in levels) + f"{'ratio':>16}")
+    ratios = []
+    for op in OPS:
+        cells = "".join(f"{f'{costs[n][op].wall_us:.0f} / {costs[n][op].cpu_us:.0f}':>20}" for n in levels)
+        wall = costs[top][op].wall_us / costs[base][op].wall_us
+        cpu = costs[top][op].cpu_us / costs[base][op].cpu_us
+        ratios.append(wall)
+        out(f"  {op:20}{cells}{f'{wall:.2f} / {cpu:.2f}':>16}")
+    return ratios
+
+
+def benchmark(levels: list[int], reps: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="xapid-scale-") as tmpdir, contextlib.ExitStack() as stack:
+        tmp = Path(tmpdir)
+        (tmp / "empty").mkdir()
+        inventory = Inventory(tmp / "grown")
+        shutil.copy(tmp / "grown" / "users", tmp / "empty" / "users")
+        costs: dict[int, dict[str, Cost]] = {}
+        out(f"growth through the API (units of 1 VM.create, {VDIS_PER_VM} VDI.create, {VBDS_PER_VM} VBD.create):")
+        for level in levels:
+            progress(f"growing to {level} VDIs")
+            inventory.grow_to(level, lambda vdis, rate: out(f"  up to {vdis:6} VDIs: {rate:7.0f} calls/s"))
+            progress(f"measuring at {level} VDIs ({inventory.vms} VMs)")
+            if not costs:
+                inventory.measure(reps)  # warm-up (first calls, caches, the file system), not counted
+            costs[level] = inventory.measure(reps)
+        out()
+        ratios = print_costs(levels, costs)
+        top = levels[-1]
+        inventory.close()
+        progress("starting daemons")
+        empty_start, empty_rss = start_daemon(stack, tmp / "empty", "empty")
+        full_start, full_rss = start_daemon(stack, tmp / "grown", "grown")
+        out()
+        out(f"daemon start-up: empty state dir {empty_start:.2f} s, {empty_rss:.0f} MB RSS; "
+            f"{inventory.vms} VMs + {inventory.vdis} VDIs {full_start:.2f} s, {full_rss:.0f} MB RSS "
+            f"({full_start / empty_start:.1f}x / {full_rss / empty_rss:.1f}x)")
+        worst = max(ratios)
+        out("goals:")
+        out(f"  costs at {top} VDIs within {GOAL_RATIO}x of {levels[0]}: worst {worst:.2f}x "
+            f"({OPS[ratios.index(worst)]}) — {'met' if worst <= GOAL_RATIO else 'NOT met'}")
+        out(f"  start ≤ {GOAL_START_S:.0f} s: {full_start:.2f} s — {'met' if full_start <= GOAL_START_S else 'NOT met'}")
+        out(f"  RSS ≤ {GOAL_RSS_MB:.0f} MB: {full_rss:.0f} MB — {'met' if full_rss <= GOAL_RSS_MB else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="xapid's per-operation costs as the inventory grows.")
+    parser.add_argument("--quick", action="store_true", help="levels 10, 100, 300 and few repetitions (a smoke run)")
+    parser.add_argument("--levels", help="comma-separated VDI counts (default 10,1000,10000)")
+    parser.add_argument("--reps", type=int, help="calls of each operation per level (default 50; quick 10)")
+    args = parser.parse_args(argv)
+    levels = [int(n) for n in (args.levels or ("10,100,300" if args.quick else "10,1000,10000")).split(",")]
+    if levels != sorted(levels) or levels[0] < VDIS_PER_VM or any(n % VDIS_PER_VM for n in levels):
+        parser.error(f"--levels: increasing multiples of {VDIS_PER_VM}")
+    reps = args.reps or (10 if args.quick else 50)
+    print(machine(), flush=True)
+    started = time.monotonic()
+    try:
+        benchmark(levels, reps)
+    except KeyboardInterrupt:
+        print("scale.py: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"scale.py: {exc}", file=sys.stderr)
+        return 1
+    print(f"total time {time.monotonic() - started:.0f} s ({'quick' if args.quick else 'full'} run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
