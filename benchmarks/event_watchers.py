@@ -34,7 +34,6 @@ import asyncio
 import math
 import multiprocessing
 import os
-import platform
 import re
 import resource
 import signal
@@ -53,10 +52,11 @@ from typing import Any, Callable
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import vm_record  # noqa: E402 - the same valid VM.create record the tests use
+import common  # noqa: E402
+from common import HOST, ROOT, cpu_seconds, http_post, split_reply, stop, success_value, wait_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 USER, PASSWORD = "bench", "bench password"
 CLASSES = ["vm"]
 EVENT_TIMEOUT = 30.0
@@ -64,7 +64,6 @@ GOAL_P99_MS = 50.0
 GOAL_RSS_KB = 50.0
 _START_TIMEOUT = 30.0
 _SETTLE = 1.0  # seconds of quiet once every watcher is parked, before reading RSS
-_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
 _TOKEN = re.compile(rb"<name>token</name>\s*<value>(?:<string>)?([^<]*)<")
 _NO_EVENTS = re.compile(rb"<name>events</name>\s*<value>\s*<array>\s*<data>\s*</data>")
 _TOKEN_MARK = "@@TOKEN@@"
@@ -101,10 +100,8 @@ def raise_fd_limit() -> int:
 
 
 def machine() -> str:
-    """One line naming the machine: CPUs, Python, kernel."""
-    return (f"machine: nproc {os.cpu_count()}, {platform.python_implementation()} {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}, fd limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
-            f"somaxconn {_read_int('/proc/sys/net/core/somaxconn')}")
+    """One line naming the machine (common's), with the listen-queue cap."""
+    return common.machine(f"somaxconn {_read_int('/proc/sys/net/core/somaxconn')}")
 
 
 def _read_int(path: str) -> int | str:
@@ -120,12 +117,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchmarkError(f"no VmRSS for process {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_sockets(port: int) -> tuple[int, int]:
@@ -158,36 +149,20 @@ def percentile(values: list[float], pct: float) -> float:
 # -- the wire --------------------------------------------------------------------------------------
 
 
-def http_post(body: bytes) -> bytes:
-    """A complete HTTP/1.1 keep-alive POST of an XML-RPC *body*."""
-    return (f"POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: text/xml\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
 def take_reply(buffer: bytearray) -> bytes | None:
     """Remove one complete HTTP reply from *buffer* and return its body, or None while incomplete."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
+    reply = split_reply(buffer)
+    if reply is None:
         return None
-    found = _CONTENT_LENGTH.search(buffer, 0, end)
-    if found is None:
-        raise ConnectionError(f"a reply without Content-Length: {bytes(buffer[:200])!r}")
-    stop = end + 4 + int(found.group(1))
-    if len(buffer) < stop:
-        return None
-    status, body = bytes(buffer[9:12]), bytes(buffer[end + 4:stop])
-    del buffer[:stop]
-    if status != b"200":
-        raise ConnectionError(f"HTTP {status.decode()}: {body[:200]!r}")
+    status, body = reply
+    if status != 200:
+        raise ConnectionError(f"HTTP {status}: {body[:200]!r}")
     return body
 
 
 def api_value(body: bytes) -> Any:
     """The ``Value`` of a Xen-API success reply; BenchmarkError for a failure."""
-    (reply,), _ = xmlrpc.client.loads(body)
-    if not isinstance(reply, dict) or reply.get("Status") != "Success":
-        raise BenchmarkError(f"Xen-API call failed: {reply!r:.300}")
-    return reply["Value"]
+    return success_value(body, BenchmarkError)
 
 
 class EventFromRequest:
@@ -241,15 +216,7 @@ class ServerProcess:
         self.port = self._wait_for_port()
 
     def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log.read_text())
-            if found:
-                return int(found.group(1))
-            if self.proc.poll() is not None:
-                raise BenchmarkError(f"{self.name} exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise BenchmarkError(f"{self.name} did not start within {_START_TIMEOUT:.0f} s: {self.log.read_text()[-2000:]}")
+        return wait_port(self.name, self.proc, self.log, _START_TIMEOUT, BenchmarkError)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -257,13 +224,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 20)
         self._logfile.close()
 
 
@@ -843,7 +804,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="listen backlog for xapid (the endpoint's backlog=; default Twisted's 50)")
     parser.add_argument("--time-limit", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--serve-peer", metavar="DATA", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="20 watchers on a shared session, 2 rounds, one load process")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.watchers, args.rounds, args.clients, args.time_limit, args.sessions = 20, 2, 1, 60.0, "shared"
     if args.watchers < 1 or args.rounds < 1 or not 1 <= args.clients <= 4:
         parser.error("--watchers and --rounds must be positive, --clients 1-4")
     return args

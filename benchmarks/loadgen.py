@@ -21,28 +21,13 @@ import socket
 import subprocess
 import tempfile
 import time
-import xmlrpc.client
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-HOST = "127.0.0.1"
-_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)")
+from common import HOST, split_reply, success_value
+from common import http_post as http_request  # noqa: F401 - the name run.py and stats_bench.py use
+
 _START_TIMEOUT = 30.0
-
-
-def http_request(body: bytes, path: str = "/") -> bytes:
-    """A complete HTTP/1.1 POST of *body* (kept alive)."""
-    head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: text/xml\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
-
-
-def success_value(body: bytes) -> Any:
-    """The ``Value`` of a Xen-API XML-RPC success reply; ValueError for anything else."""
-    (reply,), _ = xmlrpc.client.loads(body)
-    if not isinstance(reply, dict) or reply.get("Status") != "Success":
-        raise ValueError(f"not a Xen-API success: {reply!r:.300}")
-    return reply["Value"]
 
 
 class Connection:
@@ -56,18 +41,9 @@ class Connection:
     def exchange(self, request: bytes) -> tuple[int, bytes]:
         """Send *request* and return the reply's status and body."""
         self.sock.sendall(request)
-        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+        while (reply := split_reply(self.buffer)) is None:
             self._fill()
-        head = bytes(self.buffer[:end])
-        found = _CONTENT_LENGTH.search(head)
-        if found is None:
-            raise ConnectionError(f"a reply without Content-Length: {head[:200]!r}")
-        start, stop = end + 4, end + 4 + int(found.group(1))
-        while len(self.buffer) < stop:
-            self._fill()
-        body = bytes(self.buffer[start:stop])
-        del self.buffer[:stop]
-        return int(head[9:12]), body
+        return reply
 
     def _fill(self) -> None:
         chunk = self.sock.recv(65536)

@@ -53,7 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import USER, Server, machine, progress, stop, wait_listening
+from common import LOOPBACK, SERVE, USER, add_user, exit_status, machine, prepare_run, run_ns, sdk_session, stop
+from run import Server, progress, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOD = ROOT / "tests" / "flood.py"
@@ -67,15 +68,12 @@ def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str, root: Pat
     users, config, log = tmp / "users", tmp / "xapid.conf", tmp / "xapid.log"
     env = {key: value for key, value in os.environ.items() if key != "XAPID_BCRYPT_ROUNDS"}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(root))
-    added = subprocess.run([sys.executable, "-m", "xapid", "user", "add", USER, "--role", "pool-admin", "--users",
-                            str(users)], input=f"{password}\n", text=True, capture_output=True, cwd=root, env=env)
-    if added.returncode != 0:
-        raise RuntimeError(f"xapid user add failed: {added.stderr.strip()}")
+    add_user(users, password, root, env)
     api = f"[api]\nauth_failure_delay = {auth_failure_delay}\n" if auth_failure_delay is not None else ""
     config.write_text("[server]\nbackend = sim\n" + api + (f"[limits]\n{limits}" if limits else ""))
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
-                                 str(tmp / "state"), "--users", str(users), "--listen", "tcp:0:interface=127.0.0.1"],
+        proc = subprocess.Popen([*SERVE, "--config", str(config), "--state-dir", str(tmp / "state"), "--users",
+                                 str(users), *LOOPBACK],
                                 cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out, env=env)
     stack.callback(stop, proc)
     server = wait_listening("xapid", proc, log)
@@ -84,15 +82,6 @@ def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str, root: Pat
 
 
 SERVER_PIDS: dict[int, int] = {}  # port -> the daemon's pid (for its CPU time)
-
-
-def run_ns(pid: int) -> int:
-    """Nanoseconds on CPU of every thread of *pid* so far (/proc/<pid>/task/*/schedstat)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            total += int((task / "schedstat").read_text().split()[0])
-    return total
 
 
 def scrapes(server: Server, session_ref: str, password: str, count: int) -> dict[str, list[float]]:
@@ -125,11 +114,7 @@ def scrapes(server: Server, session_ref: str, password: str, count: int) -> dict
 
 
 def session(server: Server, password: str) -> Any:
-    import XenAPI
-
-    s = XenAPI.Session(server.url)
-    s.login_with_password(USER, password, "1.0", "login-flood-bench")
-    return s
+    return sdk_session(server.url, password, "login-flood-bench")
 
 
 class Legit:
@@ -270,20 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrapes", type=int, default=20,
                         help="/metrics scrapes with a session id and with HTTP Basic, before the flood (default 20; "
                              "0: none)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="1-s unloaded loops, 2 scrapes, a 1.5-s flood of 10 connections from 2 addresses")
     args = parser.parse_args(argv)
-    try:
-        import XenAPI  # noqa: F401
-    except ImportError:
-        raise SystemExit("login_flood.py: the XenAPI SDK is missing (pip install -e '.[test]')") from None
+    if args.smoke:
+        global UNLOADED_SECONDS
+        UNLOADED_SECONDS, args.scrapes, args.seconds, args.connections, args.sources = 1.0, 2, 1.5, 10, 2
+    prepare_run("login_flood.py")
     started = time.monotonic()
-    try:
-        benchmark(args)
-    except KeyboardInterrupt:
-        print("login_flood.py: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"login_flood.py: {exc}", file=sys.stderr)
-        return 1
+    if status := exit_status("login_flood.py", lambda: benchmark(args)):
+        return status
     print(f"total time {time.monotonic() - started:.0f} s")
     return 0
 

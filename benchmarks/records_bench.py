@@ -38,7 +38,8 @@ from support import ApiEnv  # noqa: E402
 from xapid.store import CachedRecord  # noqa: E402
 from xapid.wire import xmlrpc as wire  # noqa: E402
 
-from run import VM_RECORD, machine  # noqa: E402
+from common import machine  # noqa: E402
+from run import VM_RECORD  # noqa: E402
 
 GOAL_COLD, GOAL_WARM = 3.0, 10.0
 
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--smoke", action="store_true", help="20 VMs, one repetition (the test suite's)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.vms, args.repeat = 20, 1
     print(machine(), flush=True)
     with tempfile.TemporaryDirectory(prefix="records-bench-") as tmp:
         clock = Clock()

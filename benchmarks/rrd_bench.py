@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine  # noqa: E402
 
 from xapid.stats.rrd import ARCHIVES, HEARTBEAT, STEP, XFF, RRDTable  # noqa: E402
 
@@ -238,27 +239,19 @@ def measure_naive(vms: int, ticks: int) -> list[int]:
     return samples
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ticks", type=int, default=2000, help="ticks per VM count (default 2000)")
     parser.add_argument("--naive-ticks", type=int, default=0,
                         help="ticks of the per-source loop (default: ~1/4 of --ticks at 100 VMs, fewer at 1000)")
     parser.add_argument("--vms", default="100,1000", help="comma-separated VM counts")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 10 and 50 VMs, 40 ticks (the test suite's)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.ticks, args.vms = 40, "10,50"
 
-    print(f"machine: nproc {os.cpu_count()}, {cpu_model()}, Python {platform.python_version()}, "
-          f"numpy {np.__version__}")
-    cross_check()
+    print(machine(f"numpy {np.__version__}"))
+    cross_check(ticks=300 if args.smoke else 1500)
     print("check: numpy table and per-source loop give the same archives")
     per_source = len(VM_SOURCES)
     for vms in (int(v) for v in args.vms.split(",")):

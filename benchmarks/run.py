@@ -21,9 +21,7 @@ import argparse
 import contextlib
 import http.client
 import os
-import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import xmlrpc.client
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 import devices
 
@@ -42,8 +40,9 @@ from support import vm_record  # noqa: E402 - the same valid VM.create record th
 import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
-from common import BASELINE, machine, stop  # noqa: E402 - shared by the benchmarks (re-exported)
-USER = "bench"
+from common import (BASELINE, LOOPBACK, SERVE, USER, add_user, machine, stop,  # noqa: E402 - shared (re-exported)
+                    wait_port)
+import common  # noqa: E402
 VMS = 1000
 CONNECTIONS = 8
 CREATORS = 16
@@ -65,6 +64,8 @@ class Settings:
 
 FULL = Settings(rounds=5, load_seconds=5.0, sdk_calls=3000, record_calls=9)
 QUICK = Settings(rounds=3, load_seconds=2.0, sdk_calls=500, record_calls=5)
+SMOKE = Settings(rounds=1, load_seconds=0.5, sdk_calls=50, record_calls=2)  # with SMOKE_VMS: the test suite's
+SMOKE_VMS = 20
 
 
 @dataclass(frozen=True)
@@ -143,29 +144,16 @@ def spawn(stack: contextlib.ExitStack, args: list[str], log: Path, stdin_text: s
 
 def wait_listening(name: str, proc: subprocess.Popen[bytes], log: Path) -> Server:
     """The server once its log says ``listening on 127.0.0.1:PORT``."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-        if found:
-            return Server(name, int(found.group(1)))
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{text[-2000:]}")
-        time.sleep(0.05)
-    raise RuntimeError(f"{name} did not start within {START_TIMEOUT:.0f} s:\n{log.read_text(errors='replace')[-2000:]}")
+    return Server(name, wait_port(name, proc, log, START_TIMEOUT))
 
 
 def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str) -> Server:
     """xapid on the sim backend with a fresh state dir and one pool-admin user."""
     users, config, log = tmp / "users", tmp / "xapid.conf", tmp / "xapid.log"
-    added = subprocess.run([sys.executable, "-m", "xapid", "user", "add", USER, "--role", "pool-admin", "--users",
-                            str(users)], input=f"{password}\n", text=True, capture_output=True, cwd=ROOT,
-                           env={**os.environ, "XAPID_BCRYPT_ROUNDS": "4"})
-    if added.returncode != 0:
-        raise RuntimeError(f"xapid user add failed: {added.stderr.strip()}")
+    add_user(users, password)
     config.write_text("[server]\nbackend = sim\n")
-    proc = spawn(stack, [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
-                         str(tmp / "state"), "--users", str(users), "--listen", "tcp:0:interface=127.0.0.1"], log)
+    proc = spawn(stack, [*SERVE, "--config", str(config), "--state-dir", str(tmp / "state"), "--users", str(users),
+                         *LOOPBACK], log)
     return wait_listening("xapid", proc, log)
 
 
@@ -183,11 +171,7 @@ def start_baseline(stack: contextlib.ExitStack, tmp: Path, source: Server, passw
 
 def sdk_session(server: Server, password: str) -> Any:
     """A logged-in ``XenAPI.Session``."""
-    import XenAPI
-
-    session = XenAPI.Session(server.url)
-    session.login_with_password(USER, password, "1.0", "xapid-bench")
-    return session
+    return common.sdk_session(server.url, password)
 
 
 def create_vms(server: Server, password: str, count: int) -> list[str]:
@@ -502,35 +486,26 @@ def benchmark(settings: Settings, loader: str) -> None:
         progress("stopping the servers")
 
 
-def _terminated(signum: int, frame: Any) -> NoReturn:
-    raise SystemExit(f"run.py: stopped by signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark xapid against a stdlib threaded XML-RPC server.")
     parser.add_argument("--quick", action="store_true", help="short measurements (a smoke run, about a minute)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE_VMS} VMs and one short round of each figure (a few seconds; the test suite's)")
     parser.add_argument("--loader", choices=("auto", "wrk", "python"), default="auto",
                         help="load generator for the concurrent figure (auto: wrk when installed)")
     args = parser.parse_args(argv)
-    try:
-        import XenAPI  # noqa: F401 - checked before anything starts
-    except ImportError:
-        raise SystemExit("run.py: the XenAPI SDK is missing (pip install -e '.[test]')") from None
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    common.prepare_run("run.py")
     loader = choose_loader(args.loader)
-    settings = QUICK if args.quick else FULL
+    settings = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.smoke:
+        global VMS, DEVICES_LABEL
+        VMS = SMOKE_VMS
+        DEVICES_LABEL = DEVICES_LABEL.replace(f" {1000} VMs ", f" {VMS} VMs ")
     print(machine(), flush=True)
     started = time.monotonic()
-    try:
-        benchmark(settings, loader)
-    except KeyboardInterrupt:
-        print("run.py: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"run.py: {exc}", file=sys.stderr)
-        return 1
-    print(f"total time {time.monotonic() - started:.0f} s ({'quick' if args.quick else 'full'} run)")
+    if status := common.exit_status("run.py", lambda: benchmark(settings, loader)):
+        return status
+    print(f"total time {time.monotonic() - started:.0f} s ({'smoke' if args.smoke else 'quick' if args.quick else 'full'} run)")
     return 0
 
 

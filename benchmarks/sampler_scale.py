@@ -38,7 +38,7 @@ from support import resolve  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
-from run import machine  # noqa: E402
+from common import machine  # noqa: E402
 from xapid.gcpolicy import GcPolicy  # noqa: E402
 from xapid.stats import prometheus  # noqa: E402
 from xapid.stats.http import HttpExports  # noqa: E402
@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ticks", type=int, default=0, help="timed ticks per phase (default 60, quick 20)")
     parser.add_argument("--scrape-vms", type=int, default=100, help="VMs for the scrape figure (default 100)")
     parser.add_argument("--rounds", type=int, default=0, help="scrape rounds (default 30, quick 10)")
+    parser.add_argument("--smoke", action="store_true", help="20 VMs, 5 ticks, 10-VM scrapes over 3 rounds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.vms, args.ticks, args.scrape_vms, args.rounds = True, 20, 5, 10, 3
     out(machine())
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="xapid-sampler-scale-") as tmp:

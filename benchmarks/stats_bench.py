@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import secrets
 import signal
 import statistics
@@ -48,7 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,7 +57,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import devices
 import loadgen
 from support import ApiEnv, make_users, resolve, vm_record
-from run import machine, stop  # noqa: E402 - shared with the core benchmark
+import common
+from common import machine, stop  # noqa: E402 - shared with the core benchmark
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -287,53 +287,30 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the whole process (all threads) so far, from /proc/<pid>/stat."""
-        text = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = text[text.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return common.cpu_seconds(self.proc.pid)
 
     def run_ns(self) -> int:
         """Nanoseconds on CPU of every current thread (/proc/<pid>/task/*/schedstat): a finer cross-check."""
-        total = 0
-        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                total += int((task / "schedstat").read_text().split()[0])
-        return total
+        return common.run_ns(self.proc.pid)
 
 
 def start_daemon(stack: contextlib.ExitStack, tmp: Path) -> Daemon:
     password = secrets.token_urlsafe(16)
     users, config, log = tmp / "users", tmp / "xapid.conf", tmp / "xapid.log"
-    added = subprocess.run([sys.executable, "-m", "xapid", "user", "add", USER, "--role", "pool-admin", "--users",
-                            str(users)], input=f"{password}\n", text=True, capture_output=True, cwd=ROOT,
-                           env={**os.environ, "XAPID_BCRYPT_ROUNDS": "4"}, timeout=60, check=False)
-    if added.returncode != 0:
-        raise RuntimeError(f"xapid user add failed: {added.stderr.strip()}")
+    common.add_user(users, password)
     config.write_text(f"[server]\nbackend = sim\n[sim]\nmemory_mib = {sim_memory_mib(DASHBOARD_VMS)}\n"
                       f"[stats]\nperiod = {PERIOD}\n")
     with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
-                                 str(tmp / "state"), "--users", str(users), "--listen", "tcp:0:interface=127.0.0.1"],
+        proc = subprocess.Popen([*common.SERVE, "--config", str(config), "--state-dir", str(tmp / "state"),
+                                 "--users", str(users), *common.LOOPBACK],
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stack.callback(stop, proc)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
-        if found:
-            return Daemon(proc, int(found.group(1)), password)
-        if proc.poll() is not None:
-            raise RuntimeError(f"xapid exited with status {proc.returncode}:\n{text[-2000:]}")
-        time.sleep(0.05)
-    raise RuntimeError(f"xapid did not start within {START_TIMEOUT:.0f} s:\n{log.read_text(errors='replace')[-2000:]}")
+    return Daemon(proc, common.wait_port("xapid", proc, log, START_TIMEOUT), password)
 
 
 def sdk_session(daemon: Daemon) -> Any:
-    import XenAPI
-
-    session = XenAPI.Session(daemon.url)
-    session.login_with_password(USER, daemon.password, "1.0", "xapid-stats-bench")
-    return session
+    return common.sdk_session(daemon.url, daemon.password, "xapid-stats-bench")
 
 
 def in_sessions(daemon: Daemon, items: list[str], work: Callable[[Any, str], Any]) -> list[Any]:
@@ -564,10 +541,6 @@ def benchmark(args: argparse.Namespace) -> None:
         dashboard(stack, Path(tmpdir), seconds, args.rounds)
 
 
-def _terminated(signum: int, frame: Any) -> NoReturn:
-    raise SystemExit(f"stats_bench.py: stopped by signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark xapid's metrics sampler and cooked statistics.")
     parser.add_argument("--quick", action="store_true", help="20 ticks per case and 20-s phases (a smoke run)")
@@ -577,25 +550,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="idle/cooked/polling rounds, medians reported")
     parser.add_argument("--no-daemon", action="store_true", help="only the in-process sampler figure")
     parser.add_argument("--time-limit", type=float, default=1200, help="give up after this many seconds")
+    parser.add_argument("--smoke", action="store_true",
+                        help="10 VMs in process and 5 in the daemon, 5 ticks, 1.5-s phases (the test suite's)")
     args = parser.parse_args(argv)
-    try:
-        import XenAPI  # noqa: F401 - checked before anything starts
-    except ImportError:
-        raise SystemExit("stats_bench.py: the XenAPI SDK is missing (pip install -e '.[test]')") from None
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGALRM, _terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.smoke:
+        global DASHBOARD_VMS, PERIOD, SETTLE, WINDOW
+        args.quick, args.vms, args.ticks, args.seconds = True, "10", 5, 1.5
+        DASHBOARD_VMS, PERIOD, SETTLE, WINDOW = 5, 1, 0.0, 5  # query_stats takes a window of 5 s or more
+    common.prepare_run("stats_bench.py", signal.SIGALRM)
     signal.alarm(max(1, int(args.time_limit)))
     out(machine())
     started = time.monotonic()
     try:
-        benchmark(args)
-    except KeyboardInterrupt:
-        print("stats_bench.py: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"stats_bench.py: {exc}", file=sys.stderr)
-        return 1
+        if status := common.exit_status("stats_bench.py", lambda: benchmark(args)):
+            return status
     finally:
         signal.alarm(0)
     out(f"total time {time.monotonic() - started:.0f} s ({'quick' if args.quick else 'full'} run)")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import stats_bench
+from common import machine
 from stats_bench import GOAL_CORE_PCT, GOAL_RATIO, PERIOD, out, progress, verdict
 
 from xapid.client.connection import Client
@@ -43,7 +44,7 @@ def phase(daemon: stats_bench.Daemon, seconds: float, tick: callable) -> tuple[f
     ticks = 0
     while time.monotonic() - start < seconds:
         due = start + ticks * PERIOD
-        time.sleep(max(0.0, due - time.monotonic()))
+        time.sleep(max(0.0, min(due, start + seconds) - time.monotonic()))
         if time.monotonic() - start >= seconds:
             break
         tick()
@@ -57,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each phase (default 60)")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds between set-up and the first phase")
+    parser.add_argument("--smoke", action="store_true", help="5 VMs, no settling, 1.5-s phases (the test suite's)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.settle = 1.5, 0.0
+        stats_bench.DASHBOARD_VMS = 5
+    out(machine())
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="top-bench-") as tmp:
-        progress("starting the daemon and 100 VMs")
+        progress(f"starting the daemon and {stats_bench.DASHBOARD_VMS} VMs")
         daemon = stats_bench.start_daemon(stack, Path(tmp))
         dash = stats_bench.prepare_dashboard(daemon)
         time.sleep(args.settle)

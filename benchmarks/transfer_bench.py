@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+sys.path.insert(0, str(HERE))
+from common import machine  # noqa: E402
 from support import PASSWORD, RealDaemon  # noqa: E402
 
 MIB = 1 << 20
@@ -68,7 +70,7 @@ def small_calls(url: str, session: str, seconds: float | None, stop: threading.E
     pool = proxy.pool.get_all(session)["Value"][0]
     times: list[float] = []
     end = time.monotonic() + (seconds or 1e9)
-    while time.monotonic() < end and not (stop is not None and stop.is_set()):
+    while not times or (time.monotonic() < end and not (stop is not None and stop.is_set())):
         t = time.perf_counter()
         proxy.pool.get_record(session, pool)
         times.append(time.perf_counter() - t)
@@ -156,11 +158,13 @@ def timed_put(port: int, target: str, path: Path, url: str, session: str) -> flo
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 GiB disk with 128 MiB of data")
-    args = parser.parse_args()
-    size, data = (1 << 30, 128 * MIB) if args.quick else (4 << 30, 512 * MIB)
+    parser.add_argument("--smoke", action="store_true", help="64 MiB disk with 8 MiB of data (the test suite's)")
+    args = parser.parse_args(argv)
+    size, data = (64 * MIB, 8 * MIB) if args.smoke else (1 << 30, 128 * MIB) if args.quick else (4 << 30, 512 * MIB)
+    print(machine(), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="xapid-transfer-bench-"))
     daemon = RealDaemon(tmp)
     try:
@@ -186,8 +190,8 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run([cat, str(path)], stdout=subprocess.DEVNULL, check=True)
         cat_s = time.perf_counter() - start
-        loop = max(loopback_gib_s() for _ in range(2))
-        idle = small_calls(daemon.url, s, 3.0)
+        loop = max(loopback_gib_s(size) for _ in range(2)) if args.smoke else max(loopback_gib_s() for _ in range(2))
+        idle = small_calls(daemon.url, s, 0.5 if args.smoke else 3.0)
         rss0 = rss_kib(daemon.proc.pid)
         watch = RssWatch(daemon.proc.pid)
         watch.start()
