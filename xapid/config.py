@@ -9,6 +9,7 @@ then the rule says what is wrong with the value, if anything.
 from __future__ import annotations
 
 import configparser
+import os
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -378,4 +379,10 @@ def override(config: Config, *, listen: list[str] | None = None, backend: str | 
         changes["state_dir"] = _read("server", _SERVER["state_dir"], state_dir, "--state-dir")
     if users is not None:
         changes["users"] = _read("server", _SERVER["users"], users, "--users")
+    # relative paths (flags or file) are taken from the directory xapid was started in, once: the daemon
+    # hands its state dir to the SRs it makes, whose locations must be absolute
+    for name in ("state_dir", "users"):
+        path = changes.get(name, getattr(config.server, name))
+        if not os.path.isabs(path):
+            changes[name] = os.path.abspath(path)
     return replace(config, server=replace(config.server, **changes)) if changes else config
