@@ -5,14 +5,20 @@
 1. **Growth** (in process: tests/support.py's ``ApiEnv``, the sim backend, a real SQLite state
    database on disk, every call flushed before it is answered as on the wire): the inventory is
    grown through the dispatcher in units of one ``VM.create``, ten ``VDI.create`` (1 MiB sparse
-   files in the default SR) and two ``VBD.create`` (the VM's first two disks).  The throughput of
-   each thousand VDIs is printed (calls/s over the unit's 13 calls), so a slowdown with size shows.
+   files in the default SR), two ``VBD.create`` (the VM's first two disks) and one ``VIF.create``
+   (a generated MAC, on the pool's first network).  The throughput of
+   each thousand VDIs is printed (calls/s over the unit's 14 calls), so a slowdown with size shows.
 2. **Per-operation costs** at each level (10, 1 000 and 10 000 VDIs; a tenth as many VMs):
-   ``VDI.create``, ``VDI.set_name_label``, ``VM.create``, ``VBD.create``, ``VM.set_name_label``,
-   ``VBD.destroy``, ``VDI.destroy`` and ``VM.destroy``, each ``--reps`` times on objects made for
+   ``VDI.create``, ``VDI.set_name_label``, ``VM.create``, ``VBD.create``, ``VIF.create`` (MAC
+   generated), ``VM.set_name_label``, ``VBD.destroy``, ``VIF.destroy``, ``VDI.destroy`` and
+   ``VM.destroy``, each ``--reps`` times on objects made for
    the purpose (removed again, so the level holds).  Median wall time per call (SQLite's fsync
    included) and median CPU time, side by side, with the ratio to the smallest level: the baseline
-   of the same run.  Goal: every ratio at 10 000 ≤ 1.5.
+   of the same run.  Each level is measured twice: with the daemon's garbage-collection policy
+   (:class:`xapid.gcpolicy.GcPolicy` installed on the in-process sampler, as ``xapid serve`` does:
+   the inventory grown so far collected once and frozen, as the daemon does at start and again a
+   minute later), and with CPython's automatic collector alone (every full collection walks the
+   whole inventory; the same-run comparison).  Goal: every ratio at 10 000 ≤ 1.5 (daemon policy).
 3. **Start-up and memory**: the state dir is closed and a real daemon (``python -m xapid serve``,
    sim backend) is started on it: time until it listens, and its VmRSS then.  The same daemon on an
    empty state dir is the same-run baseline.  Goals: start ≤ 5 s, RSS ≤ 1 GB.
@@ -45,6 +51,8 @@ from run import machine, stop, wait_listening  # noqa: E402 - shared with the co
 from support import ApiEnv, LocalClient, vm_record  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
+from xapid.gcpolicy import GcPolicy  # noqa: E402
+
 T0 = 1_700_000_000
 DISK_SIZE = 1 << 20
 VDIS_PER_VM = 10
@@ -52,8 +60,8 @@ VBDS_PER_VM = 2
 GOAL_RATIO = 1.5
 GOAL_START_S = 5.0
 GOAL_RSS_MB = 1024.0
-OPS = ("VDI.create", "VDI.set_name_label", "VM.create", "VBD.create", "VM.set_name_label", "VBD.destroy",
-       "VDI.destroy", "VM.destroy")
+OPS = ("VDI.create", "VDI.set_name_label", "VM.create", "VBD.create", "VIF.create", "VM.set_name_label",
+       "VBD.destroy", "VIF.destroy", "VDI.destroy", "VM.destroy")
 VM_RECORD = vm_record(name_label="scale-vm")
 
 
@@ -68,6 +76,11 @@ def out(line: str = "") -> None:
 def vdi_record(sr: str, n: int) -> dict[str, Any]:
     return {"SR": sr, "virtual_size": str(DISK_SIZE), "type": "user", "sharable": False, "read_only": False,
             "other_config": {}, "name_label": f"scale-disk-{n}", "name_description": ""}
+
+
+def vif_record(vm: str, network: str) -> dict[str, Any]:
+    return {"VM": vm, "network": network, "device": "0", "MAC": "", "MTU": "1500", "other_config": {},
+            "qos_algorithm_type": "", "qos_algorithm_params": {}}
 
 
 def vbd_record(vm: str, vdi: str, disk: int) -> dict[str, Any]:
@@ -99,20 +112,22 @@ class Inventory:
         self.env.clock.advance(T0)
         self.api: LocalClient = self.env.login()
         self.sr = self.api("pool.get_default_SR", self.api("pool.get_all")[0])
+        self.network = self.api("network.get_all")[0]
         self.vdis = 0
         self.vms = 0
         self.calls = 0
 
     def grow_unit(self) -> None:
-        """One VM, ten disks, two of them attached (13 calls)."""
+        """One VM, ten disks, two of them attached, one NIC (14 calls)."""
         api = self.api
         vm = api("VM.create", VM_RECORD)
         disks = [api("VDI.create", vdi_record(self.sr, self.vdis + i)) for i in range(VDIS_PER_VM)]
         for disk in range(VBDS_PER_VM):
             api("VBD.create", vbd_record(vm, disks[disk], disk))
+        api("VIF.create", vif_record(vm, self.network))
         self.vms += 1
         self.vdis += VDIS_PER_VM
-        self.calls += 1 + VDIS_PER_VM + VBDS_PER_VM
+        self.calls += 2 + VDIS_PER_VM + VBDS_PER_VM
 
     def grow_to(self, vdis: int, report: Callable[[int, float], None]) -> None:
         """Grow until *vdis* VDIs exist; *report(vdis, calls/s)* after each thousand (or the end)."""
@@ -141,10 +156,13 @@ class Inventory:
             timed("VDI.set_name_label", vdi, f"renamed-{i}")
         vms = [timed("VM.create", VM_RECORD) for _ in range(reps)]
         vbds = [timed("VBD.create", vbd_record(vm, vdi, 0)) for vm, vdi in zip(vms, vdis)]
+        vifs = [timed("VIF.create", vif_record(vm, self.network)) for vm in vms]
         for i, vm in enumerate(vms):
             timed("VM.set_name_label", vm, f"renamed-{i}")
         for vbd in vbds:
             timed("VBD.destroy", vbd)
+        for vif in vifs:
+            timed("VIF.destroy", vif)
         for vdi in vdis:
             timed("VDI.destroy", vdi)
         for vm in vms:
@@ -183,10 +201,10 @@ def start_daemon(stack: contextlib.ExitStack, tmp: Path, name: str) -> tuple[flo
         stop(proc)
 
 
-def print_costs(levels: list[int], costs: dict[int, dict[str, Cost]]) -> list[float]:
+def print_costs(levels: list[int], costs: dict[int, dict[str, Cost]], title: str) -> list[float]:
     """The side-by-side table; returns the wall ratios of the largest level to the smallest."""
     base, top = levels[0], levels[-1]
-    out(f"per-call cost, median µs wall / CPU (ratio to {base} VDIs, wall / CPU):")
+    out(f"per-call cost, {title}, median µs wall / CPU (ratio to {base} VDIs, wall / CPU):")
     out("  " + f"{'operation':20}" + "".join(f"{f'{n} VDIs':>20}" for n in levels) + f"{'ratio':>16}")
     ratios = []
     for op in OPS:
@@ -205,16 +223,26 @@ def benchmark(levels: list[int], reps: int) -> None:
         inventory = Inventory(tmp / "grown")
         shutil.copy(tmp / "grown" / "users", tmp / "empty" / "users")
         costs: dict[int, dict[str, Cost]] = {}
-        out(f"growth through the API (units of 1 VM.create, {VDIS_PER_VM} VDI.create, {VBDS_PER_VM} VBD.create):")
+        auto_costs: dict[int, dict[str, Cost]] = {}
+        out(f"growth through the API (units of 1 VM.create, {VDIS_PER_VM} VDI.create, {VBDS_PER_VM} VBD.create, "
+            "1 VIF.create):")
         for level in levels:
             progress(f"growing to {level} VDIs")
             inventory.grow_to(level, lambda vdis, rate: out(f"  up to {vdis:6} VDIs: {rate:7.0f} calls/s"))
             progress(f"measuring at {level} VDIs ({inventory.vms} VMs)")
             if not costs:
                 inventory.measure(reps)  # warm-up (first calls, caches, the file system), not counted
-            costs[level] = inventory.measure(reps)
+            auto_costs[level] = inventory.measure(reps)
+            policy = GcPolicy(inventory.env.clock)
+            policy.install(inventory.env.api.stats)  # as xapid serve: collect, freeze what lives
+            try:
+                costs[level] = inventory.measure(reps)
+            finally:
+                policy.uninstall()
         out()
-        ratios = print_costs(levels, costs)
+        ratios = print_costs(levels, costs, "the daemon's GC policy")
+        out()
+        print_costs(levels, auto_costs, "automatic GC only")
         top = levels[-1]
         inventory.close()
         progress("starting daemons")

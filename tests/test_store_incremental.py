@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
-from support import ROOT, vm_record
+from support import ROOT, resolve, vm_record
 
 from xapid.store import Database, Store
 
@@ -154,3 +154,166 @@ def test_scale_benchmark_quick_run():
     assert done.returncode == 0, done.stderr[-2000:]
     for text in ("calls/s", "VDI.destroy", "daemon start-up", "goals:", "RSS"):
         assert text in done.stdout, done.stdout
+
+
+def vif_record(vm: str, network: str, device: str, mac: str = "") -> dict[str, Any]:
+    return {"device": device, "network": network, "VM": vm, "MAC": mac, "MTU": "1500", "other_config": {},
+            "qos_algorithm_type": "", "qos_algorithm_params": {}}
+
+
+def rate_sources_from_scratch(store: Store) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Where every rate field comes from, computed the way the sampler did before issue 20: a full
+    pass over every VM, VBD, VIF, host CPU and PIF."""
+    out: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    for vm in store.all("VM"):
+        out[vm.fields["metrics"]] = ("vcpus", f"vm:{vm.fields['uuid']}", ())
+    for cls, names in (("VBD", ("vbd_{}_read", "vbd_{}_write")), ("VIF", ("vif_{}_rx", "vif_{}_tx"))):
+        for dev in store.all(cls):
+            vm = store.peek(dev.fields.get("VM", ""))
+            device = dev.fields.get("device")
+            if vm is not None and device:
+                out[dev.fields["metrics"]] = ("io", f"vm:{vm.fields['uuid']}",
+                                              (names[0].format(device), names[1].format(device)))
+    hosts = {h.ref: f"host:{h.fields['uuid']}" for h in store.all("host")}
+    for cpu in [store.peek(r) for r in store.refs("host_cpu")]:  # as stored: reading refreshes host CPUs
+        assert cpu is not None
+        if cpu.fields.get("host") in hosts:
+            out[cpu.ref] = ("cpu", hosts[cpu.fields["host"]], (f"cpu{cpu.fields['number']}",))
+    for pif in store.all("PIF"):
+        if pif.fields.get("physical") and pif.fields.get("host") in hosts:
+            device = pif.fields["device"]
+            out[pif.fields["metrics"]] = ("io", hosts[pif.fields["host"]], (f"pif_{device}_rx", f"pif_{device}_tx"))
+    return out
+
+
+def test_rate_source_map_kept_per_object_equals_a_full_rebuild(env, admin, monkeypatch):
+    """After a random run of VM, disk and NIC creates, plugs, starts, stops and destroys (and a
+    failed commit rolled back), the sampler's map of where rates come from, kept one object at a
+    time, is the map a full pass computes; and the rates read through the API are the same."""
+    import random
+
+    from test_stats import tick
+
+    rng = random.Random(20)
+    store: Store = env.api.store
+    rates = env.api.stats._rates
+    sr, net = default_sr(admin), admin("network.get_all")[0]
+    assert rates.sources == rate_sources_from_scratch(store)  # built here; kept by events from now on
+    vms: list[str] = []
+
+    def attempt(method: str, *args: Any) -> Any:
+        try:
+            return admin(method, *args)
+        except Exception:  # refused in this state (running, attached…): part of the random run
+            return None
+
+    for step in range(160):
+        op = rng.choice(["vm", "vm", "vbd", "vbd", "vif", "vif", "start", "stop", "plug", "unplug",
+                         "destroy_vbd", "destroy_vif", "destroy_vm"])
+        vm = rng.choice(vms) if vms else None
+        if op == "vm" or vm is None:
+            vms.append(admin("VM.create", vm_record(name_label=f"vm{step}")))
+        elif op == "vbd":
+            attempt("VBD.create", vbd_record(vm, admin("VDI.create", vdi_record(sr))))
+        elif op == "vif":
+            attempt("VIF.create", vif_record(vm, net, str(rng.randrange(4))))
+        elif op == "start":
+            attempt("VM.start", vm, False, False)
+        elif op == "stop":
+            attempt("VM.hard_shutdown", vm)
+        elif op in ("plug", "unplug", "destroy_vbd", "destroy_vif"):
+            devices = admin("VM.get_VIFs" if op == "destroy_vif" or rng.random() < 0.3 else "VM.get_VBDs", vm)
+            if devices:
+                cls = "VIF" if devices[0] in admin("VM.get_VIFs", vm) else "VBD"
+                device = rng.choice(devices)
+                attempt(f"{cls}.{'destroy' if op.startswith('destroy') else op}", device)
+        elif op == "destroy_vm":
+            attempt("VM.hard_shutdown", vm)
+            for vbd in admin("VM.get_VBDs", vm):
+                attempt("VBD.destroy", vbd)
+            if attempt("VM.destroy", vm) is not None or not store.exists(vm, "VM"):
+                vms.remove(vm)
+        if step == 100:  # a write the disk refuses: rolled back, the map follows the objects back
+            disk_full(monkeypatch, env)
+            if vms:
+                attempt("VM.destroy", vms[0])
+            attempt("VM.create", vm_record())
+            monkeypatch.undo()
+        if step % 40 == 0:
+            tick(env)
+            assert rates.sources == rate_sources_from_scratch(store)
+    assert any(kind == "io" and owner.startswith("vm:") for kind, owner, _ in rates.sources.values())
+    assert rates.sources == rate_sources_from_scratch(store)
+    tick(env)
+    tick(env)
+    kept = {r: admin("VBD_metrics.get_record", r) for r in admin("VBD_metrics.get_all")}
+    rates._sources = None  # from scratch, as before issue 20
+    assert {r: admin("VBD_metrics.get_record", r) for r in kept} == kept
+
+
+def test_long_sets_keep_their_order_through_removals_adds_and_a_rollback(env, admin, monkeypatch):
+    """A set long enough to have a position index (SR.VDIs with hundreds of disks) lists exactly
+    the members a plain list would, in the same order, through random removals and adds, failed
+    commits, and a held snapshot."""
+    import random
+
+    from xapid.store import INDEXED
+
+    rng = random.Random(7)
+    store: Store = env.api.store
+    sr = default_sr(admin)
+    model = list(admin("SR.get_VDIs", sr))
+    for i in range(200):
+        model.append(store.add("VDI", {"SR": sr, "name_label": f"v{i}"}))
+    assert store.get(sr).fields["VDIs"] == model
+    for round_ in range(600):
+        if rng.random() < 0.6 and len(model) > INDEXED // 2:
+            gone = rng.choice(model)
+            store.remove(gone)
+            model.remove(gone)
+        else:
+            model.append(store.add("VDI", {"SR": sr, "name_label": f"w{round_}"}))
+        if round_ == 300:
+            held = store.get(sr).fields["VDIs"]
+            held_copy = list(held)
+        assert store.get(sr).fields["VDIs"] == model
+    assert held == held_copy  # a list someone holds is not changed under them
+    resolve(store.flush(), env.clock)
+    committed = list(model)
+    disk_full(monkeypatch, env)
+    for _ in range(5):  # removals, and adds, that a failed commit undoes
+        for gone in rng.sample(committed, 4):
+            store.remove(gone)
+        store.add("VDI", {"SR": sr})
+        failed: list[Any] = []
+        store.flush().addErrback(failed.append)
+        env.settle()
+        assert failed and store.rollbacks
+        assert store.get(sr).fields["VDIs"] == committed
+    monkeypatch.undo()
+    for gone in (committed[1], committed[-1], committed[len(committed) // 2]):
+        store.remove(gone)
+        committed.remove(gone)
+        assert admin("SR.get_VDIs", sr) == committed
+    committed.append(admin("VDI.create", vdi_record(sr)))
+    assert admin("SR.get_VDIs", sr) == committed
+    admin("VDI.destroy", committed[-1])
+    assert admin("SR.get_VDIs", sr) == committed[:-1]
+
+
+def test_generated_macs_avoid_those_in_use_through_an_index(env, admin, monkeypatch):
+    """VIF.create with no MAC skips a generated MAC another VIF has (in any case), and may give it
+    out again once that VIF is gone."""
+    import random
+
+    net = admin("network.get_all")[0]
+    vm = admin("VM.create", vm_record())
+    taken = admin("VIF.create", vif_record(vm, net, "0", "00:16:3E:01:02:03"))
+    assert admin("VIF.get_MAC", taken) == "00:16:3e:01:02:03"
+    draws = iter([1, 2, 3, 1, 2, 4] * 2)
+    monkeypatch.setattr(random, "randrange", lambda _: next(draws))
+    second = admin("VIF.create", vif_record(vm, net, "1"))
+    assert admin("VIF.get_MAC", second) == "00:16:3e:01:02:04"  # 01:02:03 is in use
+    admin("VIF.destroy", taken)
+    third = admin("VIF.create", vif_record(vm, net, "2"))
+    assert admin("VIF.get_MAC", third) == "00:16:3e:01:02:03"  # free again
