@@ -5,11 +5,9 @@ without scanning; with the same answers, events, restarts and rollbacks as befor
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from typing import Any
 
-from support import ROOT, resolve, vm_record
+from support import resolve, vm_record
 
 from xapid.store import Database, Store
 
