@@ -134,3 +134,22 @@ def test_non_finite_floats_saved_by_an_older_xapid_are_cleaned_at_load(admin, en
     assert len(lines) == 1 and "VM" in lines[0] and vm in lines[0] and "HVM_shadow_multiplier" in lines[0]
     env.clock.advance(1)
     assert math.isfinite(stored(env)[vm][1]["HVM_shadow_multiplier"])  # saved cleaned
+
+
+def test_vdi_create_on_a_full_disk_leaves_no_file(admin, env, monkeypatch):
+    """VDI.create whose record cannot be committed: the clear error, and its disk file removed, so a restart
+    adopts no stray disk from it."""
+    sr = admin("pool.get_default_SR", admin("pool.get_all")[0])
+    vdis_before = set(admin("SR.get_VDIs", sr))
+    sr_dir = env.api.state_dir / "sr"
+    files_before = sorted(p.name for p in sr_dir.iterdir())
+    disk_full(monkeypatch, env)
+    error = admin.fails("VDI.create", {"SR": sr, "virtual_size": str(1 << 20), "type": "user", "sharable": False,
+                                       "read_only": False, "other_config": {}, "name_label": "doomed"})
+    assert error[0] == "INTERNAL_ERROR" and "full" in error[1], error
+    assert sorted(p.name for p in sr_dir.iterdir()) == files_before
+    monkeypatch.undo()
+    env.restart()
+    admin = env.login("admin")
+    assert set(admin("SR.get_VDIs", sr)) == vdis_before
+    assert admin("VDI.get_by_name_label", "doomed") == []

@@ -49,6 +49,12 @@ async def create(ctx: CallContext, args: dict[str, Any]) -> str:
                                     "physical_utilisation": disk.physical_utilisation,
                                     "sm_config": {**fields.get("sm_config", {}), "type": disk.format}})
         update_sizes(ctx, fields["SR"])
+    try:
+        await ctx.store.flush()
+    except Exception:  # the record was rolled back (disk full): its file goes too, or a restart would adopt it
+        await run_storage(ctx, driver.mark_deleting, disk.location)
+        await run_storage(ctx, driver.purge, disk.location)
+        raise
     return ref
 
 
