@@ -233,112 +233,171 @@ def coerce(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str,
     ``limits.max_collection_items`` entries (the value is then described, not echoed).
     Work is linear in the size of *value*.
     """
-    kind = t.kind
-    if kind in ("string", "ref"):
-        if isinstance(value, str):
-            size = _string_too_long(value, limits.max_string_bytes)
-            if size:
-                raise invalid_value(field, f"a string of {size} bytes (at most {limits.max_string_bytes})")
-            if _SURROGATE.search(value):  # not encodable as UTF-8 (a JSON "\ud800" escape)
-                raise invalid_value(field, value.encode("utf-8", "backslashreplace").decode())
-            return value
-        raise field_type_error(field)
-    if kind == "int":
-        if _is_int(value):
-            if INT64_MIN <= value <= INT64_MAX:
-                return int(value)
-            raise field_type_error(field)
-        if isinstance(value, str):
-            match = _DIGITS.fullmatch(value)
-            digits = match.group(2).lstrip("0") or "0" if match is not None else ""
-            if match is not None and digits and len(digits) <= 19:  # checked before int(): no digit-limit error, no quadratic work
-                number = int(match.group(1) + digits)
-                if INT64_MIN <= number <= INT64_MAX:
-                    return number
-        raise field_type_error(field)
-    if kind == "float":
-        if isinstance(value, float):
-            return _finite(value, field, None)
-        if isinstance(value, HugeInt):
-            raise invalid_value(field, value.text)
-        if _is_int(value):
-            try:
-                return float(value)
-            except OverflowError:  # beyond 1.8e308
-                raise invalid_value(field, f"an integer of {len(str(value))} digits") from None
-        if isinstance(value, str):
-            if len(value) > 1024:  # no float needs more text: refused without converting
-                raise invalid_value(field, f"a number of {len(value)} characters")
-            try:
-                return _finite(float(value), field, value.strip())
-            except ValueError:
-                raise field_type_error(field) from None
-        raise field_type_error(field)
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise field_type_error(field)
-    if kind == "enum":
-        if not isinstance(value, str):
-            raise field_type_error(field)
-        allowed = enum_values[t.name]
-        if value in allowed:
-            return value
-        for candidate in allowed:  # xapi matches enum text case-insensitively
-            if candidate.lower() == value.lower():
-                return candidate
-        raise invalid_value(field, value)
-    if kind == "datetime":
-        if isinstance(value, datetime):
-            return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        if isinstance(value, xmlrpc.client.DateTime):
-            value = value.value
-        if isinstance(value, str):
-            try:
-                return parse_datetime(value)
-            except ValueError:
-                raise invalid_value(field, value) from None
-        raise field_type_error(field)
-    if kind == "set":
-        if not isinstance(value, (list, tuple)):
-            raise field_type_error(field)
-        _check_items(value, field, limits)
-        out: list[Any] = []
-        seen: set[Any] = set()  # items are all of the element type: hash equality is list equality
-        unhashable: list[Any] = []  # sets of sets or maps (none in the schema today): compared in full
-        elem = t.item
-        for item in value:
-            item = coerce(elem, item, field, enum_values, limits)
-            try:
-                if item in seen:
-                    continue
-                seen.add(item)
-            except TypeError:
-                if item in unhashable:
-                    continue
-                unhashable.append(item)
-            out.append(item)  # first occurrence kept, in the client's order
-        return out
-    if kind == "map":
-        if not isinstance(value, dict):
-            raise field_type_error(field)
-        _check_items(value, field, limits)
-        result: dict[str, Any] = {}
-        key_type, elem = t.map_key, t.item
-        for k, v in value.items():
-            key = coerce(key_type, k if isinstance(k, str) else str(k), field, enum_values, limits)
-            result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(elem, v, field, enum_values, limits)
-        return result
-    if kind == "record":
-        if not isinstance(value, dict):
-            raise field_type_error(field)
-        _check_items(value, field, limits)  # its fields are coerced by the handler (generic.create_fields)
+    coercer = _COERCERS.get(t.kind)
+    if coercer is None:
+        raise XenAPIError("INTERNAL_ERROR", f"cannot coerce type {t}")
+    return coercer(t, value, field, enum_values, limits)
+
+
+def _coerce_string(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                   limits: Limits) -> Any:
+    """A string or ref: bounded in size, encodable as UTF-8."""
+    if isinstance(value, str):
+        size = _string_too_long(value, limits.max_string_bytes)
+        if size:
+            raise invalid_value(field, f"a string of {size} bytes (at most {limits.max_string_bytes})")
+        if _SURROGATE.search(value):  # not encodable as UTF-8 (a JSON "\ud800" escape)
+            raise invalid_value(field, value.encode("utf-8", "backslashreplace").decode())
         return value
-    if kind == "void":
+    raise field_type_error(field)
+
+
+def _coerce_int(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                limits: Limits) -> Any:
+    """An int64 from an int or a digit string."""
+    if _is_int(value):
+        if INT64_MIN <= value <= INT64_MAX:
+            return int(value)
+        raise field_type_error(field)
+    if isinstance(value, str):
+        match = _DIGITS.fullmatch(value)
+        digits = match.group(2).lstrip("0") or "0" if match is not None else ""
+        if match is not None and digits and len(digits) <= 19:  # checked before int(): no digit-limit error, no quadratic work
+            number = int(match.group(1) + digits)
+            if INT64_MIN <= number <= INT64_MAX:
+                return number
+    raise field_type_error(field)
+
+
+def _coerce_float(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                  limits: Limits) -> Any:
+    """A finite float from a float, an int or numeric text."""
+    if isinstance(value, float):
+        return _finite(value, field, None)
+    if isinstance(value, HugeInt):
+        raise invalid_value(field, value.text)
+    if _is_int(value):
+        try:
+            return float(value)
+        except OverflowError:  # beyond 1.8e308
+            raise invalid_value(field, f"an integer of {len(str(value))} digits") from None
+    if isinstance(value, str):
+        if len(value) > 1024:  # no float needs more text: refused without converting
+            raise invalid_value(field, f"a number of {len(value)} characters")
+        try:
+            return _finite(float(value), field, value.strip())
+        except ValueError:
+            raise field_type_error(field) from None
+    raise field_type_error(field)
+
+
+def _coerce_bool(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                 limits: Limits) -> Any:
+    """A bool from a bool or ``true``/``false`` text (any case)."""
+    if isinstance(value, bool):
         return value
-    raise XenAPIError("INTERNAL_ERROR", f"cannot coerce type {t}")
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise field_type_error(field)
+
+
+def _coerce_enum(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                 limits: Limits) -> Any:
+    """One of the enum's values (matched case-insensitively, as xapi does)."""
+    if not isinstance(value, str):
+        raise field_type_error(field)
+    allowed = enum_values[t.name]
+    if value in allowed:
+        return value
+    for candidate in allowed:  # xapi matches enum text case-insensitively
+        if candidate.lower() == value.lower():
+            return candidate
+    raise invalid_value(field, value)
+
+
+def _coerce_datetime(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                     limits: Limits) -> Any:
+    """An aware datetime from a datetime, an XML-RPC DateTime or text."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, xmlrpc.client.DateTime):
+        value = value.value
+    if isinstance(value, str):
+        try:
+            return parse_datetime(value)
+        except ValueError:
+            raise invalid_value(field, value) from None
+    raise field_type_error(field)
+
+
+def _coerce_set(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                limits: Limits) -> Any:
+    """A list of distinct coerced elements, the first occurrence kept in the client's order."""
+    if not isinstance(value, (list, tuple)):
+        raise field_type_error(field)
+    _check_items(value, field, limits)
+    out: list[Any] = []
+    seen: set[Any] = set()  # items are all of the element type: hash equality is list equality
+    unhashable: list[Any] = []  # sets of sets or maps (none in the schema today): compared in full
+    elem = t.item
+    for item in value:
+        item = coerce(elem, item, field, enum_values, limits)
+        try:
+            if item in seen:
+                continue
+            seen.add(item)
+        except TypeError:
+            if item in unhashable:
+                continue
+            unhashable.append(item)
+        out.append(item)  # first occurrence kept, in the client's order
+    return out
+
+
+def _coerce_map(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                limits: Limits) -> Any:
+    """A dict of coerced keys (as text) and values."""
+    if not isinstance(value, dict):
+        raise field_type_error(field)
+    _check_items(value, field, limits)
+    result: dict[str, Any] = {}
+    key_type, elem = t.map_key, t.item
+    for k, v in value.items():
+        key = coerce(key_type, k if isinstance(k, str) else str(k), field, enum_values, limits)
+        result[str(key).lower() if isinstance(key, bool) else str(key)] = coerce(elem, v, field, enum_values, limits)
+    return result
+
+
+def _coerce_record(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                   limits: Limits) -> Any:
+    """A dict, bounded in size (its fields are coerced by the handler)."""
+    if not isinstance(value, dict):
+        raise field_type_error(field)
+    _check_items(value, field, limits)  # its fields are coerced by the handler (generic.create_fields)
+    return value
+
+
+def _coerce_void(t: Type, value: Any, field: str, enum_values: Mapping[str, tuple[str, ...]],
+                 limits: Limits) -> Any:
+    """The value itself."""
+    return value
+
+
+_Coercer = Callable[[Type, Any, str, Mapping[str, tuple[str, ...]], Limits], Any]
+#: the coercion of each type kind (see :func:`coerce`)
+_COERCERS: dict[str, _Coercer] = {
+    "string": _coerce_string,
+    "ref": _coerce_string,
+    "int": _coerce_int,
+    "float": _coerce_float,
+    "bool": _coerce_bool,
+    "enum": _coerce_enum,
+    "datetime": _coerce_datetime,
+    "set": _coerce_set,
+    "map": _coerce_map,
+    "record": _coerce_record,
+    "void": _coerce_void,
+}
 
 
 def _check_items(value: Any, field: str, limits: Limits) -> None:

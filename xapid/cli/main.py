@@ -17,6 +17,10 @@ from xapid.client import VERBS
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorThreads
 
+    from xapid.config import Config
+    from xapid.server import Daemon
+    from xapid.systemd import Notifier
+
 EXIT_USAGE = 2
 
 
@@ -50,12 +54,19 @@ def _fail(stderr: TextIO, message: str) -> int:
     return EXIT_USAGE
 
 
+def _configured(args: argparse.Namespace) -> Config:
+    """The config file's settings with the command line's overrides (ConfigError when invalid)."""
+    from xapid.config import load_config, override
+
+    return override(load_config(args.config), listen=args.listen, backend=args.backend,
+                    state_dir=args.state_dir, users=args.users)
+
+
 def serve(args: argparse.Namespace, stderr: TextIO) -> int:
-    from xapid.config import ConfigError, load_config, override
+    from xapid.config import ConfigError
 
     try:
-        config = override(load_config(args.config), listen=args.listen, backend=args.backend,
-                          state_dir=args.state_dir, users=args.users)
+        config = _configured(args)
     except ConfigError as exc:
         return _fail(stderr, str(exc))
 
@@ -67,12 +78,10 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
 
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
-    from twisted.logger import Logger
 
     from xapid.cli.logs import start_logging
     from xapid.server import Daemon, StartupError
 
-    log = Logger(namespace="xapid.cli.main")
     systemd.forget_listen_fds()
     try:
         start_logging(stderr, config.server.log_level, log_file=config.server.log_file,
@@ -86,66 +95,83 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
     daemon = Daemon(config, reactor)
     daemon.status = notifier.status
     notifier.healthy = lambda: not daemon.fatal_error
-    outcome: dict[str, Any] = {"code": 0}
-
-    def reload() -> None:
-        """SIGHUP: re-read the config, apply what can change live, log what needs a restart."""
-        notifier.notify(RELOADING=1, STATUS="reloading the configuration")
-        try:
-            new = override(load_config(args.config), listen=args.listen, backend=args.backend,
-                           state_dir=args.state_dir, users=args.users)
-        except ConfigError as exc:
-            log.error("reload: {error}; the running configuration is kept", error=str(exc))
-        else:
-            daemon.reload(new)
-        notifier.notify(READY=1, STATUS=outcome.get("serving", "serving"))
-
-    async def stop() -> None:
-        notifier.notify(STOPPING=1, STATUS="stopping")
-        await daemon.stop()
-
-    async def run() -> None:
-        import signal
-
-        notifier.start_watchdog(reactor)
-        systemd.install_block_hook(reactor)
-        threads = cast("IReactorThreads", reactor)  # typed without it, but every reactor has threads
-        hup = {"serving": False, "pending": False}
-
-        def on_hup() -> None:
-            if hup["serving"]:
-                reload()
-            else:  # during start-up: applied once serving (SIGHUP's default action would kill us)
-                hup["pending"] = True
-
-        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(on_hup))
-        try:
-            addresses = await daemon.start()
-        except Exception as exc:  # noqa: BLE001 - never a traceback to the user
-            outcome["error"] = str(exc) if isinstance(exc, StartupError) else \
-                f"unexpected error during start-up: {type(exc).__name__}: {exc}"
-            notifier.notify(STATUS=f"start-up failed: {outcome['error']}")
-            await daemon.stop()
-            reactor.stop()
-            return
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(stop()))
-        outcome["serving"] = f"serving on {', '.join(addresses)}"
-        notifier.notify(READY=1, STATUS=outcome["serving"])
-        hup["serving"] = True
-        if hup["pending"]:
-            reload()
-
+    serving = _Serving(args, daemon, notifier, reactor)
     try:
         daemon.check()
     except StartupError as exc:
         return _fail(stderr, str(exc))
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()))
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(serving.run()))
     reactor.run()
-    if "error" in outcome:
-        return _fail(stderr, outcome["error"])
+    if "error" in serving.outcome:
+        return _fail(stderr, serving.outcome["error"])
     if daemon.fatal_error:
         return _fail(stderr, daemon.fatal_error)
-    return outcome["code"]
+    code: int = serving.outcome["code"]
+    return code
+
+
+class _Serving:
+    """The daemon's start-up, SIGHUP reloads and stop in the reactor, each told to systemd."""
+
+    def __init__(self, args: argparse.Namespace, daemon: Daemon, notifier: Notifier, reactor: Any) -> None:
+        from twisted.logger import Logger
+
+        self.args, self.daemon, self.notifier, self.reactor = args, daemon, notifier, reactor
+        self.log = Logger(namespace="xapid.cli.main")
+        self.outcome: dict[str, Any] = {"code": 0}
+        self.hup = {"serving": False, "pending": False}
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config, apply what can change live, log what needs a restart."""
+        from xapid.config import ConfigError
+
+        self.notifier.notify(RELOADING=1, STATUS="reloading the configuration")
+        try:
+            new = _configured(self.args)
+        except ConfigError as exc:
+            self.log.error("reload: {error}; the running configuration is kept", error=str(exc))
+        else:
+            self.daemon.reload(new)
+        self.notifier.notify(READY=1, STATUS=self.outcome.get("serving", "serving"))
+
+    async def stop(self) -> None:
+        self.notifier.notify(STOPPING=1, STATUS="stopping")
+        await self.daemon.stop()
+
+    def on_hup(self) -> None:
+        if self.hup["serving"]:
+            self.reload()
+        else:  # during start-up: applied once serving (SIGHUP's default action would kill us)
+            self.hup["pending"] = True
+
+    async def run(self) -> None:
+        import signal
+
+        from twisted.internet.defer import Deferred
+
+        from xapid import systemd
+        from xapid.server import StartupError
+
+        reactor = self.reactor
+        self.notifier.start_watchdog(reactor)
+        systemd.install_block_hook(reactor)
+        threads = cast("IReactorThreads", reactor)  # typed without it, but every reactor has threads
+        signal.signal(signal.SIGHUP, lambda *_: threads.callFromThread(self.on_hup))
+        try:
+            addresses = await self.daemon.start()
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the user
+            self.outcome["error"] = str(exc) if isinstance(exc, StartupError) else \
+                f"unexpected error during start-up: {type(exc).__name__}: {exc}"
+            self.notifier.notify(STATUS=f"start-up failed: {self.outcome['error']}")
+            await self.daemon.stop()
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(self.stop()))
+        self.outcome["serving"] = f"serving on {', '.join(addresses)}"
+        self.notifier.notify(READY=1, STATUS=self.outcome["serving"])
+        self.hup["serving"] = True
+        if self.hup["pending"]:
+            self.reload()
 
 
 #: the client's verbs (xapid/client/__init__.py imports nothing heavy: the client loads only in client.run)

@@ -62,60 +62,75 @@ def build_parser(stdout: Any, stderr: Any) -> argparse.ArgumentParser:
     top = Parser(prog="xapid", description="A command-line client of the Xen Management API.", epilog=EPILOG)
     common_options(top)
     verbs = top.add_subparsers(dest="noun", metavar="VERB", required=True, parser_class=Parser)
-
-    def leaf(sub: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
-        common_options(p)
-        return p
-
     for noun in NOUNS:
         cls = commands.CLASS_OF[noun]
         np = verbs.add_parser(noun, help=f"{cls} objects")
         sub = np.add_subparsers(dest="verb", metavar="ACTION", required=True, parser_class=Parser)
-        p = leaf(sub, "list", f"list the {cls} objects")
+        _add_object_actions(sub, noun, cls)
         if noun == "vm":
-            kind = p.add_mutually_exclusive_group()
-            kind.add_argument("--templates", action="store_true", help="templates instead of VMs")
-            kind.add_argument("--snapshots", action="store_true", help="snapshots instead of VMs")
-            kind.add_argument("--all", action="store_true", help="VMs, templates and snapshots")
-            p.add_argument("--names", action="store_true", help="names only, one a line (shell completion)")
-        leaf(sub, "show", f"every field of one {cls}").add_argument("target", metavar=noun.upper(),
-                                                                   help="name, uuid, uuid prefix or ref")
-        if noun == "task":
-            leaf(sub, "cancel", "cancel a task").add_argument("target", metavar="TASK")
-        if noun != "vm":
-            continue
-        for verb, text in (("start", "start a VM"), ("shutdown", "shut a VM down (clean; --force: hard)"),
-                           ("reboot", "reboot a VM (clean; --force: hard)"), ("suspend", "suspend a VM"),
-                           ("resume", "resume a suspended VM")):
-            p = leaf(sub, verb, text)
-            p.add_argument("target", metavar="VM")
-            if verb == "start":
-                p.add_argument("--paused", action="store_true")
-            if verb in ("start", "shutdown", "reboot", "resume"):
-                p.add_argument("--force", action="store_true")
-        p = leaf(sub, "destroy", "destroy a halted VM (its disks stay)")
-        p.add_argument("target", metavar="VM")
-        p.add_argument("--snapshot", action="store_true", help="TARGET is a snapshot")
-        for verb, text in (("snapshot", "snapshot a VM"), ("clone", "clone a VM")):
-            p = leaf(sub, verb, text)
-            p.add_argument("target", metavar="VM")
-            p.add_argument("name", metavar="NAME")
-        leaf(sub, "revert", "revert a VM to one of its snapshots").add_argument("target", metavar="SNAPSHOT")
-        p = leaf(sub, "install", "a new VM from a template (as xe vm-install)")
-        p.add_argument("template", metavar="TEMPLATE")
-        p.add_argument("name", metavar="NAME")
-        p.add_argument("--sr", help="the SR of its disks (default: the pool's default SR)")
-        p = leaf(sub, "console", "attach to a running VM's text console (Ctrl-] leaves), or --vnc: its graphical one")
-        p.add_argument("target", metavar="VM")
-        p.add_argument("--vnc", type=int, nargs="?", const=5900, default=None, metavar="PORT",
-                       help="relay the graphical (rfb) console to 127.0.0.1:PORT for a VNC viewer (default 5900)")
-        p.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
-                       help="stdin not a terminal: leave once it ended and the console was quiet this long")
-        p = leaf(sub, "set", "set fields: KEY=VALUE, MAP:KEY=VALUE (empty VALUE removes the key)")
-        p.add_argument("target", metavar="VM")
-        p.add_argument("assignments", metavar="KEY=VALUE", nargs="+")
+            _add_vm_actions(sub)
+    _add_tools(verbs)
+    return top
 
+
+def leaf(sub: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand of *sub* with the common options."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
+    common_options(p)
+    return p
+
+
+def _add_object_actions(sub: Any, noun: str, cls: str) -> None:
+    """``list`` and ``show`` of every object class (and ``cancel`` of a task)."""
+    p = leaf(sub, "list", f"list the {cls} objects")
+    if noun == "vm":
+        kind = p.add_mutually_exclusive_group()
+        kind.add_argument("--templates", action="store_true", help="templates instead of VMs")
+        kind.add_argument("--snapshots", action="store_true", help="snapshots instead of VMs")
+        kind.add_argument("--all", action="store_true", help="VMs, templates and snapshots")
+        p.add_argument("--names", action="store_true", help="names only, one a line (shell completion)")
+    leaf(sub, "show", f"every field of one {cls}").add_argument("target", metavar=noun.upper(),
+                                                               help="name, uuid, uuid prefix or ref")
+    if noun == "task":
+        leaf(sub, "cancel", "cancel a task").add_argument("target", metavar="TASK")
+
+
+def _add_vm_actions(sub: Any) -> None:
+    """The VM's power, snapshot, install, console and set actions."""
+    for verb, text in (("start", "start a VM"), ("shutdown", "shut a VM down (clean; --force: hard)"),
+                       ("reboot", "reboot a VM (clean; --force: hard)"), ("suspend", "suspend a VM"),
+                       ("resume", "resume a suspended VM")):
+        p = leaf(sub, verb, text)
+        p.add_argument("target", metavar="VM")
+        if verb == "start":
+            p.add_argument("--paused", action="store_true")
+        if verb in ("start", "shutdown", "reboot", "resume"):
+            p.add_argument("--force", action="store_true")
+    p = leaf(sub, "destroy", "destroy a halted VM (its disks stay)")
+    p.add_argument("target", metavar="VM")
+    p.add_argument("--snapshot", action="store_true", help="TARGET is a snapshot")
+    for verb, text in (("snapshot", "snapshot a VM"), ("clone", "clone a VM")):
+        p = leaf(sub, verb, text)
+        p.add_argument("target", metavar="VM")
+        p.add_argument("name", metavar="NAME")
+    leaf(sub, "revert", "revert a VM to one of its snapshots").add_argument("target", metavar="SNAPSHOT")
+    p = leaf(sub, "install", "a new VM from a template (as xe vm-install)")
+    p.add_argument("template", metavar="TEMPLATE")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--sr", help="the SR of its disks (default: the pool's default SR)")
+    p = leaf(sub, "console", "attach to a running VM's text console (Ctrl-] leaves), or --vnc: its graphical one")
+    p.add_argument("target", metavar="VM")
+    p.add_argument("--vnc", type=int, nargs="?", const=5900, default=None, metavar="PORT",
+                   help="relay the graphical (rfb) console to 127.0.0.1:PORT for a VNC viewer (default 5900)")
+    p.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+                   help="stdin not a terminal: leave once it ended and the console was quiet this long")
+    p = leaf(sub, "set", "set fields: KEY=VALUE, MAP:KEY=VALUE (empty VALUE removes the key)")
+    p.add_argument("target", metavar="VM")
+    p.add_argument("assignments", metavar="KEY=VALUE", nargs="+")
+
+
+def _add_tools(verbs: Any) -> None:
+    """The verbs that are no object class: top, events, call, completion."""
     p = leaf(verbs, "top", "a live view of the host and its running VMs")
     p.add_argument("--once", action="store_true", help="print one view and exit")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default 5)")
@@ -131,7 +146,6 @@ def build_parser(stdout: Any, stderr: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-session", action="store_true", help="do not pass the session as the first argument")
     p = verbs.add_parser("completion", help="print a shell completion script")
     p.add_argument("shell", choices=("bash", "zsh"))
-    return top
 
 
 def opt(args: argparse.Namespace, name: str, default: Any = None) -> Any:

@@ -109,56 +109,65 @@ class RfbServer:
 
     def _step(self, out: bytearray) -> bool:
         """Handle one complete client message if the buffer holds it; False when it needs more."""
-        buf = self._buf
         if self.state == "version":
-            line = self._take(12)
-            if line is None:
-                return False
-            match = _VERSION.match(line)
-            if not match or int(match.group(1)) != 3 or int(match.group(2)) < 3:
-                raise RfbError(f"unsupported protocol version {line!r}")
-            minor = int(match.group(2))
-            self.version = 8 if minor >= 8 else 7 if minor == 7 else 3
-            if self.version == 3:
-                out += struct.pack("!I", 1)  # security None, chosen by the server
-                self.state = "init"
-            else:
-                out += b"\x01\x01"  # one type: None
-                self.state = "security"
-            return True
+            return self._version(out)
         if self.state == "security":
-            choice = self._take(1)
-            if choice is None:
-                return False
-            if choice != b"\x01":
-                if self.version == 8:
-                    reason = b"only the security type None is offered"
-                    out += struct.pack("!II", 1, len(reason)) + reason
-                raise RfbError(f"security type {choice[0]} refused")
-            if self.version == 8:
-                out += struct.pack("!I", 0)
-            self.state = "init"
-            return True
+            return self._security(out)
         if self.state == "init":
-            if self._take(1) is None:  # ClientInit: the shared flag (every session is shared here)
-                return False
-            name = self.name.encode("utf-8")[:256]
-            out += struct.pack("!HH", self.width, self.height) + self.format.pack()
-            out += struct.pack("!I", len(name)) + name
-            self.state = "normal"
-            return True
+            return self._init(out)
+        return self._message(out)
+
+    def _version(self, out: bytearray) -> bool:
+        """The client's ProtocolVersion: 3.3, 3.7 or 3.8 (later minors as 3.8); offer security None."""
+        line = self._take(12)
+        if line is None:
+            return False
+        match = _VERSION.match(line)
+        if not match or int(match.group(1)) != 3 or int(match.group(2)) < 3:
+            raise RfbError(f"unsupported protocol version {line!r}")
+        minor = int(match.group(2))
+        self.version = 8 if minor >= 8 else 7 if minor == 7 else 3
+        if self.version == 3:
+            out += struct.pack("!I", 1)  # security None, chosen by the server
+            self.state = "init"
+        else:
+            out += b"\x01\x01"  # one type: None
+            self.state = "security"
+        return True
+
+    def _security(self, out: bytearray) -> bool:
+        """The client's choice of security type: None, or refused."""
+        choice = self._take(1)
+        if choice is None:
+            return False
+        if choice != b"\x01":
+            if self.version == 8:
+                reason = b"only the security type None is offered"
+                out += struct.pack("!II", 1, len(reason)) + reason
+            raise RfbError(f"security type {choice[0]} refused")
+        if self.version == 8:
+            out += struct.pack("!I", 0)
+        self.state = "init"
+        return True
+
+    def _init(self, out: bytearray) -> bool:
+        """ClientInit, answered with ServerInit (size, pixel format, name)."""
+        if self._take(1) is None:  # ClientInit: the shared flag (every session is shared here)
+            return False
+        name = self.name.encode("utf-8")[:256]
+        out += struct.pack("!HH", self.width, self.height) + self.format.pack()
+        out += struct.pack("!I", len(name)) + name
+        self.state = "normal"
+        return True
+
+    def _message(self, out: bytearray) -> bool:
+        """One client message of the normal phase, by its type byte."""
+        buf = self._buf
         if not buf:
             return False
         kind = buf[0]
         if kind == 0:  # SetPixelFormat
-            message = self._take(20)
-            if message is None:
-                return False
-            fmt = PixelFormat.unpack(message[4:20])
-            if not fmt.true_colour or fmt.bits not in (8, 16, 32) or fmt.depth == 0:
-                raise RfbError("only true-colour pixel formats of 8, 16 or 32 bits are served")
-            self.format = fmt
-            return True
+            return self._set_pixel_format()
         if kind == 2:  # SetEncodings: only Raw is ever used, which needs no agreement
             if len(buf) < 4:
                 return False
@@ -179,16 +188,31 @@ class RfbServer:
         if kind == 5:  # PointerEvent
             return self._take(6) is not None
         if kind == 6:  # ClientCutText: skipped, never kept
-            if len(buf) < 8:
-                return False
-            size = struct.unpack_from("!I", buf, 4)[0]
-            if size > CUT_TEXT_MAX:
-                raise RfbError(f"cut text of {size} bytes")
-            have = min(size, len(buf) - 8)
-            del buf[:8 + have]
-            self._skip = size - have
-            return not self._skip
+            return self._cut_text()
         raise RfbError(f"unknown client message type {kind}")
+
+    def _set_pixel_format(self) -> bool:
+        message = self._take(20)
+        if message is None:
+            return False
+        fmt = PixelFormat.unpack(message[4:20])
+        if not fmt.true_colour or fmt.bits not in (8, 16, 32) or fmt.depth == 0:
+            raise RfbError("only true-colour pixel formats of 8, 16 or 32 bits are served")
+        self.format = fmt
+        return True
+
+    def _cut_text(self) -> bool:
+        """ClientCutText: its text is dropped as it arrives (up to CUT_TEXT_MAX bytes)."""
+        buf = self._buf
+        if len(buf) < 8:
+            return False
+        size = struct.unpack_from("!I", buf, 4)[0]
+        if size > CUT_TEXT_MAX:
+            raise RfbError(f"cut text of {size} bytes")
+        have = min(size, len(buf) - 8)
+        del buf[:8 + have]
+        self._skip = size - have
+        return not self._skip
 
     def update(self, x: int, y: int, w: int, h: int) -> bytes:
         """A FramebufferUpdate of the rectangle, clipped to the screen (no rectangle when empty)."""

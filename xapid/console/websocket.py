@@ -141,37 +141,11 @@ class FrameParser:
         out: list[Message] = []
         buf = self._buf
         while True:
-            if len(buf) < 2:
+            header = self._header(buf)
+            if header is None:
                 break
-            first, second = buf[0], buf[1]
-            fin, rsv, opcode = first & 0x80, first & 0x70, first & 0x0F
-            if rsv:
-                raise ProtocolError(PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
-            if not second & 0x80:
-                raise ProtocolError(PROTOCOL_ERROR, "client frames must be masked")
-            size, offset = second & 0x7F, 2
-            if size == 126:
-                if len(buf) < 4:
-                    break
-                size, offset = struct.unpack_from("!H", buf, 2)[0], 4
-            elif size == 127:
-                if len(buf) < 10:
-                    break
-                size, offset = struct.unpack_from("!Q", buf, 2)[0], 10
-            if opcode in _CONTROL:
-                if not fin or size > 125:
-                    raise ProtocolError(PROTOCOL_ERROR, "control frames are short and never fragmented")
-            elif opcode in _DATA or opcode == CONTINUATION:
-                if size > self.max_frame:
-                    raise ProtocolError(TOO_BIG, f"frame of {size} bytes (at most {self.max_frame})")
-                if opcode == CONTINUATION and self._opcode is None:
-                    raise ProtocolError(PROTOCOL_ERROR, "continuation frame without a message")
-                if opcode != CONTINUATION and self._opcode is not None:
-                    raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
-                if self._size + size > self.max_message:
-                    raise ProtocolError(TOO_BIG, f"message over {self.max_message} bytes")
-            else:
-                raise ProtocolError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            fin, opcode, size, offset = header
+            self._check(fin, opcode, size)
             end = offset + 4 + size
             if len(buf) < end:
                 break
@@ -181,22 +155,69 @@ class FrameParser:
             if opcode in _CONTROL:
                 out.append(Message(opcode, payload))
                 continue
-            if opcode != CONTINUATION:
-                self._opcode = opcode
-            self._parts.append(payload)
-            self._size += size
-            if fin:
-                kind = self._opcode
-                assert kind is not None
-                whole = b"".join(self._parts)
-                self._parts, self._size, self._opcode = [], 0, None
-                if kind == TEXT:
-                    try:
-                        whole.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ProtocolError(BAD_DATA, "text message is not UTF-8") from None
-                out.append(Message(kind, whole))
+            message = self._assemble(fin, opcode, payload, size)
+            if message is not None:
+                out.append(message)
         return out
+
+    @staticmethod
+    def _header(buf: bytearray) -> tuple[int, int, int, int] | None:
+        """``(fin, opcode, payload size, offset of the mask)`` of the frame at the start of *buf*,
+        None until its header is complete; ProtocolError for reserved bits or an unmasked frame."""
+        if len(buf) < 2:
+            return None
+        first, second = buf[0], buf[1]
+        fin, rsv, opcode = first & 0x80, first & 0x70, first & 0x0F
+        if rsv:
+            raise ProtocolError(PROTOCOL_ERROR, "reserved bits set (no extension was agreed)")
+        if not second & 0x80:
+            raise ProtocolError(PROTOCOL_ERROR, "client frames must be masked")
+        size, offset = second & 0x7F, 2
+        if size == 126:
+            if len(buf) < 4:
+                return None
+            size, offset = struct.unpack_from("!H", buf, 2)[0], 4
+        elif size == 127:
+            if len(buf) < 10:
+                return None
+            size, offset = struct.unpack_from("!Q", buf, 2)[0], 10
+        return fin, opcode, size, offset
+
+    def _check(self, fin: int, opcode: int, size: int) -> None:
+        """ProtocolError for a frame that breaks the rules (checked before its payload is awaited)."""
+        if opcode in _CONTROL:
+            if not fin or size > 125:
+                raise ProtocolError(PROTOCOL_ERROR, "control frames are short and never fragmented")
+        elif opcode in _DATA or opcode == CONTINUATION:
+            if size > self.max_frame:
+                raise ProtocolError(TOO_BIG, f"frame of {size} bytes (at most {self.max_frame})")
+            if opcode == CONTINUATION and self._opcode is None:
+                raise ProtocolError(PROTOCOL_ERROR, "continuation frame without a message")
+            if opcode != CONTINUATION and self._opcode is not None:
+                raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
+            if self._size + size > self.max_message:
+                raise ProtocolError(TOO_BIG, f"message over {self.max_message} bytes")
+        else:
+            raise ProtocolError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+
+    def _assemble(self, fin: int, opcode: int, payload: bytes, size: int) -> Message | None:
+        """Add a data frame to the message under way; the whole message once *fin* ends it."""
+        if opcode != CONTINUATION:
+            self._opcode = opcode
+        self._parts.append(payload)
+        self._size += size
+        if not fin:
+            return None
+        kind = self._opcode
+        assert kind is not None
+        whole = b"".join(self._parts)
+        self._parts, self._size, self._opcode = [], 0, None
+        if kind == TEXT:
+            try:
+                whole.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(BAD_DATA, "text message is not UTF-8") from None
+        return Message(kind, whole)
 
 
 def close_code(payload: bytes) -> int:

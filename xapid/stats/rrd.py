@@ -48,87 +48,47 @@ Persistence: :meth:`RRDTable.save` writes one ``.npz`` file atomically (temporar
 ``os.replace``); :meth:`RRDTable.load` restores it and marks the time between the saved last update
 and ``now`` unknown.  A missing or unreadable file gives a fresh table and a warning for the log.
 
-This module is pure: no Twisted, no clock, no I/O except :meth:`save` and :meth:`load`.
+This module is pure: no Twisted, no clock, no I/O except :meth:`save` and :meth:`load`.  The layout
+constants and records live in :mod:`xapid.stats.rrd_layout`, the saved image in
+:mod:`xapid.stats.rrd_image`, the dump structure in :mod:`xapid.stats.rrd_dump`; all are importable
+from here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
-from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from xapid.files import atomic_writer
+from xapid.stats import rrd_dump, rrd_image
+from xapid.stats.rrd_image import write_image
+from xapid.stats.rrd_layout import (
+    ARCHIVE_CFS,
+    ARCHIVES,
+    BYTES_PER_SOURCE,
+    CFS,
+    CONSOLIDATED,
+    DERIVE_CODE,
+    FORMAT_VERSION,
+    HEARTBEAT,
+    HUGE,
+    KINDS,
+    NAN,
+    STEP,
+    XFF,
+    DataSource,
+    Export,
+    Ring,
+    check_cf,
+)
 
-STEP = 5
-HEARTBEAT = 300
-#: (pdp_per_row, rows) of each archive, finest first.
-ARCHIVES: tuple[tuple[int, int], ...] = ((1, 120), (12, 120), (720, 168), (17280, 366))
-CFS = ("AVERAGE", "MIN", "MAX")
-#: Consolidation functions stored by each archive (archive 0 is AVERAGE only, as in xapi).
-ARCHIVE_CFS: tuple[tuple[str, ...], ...] = (("AVERAGE",),) + (CFS,) * (len(ARCHIVES) - 1)
-XFF = {"AVERAGE": 0.5, "MIN": 1.0, "MAX": 1.0}
-KINDS = ("GAUGE", "ABSOLUTE", "DERIVE")
-_DERIVE = 2
-FORMAT_VERSION = 1
-
-_NAN = float("nan")
-_HUGE = np.finfo(np.float64).max
-_CONSOLIDATED = ARCHIVES[1:]  # archives with accumulators, stacked on axis 0 of the _acc_* arrays
-
-#: Bytes of archive rows and per-slot state per data source (fixed, independent of history).
-BYTES_PER_SOURCE = 8 * (
-    sum(rows * len(cfs) for (_, rows), cfs in zip(ARCHIVES, ARCHIVE_CFS))
-    + 4 * len(_CONSOLIDATED)  # accumulators: sum, count, min, max
-    + 9  # min, max, lo, hi, last_raw, last_time, pdp_sum, pdp_known, the raw scratch row
-) + 2  # kind (int8), not_derive (bool)
-
-
-class DataSource(NamedTuple):
-    """One data source's description (the record behind ``get_data_sources``)."""
-
-    owner: str
-    name: str
-    kind: str
-    min: float
-    max: float
-    units: str
-    description: str
-    slot: int
-
-
-class Export(NamedTuple):
-    """The result of :meth:`RRDTable.fetch`.
-
-    ``step`` is the archive's resolution in seconds; ``timestamps`` (int64) the row times, newest
-    first; ``values`` a float64 matrix, one row per timestamp and one column per requested source;
-    ``start`` / ``end`` the oldest / newest row time (both ``end`` when there is no row).
-    """
-
-    step: int
-    timestamps: np.ndarray
-    values: np.ndarray
-    start: int
-    end: int
-
-
-@dataclass
-class _Ring:
-    """The rows of one CF of one archive: shape ``(rows, capacity)``, a tick writes one row."""
-
-    cf: str
-    data: np.ndarray
-
-
-def _check_cf(cf: str) -> str:
-    cf = cf.upper()
-    if cf not in CFS:
-        raise ValueError(f"unknown consolidation function {cf!r} (expected one of {', '.join(CFS)})")
-    return cf
+__all__ = [
+    "ARCHIVES", "ARCHIVE_CFS", "BYTES_PER_SOURCE", "CFS", "FORMAT_VERSION", "HEARTBEAT", "KINDS", "STEP", "XFF",
+    "DataSource", "Export", "RRDTable", "write_image",
+]
 
 
 class RRDTable:
@@ -153,7 +113,7 @@ class RRDTable:
     _acc_cnt: np.ndarray
     _acc_min: np.ndarray
     _acc_max: np.ndarray
-    _rings: list[list[_Ring]]
+    _rings: list[list[Ring]]
     _raw_buf: np.ndarray
 
     def __init__(self, start: float | None = None, capacity: int = 16):
@@ -181,46 +141,46 @@ class RRDTable:
 
         grow("_kind", (), 0, np.int8)
         grow("_not_derive", (), True, np.bool_)
-        grow("_min", (), _NAN)
-        grow("_max", (), _NAN)
-        grow("_lo", (), -_HUGE)
-        grow("_hi", (), _HUGE)
-        grow("_last_raw", (), _NAN)
-        grow("_last_time", (), _NAN)
+        grow("_min", (), NAN)
+        grow("_max", (), NAN)
+        grow("_lo", (), -HUGE)
+        grow("_hi", (), HUGE)
+        grow("_last_raw", (), NAN)
+        grow("_last_time", (), NAN)
         grow("_pdp_sum", (), 0.0)
         grow("_pdp_known", (), 0.0)
-        nacc = len(_CONSOLIDATED)
+        nacc = len(CONSOLIDATED)
         grow("_acc_sum", (nacc,), 0.0)
         grow("_acc_cnt", (nacc,), 0.0)
-        grow("_acc_min", (nacc,), _NAN)
-        grow("_acc_max", (nacc,), _NAN)
-        rings: list[list[_Ring]] = []
+        grow("_acc_min", (nacc,), NAN)
+        grow("_acc_max", (nacc,), NAN)
+        rings: list[list[Ring]] = []
         for a, ((_, rows), cfs) in enumerate(zip(ARCHIVES, ARCHIVE_CFS)):
             row = []
             for c, cf in enumerate(cfs):
-                new = np.full((rows, cap), _NAN)
+                new = np.full((rows, cap), NAN)
                 if old:
                     new[:, :old] = self._rings[a][c].data
-                row.append(_Ring(cf, new))
+                row.append(Ring(cf, new))
             rings.append(row)
         self._rings = rings
-        self._raw_buf = np.full(cap, _NAN)
+        self._raw_buf = np.full(cap, NAN)
         self._info.extend([None] * (cap - old))
         self._free.extend(range(cap - 1, old - 1, -1))  # pop() hands out the lowest slot first
         self._cap = cap
 
     def _reset_slot(self, s: int) -> None:
-        self._last_raw[s] = _NAN
-        self._last_time[s] = _NAN
+        self._last_raw[s] = NAN
+        self._last_time[s] = NAN
         self._pdp_sum[s] = 0.0
         self._pdp_known[s] = 0.0
         self._acc_sum[:, s] = 0.0
         self._acc_cnt[:, s] = 0.0
-        self._acc_min[:, s] = _NAN
-        self._acc_max[:, s] = _NAN
+        self._acc_min[:, s] = NAN
+        self._acc_max[:, s] = NAN
         for rings in self._rings:
             for ring in rings:
-                ring.data[:, s] = _NAN
+                ring.data[:, s] = NAN
 
     @property
     def capacity(self) -> int:
@@ -242,8 +202,8 @@ class RRDTable:
         owner: str,
         name: str,
         kind: str = "GAUGE",
-        min: float = _NAN,
-        max: float = _NAN,
+        min: float = NAN,
+        max: float = NAN,
         units: str = "",
         description: str = "",
     ) -> int:
@@ -268,14 +228,14 @@ class RRDTable:
             else:
                 old = self._info[s]
                 if old is not None and old.kind != kind:
-                    self._last_raw[s] = _NAN
-                    self._last_time[s] = _NAN
+                    self._last_raw[s] = NAN
+                    self._last_time[s] = NAN
             code = KINDS.index(kind)
             self._kind[s] = code
-            self._not_derive[s] = code != _DERIVE
+            self._not_derive[s] = code != DERIVE_CODE
             self._min[s], self._max[s] = lo, hi
-            self._lo[s] = -_HUGE if math.isnan(lo) else lo
-            self._hi[s] = _HUGE if math.isnan(hi) else hi
+            self._lo[s] = -HUGE if math.isnan(lo) else lo
+            self._hi[s] = HUGE if math.isnan(hi) else hi
             self._info[s] = DataSource(owner, name, kind, lo, hi, units, description, s)
             return s
 
@@ -294,8 +254,8 @@ class RRDTable:
         self._reset_slot(s)
         self._kind[s] = 0
         self._not_derive[s] = True
-        self._min[s] = self._max[s] = _NAN
-        self._lo[s], self._hi[s] = -_HUGE, _HUGE
+        self._min[s] = self._max[s] = NAN
+        self._lo[s], self._hi[s] = -HUGE, HUGE
         self._info[s] = None
         self._free.append(s)
 
@@ -355,7 +315,7 @@ class RRDTable:
         t = float(timestamp)
         T = self.last_update
         rawf = self._raw_buf
-        rawf.fill(_NAN)
+        rawf.fill(NAN)
         rawf[idx] = raw
         present = ~np.isnan(rawf)
         if T is None:  # first update without a creation time: the baseline only
@@ -365,7 +325,16 @@ class RRDTable:
             return 0
         if not t > T:
             raise ValueError(f"update at {t!r} is not after the last update at {T!r}")
+        rate = self._rates(t, T, rawf)
+        np.copyto(self._last_raw, rawf, where=present)
+        np.copyto(self._last_time, t, where=present)
+        n = self._accumulate(t, T, rate)
+        self.last_update = t
+        return n
 
+    def _rates(self, t: float, T: float, rawf: np.ndarray) -> np.ndarray:
+        """Each slot's rate over ``(T, t]`` from its raw value in *rawf*; NaN where unknown (absent,
+        beyond the heartbeat, out of bounds, or a DERIVE without a recent baseline or going back)."""
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             delta = rawf - self._last_raw
             dt = t - self._last_time
@@ -375,10 +344,13 @@ class RRDTable:
             ok &= self._not_derive | ((delta >= 0) & (dt <= HEARTBEAT))
             if t - T > HEARTBEAT:
                 ok[:] = False
-            rate[~ok] = _NAN  # also NaN for absent slots (their raw is NaN)
-        np.copyto(self._last_raw, rawf, where=present)
-        np.copyto(self._last_time, t, where=present)
+            rate[~ok] = NAN  # also NaN for absent slots (their raw is NaN)
+        result: np.ndarray = rate  # np.where is typed Any
+        return result
 
+    def _accumulate(self, t: float, T: float, rate: np.ndarray) -> int:
+        """Add *rate* over ``(T, t]`` to the PDPs: the current step's sums, and every step it
+        completes consolidated into the archives; return the number of steps completed."""
         known = ~np.isnan(rate)
         rz = np.where(known, rate, 0.0)
         k0 = math.floor(T / STEP)
@@ -388,7 +360,6 @@ class RRDTable:
             d = t - T
             self._pdp_sum += rz * d
             self._pdp_known += known * d
-            self.last_update = t
             return 0
 
         # The step ending at 5(k0+1): the earlier part of it plus this rate up to its end.
@@ -407,7 +378,6 @@ class RRDTable:
             self._pdp_known.fill(0.0)
 
         self._feed(k0, n, p1, rate, rz, known)
-        self.last_update = t
         return n
 
     def _feed(self, k0: int, n: int, p1: np.ndarray, rate: np.ndarray, rz: np.ndarray,
@@ -427,7 +397,7 @@ class RRDTable:
         self._acc_cnt += known1
         np.fmin(self._acc_min, p1, out=self._acc_min)
         np.fmax(self._acc_max, p1, out=self._acc_max)
-        for a, (ppr, _) in enumerate(_CONSOLIDATED):
+        for a, (ppr, _) in enumerate(CONSOLIDATED):
             if k % ppr == 0:
                 self._emit(a, k // ppr)
             if n > 1:
@@ -436,7 +406,7 @@ class RRDTable:
     def _feed_constant(self, a: int, k: int, m: int, rate: np.ndarray, rz: np.ndarray,
                        known: np.ndarray) -> None:
         """Feed *m* PDPs all equal to *rate*, following PDP *k*, into consolidated archive *a*."""
-        ppr, rows = _CONSOLIDATED[a]
+        ppr, rows = CONSOLIDATED[a]
         need = ppr - k % ppr  # PDPs left to complete the current row
         if m < need:
             self._acc_add(a, m, rate, rz, known)
@@ -464,20 +434,20 @@ class RRDTable:
 
     def _emit(self, a: int, j: int) -> None:
         """Close row *j* of consolidated archive *a* from its accumulators, and reset them."""
-        ppr, rows = _CONSOLIDATED[a]
+        ppr, rows = CONSOLIDATED[a]
         pos = j % rows
         avg, mn, mx = self._rings[a + 1]
         cnt = self._acc_cnt[a]
         with np.errstate(divide="ignore", invalid="ignore"):
             row = self._acc_sum[a] / cnt
-        row[(ppr - cnt) > XFF["AVERAGE"] * ppr] = _NAN
+        row[(ppr - cnt) > XFF["AVERAGE"] * ppr] = NAN
         avg.data[pos] = row
         mn.data[pos] = self._acc_min[a]
         mx.data[pos] = self._acc_max[a]
         self._acc_sum[a] = 0.0
         self._acc_cnt[a] = 0.0
-        self._acc_min[a] = _NAN
-        self._acc_max[a] = _NAN
+        self._acc_min[a] = NAN
+        self._acc_max[a] = NAN
 
     # ----------------------------------------------------------------------------------- queries
 
@@ -512,7 +482,7 @@ class RRDTable:
         start clamped to its oldest row.  Rows with time ≥ start (and ≤ *end* if given), newest
         first, stamped at the end of their archive step.
         """
-        cf = _check_cf(cf)
+        cf = check_cf(cf)
         slots = np.array([self.slot(o, n) for o, n in keys], dtype=np.intp)
         candidates = [a for a, cfs in enumerate(ARCHIVE_CFS) if cf in cfs]
         if self.last_update is None:
@@ -546,7 +516,7 @@ class RRDTable:
         """The latest value of a source: its last PDP (NaN if unknown or never updated)."""
         s = self.slot(owner, name)
         row = self.latest_row()
-        return _NAN if row is None else float(row[s])
+        return NAN if row is None else float(row[s])
 
     def latest_row(self) -> np.ndarray | None:
         """A read-only view of the newest 5-s row (the last PDP of every slot, by slot), or None
@@ -566,13 +536,13 @@ class RRDTable:
     def latest(self, idx: np.ndarray) -> np.ndarray:
         """The last PDP of each slot in *idx* (NaN when unknown or never updated); vectorised :meth:`last`."""
         row = self.latest_row()
-        return np.full(len(idx), _NAN) if row is None else row[idx]  # fancy indexing: a copy
+        return np.full(len(idx), NAN) if row is None else row[idx]  # fancy indexing: a copy
 
     def rebase(self, idx: np.ndarray) -> None:
         """Forget the DERIVE baseline of the slots *idx* (their counters restarted, e.g. a rebuilt
         domain): their next update only records the new baseline and yields one unknown step."""
-        self._last_raw[idx] = _NAN
-        self._last_time[idx] = _NAN
+        self._last_raw[idx] = NAN
+        self._last_time[idx] = NAN
 
     def average(self, keys: Sequence[tuple[str, str]], window: float, cf: str = "AVERAGE") -> np.ndarray:
         """The "cooked" statistic: each source consolidated over the last *window* seconds.
@@ -581,14 +551,14 @@ class RRDTable:
         its newest ``ceil(window / resolution)`` rows: mean (AVERAGE), min (MIN) or max (MAX) of the
         known rows; NaN where every row is unknown.  E.g. 30 s = the mean of the last six 5-s PDPs.
         """
-        cf = _check_cf(cf)
+        cf = check_cf(cf)
         try:
             table = self._slots
             slots = np.fromiter((table[o][n] for o, n in keys), dtype=np.intp, count=len(keys))
         except KeyError:
             slots = self.slots(keys)  # raises the KeyError naming the unknown key
         if self.last_update is None or window <= 0:
-            return np.full(len(slots), _NAN)
+            return np.full(len(slots), NAN)
         candidates = [a for a, cfs in enumerate(ARCHIVE_CFS) if cf in cfs]
         chosen = candidates[-1]
         for a in candidates:
@@ -607,7 +577,7 @@ class RRDTable:
                 out = np.where(known, block, np.inf).min(axis=0)
             else:
                 out = np.where(known, block, -np.inf).max(axis=0)
-        out[~known.any(axis=0)] = _NAN
+        out[~known.any(axis=0)] = NAN
         result: np.ndarray = out  # numpy's reductions are typed Any
         return result
 
@@ -621,73 +591,9 @@ class RRDTable:
         current step, ``unknown_sec`` its unknown seconds; ``cdp_prep.value`` the current row's
         running consolidated value (NaN while no PDP is known).  KeyError if the owner is unknown.
         """
-        names = self._slots.get(owner)
-        if names is None:
-            raise KeyError(owner)
-        slots = np.array(list(names.values()), dtype=np.intp)
-        lu = self.last_update
-        k_now = math.floor(lu / STEP) if lu is not None else 0
-        elapsed = (lu - k_now * STEP) if lu is not None else 0.0
-        ds = []
-        for s in slots:
-            info = self._info[s]
-            assert info is not None
-            ds.append({
-                "name": info.name,
-                "type": info.kind,
-                "minimal_heartbeat": HEARTBEAT,
-                "min": info.min,
-                "max": info.max,
-                "last_ds": float(self._last_raw[s]),
-                "value": float(self._pdp_sum[s]),
-                "unknown_sec": int(round(elapsed - float(self._pdp_known[s]))),
-            })
-        last_pdp = (self._rings[0][0].data[self._archive_rows(0, 1)[1][0], slots]
-                    if lu is not None else np.full(len(slots), _NAN))
-        rras = []
-        for a, ((ppr, rows), cfs) in enumerate(zip(ARCHIVES, ARCHIVE_CFS)):
-            if lu is not None:
-                times, pos = self._archive_rows(a, rows)
-                last_row_time = int(times[0])
-            else:
-                pos, last_row_time = np.arange(rows)[::-1] % rows, 0
-            for cf in cfs:
-                database = self._ring(a, cf)[pos[::-1]][:, slots]
-                if a == 0:
-                    running = last_pdp
-                    unknown = np.zeros(len(slots), dtype=np.int64)
-                else:
-                    c = a - 1
-                    cnt = self._acc_cnt[c, slots]
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        running = {
-                            "AVERAGE": self._acc_sum[c, slots] / cnt,
-                            "MIN": self._acc_min[c, slots],
-                            "MAX": self._acc_max[c, slots],
-                        }[cf]
-                    unknown = (k_now % ppr - cnt).astype(np.int64)
-                rras.append({
-                    "cf": cf,
-                    "pdp_per_row": ppr,
-                    "params": {"xff": XFF[cf] if a else XFF["AVERAGE"]},
-                    "last_row_time": last_row_time,
-                    "cdp_prep": [
-                        {
-                            "primary_value": float(last_pdp[i]),
-                            "secondary_value": float(last_pdp[i]),
-                            "value": float(running[i]),
-                            "unknown_datapoints": int(unknown[i]),
-                        }
-                        for i in range(len(slots))
-                    ],
-                    "database": database.tolist(),
-                })
-        return {"version": "0003", "step": STEP, "lastupdate": lu, "ds": ds, "rra": rras}
+        return rrd_dump.dump(self, owner)
 
     # ------------------------------------------------------------------------------- persistence
-
-    _ARRAYS = ("_kind", "_min", "_max", "_last_raw", "_last_time", "_pdp_sum", "_pdp_known",
-               "_acc_sum", "_acc_cnt", "_acc_min", "_acc_max")
 
     def save(self, path: str | os.PathLike[str], compress: bool = False) -> None:
         """Write the whole table to *path* atomically (``.npz``: temp file, fsync, ``os.replace``).
@@ -702,25 +608,7 @@ class RRDTable:
         Only the slots up to the highest one in use are copied.  Holds :attr:`lock` while copying,
         so it may run in a worker thread: :meth:`forget` waits for it, and the caller must not
         update the table meanwhile (the sampler's tick waits for the export)."""
-        with self.lock:
-            used = [i for i in self._info if i is not None]
-            width = max((i.slot for i in used), default=-1) + 1
-            meta = {
-                "version": FORMAT_VERSION,
-                "step": STEP,
-                "archives": [list(x) for x in ARCHIVES],
-                "capacity": self._cap,
-                "width": width,
-                "last_update": self.last_update,
-                "sources": [[i.slot, i.owner, i.name, i.kind, i.min, i.max, i.units, i.description] for i in used],
-            }
-            image: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
-            for name in self._ARRAYS:
-                image[name.lstrip("_")] = getattr(self, name)[..., :width].copy()
-            for a, rings in enumerate(self._rings):
-                for ring in rings:
-                    image[f"rra{a}_{ring.cf}"] = ring.data[:, :width].copy()
-        return image
+        return rrd_image.export_image(self)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], now: float | None = None) -> tuple[RRDTable, str | None]:
@@ -745,55 +633,4 @@ class RRDTable:
 
     @classmethod
     def _read(cls, path: str) -> RRDTable:
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"][()]))
-            if meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"format version {meta.get('version')!r}")
-            if meta["step"] != STEP or [tuple(x) for x in meta["archives"]] != list(ARCHIVES):
-                raise ValueError("different archive layout")
-            cap = int(meta["capacity"])
-            if cap < 1:
-                raise ValueError("bad capacity")
-            width = int(meta.get("width", cap))  # the saved columns: slots 0 … width - 1
-            if not 0 <= width <= cap:
-                raise ValueError("bad width")
-            table = cls(capacity=cap)
-            lu = meta["last_update"]
-            table.last_update = None if lu is None else float(lu)
-            for name in cls._ARRAYS:
-                value = z[name.lstrip("_")]
-                current = getattr(table, name)[..., :width]
-                if value.shape != current.shape:
-                    raise ValueError(f"{name.lstrip('_')}: shape {value.shape}, expected {current.shape}")
-                current[...] = value
-            for a, rings in enumerate(table._rings):
-                for ring in rings:
-                    value = z[f"rra{a}_{ring.cf}"]
-                    if value.shape != ring.data[:, :width].shape:
-                        raise ValueError(f"rra{a}_{ring.cf}: shape {value.shape}")
-                    ring.data[:, :width] = value
-        used = set()
-        for slot, owner, name, kind, lo, hi, units, description in meta["sources"]:
-            slot = int(slot)
-            if not 0 <= slot < width or slot in used or kind not in KINDS:
-                raise ValueError(f"bad source entry {owner}/{name}")
-            used.add(slot)
-            table._slots.setdefault(owner, {})[name] = slot
-            lo, hi = float(lo), float(hi)
-            code = KINDS.index(kind)
-            table._kind[slot] = code
-            table._not_derive[slot] = code != _DERIVE
-            table._lo[slot] = -_HUGE if math.isnan(lo) else lo
-            table._hi[slot] = _HUGE if math.isnan(hi) else hi
-            table._info[slot] = DataSource(owner, name, kind, lo, hi, units, description, slot)
-        table._free = [s for s in range(cap - 1, -1, -1) if s not in used]
-        return table
-
-
-def write_image(path: str | os.PathLike[str], image: dict[str, np.ndarray], compress: bool = False) -> None:
-    """Write an :meth:`RRDTable.export` image to *path* atomically (:func:`xapid.files.atomic_writer`, 0600)."""
-    with atomic_writer(path, 0o600) as f:
-        if compress:
-            np.savez_compressed(f, **image)  # type: ignore[arg-type]  # stubs: **kwds typed as allow_pickle
-        else:
-            np.savez(f, **image)  # type: ignore[arg-type]  # same stub limitation
+        return rrd_image.read_image(cls, path)

@@ -10,9 +10,26 @@ from __future__ import annotations
 import ctypes
 import errno
 import uuid as uuidlib
-from ctypes import POINTER, c_char, c_int, c_uint, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
+from ctypes import (
+    POINTER,
+    c_char,
+    c_int,
+    c_uint,
+    c_uint8,
+    c_uint16,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
 
-from xapid.backend.xen.libs import SUPPORTED_ABI, UnsupportedAbi, XenError, declare, last_error, load
+from xapid.backend.xen.libs import (
+    SUPPORTED_ABI,
+    UnsupportedAbi,
+    XenError,
+    declare,
+    last_error,
+    load,
+)
 
 XENVER_version = 0
 XENVER_extraversion = 1

@@ -8,7 +8,16 @@ checks.  :class:`XenLight` never calls libxl on a NULL context.
 from __future__ import annotations
 
 import ctypes
-from ctypes import POINTER, c_char_p, c_int, c_int64, c_uint, c_uint32, c_uint64, c_void_p
+from ctypes import (
+    POINTER,
+    c_char_p,
+    c_int,
+    c_int64,
+    c_uint,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
 from typing import Any, Callable, TypeVar
 
 from xapid.backend.xen.libs import SUPPORTED_ABI, declare, load, load_libc
