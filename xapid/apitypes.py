@@ -40,6 +40,27 @@ class Preencoded(Protocol):
     def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes: ...
 
 
+class SharedValue:
+    """A :class:`Preencoded` reply value answered to many callers at once (one ``event.from`` batch
+    for every watcher it wakes, one ``host.query_stats`` answer per sample): each wire encoding is
+    made once.  ``value`` is the plain value; ``reply[key]`` reads a member of a struct value."""
+
+    __slots__ = ("value", "cache")
+
+    def __init__(self, value: Any):
+        self.value = value
+        self.cache: dict[str, bytes] = {}
+
+    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
+        text = self.cache.get(fmt)
+        if text is None:
+            text = self.cache[fmt] = encode(self.value)
+        return text
+
+    def __getitem__(self, key: str) -> Any:
+        return self.value[key]
+
+
 class HugeInt(int):
     """Stands for an integer literal too long to convert (the wire decoders make it, see
     :func:`xapid.wire.values.parse_int`).

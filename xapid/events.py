@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from xapid.errors import XenAPIError, session_invalid
 from xapid.schema import Schema
 from xapid.store import CachedRecord, Change, Store
-from xapid.apitypes import Int32
+from xapid.apitypes import Int32, SharedValue
 
 log = Logger()
 
@@ -71,25 +71,6 @@ class Subscription:
 
     def matches(self, cls: str, ref: str) -> bool:
         return self.all or cls in self.classes or ref in self.refs
-
-
-class SharedReply:
-    """A reply value that caches its wire encodings (one encode for many identical replies)."""
-
-    __slots__ = ("value", "cache")
-
-    def __init__(self, value: dict[str, Any]):
-        self.value = value
-        self.cache: dict[str, bytes] = {}
-
-    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
-        text = self.cache.get(fmt)
-        if text is None:
-            text = self.cache[fmt] = encode(self.value)
-        return text
-
-    def __getitem__(self, key: str) -> Any:
-        return self.value[key]
 
 
 _UNSEEN: Any = object()
@@ -294,9 +275,9 @@ class EventHub:
         return {name.lower(): Int32(self.store.count(name)) for name in self.schema.classes
                 if self.schema.classes[name].persist or name in self._evented}
 
-    def batch(self, events: list[dict[str, Any]]) -> SharedReply:
+    def batch(self, events: list[dict[str, Any]]) -> SharedValue:
         """An event.from reply; encoded once per wire format however many watchers get it."""
-        return SharedReply({"events": events, "valid_ref_counts": self.counts(), "token": self.token()})
+        return SharedValue({"events": events, "valid_ref_counts": self.counts(), "token": self.token()})
 
     def subscription(self, classes: list[str]) -> Subscription:
         """The parsed subscription, cached: watchers re-send the same list every call."""
@@ -376,7 +357,7 @@ class EventHub:
         """Answer every waiter with news; watchers with the same subscription and token (the
         usual case: a fleet of clients in step) share one reply, built and encoded once."""
         self._wake_pending = False
-        replies: dict[tuple[Any, int], SharedReply | None] = {}
+        replies: dict[tuple[Any, int], SharedValue | None] = {}
         woken = []
         buckets = self._buckets
         for key, waiter in list(self._waiters.items()):

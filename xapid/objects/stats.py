@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable
 
+from xapid.apitypes import SharedValue
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import called, message
@@ -61,23 +62,6 @@ def _check_window_cf(window: float, cf: str) -> str:
     return cf.upper()
 
 
-class CookedReply:
-    """A ``host.query_stats`` answer whose wire encodings are made once per format (several
-    clients asking the same between two samples share them)."""
-
-    __slots__ = ("value", "cache")
-
-    def __init__(self, value: dict[str, float]):
-        self.value = value
-        self.cache: dict[str, bytes] = {}
-
-    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
-        text = self.cache.get(fmt)
-        if text is None:
-            text = self.cache[fmt] = encode(self.value)
-        return text
-
-
 class _QueryCache:
     """Per metrics engine: the keys each list of patterns selects, and the answers of the
     current sample.
@@ -94,7 +78,7 @@ class _QueryCache:
     def __init__(self) -> None:
         self.forgets = 0
         self.keys: dict[tuple[str, ...], tuple[Any, list[tuple[str, str]]]] = {}
-        self.replies: dict[tuple[Any, ...], CookedReply] = {}
+        self.replies: dict[tuple[Any, ...], SharedValue] = {}
         self.replies_at: tuple[Any, ...] = ()
 
     def forgot(self) -> None:
@@ -140,7 +124,7 @@ def _select(stats: Any, cache: _QueryCache, sources: list[str]) -> list[tuple[st
 @message("host.query_stats")
 def query_stats(ctx: CallContext, host: str, sources: list[str], window: float, cf: str) -> Any:
     """The cooked call: every source matching the patterns, consolidated over the window.  The
-    answer (a :class:`CookedReply`, the ``(string -> float) map``) is shared by identical
+    answer (a :class:`SharedValue`, the ``(string -> float) map``) is shared by identical
     calls until the next sample."""
     ctx.store.get(host, "host")
     cf = _check_window_cf(window, cf)
@@ -155,7 +139,7 @@ def query_stats(ctx: CallContext, host: str, sources: list[str], window: float, 
     reply = cache.replies.get(reply_key) if reply_key is not None else None
     if reply is not None:
         return reply
-    reply = CookedReply(stats.cooked(_select(stats, cache, sources), window, cf))
+    reply = SharedValue(stats.cooked(_select(stats, cache, sources), window, cf))
     if reply_key is not None:
         if len(cache.replies) >= cache.MAX:
             cache.replies.clear()
