@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred

@@ -4,7 +4,7 @@ calls (``host.query_stats``, ``host.top_VMs``), served from the metrics engine (
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 from xapid.apitypes import SharedValue
 from xapid.context import CallContext
