@@ -279,8 +279,8 @@ class SimDomain:
         times = self.vcpu_times(now)
         online = self.vcpus
         return DomainInfo(  # positional: built for every domain on every metrics tick
-            self.domid, self.uuid, self.name, self.state,  # type: ignore[arg-type]
-            self.shutdown_reason,  # type: ignore[arg-type]
+            self.domid, self.uuid, self.name, self.state,  # type: ignore[arg-type]  # str of the Literal's values
+            self.shutdown_reason,  # type: ignore[arg-type]  # str of the Literal's values (state file)
             self.memory_target,  # memory_actual follows the target at once
             self.memory_target, self.memory_max, online, self.vcpus_max, sum(times), tuple(times[:online]),
             placement(self.domid, online, cpus), self.start_time, self.domain_type, self.domid == 0)
