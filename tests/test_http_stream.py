@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from typing import Any
 
@@ -611,8 +612,38 @@ SERVER = textwrap.dedent('''
         return HttpResponse(200, headers=[(b"Content-Type", b"application/octet-stream")],
                             stream=lambda w: Deferred.fromCoroutine(produce(w)), length=length)
 
-    handler = ApiHandler(None, Limits(1 << 20, 64, 1000), routes={b"/down": download},
-                         stream_routes={(b"PUT", b"/up"): lambda request: HashSink()})
+    import os, select
+    from twisted.internet import threads
+
+    class DirectSink(HashSink):
+        """Reads a large Content-Length body itself, in a thread, from a dup of the socket."""
+        def read_direct(self, fd, first, count, idle):
+            self.hash.update(first); self.size += len(first)
+            def read():
+                left = count - len(first)
+                try:
+                    while left:
+                        try:
+                            data = os.read(fd, min(left, 1 << 20))
+                        except BlockingIOError:
+                            select.select([fd], [], [], idle)
+                            continue
+                        if not data:
+                            raise ConnectionError("the client went away")
+                        self.hash.update(data); self.size += len(data); left -= len(data)
+                finally:
+                    os.close(fd)
+                return count
+            self.writes = -1  # marks the direct path in the reply
+            return threads.deferToThread(read)
+
+    def big(request):
+        size = int(request.query.split(b"=")[1])
+        return HttpResponse(200, (BLOCK * (size // len(BLOCK) + 1))[:size])
+
+    handler = ApiHandler(None, Limits(1 << 20, 64, 1000), routes={b"/down": download, b"/big": big},
+                         stream_routes={(b"PUT", b"/up"): lambda request: HashSink(),
+                                        (b"PUT", b"/direct"): lambda request: DirectSink()})
     port = reactor.listenTCP(0, make_factory(handler, HttpSettings(max_body=1 << 16), reactor),
                              interface="127.0.0.1")
     print(port.getHost().port, flush=True)
@@ -671,6 +702,57 @@ def test_real_socket_streamed_get(listener):
             received += chunk
     head, _, body = bytes(received).partition(b"\r\n\r\n")
     assert b"Connection: close" in head and b"Content-Length" not in head and len(body) == 3000000
+
+
+def _read_replies(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
+    """*count* Content-Length replies read from *sock*: (head, body) each."""
+    data = bytearray()
+    replies = []
+    while len(replies) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = bytes(data[:end])
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(data) >= end + 4 + length:
+                replies.append((head, bytes(data[end + 4:end + 4 + length])))
+                del data[:end + 4 + length]
+                continue
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"closed after {len(replies)} replies"
+        data += chunk
+    return replies
+
+
+def test_real_socket_large_replies_pipelined_to_a_slow_reader_arrive_whole_and_in_order(listener):
+    """Large buffered replies (head and body sent without concatenation, straight to the socket
+    while it takes them, the rest queued) reach a client that reads late, byte-exact and in order
+    with the small replies pipelined between them."""
+    block = bytes(range(256)) * 256
+    sizes = [9_000_000, 10, 3_000_001, 0, 700_000]
+    with socket.create_connection(("127.0.0.1", listener), timeout=30) as sock:
+        sock.sendall(b"".join(b"GET /big?size=%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in sizes))
+        time.sleep(0.5)  # the socket's buffers fill: part of the replies waits in the daemon's queue
+        replies = _read_replies(sock, len(sizes))
+    for (head, body), size in zip(replies, sizes):
+        assert head.startswith(b"HTTP/1.1 200 OK") and len(body) == size
+        assert body == (block * (size // len(block) + 1))[:size]
+
+
+def test_real_socket_sink_reading_the_body_directly_then_keep_alive(listener):
+    """A sink with read_direct gets a large Content-Length body from a dup of the socket (the
+    bytes sent with the head first), then the connection serves the next requests: a small body
+    (below the direct threshold: written to the sink as usual) and a GET."""
+    data = os.urandom(5 << 20)
+    with socket.create_connection(("127.0.0.1", listener), timeout=30) as sock:
+        sock.sendall(b"PUT /direct HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(data) + data[:70000])
+        sock.sendall(data[70000:])
+        small = b"small body"
+        sock.sendall(b"PUT /direct HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(small) + small
+                     + b"GET /big?size=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        (_, first), (_, second), (_, third) = _read_replies(sock, 3)
+    assert first.split() == [str(len(data)).encode(), hashlib.sha256(data).hexdigest().encode(), b"-1"]
+    assert second.split()[:2] == [b"10", hashlib.sha256(small).hexdigest().encode()] and second.split()[2] != b"-1"
+    assert third == bytes(range(5))
 
 
 def test_client_that_stops_reading_a_stream_is_cut_after_idle_timeout():

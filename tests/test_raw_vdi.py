@@ -519,3 +519,126 @@ def test_export_to_a_client_that_stops_reading_then_goes_away(daemon, api):
         assert reply.status == 200 and len(body) == size
         assert body[:5] == b"first" and body[-4:] == b"last" and body == path.read_bytes()
     conn.close()
+
+
+# ---------------------------------------------------- raw imports read by the thread pool (direct)
+
+
+def _import_head(api: Any, target: str, length: int) -> bytes:
+    return (f"PUT /import_raw_vdi?session_id={api[1]}&{target}&format=raw HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def _read_head(sock: socket.socket) -> tuple[int, dict[str, str]]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = sock.recv(4096)
+        assert more, data
+        data += more
+    lines = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    return int(lines[0].split()[1]), {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+
+
+def test_large_raw_import_in_uneven_pieces_is_byte_exact_and_keeps_holes(daemon, api):
+    """A known-length raw body (read from the socket by the thread pool) sent in pieces of odd
+    sizes with pauses, some of it with the head: the disk is exactly the body, and its zero
+    runs are holes (over a disk whose old data must read as zeros afterwards)."""
+    size = 40 * MIB
+    ref, path = new_vdi(api, size)
+    fill(path, {0: os.urandom(3 * MIB), 30 * MIB: os.urandom(2 * MIB)})  # old data, zeros in the body there
+    body = bytearray(size)
+    body[5 * MIB + 123:5 * MIB + 123 + 700000] = os.urandom(700000)
+    body[17 * MIB:18 * MIB] = os.urandom(MIB)
+    body[size - 9:] = b"last data"
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    try:
+        sock.sendall(_import_head(api, f"vdi={ref}", size) + body[:1000])
+        at = 1000
+        for n, piece in enumerate((77, 3 * MIB + 5, 65536, 1, 12 * MIB + 7)):
+            sock.sendall(body[at:at + piece])
+            at += piece
+            time.sleep(0.7 if n == 2 else 0.05)  # one pause longer than the reader's half-second poll
+        sock.sendall(body[at:])
+        status, headers = _read_head(sock)
+        assert status == 200
+        assert sock.recv(100) == b""  # closed once the import is done, as xapi does
+    finally:
+        sock.close()
+    rec = task_record(api, headers["task-id"])
+    assert rec["status"] == "success", rec
+    assert path.read_bytes() == bytes(body)
+    assert path.stat().st_blocks * 512 <= 4 * MIB  # 1.7 MiB of data: the zeros were not written
+
+
+def test_raw_import_longer_than_the_disk_stops_at_its_size(daemon, api):
+    size = 6 * MIB
+    ref, path = new_vdi(api, size)
+    body = os.urandom(size) + b"\xff" * (3 * MIB)
+    status, headers, _ = request(daemon, "PUT", f"/import_raw_vdi?session_id={api[1]}&vdi={ref}&format=raw", body)
+    assert status == 200
+    assert task_record(api, headers["task-id"])["status"] == "success"
+    assert path.read_bytes() == body[:size]
+
+
+def test_raw_import_cancelled_while_the_client_pauses_changes_nothing(daemon, api):
+    size = 32 * MIB
+    ref, path = new_vdi(api, size)
+    original = fill(path, {MIB: b"keep me" * 100})
+    task = call(api, "task.create", "restore", "")
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    try:
+        sock.sendall(_import_head(api, f"vdi={ref}&task_id={task}", size) + os.urandom(3 * MIB))
+        status, headers = _read_head(sock)
+        assert status == 200 and headers["task-id"] == task
+        time.sleep(0.3)
+        call(api, "task.cancel", task)
+        rec = task_record(api, task)
+        assert rec["status"] == "cancelled", rec
+        deadline = time.monotonic() + 10  # the import stops while the client is still connected
+        while list(path.parent.glob("*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list(path.parent.glob("*.partial"))
+        sock.sendall(os.urandom(MIB))  # the rest is discarded, never written
+        time.sleep(0.3)
+        assert path.read_bytes() == original
+    finally:
+        sock.close()
+
+
+def test_raw_import_client_gone_mid_body_fails_the_task_and_removes_the_new_disk(daemon, api):
+    sr = call(api, "pool.get_default_SR", call(api, "pool.get_all")[0])
+    vdis_before = set(call(api, "VDI.get_all"))
+    files_before = set(sr_dir(api, sr).iterdir())
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+    try:
+        sock.sendall(_import_head(api, f"sr_id={sr}", 64 * MIB) + os.urandom(9 * MIB))
+        status, headers = _read_head(sock)
+        assert status == 200
+    finally:
+        sock.close()
+    rec = task_record(api, headers["task-id"])
+    assert rec["status"] == "failure" and rec["error_info"][0] == "IMPORT_ERROR", rec
+    deadline = time.monotonic() + 10
+    while set(sr_dir(api, sr).iterdir()) != files_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(sr_dir(api, sr).iterdir()) == files_before
+    assert set(call(api, "VDI.get_all")) == vdis_before
+
+
+def test_probe_without_body_then_the_real_import_at_once(daemon, api):
+    """Xen Orchestra's connector probes with the head alone (1 PiB announced) and hangs up, then
+    sends the real upload at once: the probe's import is over before the next one is checked
+    (no OTHER_OPERATION_IN_PROGRESS), and the upload lands."""
+    size = 3 * MIB
+    ref, path = new_vdi(api, size)
+    data = os.urandom(size)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as probe:
+        probe.sendall(_import_head(api, f"vdi={ref}", 1 << 50))
+        assert _read_head(probe)[0] == 200
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(_import_head(api, f"vdi={ref}", 1 << 50))
+        status, headers = _read_head(sock)
+        assert status == 200
+        sock.sendall(data)
+    assert task_record(api, headers["task-id"])["status"] == "success"
+    assert path.read_bytes() == data

@@ -45,6 +45,7 @@ from xapid.backend.storage import PARTIAL, FileSR, StorageError
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.transfer import disk, vhd
+from xapid.runner import InlineRunner
 from xapid.transfer.limits import Slot, TransferLimitError, TransferSlots
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
 from xapid.wire.xmlrpc import encode_value
@@ -55,6 +56,7 @@ TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 FORMATS = {"raw": b"application/octet-stream", "vhd": b"application/vhd"}
 DIRECT_BUDGET = 64 << 20  # export: bytes sent per thread-pool call on the direct (sendfile) path
 BATCH = 8 << 20  # import: bytes of writes handed to the thread pool at once (one batch in flight)
+DIRECT_READ_BUDGET = 64 << 20  # import: bytes read from the socket per thread-pool call on the direct path
 PROGRESS_STEP = 0.01
 
 
@@ -76,8 +78,9 @@ class _Task:
             self.api.tasks.progress(self.ref, fraction)
 
     def cancelling(self) -> bool:
+        """The task was asked to stop (a client's own task is cancelled at once: that counts too)."""
         obj = self.api.store.find(self.ref)
-        return obj is not None and obj.fields["status"] == "cancelling"
+        return obj is not None and obj.fields["status"] in ("cancelling", "cancelled")
 
     def _finish(self, fields: dict[str, Any]) -> None:
         obj = self.api.store.find(self.ref)
@@ -101,6 +104,7 @@ class RawVdiRoutes:
         self.api = api
         self.slots = slots
         self._importing: set[str] = set()  # VDI refs with an import in progress
+        self._discarding: dict[str, Deferred[None]] = {}  # VDI refs whose failed import's file is being removed
 
     def routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred[Any]]]:
         return {b"/export_raw_vdi": lambda request: Deferred.fromCoroutine(self._guard(self._export(request)))}
@@ -356,6 +360,10 @@ class RawVdiRoutes:
             target_path = driver.path / f"{new_uuid}.img"
             partial = target_path.with_name(target_path.name + PARTIAL)
             source = None
+        if vdi is not None and vdi.ref in self._discarding:  # a failed import's file is still being removed
+            await self._discarding[vdi.ref]
+            if vdi.ref in self._importing:
+                raise HttpError(409, f"OTHER_OPERATION_IN_PROGRESS: an import into VDI {vdi.ref} is running")
         slot = self.slots.acquire(caller.user)
         try:
             task = self._task(params, caller, "Import of a raw VDI")
@@ -465,6 +473,11 @@ class _ImportSink:
         self._error: XenAPIError | None = None
         self._done = False
         self.claimed = False  # a new disk's name is marked as xapid's (undone on failure)
+        self._stopped = False  # aborted: a direct read in the thread pool stops at its next check
+        # a known-length raw body may be read by the thread pool straight from the socket (see read_direct)
+        self.read_direct: Callable[[int, bytes, int, float], Deferred[int]] | None = (
+            self._read_direct if isinstance(parser, vhd.RawParser) and not isinstance(self.api.runner, InlineRunner)
+            else None)
         self.complete = False  # the disk is whole (raw: its size arrived; chunked: the end marker)
         # xapi's reply, sent before the body is read: the outcome is on the task only
         self.early: HttpResponse | None = HttpResponse(200, b"", [(b"task-id", task.ref.encode()),
@@ -516,6 +529,63 @@ class _ImportSink:
 
         waiting.addBoth(then)
         return d
+
+    def _read_direct(self, sock_fd: int, first: bytes, count: int, idle: float) -> Deferred[int]:
+        """Read the next *count* bytes of the body (*first* already arrived) from *sock_fd*, a ``dup``
+        of the client's socket that this closes, in the thread pool (:class:`disk.SocketImport`):
+        the channel's reading is paused meanwhile.  Fires with the bytes consumed (the body up to
+        the disk's size, then ``complete``); fails as :meth:`write` does (a cancelled task, a
+        client gone or silent for *idle* seconds, a disk error: the channel then calls abort)."""
+        return Deferred.fromCoroutine(self._direct(sock_fd, first, count, idle))
+
+    async def _direct(self, sock_fd: int, first: bytes, count: int, idle: float) -> int:
+        reader: disk.SocketImport | None = None
+        try:
+            while self._inflight is not None:  # nothing is batched before the direct read; never trust twice
+                await self._wait_inflight()
+            if self._failure is not None:
+                self._failure.raiseException()
+            want = min(count, self.target.size - self.received)
+            reader = disk.SocketImport(sock_fd, first, want, self.target, self.received, idle,
+                                       lambda: self._stopped)
+            self.parser.received += want  # the raw parser's position: the body is written at its offsets
+            while not reader.done:
+                if self._stopped:
+                    raise HttpError(400, "the import was aborted", self._task_header())
+                if self.task.cancelling():
+                    self._error = XenAPIError("TASK_CANCELLED", self.task.ref)
+                    raise HttpError(400, f"task {self.task.ref} was cancelled", self._task_header())
+                job = self.api.runner.run(reader.step, DIRECT_READ_BUDGET)
+                self._inflight = job
+                box: Deferred[int] = Deferred()
+                job.addBoth(self._stepped, job, box)
+                try:
+                    n = await box
+                except ConnectionError as exc:
+                    raise HttpError(400, f"the transfer broke: {exc}", self._task_header()) from None
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    self._error = XenAPIError("SR_BACKEND_FAILURE", "EIO", "", reason)
+                    raise HttpError(500, f"writing the disk failed: {reason}", self._task_header()) from None
+                self.received += n
+                total = self.target.size
+                if total:
+                    self.task.progress(min(self.received / total, 0.99))
+            if self.received >= self.target.size:
+                self.complete = True
+            return want
+        finally:
+            if reader is not None:
+                reader.close()  # its writer thread is idle: each step waits for its last write
+            os.close(sock_fd)
+
+    def _stepped(self, result: Any, job: Deferred[Any], box: Deferred[int]) -> None:
+        if self._inflight is job:
+            self._inflight = None
+        if isinstance(result, Failure):
+            box.errback(result)
+        else:
+            box.callback(result)
 
     def _task_header(self) -> tuple[tuple[bytes, bytes], ...]:
         return ((b"task-id", self.task.ref.encode()),)
@@ -607,6 +677,7 @@ class _ImportSink:
         return ref
 
     def abort(self, reason: str) -> None:
+        self._stopped = True
         if self._done:
             return
         error = self._error or XenAPIError("IMPORT_ERROR", f"the transfer broke: {reason}")
@@ -625,8 +696,18 @@ class _ImportSink:
         if self.vdi_ref is not None:
             self.routes._importing.discard(self.vdi_ref)
         after = self._inflight if self._inflight is not None else succeed(None)
+        removed: Deferred[None] = Deferred()
+        vdi_ref = self.vdi_ref
+        if vdi_ref is not None:
+            self.routes._discarding[vdi_ref] = removed
+
+        def gone(_: Any) -> None:
+            if vdi_ref is not None and self.routes._discarding.get(vdi_ref) is removed:
+                del self.routes._discarding[vdi_ref]
+            removed.callback(None)
+
         after.addBoth(lambda _: self.api.runner.run(self._discard)).addErrback(
-            lambda f: log.failure("removing a partial import failed", f))
+            lambda f: log.failure("removing a partial import failed", f)).addBoth(gone)
 
     def cleanup_now(self) -> None:
         """Before the body: undo the preparation (the claim of a new disk's name)."""

@@ -152,7 +152,14 @@ class BodySink(Protocol_):
     * ``complete: bool`` — once True after a write, the body is over for the sink even if more
       was announced (an XVA's tar end, a raw disk's size reached): ``finish`` is called, and the
       rest is read and discarded (at most :data:`DRAIN_MAX` bytes) until the client closes or the
-      announced end, then the connection is closed."""
+      announced end, then the connection is closed.
+    * ``read_direct(sock_fd, first, count, idle) -> Deferred[int]`` — for a Content-Length body
+      of at least :data:`DIRECT_READ_MIN` bytes on a plain TCP/UNIX socket: the sink reads the
+      next *count* body bytes itself (*first*: those already received) from *sock_fd*, a
+      non-blocking ``dup`` of the socket that it closes, typically in the thread pool, giving up
+      after *idle* seconds of silence; the channel does not read the socket meanwhile.  The
+      Deferred fires with the bytes consumed (fewer only when the sink is then ``complete``),
+      or fails as ``write`` does."""
 
     def write(self, data: bytes) -> Deferred[None] | None: ...
 
@@ -252,9 +259,9 @@ class _Refused(Exception):
         self.reason = reason
 
 
-def write_now(transport: Any, data: bytes) -> int:
-    """Write as much of *data* as the socket takes right now, bypassing the reactor's queue;
-    returns how many bytes went out (0 when this transport cannot write directly).
+def write_now(transport: Any, data: bytes, more: bytes = b"") -> int:
+    """Write as much of *data* (then *more*) as the socket takes right now, bypassing the
+    reactor's queue; returns how many bytes went out (0 when this transport cannot write directly).
 
     The reactor normally queues a write and sends it on its next turn, after it has read
     more input.  When many deferred replies are answered at once (1 000 ``event.from``
@@ -263,14 +270,40 @@ def write_now(transport: Any, data: bytes) -> int:
     socket transport (TCP, UNIX) that is connected and has nothing queued: the caller must
     queue the rest (and everything after it) through ``transport.write`` so that nothing
     overtakes queued data (:meth:`HttpChannel._send` does).  TLS transports carry ciphertext on their socket and are never
-    written this way.  This is the one place that reaches below Twisted's transport API.
+    written this way.  *data* and *more* go out in one ``sendmsg`` (a reply's head and body,
+    never concatenated), uncapped (Twisted's own writes send 128 KiB per reactor turn).
+    This is the one place that reaches below Twisted's transport API.
     """
     if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
         return 0
     if not transport.connected or transport.disconnecting:
         return 0
-    sent = transport.writeSomeData(data)
-    return sent if isinstance(sent, int) and sent > 0 else 0
+    sock = getattr(transport, "socket", None)
+    if not isinstance(sock, socket.socket):
+        sent = transport.writeSomeData(data)
+        return sent if isinstance(sent, int) and sent > 0 else 0
+    try:
+        return sock.sendmsg([data, more]) if more else sock.send(data)
+    except OSError:  # EAGAIN: all is queued; a broken socket: Twisted's write finds out and closes
+        return 0
+
+
+def _widen(transport: Any) -> None:
+    """Ready a plain socket transport for large replies: a send buffer of :data:`LARGE_SNDBUF`
+    (so a reply of several MB leaves in one ``sendmsg`` while the client reads) and
+    Twisted's per-turn send limit raised to :data:`LARGE_SEND_LIMIT` for whatever is queued."""
+    if getattr(transport, "_xapid_wide", False) or getattr(transport, "TLS", False):
+        return
+    sock = getattr(transport, "socket", None)
+    if not isinstance(sock, socket.socket):
+        return
+    try:
+        transport._xapid_wide = True
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * LARGE_SNDBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LARGE_SNDBUF)
+        transport.SEND_LIMIT = max(getattr(transport, "SEND_LIMIT", 0), LARGE_SEND_LIMIT)
+    except (OSError, AttributeError):
+        pass
 
 
 _NOTHING = object()
@@ -278,6 +311,10 @@ _STREAM_PIECE = 1 << 20  # decoded chunk data given to a sink in one write at mo
 HIGH_WATER = 256 << 10  # bytes a streamed reply may queue in a socket transport before its writer waits
 DRAIN_MAX = 16 << 20  # after an early reply's body ended (complete or failed): input read and discarded at most
 STREAM_READ = 1 << 20  # bytes per recv while a body streams to a sink (Twisted's default is 64 KiB)
+DIRECT_READ_MIN = 1 << 20  # a streamed body from this size on may be read by its sink directly (read_direct)
+LARGE_REPLY = 256 << 10  # a reply body from this size on widens its connection's socket buffer (_widen)
+LARGE_SNDBUF = 4 << 20  # SO_SNDBUF asked for then (the kernel doubles it, capped by net.core.wmem_max)
+LARGE_SEND_LIMIT = 1 << 20  # bytes Twisted sends per reactor turn on such a connection (its default 128 KiB)
 
 # parser states
 _HEAD, _DECIDE, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(8)
@@ -331,6 +368,7 @@ class HttpChannel(Protocol):
         self._write_paused = False  # the transport's buffer is full: the client is not reading
         self._read_paused = False
         self._direct = True  # nothing of ours is queued in the transport: replies may go straight out
+        self._direct_ok = False  # the current body may still go to its sink's read_direct (once some arrived)
         self._timer: Any = None
         self._timer_kind = ""
         self._authenticated = False
@@ -392,7 +430,11 @@ class HttpChannel(Protocol):
             self._deadline("header", self.settings.header_timeout)
         elif self._sink is not None and self._timer_kind == "body":  # a streamed body: an inactivity deadline
             self._timer.reset(self.settings.body_timeout)
-        if (self._state == _BODY and self._sink is not None and not self._buf and self._sink_wait is None
+        if (self._direct_ok and self._state == _BODY and self._sink is not None and self._sink_wait is None
+                and not self._processing and self._pending is None):
+            self._buf += data  # the first body bytes: the sink may read the rest itself (read_direct)
+            self._read_direct()
+        elif (self._state == _BODY and self._sink is not None and not self._buf and self._sink_wait is None
                 and not self._processing and self._pending is None):
             # a Content-Length body streaming to a sink: the piece goes to it as received, uncopied
             taken = min(len(data), self._remaining)
@@ -646,6 +688,67 @@ class HttpChannel(Protocol):
             self._send_early(early)
         if announced:
             self._deadline("body", self.settings.body_timeout)
+            self._direct_ok = self._sink is not None
+            self._read_direct()
+
+    def _read_direct(self) -> None:
+        """Let the sink read a Content-Length body itself (its optional ``read_direct``), from the
+        thread pool on a ``dup`` of a plain TCP/UNIX socket, while the reactor's reading is paused;
+        the bytes already buffered go first.  Its Deferred fires with the bytes it consumed: the
+        rest of the body (if any) is then read here as usual, or drained once it is ``complete``."""
+        sink = self._sink
+        if not self._direct_ok or not self._buf or self._state != _BODY:
+            return  # not before some of the body arrived: a client hanging up at once is seen here, at once
+        self._direct_ok = False
+        reader = getattr(sink, "read_direct", None)
+        transport = self.transport
+        if (sink is None or not callable(reader) or self._framing != _BODY or self._remaining < DIRECT_READ_MIN
+                or not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False)
+                or not isinstance(getattr(transport, "socket", None), socket.socket)
+                or not transport.connected or transport.disconnecting):
+            return
+        try:
+            sock_fd = os.dup(transport.fileno())
+        except OSError:
+            return
+        count = self._remaining
+        taken = min(len(self._buf), count)
+        first = bytes(self._buf[:taken])
+        del self._buf[:taken]
+        self._cancel_timer()  # the reader applies body_timeout itself
+        try:
+            d = reader(sock_fd, first, count, self.settings.body_timeout)
+        except Exception:  # noqa: BLE001 - the sink refused: the request ends
+            os.close(sock_fd)
+            d = fail()
+        if not isinstance(d, Deferred):
+            d = fail(TypeError("read_direct must return a Deferred"))
+        box: list[Any] = [True]
+        d.addBoth(self._direct_read, box, count, taken)
+        box[0] = False
+        if len(box) > 1:  # fired at once
+            self._direct_read(box[1], box, count, taken)
+            return
+        self._sink_wait = d
+        self._pause_reading()
+
+    def _direct_read(self, outcome: Any, box: list[Any], count: int, taken: int) -> None:
+        if box[0]:
+            box.append(outcome)
+            return
+        self._sink_wait = None
+        if self._closing or self._sink is None:
+            return
+        if isinstance(outcome, Failure):
+            self._sink_failed(outcome)
+            return
+        consumed = outcome if isinstance(outcome, int) and outcome >= 0 else 0
+        self._remaining = max(0, count - max(consumed, taken))  # what it left of the buffered bytes is dropped
+        if not self._remaining:
+            self._state = _DONE
+        elif not self._sink_completed():
+            self._deadline("body", self.settings.body_timeout)
+        self._process()
 
     def _stream_reads(self) -> None:
         """Read up to :data:`STREAM_READ` bytes per recv from now on (this connection streams a body)."""
@@ -886,6 +989,7 @@ class HttpChannel(Protocol):
         request, self._request = self._request, None
         assert request is not None
         self._state = _HEAD
+        self._direct_ok = False
         self._cancel_timer()
         sink, self._sink = self._sink, None  # finish() is never followed by abort()
         result: Any
@@ -969,7 +1073,7 @@ class HttpChannel(Protocol):
             else:
                 self._start_stream(outcome, keep)
             return
-        self._send(self._head_bytes(request.version, outcome, len(outcome.body), keep) + outcome.body)
+        self._send(self._head_bytes(request.version, outcome, len(outcome.body), keep), outcome.body)
         self._after_reply(keep)
 
     def _after_reply(self, keep: bool) -> None:
@@ -1001,7 +1105,7 @@ class HttpChannel(Protocol):
         return b"".join(head)
 
     def _write(self, version: bytes, response: HttpResponse, keep: bool) -> None:
-        self._send(self._head_bytes(version, response, len(response.body), keep) + response.body)
+        self._send(self._head_bytes(version, response, len(response.body), keep), response.body)
 
     def _start_stream(self, response: HttpResponse, keep: bool) -> None:
         """Run the response's producer with a :class:`BodyWriter`; requests wait until it is done."""
@@ -1080,16 +1184,25 @@ class HttpChannel(Protocol):
         if leftover and self._takeover is proto and not self._closing:
             proto.dataReceived(leftover)
 
-    def _send(self, data: bytes) -> None:
-        """Write *data*: straight to the socket while nothing of ours is queued (:func:`write_now`),
-        through the transport's queue otherwise, and from then on."""
+    def _send(self, data: bytes, body: bytes = b"") -> None:
+        """Write *data* (a head) then *body*: straight to the socket while nothing of ours is
+        queued (:func:`write_now`, head and body in one ``sendmsg``, never concatenated), through
+        the transport's queue otherwise, and from then on.  A large *body* first widens the
+        connection's send buffer (:func:`_widen`)."""
+        if len(body) >= LARGE_REPLY:
+            _widen(self.transport)
         if self._direct:
-            sent = write_now(self.transport, data)
-            if sent == len(data):
+            sent = write_now(self.transport, data, body)
+            if sent == len(data) + len(body):
                 return
-            data = data[sent:]
             self._direct = False
+            if sent >= len(data):
+                data, body = body[sent - len(data):], b""
+            elif sent:
+                data = data[sent:]
         self._io.write(data)
+        if body:
+            self._io.write(body)
 
     def _refuse(self, status: int, reason_text: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         log.info("refused a request from {peer}: {status} {reason}", peer=self.peer, status=status,
