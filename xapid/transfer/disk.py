@@ -90,19 +90,7 @@ def plan_length(plan: Iterable[Segment]) -> int:
 
 def read_piece(fd: int, offset: int, length: int) -> bytes:
     """*length* bytes of the disk at *offset*; past the file's end (a disk that shrank) zeros."""
-    data = os.pread(fd, length, offset)
-    if len(data) < length:
-        more = []
-        got = len(data)
-        while got < length:
-            chunk = os.pread(fd, length - got, offset + got)
-            if not chunk:
-                more.append(bytes(length - got))
-                break
-            more.append(chunk)
-            got += len(chunk)
-        data = data + b"".join(more)
-    return data
+    return sparse.read_exact(fd, offset, length)
 
 
 class ImportTarget:

@@ -80,7 +80,7 @@ def allocated_blocks(fd: int, size: int, block_size: int) -> list[int]:
     return blocks_of(extents(fd, size), block_size)
 
 
-def _read_exact(fd: int, offset: int, length: int) -> bytes:
+def read_exact(fd: int, offset: int, length: int) -> bytes:
     """*length* bytes at *offset*; past the end of the file they read as zeros."""
     data = os.pread(fd, length, offset)
     if len(data) < length:
@@ -101,7 +101,7 @@ def read_block(fd: int, index: int, block_size: int, size: int) -> bytes:
     """Block *index* of the disk (zero-padded to *block_size* past the disk's end)."""
     offset = index * block_size
     length = max(0, min(block_size, size - offset))
-    data = _read_exact(fd, offset, length) if length else b""
+    data = read_exact(fd, offset, length) if length else b""
     if length < block_size:
         data += bytes(block_size - length)
     return data
