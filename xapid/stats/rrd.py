@@ -274,11 +274,11 @@ class RRDTable:
 
     def sources(self, owner: str) -> list[DataSource]:
         """The sources of *owner*, in insertion order (empty if unknown)."""
-        return [self._info[s] for s in self._slots.get(owner, {}).values()]  # type: ignore[misc]
+        return [self._info[s] for s in self._slots.get(owner, {}).values()]  # type: ignore[misc]  # a named slot always holds a source
 
     def source(self, owner: str, name: str) -> DataSource:
         """One source's description; KeyError if unknown."""
-        return self._info[self.slot(owner, name)]  # type: ignore[return-value]
+        return self._info[self.slot(owner, name)]  # type: ignore[return-value]  # a named slot always holds a source
 
     def slot(self, owner: str, name: str) -> int:
         """The slot of ``(owner, name)``; KeyError if unknown."""

@@ -251,7 +251,8 @@ class SimBackend:
             now = self._clock()
             disks: list[DiskCounters] = []
             nics: list[NicCounters] = []
-            domains = []
+            domains: list[DomainInfo] = []
+            cpus = self._cpus
             busy = state.retired_busy_ns
             rx, tx = state.retired_net
             used = 0
@@ -260,17 +261,13 @@ class SimBackend:
                 self._frames = frames = {u: f for u, f in frames.items() if u in state.domains}
             for uuid, dom in state.domains.items():  # the order does not matter here: no sort per tick
                 frame = frames.get(uuid)
-                if frame is None or not frame.fits(dom, self._cpus):
-                    frame = frames[uuid] = CounterFrame(dom, self._cpus)
-                info, dom_disks, dom_nics = frame.at(now)
-                domains.append(info)
+                if frame is None or not frame.current(dom, cpus):  # a load change rebuilds only the rates
+                    frame = frames[uuid] = CounterFrame(dom, cpus)
+                info = frame.into(now, domains, disks, nics)
                 used += frame.usage
-                busy += info.cpu_time_ns - frame.cpu_base_ns
-                if dom_disks:
-                    disks += dom_disks
-                for n in dom_nics:
-                    nics.append(n)
-                    rx, tx = rx + n.rx_bytes, tx + n.tx_bytes
+                busy += info[10] - frame.cpu_base_ns  # cpu_time_ns
+            rx += sum([n[2] for n in nics])  # rx_bytes
+            tx += sum([n[3] for n in nics])  # tx_bytes
             return Counters(
                 timestamp=now,
                 domains=tuple(domains),
