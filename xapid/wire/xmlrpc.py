@@ -11,7 +11,8 @@ import base64
 import math
 import re
 import xmlrpc.client
-from operator import eq
+from itertools import compress
+from operator import eq, not_
 from datetime import datetime
 from typing import Any, Callable
 
@@ -73,11 +74,16 @@ def _encode(value: Any, out: list[bytes]) -> None:
                 run.append(f"<member><name>{name}</name><value>{escape(v)}</value></member>")
             elif tv is int:
                 run.append(f"<member><name>{name}</name><value>{v:d}</value></member>")
+            elif tv is bool:
+                run.append(f"<member><name>{name}</name><value><boolean>{1 if v else 0}</boolean></value></member>")
             else:
                 run.append(f"<member><name>{name}</name>")
                 out.append("".join(run).encode())
                 run.clear()
-                _encode(v, out)
+                if tv in _PREENCODED:  # a record (get_all_records): its cached or freshly built bytes
+                    out.append(v.encoded("xml", encode_record))
+                else:
+                    _encode(v, out)
                 run.append("</member>")
         run.append("</struct></value>")
         out.append("".join(run).encode())
@@ -95,6 +101,8 @@ def _encode(value: Any, out: list[bytes]) -> None:
     elif isinstance(value, datetime):
         out.append(b"<value><dateTime.iso8601>" + format_datetime(value).encode() + b"</dateTime.iso8601></value>")
     elif hasattr(value, "encoded"):
+        if len(_PREENCODED) < 64:
+            _PREENCODED.add(t)
         out.append(value.encoded("xml", encode_record))
     elif isinstance(value, str):
         _encode(str(value), out)
@@ -104,6 +112,9 @@ def _encode(value: Any, out: list[bytes]) -> None:
         _encode(sorted(value), out)
     else:
         raise TypeError(f"cannot encode {t.__name__} as XML-RPC")
+
+
+_PREENCODED: set[type] = set()  # types seen with an ``encoded`` method (Preencoded): struct members skip the dispatch
 
 
 # -- records: shared member fragments ------------------------------------------------------------
@@ -136,7 +147,7 @@ _NOT_SHARED = object()  # a key part never stored
 
 
 class _Template:
-    __slots__ = ("names", "values", "fragments", "always", "floats")
+    __slots__ = ("names", "values", "fragments", "always", "floats", "heads", "indexes")
 
     def __init__(self, names: tuple[Any, ...], values: list[Any], fragments: list[bytes], always: list[int],
                  floats: list[int]):
@@ -145,6 +156,8 @@ class _Template:
         self.fragments = fragments
         self.always = always  # fields never taken from the template (unshared types)
         self.floats = floats  # float fields: taken from the template only when equal and not zero (-0.0 == 0.0)
+        self.heads = [_name(name) for name in names]  # each member's b"<member><name>N</name>"
+        self.indexes = range(1, len(names) + 1)  # field i's fragment is fragments[i + 1] (after the struct's opening)
 
 
 _TEMPLATES: dict[tuple[type, ...], _Template] = {}
@@ -188,16 +201,29 @@ def _shared_key(t: type, value: Any) -> Any:
     return _NOT_SHARED
 
 
-def _fragment(name: Any, value: Any) -> bytes:
-    """The member for *name* = *value*, from the memo when the value is shared."""
+def _fragment(name: Any, value: Any, head: bytes | None = None) -> bytes:
+    """The member for *name* = *value* (*head*: its ``_name``, when known): long strings and lists of
+    strings (an object's own: uuid, references) formatted directly, other values from the memo when
+    shared."""
     t = type(value)
-    if t is str and len(value) > SHARED_TEXT:
-        return _name(name) + b"<value>" + escape(value).encode() + b"</value></member>"
+    if t is str:
+        if len(value) > SHARED_TEXT:
+            return (head or _name(name)) + ("<value>" + escape(value) + "</value></member>").encode()
+    elif t is list:
+        for item in value:
+            if type(item) is not str:
+                break
+        else:
+            if not value:
+                return (head or _name(name)) + b"<value><array><data></data></array></value></member>"
+            if _BAD.search("".join(value)) is None:  # nothing to escape: the items joined as they are
+                items = "<value>" + "</value><value>".join(value) + "</value>"
+            else:
+                items = "".join(["<value>" + escape(item) + "</value>" for item in value])
+            return (head or _name(name)) + ("<value><array><data>" + items
+                                             + "</data></array></value></member>").encode()
     key = _shared_key(t, value)
     if key is _NOT_SHARED:
-        if t is list and all(type(item) is str for item in value):  # e.g. references: one object's own
-            items = "".join(["<value>" + escape(item) + "</value>" for item in value])
-            return _name(name) + b"<value><array><data>" + items.encode() + b"</data></array></value></member>"
         return _member(name, value)
     memo_key = (t, name, key)
     fragment = _MEMO.get(memo_key)
@@ -225,7 +251,7 @@ def _template(names: tuple[Any, ...], values: list[Any], types: tuple[type, ...]
             kept.append(list(v) if t is list else dict(v) if t is dict else v)
     if len(_TEMPLATES) >= TEMPLATE_LIMIT:
         _TEMPLATES.clear()
-    _TEMPLATES[types] = _Template(names, kept, list(fragments), always, floats)
+    _TEMPLATES[types] = _Template(names, kept, list(fragments), always, floats)  # fragments: with the struct's tags
 
 
 def encode_record(value: Any) -> bytes:
@@ -233,17 +259,18 @@ def encode_record(value: Any) -> bytes:
     and the shared memo."""
     if type(value) is not dict:
         return encode_value(value)
-    fast = _float_map(value)
-    if fast is not None:  # unique floats: nothing to share
-        return fast
     values = list(value.values())
     types = tuple(map(type, values))
+    if types and types[0] is float:
+        fast = _float_map(value)
+        if fast is not None:  # unique floats: nothing to share
+            return fast
     template = _TEMPLATES.get(types)
     names = tuple(value)
     if template is None or template.names != names:
         if not all(type(name) is str for name in names):  # 1, True and 1.0 are one dict key: no sharing
             return encode_value(value)
-        fragments = [_fragment(name, v) for name, v in zip(names, values)]
+        fragments = [_STRUCT_OPEN, *[_fragment(name, v) for name, v in zip(names, values)], _STRUCT_CLOSE]
         if template is None:
             _template(names, values, types, fragments)
     else:
@@ -254,19 +281,19 @@ def encode_record(value: Any) -> bytes:
         for i in template.floats:
             if same[i] and values[i] == 0.0:  # 0.0 or -0.0: equal, written differently
                 same[i] = False
-        index = same.index
-        i = -1
+        heads = template.heads
         changed = 0
-        try:
-            while True:
-                i = index(False, i + 1)
-                fragments[i] = _fragment(names[i], values[i])
-                changed += 1
-        except ValueError:
-            pass
-        if changed > len(template.always) + max(8, len(fragments) // 8):  # a poor template: this record instead
+        for j in compress(template.indexes, map(not_, same)):
+            i = j - 1
+            fragments[j] = _fragment(names[i], values[i], heads[i])
+            changed += 1
+        if changed > len(template.always) + max(8, len(names) // 8):  # a poor template: this record instead
             _template(names, values, types, fragments)
-    return b"<value><struct>" + b"".join(fragments) + b"</struct></value>"
+    return b"".join(fragments)
+
+
+_STRUCT_OPEN = b"<value><struct>"
+_STRUCT_CLOSE = b"</struct></value>"
 
 
 _FLOAT_PREFIX: dict[str, str] = {}  # map key -> "<member><name>KEY</name><value><double>" (bounded)
