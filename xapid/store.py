@@ -31,166 +31,26 @@ at an object through an index of plain ref fields; and sums over a class
 from __future__ import annotations
 
 import json
-import math
-import sys
-from bisect import bisect_left, insort
 import uuid as uuidlib
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from xapid.apitypes import NULL_REF, from_json
+from xapid.apitypes import NULL_REF
 from xapid.errors import XenAPIError, handle_invalid
 from xapid.persistence import COMMIT_DELAY, DISK_FULL, Committer, Database, commit_error, is_disk_full
-from xapid.schema import ClassSpec, Schema
+from xapid.schema import Schema
+from xapid.store_indexes import FieldIndex, Indexes, Tally
+from xapid.store_records import CachedRecord, Change, Obj, clean_floats, decode_record, new_ref
+from xapid.store_sets import INDEXED, Positions, SetPositions, rebuild_sets, repair_sets, undo_set_changes
 
 __all__ = ["COMMIT_DELAY", "DISK_FULL", "CachedRecord", "Change", "Committer", "Database", "FieldIndex", "LiveBatch",
-           "Obj", "Positions", "Store", "Tally", "commit_error", "is_disk_full", "new_ref"]
+           "INDEXED", "Obj", "Positions", "Store", "Tally", "commit_error", "is_disk_full", "new_ref"]
 
 log = Logger()
-
-#: sys.getrefcount of a list only its object's fields hold, seen from a function with it in a local
-_UNSHARED = 3
-#: a mirrored set at least this long gets an index of its members' positions (:class:`Positions`)
-INDEXED = 64
-
-
-def new_ref() -> str:
-    """An unguessable reference: ``OpaqueRef:<uuid4>``."""
-    return f"OpaqueRef:{uuidlib.uuid4()}"
-
-
-class Obj:
-    """One stored object.  ``fields`` is the record; ``cache`` holds encoded forms."""
-
-    __slots__ = ("cls", "ref", "fields", "cache")
-
-    def __init__(self, cls: str, ref: str, fields: dict[str, Any]):
-        self.cls = cls
-        self.ref = ref
-        self.fields = fields
-        self.cache: dict[str, Any] = {}
-
-
-class CachedRecord:
-    """An object's record on its way to the wire: encoded once per format until the object
-    changes (every write clears ``Obj.cache``)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
-        cache = self.obj.cache
-        text = cache.get(fmt)
-        if text is None:
-            text = cache[fmt] = encode(self.obj.fields)
-        encoded: bytes = text  # the cache holds what encode returned
-        return encoded
-
-    @property
-    def value(self) -> dict[str, Any]:
-        """The record as a plain dict (a copy)."""
-        return dict(self.obj.fields)
-
-
-@dataclass(frozen=True)
-class Change:
-    """One write: ``op`` is add, mod or del; ``seq`` increases by one per change."""
-
-    seq: int
-    cls: str
-    op: str
-    ref: str
-
-
 Deriver = Callable[["Store", Obj], dict[str, Any]]
-
-
-class Positions:
-    """Where each member of one long mirrored set is, so that taking one out costs O(log n), not a
-    search of the set: every member has a number, increasing in the set's order (its position when
-    the index was built, or a next number when appended since), and the numbers of the members taken
-    out since are kept sorted; a member's position is its number less the removed numbers below it.
-    The store builds it again from the list when it no longer matches the list's length, and
-    after as many removals as the set has members (so an O(n) rebuild per n removals)."""
-
-    __slots__ = ("number", "gone", "next")
-
-    def __init__(self, members: list[str]):
-        self.number = {member: n for n, member in enumerate(members)}
-        self.gone: list[int] = []
-        self.next = len(members)
-
-    def position(self, member: str) -> int | None:
-        n = self.number.get(member)
-        return None if n is None else n - bisect_left(self.gone, n)
-
-    def appended(self, member: str) -> None:
-        self.number[member] = self.next
-        self.next += 1
-
-    def removed(self, member: str) -> None:
-        n = self.number.pop(member, None)
-        if n is not None:
-            insort(self.gone, n)
-
-
-class Tally:
-    """A running sum of one field over the objects of a class, by the ref another field holds
-    (:meth:`Store.tally`; e.g. the ``virtual_size`` of VDIs by ``SR``)."""
-
-    __slots__ = ("cls", "group", "value", "totals")
-
-    def __init__(self, cls: str, group: str, value: str):
-        self.cls, self.group, self.value = cls, group, value
-        self.totals: dict[Any, Any] = {}
-
-    def total(self, ref: str) -> Any:
-        """The sum over the objects whose group field is *ref* (0 when there are none)."""
-        return self.totals.get(ref, 0)
-
-    def add(self, fields: dict[str, Any], sign: int) -> None:
-        key = fields.get(self.group)
-        total = self.totals.get(key, 0) + sign * fields.get(self.value, 0)
-        if total or sign > 0:
-            self.totals[key] = total
-        else:
-            self.totals.pop(key, None)
-
-
-class FieldIndex:
-    """The objects of a class by the value of one field, as *key* normalises it (:meth:`Store.index`;
-    e.g. VIFs by lower-case MAC), kept by every write."""
-
-    __slots__ = ("cls", "field", "key", "refs")
-
-    def __init__(self, cls: str, field: str, key: Callable[[Any], Any] | None = None):
-        self.cls, self.field, self.key = cls, field, key
-        self.refs: dict[Any, dict[str, None]] = {}
-
-    def __contains__(self, value: Any) -> bool:
-        """Whether some object's field holds *value* (normalised by *key* like the fields)."""
-        return (self.key(value) if self.key is not None else value) in self.refs
-
-    def add(self, ref: str, fields: dict[str, Any], sign: int) -> None:
-        value = fields.get(self.field)
-        try:
-            value = self.key(value) if self.key is not None else value
-            if sign > 0:
-                self.refs.setdefault(value, {})[ref] = None
-                return
-            refs = self.refs.get(value)
-        except (TypeError, AttributeError):  # a value the key does not take (or unhashable): not indexed
-            return
-        if refs is not None:
-            refs.pop(ref, None)
-            if not refs:
-                del self.refs[value]
 
 
 class Store:
@@ -207,27 +67,16 @@ class Store:
         # source class -> [(derived class, refs of its objects depending on a source object)]
         self._dependents: dict[str, list[tuple[str, Callable[["Store", Obj], Any]]]] = {}
         self._txn_depth = 0
-        self._plain_refs: dict[str, list[tuple[str, str]]] = {}
         self._refreshers: dict[str, Callable[[Obj], None]] = {}
         # class -> its mirrored set fields (maintained from the other side's ref fields, not stored)
         self._mirrors: dict[str, frozenset[str]] = {}
-        self._positions: dict[tuple[str, str], Positions] = {}  # (owner, set field) of long mirrored sets
+        self._positions = SetPositions()  # of the long mirrored sets
         for mirrors in schema.inverses.values():
             for other_cls, set_field in mirrors:
                 self._mirrors[other_cls] = self._mirrors.get(other_cls, frozenset()) | {set_field}
-        # plain (unmirrored) ref fields by class, and per (class, field) the objects pointing at each ref
-        mirrored = {inverse for spec in schema.classes.values() for f in spec.fields.values()
-                    if (inverse := f.inverse) is not None}
-        self._pointers: dict[str, list[str]] = {}
-        self._pointing: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
-        for spec in schema.classes.values():
-            for f in spec.fields.values():
-                if f.type.kind == "ref" and (spec.name, f.name) not in mirrored:
-                    self._pointers.setdefault(spec.name, []).append(f.name)
-                    self._pointing[(spec.name, f.name)] = {}
-        self._tallies: dict[str, list[Tally]] = {}
-        self._indexes: dict[str, list[FieldIndex]] = {}
-        self._watched: dict[str, frozenset[str]] = {cls: frozenset(names) for cls, names in self._pointers.items()}
+        # the plain-ref index (what points at each ref), tallies and field indexes, by class
+        self._counts = Indexes(schema)
+        self._watched = self._counts.watched  # the same dict
         self.seq = 0
         self.rollbacks = 0  # failed commits undone in memory so far (see _rollback)
         self.rollback_error: XenAPIError | None = None  # what the last one answered
@@ -319,28 +168,12 @@ class Store:
     def tally(self, cls: str, group: str, value: str) -> Tally:
         """The running sum of *value* over *cls* objects by their *group* ref, kept by every
         write from now on (registered on first use: one pass over the class)."""
-        for tally in self._tallies.get(cls, ()):
-            if tally.group == group and tally.value == value:
-                return tally
-        tally = Tally(cls, group, value)
-        for obj in self._by_class[cls].values():
-            tally.add(obj.fields, 1)
-        self._tallies.setdefault(cls, []).append(tally)
-        self._watched[cls] = self._watched.get(cls, frozenset()) | {group, value}
-        return tally
+        return self._counts.tally(cls, group, value, self._by_class[cls].values())
 
     def index(self, cls: str, field: str, key: Callable[[Any], Any] | None = None) -> FieldIndex:
         """The objects of *cls* by the value of *field* (normalised by *key*), kept by every write
         from now on (registered on first use with that field and key: one pass over the class)."""
-        for found in self._indexes.get(cls, ()):
-            if found.field == field and found.key == key:
-                return found
-        made = FieldIndex(cls, field, key)
-        for obj in self._by_class[cls].values():
-            made.add(obj.ref, obj.fields, 1)
-        self._indexes.setdefault(cls, []).append(made)
-        self._watched[cls] = self._watched.get(cls, frozenset()) | {field}
-        return made
+        return self._counts.index(cls, field, key, self._by_class[cls].values())
 
     # -- writing -------------------------------------------------------------------------
 
@@ -356,12 +189,12 @@ class Store:
         replaced = self._objects.get(ref)
         self._remember(cls, ref, replaced)
         if replaced is not None:
-            self._account(replaced, -1)
+            self._counts.account(replaced, -1)
             self._forget_positions(replaced)
         obj = Obj(cls, ref, record)
         self._index(obj)
         self._apply_derivers(obj)
-        self._account(obj, 1)
+        self._counts.account(obj, 1)
         self._emit(obj, "add")
         self._link(cls, ref, {}, record, check=explicit)
         self._derive_dependents(obj)
@@ -382,13 +215,13 @@ class Store:
         watched = self._watched.get(obj.cls)
         account = watched is not None and not watched.isdisjoint(changed)
         if account:
-            self._account(obj, -1)
+            self._counts.account(obj, -1)
         self._unindex_names(obj)
         fields.update(changed)
         self._index_names(obj)
         self._apply_derivers(obj)
         if account:
-            self._account(obj, 1)
+            self._counts.account(obj, 1)
         self._emit(obj, "mod")
         self._link(obj.cls, ref, old, changed)
         self._derive_dependents(obj)
@@ -441,8 +274,8 @@ class Store:
             for member in list(obj.fields.get(set_field, ())):
                 if self.exists(member, other_cls) and self._objects[member].fields.get(ref_field) == ref:
                     self.update(member, {ref_field: NULL_REF})
-        for other_cls, ref_field in self._plain_refs_to(obj.cls):  # e.g. VM.suspend_SR, pool.default_SR
-            pointing = self._pointing[(other_cls, ref_field)].get(ref)
+        for other_cls, ref_field in self._counts.plain_refs_to(obj.cls):  # e.g. VM.suspend_SR, pool.default_SR
+            pointing = self._counts.pointing[(other_cls, ref_field)].get(ref)
             if not pointing:
                 continue  # nothing points at it that way
             if len(pointing) == 1:  # the usual case (a VM's metrics): no scan
@@ -457,7 +290,7 @@ class Store:
             # the sets it goes with, for a rollback that brings it back (see Committer.undo)
             self._committer.undo.setdefault(ref, []).append(
                 (None, 0, {name: obj.fields.get(name) or [] for name in mirrors}, False))
-        self._account(obj, -1)
+        self._counts.account(obj, -1)
         self._forget_positions(obj)
         del self._objects[ref]
         del self._by_class[obj.cls][ref]
@@ -494,67 +327,22 @@ class Store:
             spec = self.schema.classes.get(cls)
             if spec is None or not spec.persist:
                 continue
-            record = self._decode(spec, data)
+            record = decode_record(spec, data)
             obj = Obj(cls, ref, record)
-            if self._clean_floats(obj):
+            if clean_floats(spec, obj):
                 cleaned.append(obj)
             self._index(obj)
         self._rebuild_inverses()
-        self._recount()
+        self._counts.recount(self._by_class)
         for obj in cleaned:  # saved cleaned with the next commit (build_api flushes after start-up)
             self._committer.record(obj.cls, obj.ref, obj.fields)
         self.derive_all()  # allowed_operations as this version computes them; releases the records above too
-
-    def _decode(self, spec: ClassSpec, data: dict[str, Any]) -> dict[str, Any]:
-        """A record from its stored JSON (as :meth:`load` reads it)."""
-        record = spec.defaults()
-        for name, value in data.items():
-            f = spec.fields.get(name)
-            if f is not None:
-                record[name] = from_json(f.type, value)
-        return record
-
-    def _clean_floats(self, obj: Obj) -> bool:
-        """Reset NaN and ±Infinity (saved by an older xapid; the wires refuse them now) in float
-        fields, and in sets and maps of floats, to the field's default (0.0); one warning per field."""
-        spec = self.schema.classes[obj.cls]
-        changed = False
-        for name, value in obj.fields.items():
-            f = spec.fields.get(name)
-            if f is None:
-                continue
-            t = f.type
-            if t.kind == "float" and isinstance(value, float) and not math.isfinite(value):
-                default = f.default if isinstance(f.default, float) and math.isfinite(f.default) else 0.0
-                obj.fields[name] = default
-            elif t.kind in ("set", "map") and t.elem is not None and t.elem.kind == "float" and any(
-                    isinstance(v, float) and not math.isfinite(v) for v in (value.values() if t.kind == "map" else value)):
-                default = 0.0
-                obj.fields[name] = ({k: _finite(v) for k, v in value.items()} if t.kind == "map"
-                                    else [_finite(v) for v in value])
-            else:
-                continue
-            changed = True
-            log.warn("{cls} {ref}: field {field} held a non-finite float ({value}) saved by an older xapid; "
-                     "reset to {default}", cls=obj.cls, ref=obj.ref, field=name, value=repr(value), default=default)
-        return changed
 
     # -- internals -----------------------------------------------------------------------
 
     def _mirrored_sets(self, cls: str) -> list[tuple[str, tuple[str, str]]]:
         spec = self.schema.classes[cls]
         return [(f.name, f.inverse) for f in spec.fields.values() if f.inverse]
-
-    def _plain_refs_to(self, cls: str) -> list[tuple[str, str]]:
-        """Ref fields of type ``cls ref`` that no set mirrors (found by scanning on delete)."""
-        cached = self._plain_refs.get(cls)
-        if cached is None:
-            mirrored = {inverse for spec in self.schema.classes.values() for f in spec.fields.values()
-                        if (inverse := f.inverse) is not None}
-            cached = self._plain_refs[cls] = [
-                (spec.name, f.name) for spec in self.schema.classes.values() for f in spec.fields.values()
-                if f.type.kind == "ref" and f.type.name == cls and (spec.name, f.name) not in mirrored]
-        return cached
 
     def _index(self, obj: Obj) -> None:
         self._objects[obj.ref] = obj
@@ -652,8 +440,8 @@ class Store:
         self._positions.clear()
         records: dict[str, dict[str, Any] | None] = {}
         for ref, (cls, kind, image) in images.items():
-            record = image if kind == "live" or image is None else self._decode(self.schema.classes[cls],
-                                                                                json.loads(image))
+            record = (image if kind == "live" or image is None
+                      else decode_record(self.schema.classes[cls], json.loads(image)))
             if record is not None and cls in self._mirrors:
                 record.update(self._undo_sets(ref, cls, (undo or {}).get(ref, [])))
             records[ref] = record
@@ -682,7 +470,7 @@ class Store:
                 touched.append((obj, "add"))
         done = {obj.ref for obj, _ in touched}
         repaired = [obj for obj in self._repair_inverses() if obj.ref not in done]
-        self._recount()
+        self._counts.recount(self._by_class)
         for obj, op in touched + [(obj, "mod") for obj in repaired]:
             if op != "del":
                 self._apply_derivers(obj)
@@ -696,36 +484,13 @@ class Store:
         names = self._mirrors[cls]
         sets = {name: list(current.fields.get(name) or []) if current is not None and current.cls == cls else []
                 for name in names}
-        for field, index, member, added in reversed(entries):
-            if field is None:  # removed here, with these sets
-                sets = {name: list(member.get(name) or []) for name in names}
-            elif added:
-                members = sets.setdefault(field, [])
-                if index < len(members) and members[index] == member:
-                    del members[index]
-                elif member in members:
-                    members.remove(member)
-            else:
-                members = sets.setdefault(field, [])
-                members.insert(min(index, len(members)), member)
-        return sets
+        return undo_set_changes(sets, names, entries)
 
     def _repair_inverses(self) -> list[Obj]:
         """Bring mirrored sets in step with the ref fields after a rollback (members kept in
         their order); returns the objects whose sets changed."""
-        changed: dict[str, Obj] = {}
         self._positions.clear()
-        for other_cls, set_field, sets in self._inverse_sets():
-            for target, members in sets.items():
-                obj = self._by_class[other_cls][target]
-                current = obj.fields.get(set_field) or []
-                wanted = set(members)
-                if set(current) != wanted:
-                    keep = [r for r in current if r in wanted]
-                    kept = set(keep)
-                    obj.fields[set_field] = keep + [r for r in members if r not in kept]
-                    changed[target] = obj
-        return list(changed.values())
+        return repair_sets(self.schema, self._by_class)
 
     def _link(self, cls: str, ref: str, old: dict[str, Any], new: dict[str, Any], check: bool = False) -> None:
         """Keep mirrored sets (``inverse``) in step with a change of ref fields of *ref*: one
@@ -739,7 +504,7 @@ class Store:
                 if before != target and self.exists(before, other_cls):
                     self._set_remove(before, set_field, ref)
                 if self.exists(target, other_cls):
-                    if (before == target or check) and self._position(
+                    if (before == target or check) and self._positions.find(
                             target, set_field, self._objects[target].fields[set_field], ref) is not None:
                         continue
                     self._set_add(target, set_field, ref)
@@ -748,63 +513,22 @@ class Store:
         """Append *member* to the set *field* of *owner* (a write of *owner*: event, commit)."""
         obj = self.get(owner)
         self._remember(obj.cls, owner, obj)
-        current = obj.fields[field]
-        if sys.getrefcount(current) > _UNSHARED:  # someone holds this list: they keep it as it is
-            current = obj.fields[field] = list(current)
-        current.append(member)
-        positions = self._positions.get((owner, field))
-        if positions is not None:
-            positions.appended(member)
-        self._set_written(obj, (field, len(current) - 1, member, True))
+        index = self._positions.append(owner, obj.fields, field, member)  # in place unless shared
+        self._set_written(obj, (field, index, member, True))
 
     def _set_remove(self, owner: str, field: str, member: str) -> None:
         """Take *member* out of the set *field* of *owner*, if there (a write of *owner*)."""
         obj = self.get(owner)
-        current = obj.fields[field]
-        index = self._position(owner, field, current, member)
+        index = self._positions.find(owner, field, obj.fields[field], member)
         if index is None:
             return
         self._remember(obj.cls, owner, obj)
-        if sys.getrefcount(current) > _UNSHARED:
-            current = obj.fields[field] = current[:index] + current[index + 1:]
-        else:
-            del current[index]
-        positions = self._positions.get((owner, field))
-        if positions is not None:
-            positions.removed(member)
+        self._positions.remove_at(owner, obj.fields, field, index, member)  # in place unless shared
         self._set_written(obj, (field, index, member, False))
-
-    def _position(self, owner: str, field: str, members: list[str], member: str) -> int | None:
-        """Where *member* is in the mirrored set *field* of *owner* (*members*), or None: looked
-        up in the set's :class:`Positions` when it is long, searched when it is short."""
-        key = (owner, field)
-        positions = self._positions.get(key)
-        if len(members) >= INDEXED:
-            if positions is None or len(positions.number) != len(members) or len(positions.gone) > len(members):
-                positions = Positions(members)
-                if len(positions.number) != len(members):  # a member twice (never kept so): search
-                    self._positions.pop(key, None)
-                    positions = None
-                else:
-                    self._positions[key] = positions
-            if positions is not None:
-                index = positions.position(member)
-                if index is None:
-                    return None
-                if index < len(members) and members[index] == member:
-                    return index
-                del self._positions[key]  # out of step (never expected): searched instead
-        elif positions is not None:
-            del self._positions[key]  # short again
-        try:
-            return members.index(member)
-        except ValueError:
-            return None
 
     def _forget_positions(self, obj: Obj) -> None:
         """Drop the position indexes of *obj*'s mirrored sets (replaced whole, or removed)."""
-        for name in self._mirrors.get(obj.cls, ()):
-            self._positions.pop((obj.ref, name), None)
+        self._positions.forget(obj.ref, self._mirrors.get(obj.cls, ()))
 
     def _set_written(self, obj: Obj, change: tuple[Any, ...]) -> None:
         committer = self._committer
@@ -814,55 +538,9 @@ class Store:
         self._emit(obj, "mod")
         self._derive_dependents(obj)
 
-    def _account(self, obj: Obj, sign: int) -> None:
-        """Count *obj* in (1) or out (-1) of the plain-ref index and the tallies of its class."""
-        for name in self._pointers.get(obj.cls, ()):
-            target = obj.fields.get(name)
-            if isinstance(target, str) and target != NULL_REF:
-                index = self._pointing[(obj.cls, name)]
-                if sign > 0:
-                    index.setdefault(target, {})[obj.ref] = None
-                else:
-                    pointing = index.get(target)
-                    if pointing is not None:
-                        pointing.pop(obj.ref, None)
-                        if not pointing:
-                            del index[target]
-        for tally in self._tallies.get(obj.cls, ()):
-            tally.add(obj.fields, sign)
-        for by_value in self._indexes.get(obj.cls, ()):
-            by_value.add(obj.ref, obj.fields, sign)
-
-    def _recount(self) -> None:
-        """Count every object again (after a load or a rollback)."""
-        for counts in self._pointing.values():
-            counts.clear()
-        for tallies in self._tallies.values():
-            for tally in tallies:
-                tally.totals.clear()
-        for indexes in self._indexes.values():
-            for by_value in indexes:
-                by_value.refs.clear()
-        for cls in set(self._pointers) | set(self._tallies) | set(self._indexes):
-            for obj in self._by_class[cls].values():
-                self._account(obj, 1)
-
-    def _inverse_sets(self) -> Iterator[tuple[str, str, dict[str, list[str]]]]:
-        """For each mirrored set: (class, set field, {object: the refs pointing at it, in store order})."""
-        for (cls, ref_field), mirrors in self.schema.inverses.items():
-            for other_cls, set_field in mirrors:
-                sets: dict[str, list[str]] = {r: [] for r in self._by_class[other_cls]}
-                for obj in self._by_class[cls].values():
-                    target = obj.fields.get(ref_field)
-                    if target in sets:
-                        sets[target].append(obj.ref)
-                yield other_cls, set_field, sets
-
     def _rebuild_inverses(self) -> None:
         self._positions.clear()
-        for other_cls, set_field, sets in self._inverse_sets():
-            for target, members in sets.items():
-                self._by_class[other_cls][target].fields[set_field] = members
+        rebuild_sets(self.schema, self._by_class)
 
 
 class LiveBatch:
@@ -898,6 +576,3 @@ class LiveBatch:
         self.classes.append(cls)
         self.refs.append(ref)
 
-
-def _finite(value: Any) -> Any:
-    return 0.0 if isinstance(value, float) and not math.isfinite(value) else value

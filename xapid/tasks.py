@@ -111,6 +111,13 @@ class TaskManager:
         raise permission_denied(schema, session.role, ANY_TASK_PERMISSION, ANY_TASK_ROLE,
                                 "on a task created by another user")
 
+    def create_owned(self, label: str, user: str, session_ref: str) -> str:
+        """A pending, cancellable task made by the daemon on a user's behalf (an HTTP transfer),
+        owned by *user* (and *session_ref* when there is one) for the ownership checks."""
+        task = self.create(label, "", cancellable=True)
+        self._owners[task] = Owner(user, session_ref, client=False)
+        return task
+
     def create_for_client(self, session: Any, label: str, description: str) -> str:
         """``task.create``: a pending, cancellable task owned by *session*, within the caps;
         destroyed when the session ends."""

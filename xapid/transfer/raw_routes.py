@@ -38,7 +38,6 @@ from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xapid.apitypes import utc
 from xapid.auth.http import HttpCaller, HttpError, authenticate, one, parse_query
 from xapid.auth.roles import role_at_least
 from xapid.backend.storage import PARTIAL, FileSR, StorageError
@@ -47,6 +46,7 @@ from xapid.errors import XenAPIError
 from xapid.transfer import disk, vhd
 from xapid.runner import InlineRunner
 from xapid.transfer.limits import Slot, TransferLimitError, TransferSlots
+from xapid.transfer.tasking import fail_task, finish_task, open_task
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
 from xapid.wire.xmlrpc import encode_value
 
@@ -82,19 +82,11 @@ class _Task:
         obj = self.api.store.find(self.ref)
         return obj is not None and obj.fields["status"] in ("cancelling", "cancelled")
 
-    def _finish(self, fields: dict[str, Any]) -> None:
-        obj = self.api.store.find(self.ref)
-        if obj is None or obj.fields["status"] not in ("pending", "cancelling"):
-            return
-        self.api.store.update(self.ref, {"finished": utc(self.api.reactor.seconds(), exact=True),
-                                         "allowed_operations": ["destroy"], **fields})
-
     def succeed(self, result: str) -> None:
-        self._finish({"status": "success", "progress": 1.0, "result": encode_value(result).decode()})
+        finish_task(self.api, self.ref, {"status": "success", "progress": 1.0, "result": encode_value(result).decode()})
 
     def fail(self, error: XenAPIError) -> None:
-        status = "cancelled" if error.code == "TASK_CANCELLED" else "failure"
-        self._finish({"status": status, "error_info": error.description})
+        fail_task(self.api, self.ref, error)
 
 
 class RawVdiRoutes:
@@ -144,18 +136,7 @@ class RawVdiRoutes:
         return obj
 
     def _task(self, params: dict[str, list[str]], caller: HttpCaller, label: str) -> _Task:
-        given = one(params, "task_id")
-        if given:
-            obj = self.api.store.find(given)
-            if obj is None or obj.cls != "task":
-                raise HttpError(404, f"task_id: no task {given!r}")
-            owner = self.api.tasks.owner(given)
-            if (owner is None or owner.user != caller.user) and not role_at_least(caller.role, "pool-operator"):
-                raise HttpError(403, f"task_id {given} belongs to another user")
-            if obj.fields["status"] != "pending":
-                raise HttpError(400, f"task_id {given} is not pending (status {obj.fields['status']})")
-            return _Task(self.api, given)
-        return _Task(self.api, self.api.tasks.create(label, ""))
+        return _Task(self.api, open_task(self.api, params, caller, label))
 
     def _driver(self, vdi: Any) -> Any:
         from xapid.objects.devices import sr_driver

@@ -45,9 +45,9 @@ from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.objects.devices import random_mac, sr_driver, storage_error
 from xapid.objects.vm_ops import check as check_vm_operation
 from xapid.objects.vm_ops import operation
-from xapid.tasks import ANY_TASK_ROLE, Owner
 from xapid.transfer import xva
 from xapid.transfer.limits import TransferLimitError, TransferSlots
+from xapid.transfer.tasking import fail_task, finish_task, open_task
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
 from xapid.wire.values import DEFAULT_LIMITS
 from xapid.wire.xmlrpc import encode_value
@@ -168,27 +168,7 @@ class XvaRoutes:
 
     def _task(self, params: dict[str, list[str]], caller: HttpCaller, label: str) -> str:
         """The caller's pending task named by ``task_id``, or a new one owned by the caller."""
-        tasks, store = self.api.tasks, self.api.store
-        task_id = one(params, "task_id")
-        if task_id:
-            obj = store.find(task_id)
-            if obj is None or obj.cls != "task":
-                raise HttpError(404, f"no task {task_id}"[:200])
-            if obj.fields["status"] != "pending":
-                raise HttpError(400, f"task {task_id} is not pending")
-            owner = tasks.owner(task_id)
-            if (owner is None or owner.user != caller.user) and not role_at_least(caller.role, ANY_TASK_ROLE):
-                raise HttpError(403, f"task {task_id} belongs to another user")
-            return str(task_id)
-        task = str(tasks.create(label, "", cancellable=True))
-        tasks._owners[task] = Owner(caller.user, caller.session_ref or "", client=False)  # noqa: SLF001
-        return task
-
-    def _finish_task(self, task: str, fields: dict[str, Any]) -> None:
-        store = self.api.store
-        if store.find(task) is not None and store.get(task).fields["status"] in ("pending", "cancelling"):
-            store.update(task, {"finished": utc(self.api.clock(), exact=True), "allowed_operations": ["destroy"],
-                                **fields})
+        return open_task(self.api, params, caller, label)
 
     def _fail_task(self, task: str, failure: Failure | BaseException) -> XenAPIError:
         exc = failure.value if isinstance(failure, Failure) else failure
@@ -202,8 +182,7 @@ class XvaRoutes:
             incident, error = internal_error_with_id()
             log.failure("transfer task {task} failed (internal error id {incident})",
                         failure if isinstance(failure, Failure) else Failure(exc), task=task, incident=incident)
-        status = "cancelled" if error.code == "TASK_CANCELLED" else "failure"
-        self._finish_task(task, {"status": status, "error_info": error.description})
+        fail_task(self.api, task, error)
         return error
 
     # ------------------------------------------------------------------------- export
@@ -326,7 +305,7 @@ class XvaRoutes:
                         break
                     await writer.write(piece)
                     ctx.progress(min(0.99, producer.progressed / total))
-            self._finish_task(task, {"status": "success", "progress": 1.0, "result": ""})
+            finish_task(self.api, task, {"status": "success", "progress": 1.0, "result": ""})
             log.info("exported VM {vm} (task {task})", vm=vm_ref, task=task)
         except BaseException as exc:  # the client went away, a disk failed, a cancel: the task says why
             error = self._fail_task(task, exc)
@@ -342,7 +321,7 @@ class XvaRoutes:
         ova, _ = self.build_ova(vm, preserve=True, with_disks=False)
         body = xva.tar_file("ova.xml", ova, self.api.clock()) + xva.TAR_END
         task = self._task(params, caller, f"Export of metadata of VM: {vm.fields['uuid']}")
-        self._finish_task(task, {"status": "success", "progress": 1.0, "result": ""})
+        finish_task(self.api, task, {"status": "success", "progress": 1.0, "result": ""})
         return HttpResponse(200, body, self._headers(task, len(body))[:-1] + [(b"Connection", b"close")])
 
     # ------------------------------------------------------------------------- import
@@ -484,7 +463,7 @@ class ImportSink:
         refs = self._commit_or_undo(sizes)
         self.result = refs
         await self.api.store.flush()
-        self.routes._finish_task(self.task, {"status": "success", "progress": 1.0,
+        finish_task(self.api, self.task, {"status": "success", "progress": 1.0,
                                              "result": encode_value(refs).decode()})
         self.slot.release()
         log.info("imported VM(s) {vms} (task {task})", vms=refs, task=self.task)

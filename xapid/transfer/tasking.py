@@ -1,0 +1,46 @@
+"""The task an HTTP transfer reports on (raw VDI and XVA routes alike): the caller's own pending
+task named by ``task_id``, or one created for the transfer; ended once, with its outcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xapid.apitypes import utc
+from xapid.auth.http import HttpCaller, HttpError, one
+from xapid.auth.roles import role_at_least
+from xapid.errors import XenAPIError
+from xapid.tasks import ANY_TASK_ROLE
+
+
+def open_task(api: Any, params: dict[str, list[str]], caller: HttpCaller, label: str) -> str:
+    """The pending task ``task_id`` names (404 when there is none, 403 when it is another user's
+    and the caller may not use any task, 400 when it is no longer pending), or a new one labelled
+    *label*, cancellable and owned by the caller."""
+    tasks, store = api.tasks, api.store
+    given = one(params, "task_id")
+    if given:
+        obj = store.find(given)
+        if obj is None or obj.cls != "task":
+            raise HttpError(404, f"task_id: no task {given!r}"[:200])
+        owner = tasks.owner(given)
+        if (owner is None or owner.user != caller.user) and not role_at_least(caller.role, ANY_TASK_ROLE):
+            raise HttpError(403, f"task_id {given} belongs to another user"[:200])
+        if obj.fields["status"] != "pending":
+            raise HttpError(400, f"task_id {given} is not pending (status {obj.fields['status']})"[:200])
+        return str(given)
+    return str(tasks.create_owned(label, caller.user, caller.session_ref or ""))
+
+
+def finish_task(api: Any, task: str, fields: dict[str, Any]) -> None:
+    """End *task* with *fields* (its status and result or error) unless it has ended already."""
+    store = api.store
+    obj = store.find(task)
+    if obj is None or obj.fields["status"] not in ("pending", "cancelling"):
+        return
+    store.update(task, {"finished": utc(api.clock(), exact=True), "allowed_operations": ["destroy"], **fields})
+
+
+def fail_task(api: Any, task: str, error: XenAPIError) -> None:
+    """End *task* with *error*: ``cancelled`` for TASK_CANCELLED, else ``failure``."""
+    status = "cancelled" if error.code == "TASK_CANCELLED" else "failure"
+    finish_task(api, task, {"status": status, "error_info": error.description})
