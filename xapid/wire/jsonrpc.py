@@ -16,7 +16,7 @@ from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
 from xapid.apitypes import format_datetime
-from xapid.wire.values import HugeInt, Int32, Limits, WireError, parse_int
+from xapid.wire.values import HugeInt, Int32, Limits, WireError, float_map_members, parse_int
 
 
 @dataclass(frozen=True)
@@ -161,27 +161,8 @@ def _float_map(value: dict[Any, Any]) -> bytes | None:
     """A map of string keys to finite floats (``host.query_stats``) as the general path writes
     it (float.__repr__ is what json writes for a finite float), each key's text memoised; None
     for any other map."""
-    values = value.values()
-    if not values or not all(type(v) is float for v in values):
-        return None
-    total = sum(values)
-    if total - total != 0.0:  # a NaN or infinity (or an overflow): the general path says which
-        return None
-    prefixes = _FLOAT_PREFIX
-    get = prefixes.get
-    parts: list[str] = []
-    append = parts.append
-    for k, v in value.items():
-        prefix = get(k)
-        if prefix is None:
-            if not isinstance(k, str):
-                return None
-            prefix = _string(str(k)) + ":"
-            if len(prefixes) >= MEMO_LIMIT:
-                prefixes.clear()
-            prefixes[k] = prefix
-        append(prefix + repr(v))
-    return ("{" + ",".join(parts) + "}").encode()
+    members = float_map_members(value, _FLOAT_PREFIX, lambda k: _string(str(k)) + ":", "", MEMO_LIMIT)
+    return None if members is None else ("{" + ",".join(members) + "}").encode()
 
 
 def _depth_ok(value: Any, limit: int) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 # the value markers and bounds live in the core (xapid.apitypes); re-exported for the wire modules
 from xapid.apitypes import DEFAULT_LIMITS, INT64_MAX, INT64_MIN, HugeInt, Int32, Limits, Preencoded
@@ -31,3 +33,30 @@ def parse_int(text: str) -> int:
             raise ValueError(f"invalid integer literal of {len(text)} characters")
         return HugeInt.of(text)
     return int(text)
+
+
+def float_map_members(value: dict[Any, Any], prefixes: dict[str, str], make_prefix: Callable[[str], str],
+                      suffix: str, limit: int) -> list[str] | None:
+    """The members of a map of string keys to finite floats (``host.query_stats``), each written
+    ``prefix + repr(float) + suffix`` with the key's prefix made once by *make_prefix* and memoised in
+    *prefixes* (cleared past *limit*); None for any other map (the general path then says what is wrong)."""
+    values = value.values()
+    if not values or not all(type(v) is float for v in values):
+        return None
+    total = sum(values)
+    if total - total != 0.0:  # a NaN or infinity (or an overflow)
+        return None
+    get = prefixes.get
+    members: list[str] = []
+    append = members.append
+    for k, v in value.items():
+        prefix = get(k)
+        if prefix is None:
+            if not isinstance(k, str):
+                return None
+            prefix = make_prefix(k)
+            if len(prefixes) >= limit:
+                prefixes.clear()
+            prefixes[k] = prefix
+        append(prefix + repr(v) + suffix)
+    return members

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from lxml import etree
 
 from xapid.apitypes import format_datetime
-from xapid.wire.values import Int32, Limits, WireError, parse_int
+from xapid.wire.values import Int32, Limits, WireError, float_map_members, parse_int
 
 _PARSER = etree.XMLParser(
     resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=True,
@@ -303,29 +303,10 @@ _FLOAT_SUFFIX = "</double></value></member>"
 def _float_map(value: dict[Any, Any]) -> bytes | None:
     """A map of string keys to finite floats (``host.query_stats``, metrics maps) as the general
     path writes it, with each key's escaped text memoised; None for any other map."""
-    values = value.values()
-    if not values or not all(type(v) is float for v in values):
-        return None
-    total = sum(values)
-    if total - total != 0.0:  # a NaN or infinity (or an overflow): the general path says which
-        return None
-    prefixes = _FLOAT_PREFIX
-    get = prefixes.get
-    suffix = _FLOAT_SUFFIX
-    parts = ["<value><struct>"]
-    append = parts.append
-    for k, v in value.items():
-        prefix = get(k)
-        if prefix is None:
-            if not isinstance(k, str):
-                return None
-            prefix = "<member><name>" + escape(str(k)) + "</name><value><double>"
-            if len(prefixes) >= MEMO_LIMIT:
-                prefixes.clear()
-            prefixes[k] = prefix
-        append(prefix + repr(v) + suffix)
-    append("</struct></value>")
-    return "".join(parts).encode()
+    members = float_map_members(value, _FLOAT_PREFIX,
+                                lambda k: "<member><name>" + escape(str(k)) + "</name><value><double>",
+                                _FLOAT_SUFFIX, MEMO_LIMIT)
+    return None if members is None else ("<value><struct>" + "".join(members) + "</struct></value>").encode()
 
 
 def _double(value: float) -> str:
