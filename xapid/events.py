@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from xapid.errors import XenAPIError, session_invalid
 from xapid.schema import Schema
@@ -74,56 +72,6 @@ class Subscription:
 
 
 _UNSEEN: Any = object()
-_PASSTHRU = defer.passthru  # an errback-only entry: success goes through untouched
-_CONTINUE = getattr(defer, "_CONTINUE", None)  # another Deferred chained to this one
-
-
-class Parked(Deferred[Any]):
-    """The Deferred of a parked ``event.from``: :meth:`answer` fires it as ``callback`` would,
-    running its callbacks in a plain loop instead of Twisted's general machinery (which, for
-    1 000 watchers woken at once, cost more than building and sending their replies).
-
-    The outcome is the same: each callback gets the previous one's result, in order; the
-    first that raises, or returns a Failure or a Deferred, hands the rest of the chain to
-    ``callback`` as usual; at the end the Deferred is called with the chain's result."""
-
-    __slots__ = ()
-
-    def answer(self, value: Any) -> None:
-        if self.called or self.paused or self._runningCallbacks or self._chainedTo is not None:
-            self.callback(value)
-            return
-        self.called, self.result = True, value  # as callback: called while the callbacks run
-        entries = self._callbacks
-        result = value
-        self._runningCallbacks = True  # callbacks added meanwhile are queued, and run by this loop
-        try:
-            while entries:
-                function: Any
-                function, args, kwargs = entries[0][0]
-                if function is _CONTINUE:  # a Deferred waits on this one: Twisted's loop hands it over
-                    break
-                del entries[0]
-                if function is _PASSTHRU:
-                    continue
-                try:
-                    result = function(result, *args, **kwargs)
-                except BaseException:  # noqa: BLE001 - as Deferred: the failure goes down the chain
-                    result = Failure(captureVars=self.debug)
-                if isinstance(result, (Failure, Deferred)):
-                    break
-        finally:
-            self._runningCallbacks = False
-            self.result = result
-        if isinstance(self.result, Deferred):  # the rest waits for it, as a chained Deferred does
-            self.pause()
-            self.result.addBoth(self._chained)
-        elif entries:
-            self._runCallbacks()  # Twisted's own loop: errbacks, or a Deferred chained to this one
-
-    def _chained(self, outcome: Any) -> None:
-        self.result = outcome
-        self.unpause()
 
 
 class _Waiter:
@@ -132,7 +80,7 @@ class _Waiter:
 
     __slots__ = ("subscription", "token", "deferred", "session", "bucket", "registered")
 
-    def __init__(self, subscription: Subscription, token: int, deferred: Parked, session: Any, bucket: int):
+    def __init__(self, subscription: Subscription, token: int, deferred: Deferred[Any], session: Any, bucket: int):
         self.subscription = subscription
         self.token = token
         self.deferred = deferred
@@ -302,7 +250,7 @@ class EventHub:
         events = self.collect(subscription, since)
         if events or timeout <= 0:
             return self.batch(events)
-        d = Parked(lambda _: self._drop(waiter))
+        d: Deferred[Any] = Deferred(lambda _: self._drop(waiter))
         bucket = math.ceil(self.reactor.seconds() + min(timeout, MAX_TIMEOUT))
         waiter = _Waiter(subscription, since, d, session, bucket)
         key = id(waiter)
@@ -348,7 +296,7 @@ class EventHub:
             for waiter in list(self._buckets.pop(bucket).values()):
                 self._drop(waiter)
                 if not waiter.deferred.called:
-                    waiter.deferred.answer(self.batch([]))
+                    waiter.deferred.callback(self.batch([]))
         pending = [b for b, waiting in self._buckets.items() if waiting]
         if pending:
             self._schedule_expiry(min(pending))
@@ -376,7 +324,7 @@ class EventHub:
                 woken.append((waiter, reply))
         for waiter, reply in woken:
             if not waiter.deferred.called:
-                waiter.deferred.answer(reply)
+                waiter.deferred.callback(reply)
 
     @property
     def watchers(self) -> int:

@@ -74,8 +74,8 @@ class Indexes:
 
     def __init__(self, schema: Schema):
         self.schema = schema
-        mirrored = {inverse for spec in schema.classes.values() for f in spec.fields.values()
-                    if (inverse := f.inverse) is not None}
+        self.mirrored = mirrored = {inverse for spec in schema.classes.values() for f in spec.fields.values()
+                                    if (inverse := f.inverse) is not None}
         self.pointers: dict[str, list[str]] = {}
         self.pointing: dict[tuple[str, str], dict[str, dict[str, None]]] = {}
         for spec in schema.classes.values():
@@ -116,11 +116,9 @@ class Indexes:
         """Ref fields of type ``cls ref`` that no set mirrors: (class, field) pairs."""
         cached = self._plain_refs.get(cls)
         if cached is None:
-            mirrored = {inverse for spec in self.schema.classes.values() for f in spec.fields.values()
-                        if (inverse := f.inverse) is not None}
             cached = self._plain_refs[cls] = [
                 (spec.name, f.name) for spec in self.schema.classes.values() for f in spec.fields.values()
-                if f.type.kind == "ref" and f.type.name == cls and (spec.name, f.name) not in mirrored]
+                if f.type.kind == "ref" and f.type.name == cls and (spec.name, f.name) not in self.mirrored]
         return cached
 
     def account(self, obj: Obj, sign: int) -> None:

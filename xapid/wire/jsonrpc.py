@@ -126,7 +126,7 @@ def encode_record(value: Any) -> bytes:
     for name, v in value.items():
         t = type(v)
         if t is str and len(v) > SHARED_TEXT:
-            append(_string(name if type(name) is str else str(name)).encode() + b":" + _string(v).encode())
+            append(_string(name).encode() + b":" + _string(v).encode())
             continue
         if t in scalars:
             key: Any = (t, name, v)
