@@ -6,12 +6,42 @@ import errno
 import os
 import re
 import stat
+from pathlib import Path
 
 from xapid.backend.interface import BadDomainState, ConsoleEndpoint, NoConsole
 from xapid.backend.xen.core import XenCore, state_of
 from xapid.backend.xen.libs import XenError
 
 _PTS = re.compile(r"/dev/pts/[0-9]{1,9}")
+
+
+def pty_of_console_daemon(procfs: Path, index: int, domid: int) -> bool:
+    """Whether the master of ``/dev/pts/<index>`` is held by xenconsoled or by *domid*'s device model.
+
+    A guest may write its own ``console/tty`` node: without this check it could point it at another
+    pty of the host (an administrator's terminal).  The master's index comes from
+    ``/proc/<pid>/fdinfo/<fd>`` (``tty-index:``) of each ``/dev/ptmx`` descriptor."""
+    want_domid = str(domid).encode()
+    for proc in procfs.iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            name = os.path.basename(argv[0]) if argv else b""
+            owner = name == b"xenconsoled" or any(
+                a == b"-xen-domid" and b == want_domid for a, b in zip(argv, argv[1:]))
+            if not owner:
+                continue
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) not in ("/dev/ptmx", "/dev/pts/ptmx"):
+                    continue
+                for line in (proc / "fdinfo" / fd.name).read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key == "tty-index" and value.strip() == str(index):
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def _is_pty_slave(path: str) -> bool:
@@ -61,7 +91,8 @@ class Consoles(XenCore):
             else:
                 port_text = read("console/vnc-port")
         if protocol == "vt100":
-            if not _PTS.fullmatch(path) or not _is_pty_slave(path):
+            if not _PTS.fullmatch(path) or not _is_pty_slave(path) or not pty_of_console_daemon(
+                    self._procfs, int(path.rsplit("/", 1)[1]), raw.domain):
                 raise NoConsole(f"domain {uuid} publishes no usable console pty", uuid, protocol)
             return ConsoleEndpoint("vt100", "pty", path=path)
         port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else -1
