@@ -520,3 +520,12 @@ def test_daemon_survives_and_serves_after_hostile_consoles(consoles: Any) -> Non
         assert status_of(head) == 200
     assert consoles.api.VM.get_power_state(consoles.vms["pv"]) == "Running"
     assert "Traceback" not in consoles.log.read_text()
+
+
+def test_rfb_pipelined_update_requests_are_merged_not_amplified() -> None:
+    server = RfbServer("vm")
+    rfb_handshake(server, b"RFB 003.008\n")
+    flood = struct.pack("!BBHHHH", 3, 0, 0, 0, 640, 400) * 1000  # 10 kB asking for 1000 full screens
+    answer = server.feed(flood)
+    assert len(answer) <= 3 * 640 * 400 * 4 and answer[:4] == b"\0\0\0\1"
+    assert len(server.feed(struct.pack("!BBHHHH", 3, 0, 0, 0, 4, 1))) == 16 + 4 * 4  # still answering

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import abstract, fdesc
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
@@ -205,18 +205,17 @@ def connect(endpoint: ConsoleEndpoint, reactor: Any, deliver: Callable[[bytes], 
     """A Link to *endpoint*, connected (OSError-like failures when it cannot be reached)."""
     if endpoint.kind == "sim":
         sim = SimLink(endpoint, deliver, closed)
-        return Deferred.fromCoroutine(_ready(sim, sim.start))
+        sim.start()
+        return succeed(sim)
     link = StreamLink(deliver, closed)
     proto = _Backend(link)
     if endpoint.kind == "pty":
         try:
             fd = open_pty(endpoint.path)
         except OSError as exc:
-            from twisted.internet.defer import fail
-
             return fail(exc)
         link.transport = PtyTransport(fd, proto, reactor)
-        return Deferred.fromCoroutine(_ready(link))
+        return succeed(link)
     if endpoint.kind == "tcp":
         d = connectProtocol(TCP4ClientEndpoint(reactor, endpoint.host, endpoint.port, timeout=10), proto)
 
@@ -225,15 +224,7 @@ def connect(endpoint: ConsoleEndpoint, reactor: Any, deliver: Callable[[bytes], 
             return link
 
         return d.addCallback(connected)
-    from twisted.internet.defer import fail
-
     return fail(ValueError(f"unknown console kind {endpoint.kind!r}"))
-
-
-async def _ready(link: Link, start: Callable[[], None] | None = None) -> Link:
-    if start is not None:
-        start()
-    return link
 
 
 # --------------------------------------------------------------------------- client side

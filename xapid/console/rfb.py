@@ -6,7 +6,9 @@ The handshake offers ``RFB 003.008`` and accepts a client speaking 3.3, 3.7 or 3
 framebuffer is static: a frame and a band whose colours derive from the VM's name, sent in
 the Raw encoding (which every client decodes) for every non-incremental
 FramebufferUpdateRequest, clipped to the screen; an incremental request is left pending, as
-a server does while nothing changes.  SetPixelFormat is honoured for true-colour formats of
+a server does while nothing changes.  Requests arriving together are answered with at most two
+screens' worth of updates (RFC 6143 lets a server merge requests), so 10 bytes of input never
+turn into unbounded output.  SetPixelFormat is honoured for true-colour formats of
 8, 16 or 32 bits; key and pointer events and cut text are read and ignored.
 
 Anything else is refused by closing: an unknown version or message type, a security type
@@ -180,7 +182,7 @@ class RfbServer:
             if message is None:
                 return False
             incremental, x, y, w, h = struct.unpack("!BHHHH", message[1:])
-            if not incremental:
+            if not incremental and len(out) < 2 * self.width * self.height * 4:  # beyond: merged
                 out += self.update(x, y, w, h)
             return True
         if kind == 4:  # KeyEvent
