@@ -642,3 +642,17 @@ def test_probe_without_body_then_the_real_import_at_once(daemon, api):
         sock.sendall(data)
     assert task_record(api, headers["task-id"])["status"] == "success"
     assert path.read_bytes() == data
+
+
+def test_raw_import_into_sr_refuses_a_size_beyond_the_disk_limit_before_the_body(daemon, api):
+    """A Content-Length above the largest disk an import creates is refused (413) from the head
+    alone: no file, no VDI, no task left pending."""
+    sr = call(api, "pool.get_default_SR", call(api, "pool.get_all")[0])
+    vdis_before = set(call(api, "VDI.get_all"))
+    files_before = set(sr_dir(api, sr).iterdir())
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(_import_head(api, f"sr_id={sr}", (64 << 40) + 1))
+        status, _ = _read_head(sock)
+    assert status == 413
+    assert set(sr_dir(api, sr).iterdir()) == files_before
+    assert set(call(api, "VDI.get_all")) == vdis_before

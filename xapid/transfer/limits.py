@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from types import TracebackType
 
+MAX_DISK = 64 << 40  # the largest disk an import creates (raw into an SR, or an XVA's VDI)
+
 
 class TransferLimitError(Exception):
     """Refusal of a new transfer: HTTP *status* 503 with a one-line reason and ``Retry-After``."""

@@ -45,7 +45,7 @@ from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.transfer import disk, vhd
 from xapid.runner import InlineRunner
-from xapid.transfer.limits import Slot, TransferLimitError, TransferSlots
+from xapid.transfer.limits import MAX_DISK, Slot, TransferLimitError, TransferSlots
 from xapid.transfer.tasking import fail_task, finish_task, open_task
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
 from xapid.wire.xmlrpc import encode_value
@@ -321,6 +321,8 @@ class RawVdiRoutes:
                 raise HttpError(400, "importing into an SR (a new VDI) takes format=raw, not chunked")
             if length is None:
                 raise HttpError(400, "importing into an SR needs a Content-Length: the new VDI's size")
+            if length > MAX_DISK:
+                raise HttpError(413, f"a new VDI of {length} bytes is beyond the limit of {MAX_DISK}")
             size = length
         else:
             raise HttpError(400, "vdi (or sr_id/sr_uuid for a new VDI) is required")

@@ -46,7 +46,7 @@ from xapid.objects.devices import random_mac, sr_driver, storage_error
 from xapid.objects.vm_ops import check as check_vm_operation
 from xapid.objects.vm_ops import operation
 from xapid.transfer import xva
-from xapid.transfer.limits import TransferLimitError, TransferSlots
+from xapid.transfer.limits import MAX_DISK, TransferLimitError, TransferSlots
 from xapid.transfer.tasking import fail_task, finish_task, open_task
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
 from xapid.wire.values import DEFAULT_LIMITS
@@ -58,7 +58,6 @@ EXPORT_ROLE = "vm-admin"  # xapi's http/get_export and http/get_export_metadata
 IMPORT_ROLE = "vm-admin"  # xapi's http/put_import
 TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 MAX_OBJECTS = 10_000  # objects in one ova.xml
-MAX_DISK = 64 << 40  # the largest disk an import creates
 MAX_VMS = 256
 
 # VM fields that describe one instance, never imported from a record
