@@ -74,6 +74,13 @@ class ChannelState(Protocol):
         and abortConnection methods that Protocol's ``ITransport | None`` does not declare."""
         return self.transport
 
+    def _mark_authenticated(self) -> None:
+        """Tell the admission (once) that this connection is authenticated."""
+        if not self._authenticated:
+            self._authenticated = True
+            if self.admission is not None:
+                self.admission.authenticated(self)
+
     if TYPE_CHECKING:  # defined by HttpChannel (xapid.wire.http)
         def _deadline(self, kind: str, seconds: float) -> None: ...
         def _cancel_timer(self) -> None: ...

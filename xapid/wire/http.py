@@ -59,12 +59,6 @@ class HttpChannel(StreamingChannel, RequestParser):
 
     # -- connection ------------------------------------------------------------------------
 
-    @property
-    def _io(self) -> Any:
-        """The connection's transport, set from connectionMade on: TCP, TLS or UNIX, with the producer
-        and abortConnection methods that Protocol's ``ITransport | None`` does not declare."""
-        return self.transport
-
     def connectionMade(self) -> None:
         peer = self._io.getPeer()
         host = getattr(peer, "host", None)
@@ -321,10 +315,8 @@ class HttpChannel(StreamingChannel, RequestParser):
                 outcome = HttpResponse(500, b"internal error\n", [(b"Content-Type", b"text/plain")])
         if self._closing:
             return
-        if self.client.authenticated and not self._authenticated:
-            self._authenticated = True
-            if self.admission is not None:
-                self.admission.authenticated(self)
+        if self.client.authenticated:
+            self._mark_authenticated()
         keep = not close and self._keep_alive(request)
         if outcome.takeover is not None:
             self._take_over(request, outcome)
@@ -360,7 +352,7 @@ class HttpChannel(StreamingChannel, RequestParser):
             head.append(b"Content-Length: %d\r\n" % length)
         for name, value in response.headers:
             head.append(name + b": " + value + b"\r\n")
-        if takeover:
+        if takeover:  # the protocol taking over says what the connection is
             pass
         elif not keep:
             head.append(b"Connection: close\r\n")

@@ -214,10 +214,8 @@ class StreamingChannel(ChannelState):
     def _send_early(self, response: HttpResponse) -> None:
         """xapi's import reply: the head now (200, ``Connection: close``, no length), before the body."""
         self._early = True
-        if self.client.authenticated and not self._authenticated:
-            self._authenticated = True
-            if self.admission is not None:
-                self.admission.authenticated(self)
+        if self.client.authenticated:
+            self._mark_authenticated()
         self._send(self._head_bytes(b"HTTP/1.1", response, None, False))
 
     def _sink_completed(self) -> bool:
@@ -296,7 +294,6 @@ class StreamingChannel(ChannelState):
         if self._sink is not None and self._state != _DONE:
             self._deadline("body", self.settings.body_timeout)
         self._process()
-        return
 
     def _sink_failed(self, failure: Failure) -> None:
         """The sink refused or broke: abort it, answer its status (or 500) and close."""
@@ -354,7 +351,6 @@ class StreamingChannel(ChannelState):
             return
         self._after_reply(self._stream_keep)
         self._process()
-        return
 
     def _stalled(self) -> None:
         """A streamed reply waits on the client: it has ``idle_timeout`` seconds to read more."""
@@ -381,10 +377,7 @@ class StreamingChannel(ChannelState):
         self._cancel_timer()
         self._takeover = proto
         self._request, self._state = None, _HEAD
-        if not self._authenticated:
-            self._authenticated = True
-            if self.admission is not None:
-                self.admission.authenticated(self)
+        self._mark_authenticated()
         if self._producing:  # the new protocol may register its own producer
             self._producing = False
             self._io.unregisterProducer()
