@@ -43,13 +43,15 @@ class Preencoded(Protocol):
 class SharedValue:
     """A :class:`Preencoded` reply value answered to many callers at once (one ``event.from`` batch
     for every watcher it wakes, one ``host.query_stats`` answer per sample): each wire encoding is
-    made once.  ``value`` is the plain value; ``reply[key]`` reads a member of a struct value."""
+    made once.  ``value`` is the plain value; ``reply[key]`` reads a member of a struct value;
+    ``replies`` is where the wire keeps the finished replies carrying it (one per protocol)."""
 
-    __slots__ = ("value", "cache")
+    __slots__ = ("value", "cache", "replies")
 
     def __init__(self, value: Any):
         self.value = value
         self.cache: dict[str, bytes] = {}
+        self.replies: dict[str, Any] = {}
 
     def encoded(self, fmt: str, encode: Callable[[Any], bytes]) -> bytes:
         text = self.cache.get(fmt)

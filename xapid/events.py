@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from xapid import fanout
 from xapid.errors import XenAPIError, session_invalid
 from xapid.schema import Schema
 from xapid.store import CachedRecord, Change, Store
@@ -322,9 +323,10 @@ class EventHub:
                     waiting.pop(key, None)
                 waiter.session.ended.pop(key, None)
                 woken.append((waiter, reply))
-        for waiter, reply in woken:
-            if not waiter.deferred.called:
-                waiter.deferred.callback(reply)
+        with fanout.sending():  # every reply leaves before any connection's follow-up work
+            for waiter, reply in woken:
+                if not waiter.deferred.called:
+                    waiter.deferred.callback(reply)
 
     @property
     def watchers(self) -> int:

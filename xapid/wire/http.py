@@ -38,6 +38,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from xapid import fanout
 from xapid.wire.channel_state import _DECIDE, _DONE, _HEAD, _NOTHING, _BODY, ChannelState, log
 from xapid.wire.messages import (
     SERVER, BodySink, Client, Handler, HttpRequest, HttpResponse, HttpSettings, _is_cancel, _refusal, reason,
@@ -276,7 +277,7 @@ class HttpChannel(StreamingChannel, RequestParser):
     def _settle(self, d: Deferred[Any], then: Callable[[Any], None]) -> None:
         """Call *then* with *d*'s outcome: now if it has fired, else later (the loop waits on ``_pending``)."""
         self._inline = True
-        d.addBoth(self._settled, then)
+        d.addBoth(self._settled, then, d)
         self._inline = False
         outcome, self._outcome = self._outcome, _NOTHING
         if outcome is _NOTHING:  # a deferred outcome: the loop stops until it is ready
@@ -284,15 +285,27 @@ class HttpChannel(StreamingChannel, RequestParser):
             return
         then(outcome)
 
-    def _settled(self, outcome: Any, then: Callable[[Any], None]) -> None:
+    def _settled(self, outcome: Any, then: Callable[[Any], None], d: Deferred[Any]) -> None:
         if self._inline:  # fired at once, inside _settle
             self._outcome = outcome
             return
         self._pending = None  # later, from the reactor: never from inside _process
         if self._closing and then != self._chosen:  # a sink chosen too late is aborted by _chosen
             return
+        if fanout.active():  # one of many replies woken together: _reply may hold its follow-up back
+            self._held = d
         then(outcome)
-        self._process()
+        self._held = None
+        if self._pending is None:
+            self._process()
+
+    def _release(self, keep: bool) -> None:
+        """The follow-up of a reply sent during a fan-out (:mod:`xapid.fanout`): the connection
+        goes on to its deadline and its next request."""
+        self._pending = None
+        if not self._closing:
+            self._after_reply(keep)
+            self._process()
 
     # -- answering -------------------------------------------------------------------------
 
@@ -330,7 +343,16 @@ class HttpChannel(StreamingChannel, RequestParser):
             else:
                 self._start_stream(outcome, keep)
             return
-        self._send(self._head_bytes(request.version, outcome, len(outcome.body), keep), outcome.body)
+        heads = outcome.heads
+        if heads is None:
+            head = self._head_bytes(request.version, outcome, len(outcome.body), keep)
+        else:  # a response shared by many requests: its head is encoded once per version and keep-alive
+            head = heads.get((request.version, keep)) or heads.setdefault(
+                (request.version, keep), self._head_bytes(request.version, outcome, len(outcome.body), keep))
+        self._send(head, outcome.body)
+        if self._held is not None and fanout.later(self._release, keep):
+            self._pending = self._held  # busy (nothing read or answered) until released
+            return
         self._after_reply(keep)
 
     def _after_reply(self, keep: bool) -> None:

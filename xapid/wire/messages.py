@@ -67,7 +67,10 @@ class HttpResponse:
     when *length* is set (else the body is close-delimited) and ``stream(writer)`` produces the
     body through a :class:`BodyWriter`, the connection closing abruptly if its Deferred fails or
     the byte count differs from *length*.  With *takeover* (a 101 upgrade or a CONNECT's 200),
-    the head is written without a length and the connection is handed to the protocol it builds."""
+    the head is written without a length and the connection is handed to the protocol it builds.
+    A response answered to many requests (``event.from`` watchers woken together) has *heads*, a
+    dict in which the channels keep its encoded head per (HTTP version, keep-alive): it is never
+    changed once made (:func:`~xapid.wire.resource._with_headers` copies)."""
 
     status: int = 200
     body: bytes = b""
@@ -75,6 +78,7 @@ class HttpResponse:
     stream: Callable[[BodyWriter], Deferred[None] | None] | None = None
     length: int | None = None
     takeover: Callable[[], IProtocol] | None = None
+    heads: dict[tuple[bytes, bool], bytes] | None = field(default=None, repr=False, compare=False)
 
 
 @runtime_checkable

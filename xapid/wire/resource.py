@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from xapid.apitypes import SharedValue
 from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.wire import jsonrpc, xmlrpc
 from xapid.wire.http import BodySink, HttpFactory, HttpRequest, HttpResponse, HttpSettings
@@ -41,8 +43,8 @@ SinkRoute = Callable[[HttpRequest], "BodySink | HttpResponse | Deferred[Any]"]
 
 
 def _with_headers(response: _R, headers: list[tuple[bytes, bytes]]) -> _R:
-    if isinstance(response, HttpResponse):
-        response.headers = [*response.headers, *headers]  # a copy: XML and JSON are shared lists
+    if isinstance(response, HttpResponse):  # a copy: responses and their header lists may be shared
+        return cast(_R, replace(response, headers=[*response.headers, *headers], heads=None))
     return response
 
 
@@ -85,8 +87,7 @@ def _sink_with_headers(result: Any, headers: list[tuple[bytes, bytes]]) -> BodyS
 
 
 def _headless(response: HttpResponse) -> HttpResponse:
-    response.body = b""
-    return response
+    return replace(response, body=b"", heads=None)
 
 
 class ApiHandler:
@@ -199,6 +200,11 @@ class ApiHandler:
                 return HttpResponse(200, jsonrpc.success(call, value), JSON)
             if method == LIST_METHODS:
                 return HttpResponse(200, xmlrpc.bare(value), XML)
+            if isinstance(value, SharedValue):  # answered to many (event.from): one response, one head
+                shared = value.replies.get("xmlrpc")
+                if shared is None:
+                    shared = value.replies["xmlrpc"] = HttpResponse(200, xmlrpc.success(value), XML, heads={})
+                return cast(HttpResponse, shared)
             return HttpResponse(200, xmlrpc.success(value), XML)
 
         def fail(failure: Failure) -> HttpResponse | Failure:

@@ -1,0 +1,57 @@
+"""Follow-up work held back while one change answers many waiting callers.
+
+When a change wakes a thousand ``event.from`` watchers, every reply should leave as soon as
+possible: the last watcher's wait is the time to send every reply before it.  So the waker marks
+the fan-out (:func:`sending`), and while it lasts the connections answering those replies send
+them at once but queue what comes after a reply (setting the next deadline, reading the next
+request) with :func:`later`; the queue runs, in order, when the fan-out ends, before the reactor
+reads anything more.  Outside a fan-out :func:`later` refuses and callers do the work inline.
+
+Everything here runs on the reactor thread; fan-outs do not nest (an inner one joins the outer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from twisted.logger import Logger
+
+log = Logger()
+
+_queue: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
+
+
+@contextmanager
+def sending() -> Iterator[None]:
+    """A fan-out: the follow-ups queued inside run when it ends (each one's failure logged, never
+    stopping the others)."""
+    global _queue
+    if _queue is not None:  # nested: the outer fan-out runs ours
+        yield
+        return
+    queue: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+    _queue = queue
+    try:
+        yield
+    finally:
+        _queue = None
+        for work, args in queue:  # runs what the loop appends too (a follow-up may queue none: _queue is None)
+            try:
+                work(*args)
+            except Exception:  # noqa: BLE001 - one connection's bug must not strand the others
+                log.failure("a follow-up after a fan-out failed")
+
+
+def active() -> bool:
+    """A fan-out is sending: follow-ups may be held back."""
+    return _queue is not None
+
+
+def later(work: Callable[..., None], *args: Any) -> bool:
+    """Queue *work* to run when the current fan-out ends; False (nothing queued) outside one."""
+    if _queue is None:
+        return False
+    _queue.append((work, args))
+    return True
