@@ -455,6 +455,28 @@ def test_broken_transfers_leave_nothing(pair: Any) -> None:
         s.xenapi.session.logout()
 
 
+def test_an_xva_of_too_many_disks_is_refused_before_any_file(pair: Any) -> None:
+    """257 disks (each would be a file held open to the end): the task fails, nothing is created."""
+    _, b = pair
+    s = session(b)
+    x = s.xenapi
+    try:
+        sr_dir = x.PBD.get_device_config(x.SR.get_PBDs(default_sr(x))[0])["location"]
+        files, vdis = sorted(os.listdir(sr_dir)), vdi_counts(x)
+        objects = xapi_objects({"Ref:1": MIB}, "many")
+        disk = next(o for o in objects if o["class"] == "VDI")
+        objects += [{**disk, "id": f"Ref:{1000 + i}"} for i in range(256)]  # disks of no VBD are imported too
+        body = entry("ova.xml", ova(objects)) + xva.TAR_END
+        task = x.task.create("import", "")
+        status, _, _ = request(b, "PUT", f"/import?session_id={s._session}&task_id={task}", body)
+        record = wait_task(x, task)
+        assert record["status"] == "failure" and record["error_info"][0].startswith("IMPORT_ERROR"), record
+        assert "257 disks (at most 256)" in " ".join(record["error_info"])
+        assert vdi_counts(x) == vdis and sorted(os.listdir(sr_dir)) == files and not x.VM.get_by_name_label("many")
+    finally:
+        s.xenapi.session.logout()
+
+
 def test_export_refuses_running_and_exports_templates(pair: Any) -> None:
     """A running VM cannot be exported (409, VM_BAD_POWER_STATE); a template can; export_metadata
     gives ova.xml alone with a Content-Length."""

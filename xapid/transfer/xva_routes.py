@@ -59,6 +59,7 @@ IMPORT_ROLE = "vm-admin"  # xapi's http/put_import
 TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 MAX_OBJECTS = 10_000  # objects in one ova.xml
 MAX_VMS = 256
+MAX_DISKS = 256  # disks in one XVA: each is a file held open until the import ends
 
 # VM fields that describe one instance, never imported from a record
 _VM_SKIP = {"uuid", "power_state", "suspend_VDI", "affinity", "suspend_SR", "snapshot_of", "parent",
@@ -606,6 +607,8 @@ class ImportSink:
                 raise xva.XvaError(f"VDI {ref_id} has a virtual size of {size} bytes (at most {MAX_DISK})")
             fields["virtual_size"] = size
             plan.vdis.append((ref_id, fields))
+        if len(plan.vdis) > MAX_DISKS:
+            raise xva.XvaError(f"the XVA holds {len(plan.vdis)} disks (at most {MAX_DISKS})")
         disk_ids = {ref_id for ref_id, _ in plan.vdis}
         for ref_id, obj in by_id.items():
             if obj["class"] == "VM":
