@@ -19,7 +19,13 @@
    the inventory grown so far collected once and frozen, as the daemon does at start and again a
    minute later), and with CPython's automatic collector alone (every full collection walks the
    whole inventory; the same-run comparison).  Goal: every ratio at 10 000 ≤ 1.5 (daemon policy).
-3. **Start-up and memory**: the state dir is closed and a real daemon (``python -m xapid serve``,
+3. **Watchers**: at the largest level, *--watchers* (default 1 000) ``event.from`` calls are parked
+   through the dispatcher on one session, in step (one token), on ``message`` (a class none of these
+   calls writes: what a change costs with watchers it does not concern), and every operation is
+   measured again (daemon GC policy).  Same-run baseline: the same level without watchers.  Goal:
+   every ratio ≤ 1.5.  (A change that concerns every watcher costs a reply each: that fan-out is
+   ``event_watchers.py``'s figure.)
+4. **Start-up and memory**: the state dir is closed and a real daemon (``python -m xapid serve``,
    sim backend) is started on it: time until it listens, and its VmRSS then.  The same daemon on an
    empty state dir is the same-run baseline.  Goals: start ≤ 5 s, RSS ≤ 1 GB.
 
@@ -169,6 +175,16 @@ class Inventory:
             timed("VM.destroy", vm)
         return costs
 
+    def park_watchers(self, count: int) -> list[Any]:
+        """*count* ``event.from`` calls on ``message`` from one token, parked (their Deferreds)."""
+        session = self.api.session
+        token = self.env.raw("event.from", [session, ["message"], "", 0.0])["token"]
+        parked = [self.env.dispatcher.call("event.from", [session, ["message"], token, 3600.0])
+                  for _ in range(count)]
+        if self.env.api.events.watchers != count:
+            raise RuntimeError(f"{self.env.api.events.watchers} watchers parked of {count}")
+        return parked
+
     def close(self) -> None:
         self.env.api.hypervisor.driver.close()
         self.env.api.database.close()
@@ -216,7 +232,22 @@ def print_costs(levels: list[int], costs: dict[int, dict[str, Cost]], title: str
     return ratios
 
 
-def benchmark(levels: list[int], reps: int) -> None:
+def print_watcher_costs(level: int, watchers: int, without: dict[str, Cost], with_: dict[str, Cost]) -> list[float]:
+    """Each operation at *level* with *watchers* parked beside the same without; the wall ratios."""
+    out(f"per-call cost at {level} VDIs with {watchers} event.from watchers parked (on a class these calls do not "
+        "write), median µs wall / CPU (ratio to no watchers, wall / CPU):")
+    out("  " + f"{'operation':20}{'no watchers':>20}{f'{watchers} watchers':>20}{'ratio':>16}")
+    ratios = []
+    for op in OPS:
+        base, loaded = without[op], with_[op]
+        wall, cpu = loaded.wall_us / base.wall_us, loaded.cpu_us / base.cpu_us
+        ratios.append(wall)
+        out(f"  {op:20}{f'{base.wall_us:.0f} / {base.cpu_us:.0f}':>20}{f'{loaded.wall_us:.0f} / {loaded.cpu_us:.0f}':>20}"
+            f"{f'{wall:.2f} / {cpu:.2f}':>16}")
+    return ratios
+
+
+def benchmark(levels: list[int], reps: int, watchers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="xapid-scale-") as tmpdir, contextlib.ExitStack() as stack:
         tmp = Path(tmpdir)
         (tmp / "empty").mkdir()
@@ -237,6 +268,12 @@ def benchmark(levels: list[int], reps: int) -> None:
             policy.install(inventory.env.api.stats)  # as xapid serve: collect, freeze what lives
             try:
                 costs[level] = inventory.measure(reps)
+                if level == levels[-1]:
+                    progress(f"parking {watchers} event.from watchers, measuring again")
+                    parked = inventory.park_watchers(watchers)
+                    watched = inventory.measure(reps)
+                    if any(d.called for d in parked):
+                        raise RuntimeError("a watcher was answered by a change it does not subscribe to")
             finally:
                 policy.uninstall()
         out()
@@ -244,6 +281,8 @@ def benchmark(levels: list[int], reps: int) -> None:
         out()
         print_costs(levels, auto_costs, "automatic GC only")
         top = levels[-1]
+        out()
+        watcher_ratios = print_watcher_costs(top, watchers, costs[top], watched)
         inventory.close()
         progress("starting daemons")
         empty_start, empty_rss = start_daemon(stack, tmp / "empty", "empty")
@@ -256,6 +295,10 @@ def benchmark(levels: list[int], reps: int) -> None:
         out("goals:")
         out(f"  costs at {top} VDIs within {GOAL_RATIO}x of {levels[0]}: worst {worst:.2f}x "
             f"({OPS[ratios.index(worst)]}) — {'met' if worst <= GOAL_RATIO else 'NOT met'}")
+        worst_watched = max(watcher_ratios)
+        out(f"  costs at {top} VDIs with {watchers} watchers parked within {GOAL_RATIO}x of none: worst "
+            f"{worst_watched:.2f}x ({OPS[watcher_ratios.index(worst_watched)]}) — "
+            f"{'met' if worst_watched <= GOAL_RATIO else 'NOT met'}")
         out(f"  start ≤ {GOAL_START_S:.0f} s: {full_start:.2f} s — {'met' if full_start <= GOAL_START_S else 'NOT met'}")
         out(f"  RSS ≤ {GOAL_RSS_MB:.0f} MB: {full_rss:.0f} MB — {'met' if full_rss <= GOAL_RSS_MB else 'NOT met'}")
 
@@ -265,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="levels 10, 100, 300 and few repetitions (a smoke run)")
     parser.add_argument("--levels", help="comma-separated VDI counts (default 10,1000,10000)")
     parser.add_argument("--reps", type=int, help="calls of each operation per level (default 50; quick 10)")
+    parser.add_argument("--watchers", type=int, help="event.from watchers parked at the largest level "
+                                                     "(default 1000; quick 100)")
     args = parser.parse_args(argv)
     levels = [int(n) for n in (args.levels or ("10,100,300" if args.quick else "10,1000,10000")).split(",")]
     if levels != sorted(levels) or levels[0] < VDIS_PER_VM or any(n % VDIS_PER_VM for n in levels):
@@ -273,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine(), flush=True)
     started = time.monotonic()
     try:
-        benchmark(levels, reps)
+        benchmark(levels, reps, args.watchers or (100 if args.quick else 1000))
     except KeyboardInterrupt:
         print("scale.py: interrupted", file=sys.stderr)
         return 130

@@ -72,14 +72,11 @@ class Subscription:
         return self.all or cls in self.classes or ref in self.refs
 
 
-_UNSEEN: Any = object()
-
-
 class _Waiter:
     """One parked event.from: its subscription and token, the Deferred its reply fires, and where
     it is registered (its timeout bucket, its session's end callbacks) so dropping it is O(1)."""
 
-    __slots__ = ("subscription", "token", "deferred", "session", "bucket", "registered")
+    __slots__ = ("subscription", "token", "deferred", "session", "bucket", "share", "registered")
 
     def __init__(self, subscription: Subscription, token: int, deferred: Deferred[Any], session: Any, bucket: int):
         self.subscription = subscription
@@ -87,6 +84,7 @@ class _Waiter:
         self.deferred = deferred
         self.session = session
         self.bucket = bucket
+        self.share = (subscription.key, token)  # the waiters answered alike: same subscription, same token
         self.registered = True
 
 
@@ -117,6 +115,7 @@ class EventHub:
         self._max_tombstones = tombstones
         self._horizon = 0  # changes at or before this seq may have been forgotten
         self._waiters: dict[int, _Waiter] = {}  # by id(): removal is O(1) when many wait
+        self._groups: dict[tuple[Any, int], dict[int, _Waiter]] = {}  # by share: a wake costs O(groups)
         self._buckets: dict[int, dict[int, _Waiter]] = {}  # whole second when the wait times out
         self._expiry: Any = None  # the one timer, for the earliest bucket
         self._subscriptions: dict[tuple[str, ...], Subscription] = {}
@@ -262,6 +261,10 @@ class EventHub:
         self._schedule_expiry(bucket)
         session.ended[key] = partial(self._session_ended, waiter)
         self._waiters[key] = waiter
+        group = self._groups.get(waiter.share)
+        if group is None:
+            group = self._groups[waiter.share] = {}
+        group[key] = waiter
         return d
 
     def _session_ended(self, waiter: _Waiter) -> None:
@@ -280,6 +283,11 @@ class EventHub:
         if waiting is not None:
             waiting.pop(key, None)
         waiter.session.ended.pop(key, None)
+        group = self._groups.get(waiter.share)
+        if group is not None:
+            group.pop(key, None)
+            if not group:
+                del self._groups[waiter.share]
 
     def _schedule_expiry(self, bucket: int) -> None:
         timer = self._expiry
@@ -303,21 +311,23 @@ class EventHub:
             self._schedule_expiry(min(pending))
 
     def _wake(self) -> None:
-        """Answer every waiter with news; watchers with the same subscription and token (the
-        usual case: a fleet of clients in step) share one reply, built and encoded once."""
+        """Answer every waiter with news.  Waiters with the same subscription and token (the usual
+        case: a fleet of clients in step) form a group, checked once and sharing one reply built and
+        encoded once, so a change that concerns nobody costs O(groups), not O(watchers)."""
         self._wake_pending = False
-        replies: dict[tuple[Any, int], SharedValue | None] = {}
         woken = []
         buckets = self._buckets
-        for key, waiter in list(self._waiters.items()):
-            share = (waiter.subscription.key, waiter.token)
-            reply = replies.get(share, _UNSEEN)
-            if reply is _UNSEEN:
-                events = self.collect(waiter.subscription, waiter.token)
-                reply = replies[share] = self.batch(events) if events else None
-            if reply is not None:
-                waiter.registered = False  # _drop, inline: this loop runs once per watcher
-                del self._waiters[key]
+        waiters = self._waiters
+        for share, group in list(self._groups.items()):
+            first = next(iter(group.values()))
+            events = self.collect(first.subscription, first.token)
+            if not events:
+                continue
+            reply = self.batch(events)
+            del self._groups[share]
+            for key, waiter in group.items():  # _drop, inline: this loop runs once per watcher
+                waiter.registered = False
+                del waiters[key]
                 waiting = buckets.get(waiter.bucket)
                 if waiting is not None:
                     waiting.pop(key, None)
