@@ -54,17 +54,19 @@ VM_RECORD: dict[str, Any] = vm_record(name_label="bench-vm")
 
 @dataclass(frozen=True)
 class Settings:
-    """How long to measure: rounds of the load and SDK figures, and get_all_records calls per server."""
+    """How long to measure: rounds of the load and SDK figures, get_all_records calls per server, and
+    cold get_all_records samples (each after every VM was changed)."""
 
     rounds: int
     load_seconds: float
     sdk_calls: int
     record_calls: int
+    cold_samples: int
 
 
-FULL = Settings(rounds=5, load_seconds=5.0, sdk_calls=3000, record_calls=9)
-QUICK = Settings(rounds=3, load_seconds=2.0, sdk_calls=500, record_calls=5)
-SMOKE = Settings(rounds=1, load_seconds=0.5, sdk_calls=50, record_calls=2)  # with SMOKE_VMS: the test suite's
+FULL = Settings(rounds=5, load_seconds=5.0, sdk_calls=3000, record_calls=9, cold_samples=5)
+QUICK = Settings(rounds=3, load_seconds=2.0, sdk_calls=500, record_calls=5, cold_samples=3)
+SMOKE = Settings(rounds=1, load_seconds=0.5, sdk_calls=50, record_calls=2, cold_samples=1)  # with SMOKE_VMS: the test suite's
 SMOKE_VMS = 20
 
 
@@ -339,6 +341,32 @@ def cold_records(server: Server, session: str) -> tuple[float, bytes]:
     return elapsed * 1000, body
 
 
+def change_vms(server: Server, password: str, guests: list[str], text: str) -> None:
+    """Set every guest's name_description to *text* over *CREATORS* concurrent sessions (not timed):
+    every VM record changed, so none is encoded any more."""
+
+    def change(refs: list[str]) -> None:
+        session = sdk_session(server, password)
+        try:
+            for ref in refs:
+                session.xenapi.VM.set_name_description(ref, text)
+        finally:
+            session.xenapi.session.logout()
+
+    with ThreadPoolExecutor(CREATORS) as pool:
+        list(pool.map(change, [guests[i::CREATORS] for i in range(CREATORS)]))
+
+
+def cold_again(bed: "Testbed", samples: int) -> list[float]:
+    """*samples* cold VM.get_all_records on xapid, each after every VM was changed; milliseconds."""
+    xapid = bed.servers[0]
+    times = []
+    for number in range(samples):
+        change_vms(xapid, bed.password, bed.guests, f"cold sample {number}")
+        times.append(cold_records(xapid, bed.sessions["xapid"])[0])
+    return times
+
+
 def compare_records(replies: dict[str, bytes]) -> str:
     """Check that both get_all_records replies decode to the same records; a one-line note."""
     decoded = {name: loadgen.success_value(body) for name, body in replies.items()}
@@ -464,6 +492,12 @@ def run_figures(stack: contextlib.ExitStack, tmp: Path, bed: Testbed, settings: 
     print(f"VM.get_all_records {VMS} VMs, xapid's first call (cold cache): xapid {fmt(bed.cold_ms, 'ms')}, "
           f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / bed.cold_ms)}")
     print(f"    {bed.note}", flush=True)
+    progress(f"cold VM.get_all_records: {settings.cold_samples} samples, each after every VM was changed")
+    cold = cold_again(bed, settings.cold_samples)
+    print(f"VM.get_all_records {VMS} VMs, cold (every record changed since the last call), "
+          f"{len(cold)} samples: xapid median {fmt(statistics.median(cold), 'ms')} "
+          f"(min {fmt(min(cold), 'ms')}, max {fmt(max(cold), 'ms')}), stdlib {fmt(stdlib_ms, 'ms')}, "
+          f"{fmt_ratio(stdlib_ms / statistics.median(cold))}", flush=True)
     dev_bed = prepare_devices(stack, tmp, bed)
     progress(f"figure d: VM+VBD+VDI+VIF get_all_records, {settings.record_calls} fetches per server")
     device = devices_figure(dev_bed.servers, dev_bed.sessions, settings)
