@@ -37,7 +37,7 @@ def sending() -> Iterator[None]:
         yield
     finally:
         _queue = None
-        for work, args in queue:  # runs what the loop appends too (a follow-up may queue none: _queue is None)
+        for work, args in queue:  # _queue is None again: what a follow-up does runs inline
             try:
                 work(*args)
             except Exception:  # noqa: BLE001 - one connection's bug must not strand the others
