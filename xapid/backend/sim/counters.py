@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from xapid.backend.interface import DiskCounters, DomainInfo, NicCounters
-from xapid.backend.sim.model import IO_RATES, IO_REQUEST_SIZE, NS, SimDomain, placement
+from xapid.backend.sim.model import IO_REQUEST_SIZE, NS, SimDomain, placement
 
 # The counters are named tuples built for every domain on every tick: made with tuple.__new__
 # directly (the same objects as their constructors make, without a Python frame per tuple).
@@ -59,10 +59,9 @@ class CounterFrame:
     def _rates(self, dom: SimDomain, rate: tuple[Any, ...] | None = None) -> None:
         """(Re)build the rate part from *dom* (*rate*: its :meth:`_rate` key, when already made)."""
         self.rate = self._rate(dom) if rate is None else rate
-        io = dom.io
-        self.io = dict(io) if io else _NO_IO
+        self.io = dict(dom.io) if dom.io else _NO_IO
         self.since = dom.since
-        load = self.load = dom.load
+        self.load = dom.load
         online = self.online
         all_times = dom.vcpu_time_ns
         if len(all_times) == online:
@@ -73,18 +72,11 @@ class CounterFrame:
             self.offline_ns = sum(all_times[online:])
         self.times_sum = sum(self.times)
         acc, zero = dom.io_acc, (0, 0)
-        if self.disk_keys:
-            self.disks = [(device, *acc.get(key, zero)) for device, key in self.disk_keys]
-            self.disk_rates = ((io["disk_read"] if "disk_read" in io else load * IO_RATES["disk_read"]),
-                               (io["disk_write"] if "disk_write" in io else load * IO_RATES["disk_write"]))
-        else:
-            self.disks, self.disk_rates = [], (0.0, 0.0)
-        if self.nic_keys:
-            self.nics = [(devid, *acc.get(key, zero)) for devid, key in self.nic_keys]
-            self.nic_rates = ((io["net_rx"] if "net_rx" in io else load * IO_RATES["net_rx"]),
-                              (io["net_tx"] if "net_tx" in io else load * IO_RATES["net_tx"]))
-        else:
-            self.nics, self.nic_rates = [], (0.0, 0.0)
+        # the rates as SimDomain.io_rate gives them (the same expression, so the same rounding)
+        self.disks = [(device, *acc.get(key, zero)) for device, key in self.disk_keys]
+        self.disk_rates = (dom.io_rate("disk_read"), dom.io_rate("disk_write")) if self.disks else (0.0, 0.0)
+        self.nics = [(devid, *acc.get(key, zero)) for devid, key in self.nic_keys]
+        self.nic_rates = (dom.io_rate("net_rx"), dom.io_rate("net_tx")) if self.nics else (0.0, 0.0)
         # a domain that does not run reports the same counters at any time: computed once
         self.constant: Reported | None = None if self.running else self._compute(0.0)
 

@@ -205,14 +205,11 @@ class SimDomain:
             return [], []
         dt = max(0.0, now - self.since) if self.state == "running" else 0.0
         acc = self.io_acc
-        io = self.io
-        load = self.load
         uuid = self.uuid
         zero = (0, 0)
         disks = []
         if self.disks:
-            rd = round((io["disk_read"] if "disk_read" in io else load * IO_RATES["disk_read"]) * dt)
-            wr = round((io["disk_write"] if "disk_write" in io else load * IO_RATES["disk_write"]) * dt)
+            rd, wr = round(self.io_rate("disk_read") * dt), round(self.io_rate("disk_write") * dt)
             for d in self.disks:
                 device = d["device"]
                 r, w = acc.get(f"vbd:{device}", zero)
@@ -220,8 +217,7 @@ class SimDomain:
                 disks.append(DiskCounters(uuid, device, r, w, r // IO_REQUEST_SIZE, w // IO_REQUEST_SIZE))
         nics = []
         if self.nics:
-            rx = round((io["net_rx"] if "net_rx" in io else load * IO_RATES["net_rx"]) * dt)
-            tx = round((io["net_tx"] if "net_tx" in io else load * IO_RATES["net_tx"]) * dt)
+            rx, tx = round(self.io_rate("net_rx") * dt), round(self.io_rate("net_tx") * dt)
             for n in self.nics:
                 devid = int(n["devid"])
                 r, w = acc.get(f"vif:{devid}", zero)
