@@ -403,14 +403,14 @@ class Sampler(SourceQueries):
         """Drop a source's archives (forget_data_source_archives); it is recreated by the next tick."""
         self.table.forget(owner, name)
         self._slots.pop((owner, name), None)
-        self._drop_segments(owner)
+        self._drop_segments({owner})
 
-    def _drop_segments(self, owner: str) -> None:
-        """Forget the cached slot groups of *owner* (its slots were freed and may be reused)."""
-        for key in [k for k in self._segments if k[0] == owner]:
-            del self._segments[key]
-        self._layouts = {u: v for u, v in self._layouts.items() if v.owner != owner}
-        self._device_segs = {k: v for k, v in self._device_segs.items() if v.owner != owner}
+    def _drop_segments(self, owners: set[str]) -> None:
+        """Forget the cached slot groups of *owners* (their slots were freed and may be reused):
+        one pass over the caches however many owners go at once."""
+        self._segments = {k: v for k, v in self._segments.items() if k[0] not in owners}
+        self._layouts = {u: v for u, v in self._layouts.items() if v.owner not in owners}
+        self._device_segs = {k: v for k, v in self._device_segs.items() if v.owner not in owners}
         self._prev_placed = []
         self._previous = None
 
@@ -420,15 +420,18 @@ class Sampler(SourceQueries):
             self._vm_destroyed = True
 
     def _forget_destroyed(self) -> None:
-        """Drop the archives of VMs that no longer exist (run by the tick after a VM is destroyed)."""
+        """Drop the archives of VMs that no longer exist (run by the tick after a VM is destroyed);
+        the caches are swept once for all of them, so a mass destroy costs no more than linear."""
+        gone: set[str] = set()
         for owner in self.table.owners():
             kind, _, uuid = owner.partition(":")
             if kind == "vm" and self.store.by_uuid(uuid) is None:
                 self.table.forget_owner(owner)
                 self._domids.pop(uuid, None)
-                for key in [k for k in self._slots if k[0] == owner]:
-                    del self._slots[key]
-                self._drop_segments(owner)
+                gone.add(owner)
+        if gone:
+            self._slots = {k: v for k, v in self._slots.items() if k[0] not in gone}
+            self._drop_segments(gone)
 
     def _write_live(self, sample: Sample, order: Sequence[int]) -> None:
         """Write the state fields (memory, vCPU count) of the segments numbered in *order* (those
