@@ -75,6 +75,27 @@ def test_the_edges_do_import_it():
     assert any(m.startswith("xapid.wire.") for m in imported_modules(tree, "xapid"))
 
 
+#: what a driver module may import besides xapid.backend: plain constants and the atomic file writer
+DRIVER_IMPORTS = ("xapid.backend", "xapid.constants", "xapid.files")
+
+
+def test_the_drivers_know_no_api_objects():
+    """The drivers (everything in xapid/backend but the typed facade proxy.py, which maps their
+    errors to Xen-API errors) deal in specs and counters: no store, schema, objects, errors or events."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "backend").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "backend/proxy.py":
+            continue
+        package = ".".join(("xapid", *path.relative_to(ROOT).parent.parts))
+        modules = imported_modules(ast.parse(path.read_text(encoding="utf-8"), str(path)), package)
+        outside = sorted(m for m in modules if m.split(".")[0] == "xapid"
+                         and not any(m == ok or m.startswith(ok + ".") for ok in DRIVER_IMPORTS))
+        if outside:
+            found[rel] = outside
+    assert found == {}
+
+
 def test_the_composition_root_knows_no_object_internals():
     """server.py reaches the objects only through their handlers and install hooks."""
     tree = ast.parse((ROOT / "server.py").read_text(encoding="utf-8"))
