@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,19 @@ def make_users(path: Path) -> None:
     users.load()
     for name, role in USERS.items():
         users.add(name, role, PASSWORD)
+
+
+def count_verify(users: UsersFile) -> list[tuple[str, str]]:
+    """Record every bcrypt check *users* makes (UsersFile.verify runs exactly one)."""
+    calls: list[tuple[str, str]] = []
+    original = users.verify
+
+    def verify(name: str, password: str) -> Any:
+        calls.append((name, password))
+        return original(name, password)
+
+    users.verify = verify  # type: ignore[method-assign]
+    return calls
 
 
 def resolve(d: Deferred, clock: Clock, step: float = 1, rounds: int = 1000) -> Any:
@@ -132,6 +146,26 @@ def vm_record(**overrides: Any) -> dict[str, Any]:
     return record
 
 
+def stored(env: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """What is committed in the env's state database right now (read through a second connection)."""
+    from xapid.store import Database
+
+    db = Database(env.api.database.path)
+    try:
+        return {ref: (cls, data) for cls, ref, data in db.read_all()}
+    finally:
+        db.close()
+
+
+def disk_full(monkeypatch: pytest.MonkeyPatch, env: Any) -> None:
+    """Make every commit of the env's database fail as SQLite does on a full disk."""
+    import sqlite3
+
+    def write(batch: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(env.api.database, "write", write)
+
+
 # -- a real daemon, started as a user would ----------------------------------------------------
 
 
@@ -188,3 +222,60 @@ class RealDaemon:
                 self.proc.wait()
         self.logfile.close()
         return self.proc.returncode
+
+    def raw_request(self, request: bytes, timeout: float = 30) -> tuple[socket.socket, bytes]:
+        """*request* sent as is on a new connection: the open socket, and what arrived until the end
+        of the reply's head (or until the daemon closed)."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        sock.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            piece = sock.recv(4096)
+            if not piece:
+                break
+            head += piece
+        return sock, head
+
+
+def serve_and_use(command: list[str], cwd: Path, env: dict[str, str], use: Callable[[Any], None]) -> None:
+    """Run the ``xapid serve`` *command* in *cwd* (stderr to cwd/daemon.log); once it listens on 127.0.0.1,
+    call *use* with the ``xenapi`` of an SDK session logged in as admin, log out, then stop the daemon with
+    SIGTERM: it must exit 0."""
+    import XenAPI
+
+    log = cwd / "daemon.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.findall(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        session = XenAPI.Session(f"http://127.0.0.1:{found[0]}/")
+        session.xenapi.login_with_password("admin", PASSWORD)
+        use(session.xenapi)
+        session.xenapi.session.logout()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+
+
+# -- Xen Orchestra's npm connector ------------------------------------------------------------
+
+
+def npm_xen_api(tmp_path_factory: pytest.TempPathFactory, name: str, *scripts: str) -> Path:
+    """A temp dir holding ``tests/npm``'s package.json and *scripts*, with ``xen-api@4.7``
+    installed by npm (no node or npm: a failure, not a skip)."""
+    import shutil
+
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.fail("node and npm are required for the xen-api connector test")
+    prefix = tmp_path_factory.mktemp(name)
+    npm_dir = Path(__file__).resolve().parent / "npm"
+    for script in ("package.json", *scripts):
+        shutil.copy(npm_dir / script, prefix)
+    proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), "xen-api@4.7"],
+                          cwd=prefix, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return prefix

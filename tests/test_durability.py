@@ -8,28 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from typing import Any
 
-from support import vm_record
+from support import disk_full, stored, vm_record
 from twisted.logger import globalLogPublisher
 
 from xapid.store import COMMIT_DELAY, Database
-
-
-def stored(env: Any) -> dict[str, tuple[str, dict[str, Any]]]:
-    """What is committed in the state dir's database right now (read through a second connection)."""
-    db = Database(env.api.database.path)
-    try:
-        return {ref: (cls, data) for cls, ref, data in db.read_all()}
-    finally:
-        db.close()
-
-
-def disk_full(monkeypatch: Any, env: Any) -> None:
-    def write(batch: Any) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
-    monkeypatch.setattr(env.api.database, "write", write)
 
 
 def test_failed_commit_rolls_back_with_events_and_says_disk_full(admin, env, monkeypatch):

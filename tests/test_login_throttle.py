@@ -49,19 +49,6 @@ def login(env: ApiEnv, address: str | None, user: str = "admin", password: str =
     return ref.value if hasattr(ref, "encoded") else ref
 
 
-def count_verify(users: UsersFile) -> list[tuple[str, str]]:
-    """Record every bcrypt check *users* makes (UsersFile.verify runs exactly one)."""
-    calls: list[tuple[str, str]] = []
-    original = users.verify
-
-    def verify(name: str, password: str) -> Any:
-        calls.append((name, password))
-        return original(name, password)
-
-    users.verify = verify  # type: ignore[method-assign]
-    return calls
-
-
 class ManualRunner:
     """A login runner the test drives: checks start when the checker asks, finish when told."""
 

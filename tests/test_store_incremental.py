@@ -4,12 +4,11 @@ without scanning; with the same answers, events, restarts and rollbacks as befor
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
-from support import resolve, vm_record
+from support import disk_full, resolve, stored, vm_record
 
-from xapid.store import Database, Store
+from xapid.store import Store
 
 MiB = 1 << 20
 
@@ -24,22 +23,8 @@ def vbd_record(vm: str, vdi: str, device: str = "autodetect") -> dict[str, Any]:
             "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}}
 
 
-def stored(env: Any) -> dict[str, tuple[str, dict[str, Any]]]:
-    db = Database(env.api.database.path)
-    try:
-        return {ref: (cls, data) for cls, ref, data in db.read_all()}
-    finally:
-        db.close()
-
-
 def default_sr(admin: Any) -> str:
     return str(admin("pool.get_default_SR", admin("pool.get_all")[0]))
-
-
-def disk_full(monkeypatch: Any, env: Any) -> None:
-    def write(batch: Any) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
-    monkeypatch.setattr(env.api.database, "write", write)
 
 
 def test_rows_leave_mirrored_sets_out_and_a_restart_rebuilds_them_in_order(env, admin):
