@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from xapid.store import CachedRecord, Obj
-from xapid.wire import jsonrpc, xmlrpc as wire
-from xapid.wire.values import Int32
+from xapid.wire import jsonrpc, values, xmlrpc as wire
+from xapid.wire.values import MEMO_ITEM_MAX, Int32
 
 TRICKY: list[Any] = [
     "", "plain", "a<b>&\"c'", "ctl\x01\x1fchar", "\u00e9t\u00e9", "\ud800lone", 0, 1, -5, 1 << 62, True, False, 0.0,
@@ -91,23 +91,14 @@ def test_non_finite_floats_still_refused():
             enc({"x": float("nan")})
 
 
-def general_xml(value: dict[Any, Any]) -> bytes:
-    """The general struct path, with the float-map fast path out of the way."""
-    saved = wire._float_map
-    wire._float_map = lambda v: None
+def general(codec: Any, value: dict[Any, Any]) -> bytes:
+    """*codec*'s (xmlrpc's or jsonrpc's) general struct path, with its float-map fast path out of the way."""
+    saved = codec._float_map
+    codec._float_map = lambda v: None
     try:
-        return wire.encode_value(value)
+        return codec.encode_value(value)
     finally:
-        wire._float_map = saved
-
-
-def general_json(value: dict[Any, Any]) -> bytes:
-    saved = jsonrpc._float_map
-    jsonrpc._float_map = lambda v: None
-    try:
-        return jsonrpc.encode_value(value)
-    finally:
-        jsonrpc._float_map = saved
+        codec._float_map = saved
 
 
 def test_float_maps_identical_to_the_general_path():
@@ -120,8 +111,8 @@ def test_float_maps_identical_to_the_general_path():
     ]
     for value in maps:
         for _ in range(2):  # memoised keys the second time
-            assert wire.encode_value(value) == general_xml(value)
-            assert jsonrpc.encode_value(value) == general_json(value)
+            assert wire.encode_value(value) == general(wire, value)
+            assert jsonrpc.encode_value(value) == general(jsonrpc, value)
     assert json.loads(jsonrpc.encode_value(maps[0])) == maps[0]
     assert xmlrpc.client.loads(wire.success(maps[0]))[0][0]["Value"] == maps[0]
     for bad in ({"a": 1.0, "b": float("inf")}, {"a": float("nan")}, {"a": 1e308, "b": 1e308, "c": float("-inf")}):
@@ -130,7 +121,7 @@ def test_float_maps_identical_to_the_general_path():
         with pytest.raises(ValueError):
             jsonrpc.encode_value(bad)
     big = {"a": 1e308, "b": 1e308}  # the sum overflows; the values are fine
-    assert wire.encode_value(big) == general_xml(big) and jsonrpc.encode_value(big) == general_json(big)
+    assert wire.encode_value(big) == general(wire, big) and jsonrpc.encode_value(big) == general(jsonrpc, big)
 
 
 def test_negative_zero_and_records_changed_in_place():
@@ -152,3 +143,26 @@ def test_non_string_keys_never_shared():
     for enc, plain in ((wire.encode_record, wire.encode_value), (jsonrpc.encode_record, jsonrpc.encode_value)):
         for rec in ({1: "x", "a": "b"}, {True: "x", "a": "b"}, {1.0: "x", "a": "b"}, {1: "x", "a": "b"}):
             assert enc(rec) == plain(rec)
+
+
+def test_memo_never_holds_large_fragments():
+    """Record values come from clients and guests: a distinct large map per record must not be pinned
+    in the shared memo (a count bound alone would hold MEMO_LIMIT of them)."""
+    wire._MEMO.clear()
+    jsonrpc._MEMO.clear()
+    for i in range(50):
+        rec = {"name": "vm", "other_config": {"k": f"{i}:" + "x" * 20_000}, "tags": [f"{i}"] * 4_000}
+        assert wire.encode_record(rec) == wire.encode_value(rec)
+        assert jsonrpc.encode_record(rec) == jsonrpc.encode_value(rec)
+    for memo in (wire._MEMO, jsonrpc._MEMO):
+        assert all(len(fragment) <= MEMO_ITEM_MAX for fragment in memo.values())
+        assert memo.held == sum(len(fragment) for fragment in memo.values()) < 50 * MEMO_ITEM_MAX
+
+
+def test_memo_bounded_in_bytes(monkeypatch):
+    monkeypatch.setattr(values, "MEMO_BYTES", 10_000)
+    wire._MEMO.clear()
+    for i in range(500):
+        rec = {"other_config": {"k": f"{i}:" + "x" * 1_000}}
+        assert wire.encode_record(rec) == wire.encode_value(rec)
+        assert wire._MEMO.held <= 10_000

@@ -16,7 +16,7 @@ from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Any
 
 from xapid.apitypes import format_datetime
-from xapid.wire.values import HugeInt, Int32, Limits, WireError, float_map_members, parse_int
+from xapid.wire.values import HugeInt, Int32, Limits, Memo, WireError, float_map_members, parse_int
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _encode(value: Any, out: list[bytes]) -> None:
 # -- records: memoised member fragments (as in xmlrpc.encode_record) ----------------------------
 
 MEMO_LIMIT = 65_536
-_MEMO: dict[Any, bytes] = {}  # (type, name, value or its key) -> '"name":value' as bytes
+_MEMO: Memo[bytes] = Memo()  # (type, name, value or its key) -> '"name":value' as bytes
 _SCALARS = frozenset((str, int, bool, datetime, type(None)))  # never floats: -0.0 == 0.0
 SHARED_TEXT = 32  # longer strings (uuids, references: one object's own) are not memoised
 
@@ -111,7 +111,7 @@ def encode_record(value: Any) -> bytes:
     records, so values many objects share (defaults, enums, empty sets and maps) are encoded
     once.  Only values whose equal copies always encode alike are memoised (exact str up to
     SHARED_TEXT characters, int, bool, None and datetime, lists and maps of exact strings);
-    at most MEMO_LIMIT entries."""
+    at most MEMO_LIMIT entries, none of them large (see Memo)."""
     if type(value) is not dict:
         return encode_value(value)
     fast = _float_map(value)
@@ -122,6 +122,7 @@ def encode_record(value: Any) -> bytes:
     out: list[bytes] = []
     append = out.append
     memo = _MEMO
+    get = memo.get  # bound once: a dict subclass's method lookup costs per call
     scalars = _SCALARS
     for name, v in value.items():
         t = type(v)
@@ -144,17 +145,14 @@ def encode_record(value: Any) -> bytes:
         else:
             append(_member(name, v))
             continue
-        fragment = memo.get(key)
+        fragment = get(key)
         if fragment is None:
-            fragment = _member(name, v)
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            memo[key] = fragment
+            fragment = memo.keep(key, _member(name, v), MEMO_LIMIT)
         append(fragment)
     return b"{" + b",".join(out) + b"}"
 
 
-_FLOAT_PREFIX: dict[str, str] = {}  # map key -> '"KEY":' (bounded)
+_FLOAT_PREFIX: Memo[str] = Memo()  # map key -> '"KEY":' (bounded)
 
 
 def _float_map(value: dict[Any, Any]) -> bytes | None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sized
+from typing import Any, TypeVar
 
 # the value markers and bounds live in the core (xapid.apitypes); re-exported for the wire modules
 from xapid.apitypes import DEFAULT_LIMITS, INT64_MAX, INT64_MIN, HugeInt, Int32, Limits, Preencoded
 
 __all__ = ["DEFAULT_LIMITS", "INT64_MAX", "INT64_MIN", "HugeInt", "Int32", "Limits", "Preencoded", "WireError",
-           "MAX_INT_TEXT", "parse_int"]
+           "MAX_INT_TEXT", "Memo", "parse_int"]
 
 
 class WireError(Exception):
@@ -35,11 +35,48 @@ def parse_int(text: str) -> int:
     return int(text)
 
 
-def float_map_members(value: dict[Any, Any], prefixes: dict[str, str], make_prefix: Callable[[str], str],
+MEMO_ITEM_MAX = 4096  # a longer encoded fragment is never memoised: one object's own, and it would hold memory
+MEMO_BYTES = 16 << 20  # a memo is emptied once its fragments reach this many bytes (characters for text)
+
+
+_F = TypeVar("_F", bound=Sized)
+
+
+class Memo(dict[Any, _F]):
+    """Encoded fragments shared by the encoders' replies, bounded in entries and in size.
+
+    Reads are plain dict reads; :meth:`keep` (on a miss) empties the memo first when it holds
+    *limit* entries or :data:`MEMO_BYTES`, and never keeps a fragment over :data:`MEMO_ITEM_MAX`:
+    record values come from clients and guests (a map of large strings), so a count bound alone
+    would let each distinct value pin its encoding until the memo fills."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0  # the kept fragments' total length
+
+    def keep(self, key: Any, fragment: _F, limit: int) -> _F:
+        """*fragment*, kept under *key* if small enough (see the class)."""
+        size = len(fragment)
+        if size > MEMO_ITEM_MAX:
+            return fragment
+        if len(self) >= limit or self.held + size > MEMO_BYTES:
+            self.clear()
+        self[key] = fragment
+        self.held += size
+        return fragment
+
+    def clear(self) -> None:
+        super().clear()
+        self.held = 0
+
+
+def float_map_members(value: dict[Any, Any], prefixes: Memo[str], make_prefix: Callable[[str], str],
                       suffix: str, limit: int) -> list[str] | None:
     """The members of a map of string keys to finite floats (``host.query_stats``), each written
     ``prefix + repr(float) + suffix`` with the key's prefix made once by *make_prefix* and memoised in
-    *prefixes* (cleared past *limit*); None for any other map (the general path then says what is wrong)."""
+    *prefixes* (at most *limit* entries); None for any other map (the general path then says what is wrong)."""
     values = value.values()
     if not values or not all(type(v) is float for v in values):
         return None
@@ -54,9 +91,6 @@ def float_map_members(value: dict[Any, Any], prefixes: dict[str, str], make_pref
         if prefix is None:
             if not isinstance(k, str):
                 return None
-            prefix = make_prefix(k)
-            if len(prefixes) >= limit:
-                prefixes.clear()
-            prefixes[k] = prefix
+            prefix = prefixes.keep(k, make_prefix(k), limit)
         append(prefix + repr(v) + suffix)
     return members

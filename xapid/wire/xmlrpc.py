@@ -19,7 +19,7 @@ from typing import Any, Callable
 from lxml import etree
 
 from xapid.apitypes import format_datetime
-from xapid.wire.values import Int32, Limits, WireError, float_map_members, parse_int
+from xapid.wire.values import Int32, Limits, Memo, WireError, float_map_members, parse_int
 
 _PARSER = etree.XMLParser(
     resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_comments=True,
@@ -133,15 +133,16 @@ _PREENCODED: set[type] = set()  # types seen with an ``encoded`` method (Preenco
 # datetime, and short lists or maps of exact strings; a float only from the template, when equal
 # and not zero (-0.0 == 0.0 but is written differently), never from the memo.  Strings longer
 # than SHARED_TEXT (uuids, references: one object's own) are formatted directly, anything else is
-# encoded as usual.  The memo holds at most MEMO_LIMIT fragments, the templates TEMPLATE_LIMIT shapes;
-# each is emptied when full.  Templates hold copies of their containers, so records changed in place
-# later never alter a template.
+# encoded as usual.  The memo holds at most MEMO_LIMIT fragments (and no large one: see Memo), the
+# templates TEMPLATE_LIMIT shapes; each is emptied when full.  Templates hold copies of their
+# containers, so records changed in place later never alter a template.
 
 MEMO_LIMIT = 65_536
 TEMPLATE_LIMIT = 256
 SHARED_TEXT = 32  # longer strings are not memoised: they are almost always one object's own
-_MEMO: dict[Any, bytes] = {}  # (type, name, value or its key) -> the member's bytes
-_NAMES: dict[Any, bytes] = {}  # member name -> b"<member><name>NAME</name>" (bounded like _MEMO)
+_MEMO: Memo[bytes] = Memo()  # (type, name, value or its key) -> the member's bytes
+_NAMES: Memo[bytes] = Memo()  # member name -> b"<member><name>NAME</name>" (bounded like _MEMO)
+_memo_get, _name_get = _MEMO.get, _NAMES.get  # bound once: a dict subclass's method lookup costs per call
 _SCALARS = frozenset((str, int, bool, datetime, type(None)))
 _NOT_SHARED = object()  # a key part never stored
 
@@ -164,12 +165,10 @@ _TEMPLATES: dict[tuple[type, ...], _Template] = {}
 
 
 def _name(name: Any) -> bytes:
-    head = _NAMES.get(name)
+    head = _name_get(name)
     if head is None:
-        head = ("<member><name>" + escape(name if type(name) is str else str(name)) + "</name>").encode()
-        if len(_NAMES) >= MEMO_LIMIT:
-            _NAMES.clear()
-        _NAMES[name] = head
+        head = _NAMES.keep(name, ("<member><name>" + escape(name if type(name) is str else str(name))
+                                  + "</name>").encode(), MEMO_LIMIT)
     return head
 
 
@@ -226,12 +225,9 @@ def _fragment(name: Any, value: Any, head: bytes | None = None) -> bytes:
     if key is _NOT_SHARED:
         return _member(name, value)
     memo_key = (t, name, key)
-    fragment = _MEMO.get(memo_key)
+    fragment = _memo_get(memo_key)
     if fragment is None:
-        fragment = _member(name, value)
-        if len(_MEMO) >= MEMO_LIMIT:
-            _MEMO.clear()
-        _MEMO[memo_key] = fragment
+        fragment = _MEMO.keep(memo_key, _member(name, value), MEMO_LIMIT)
     return fragment
 
 
@@ -296,7 +292,7 @@ _STRUCT_OPEN = b"<value><struct>"
 _STRUCT_CLOSE = b"</struct></value>"
 
 
-_FLOAT_PREFIX: dict[str, str] = {}  # map key -> "<member><name>KEY</name><value><double>" (bounded)
+_FLOAT_PREFIX: Memo[str] = Memo()  # map key -> "<member><name>KEY</name><value><double>" (bounded)
 _FLOAT_SUFFIX = "</double></value></member>"
 
 
