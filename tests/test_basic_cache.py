@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PASSWORD, ApiEnv, RealDaemon, resolve
+from support import PASSWORD, ApiEnv, RealDaemon, count_verify, resolve
 from twisted.internet.task import Clock
 
+from xapid.audit import MAX_TEXT, REDACTED
 from xapid.auth.login import OK, REMEMBER_TTL, PasswordChecker
 from xapid.auth.users import UsersFile
 from xapid.errors import XenAPIError
@@ -22,19 +24,6 @@ from xapid.stats.http import HttpExports
 from xapid.wire.http import Client, HttpRequest
 
 BURST = 10
-
-
-def count_verify(users: UsersFile) -> list[tuple[str, str]]:
-    """Record every bcrypt check *users* makes."""
-    calls: list[tuple[str, str]] = []
-    original = users.verify
-
-    def verify(name: str, password: str) -> Any:
-        calls.append((name, password))
-        return original(name, password)
-
-    users.verify = verify  # type: ignore[method-assign]
-    return calls
 
 
 def basic(env: ApiEnv, user: str, password: str, address: str = "192.0.2.50") -> int:
@@ -126,6 +115,41 @@ def test_role_change_and_deletion_are_seen_at_once(env):
     env.api.users.delete("reader")
     bump_mtime(path)
     assert basic(env, "reader", PASSWORD) == 401
+
+
+def test_change_racing_the_check_is_never_served(env):
+    """The users file changing while a right password is being checked: the remembered entry carries
+    the file's state from before the check, so the next request is checked against the new file."""
+    path: Path = env.api.users.path
+    calls = count_verify(env.api.users)
+    checking = env.api.users.verify
+
+    def verify_then_change(name: str, password: str) -> Any:
+        user = checking(name, password)
+        other = UsersFile(path, rounds=4)
+        other.load()
+        other.set_password("admin", "changed pass")
+        bump_mtime(path)
+        return user
+
+    env.api.users.verify = verify_then_change
+    assert basic(env, "admin", PASSWORD) == 200  # checked against the table of before the change
+    env.api.users.verify = checking
+    assert basic(env, "admin", PASSWORD) == 401
+    assert basic(env, "admin", "changed pass") == 200
+    assert [password for _, password in calls] == [PASSWORD, PASSWORD, "changed pass"]
+
+
+def test_failed_basic_audit_line_is_bounded(env):
+    """An unauthenticated client's Basic user name (up to the header limit) is cut in the audit line as an
+    RPC argument is: it cannot make each failed try write tens of KB and rotate the audit trail away."""
+    assert basic(env, "u" * 40_000, "wrong") == 401
+    assert basic(env, "admin", "wrong") == 401
+    text = (env.api.state_dir / "audit.log").read_text().splitlines()
+    long, short = json.loads(text[-2]), json.loads(text[-1])
+    assert len(text[-2]) < 4 * MAX_TEXT and long["user"].startswith("u" * MAX_TEXT)
+    assert long["args"] == {"uname": long["user"], "pwd": REDACTED}
+    assert (short["user"], short["args"]) == ("admin", {"uname": "admin", "pwd": REDACTED})
 
 
 def test_rpc_login_always_runs_bcrypt(env):

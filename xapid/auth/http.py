@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 
-from xapid.audit import REDACTED
+from xapid.audit import redact
 from xapid.wire.http import HttpRequest, HttpResponse
 
 log = Logger()
@@ -123,8 +123,10 @@ def _audit_failure(api: Any, request: HttpRequest, name: str | None) -> None:
     try:
         client = getattr(request, "client", None)
         method = request.method.decode("latin-1")[:16]
-        audit.record(method=f"HTTP Basic {method} {request.path.decode('latin-1')[:256]}", user=name, role=None,
-                     originator=None, peer=client.address if client is not None else None,
-                     args={"uname": name, "pwd": REDACTED}, outcome="SESSION_AUTHENTICATION_FAILED")
+        # bounded as RPC arguments are: the name is an unauthenticated client's (up to the header limit)
+        args = redact(["uname", "pwd"], [name, None])
+        audit.record(method=f"HTTP Basic {method} {request.path.decode('latin-1')[:256]}", user=args["uname"],
+                     role=None, originator=None, peer=client.address if client is not None else None,
+                     args=args, outcome="SESSION_AUTHENTICATION_FAILED")
     except Exception:  # noqa: BLE001 - the audit never changes the answer
         log.failure("writing an audit line failed")

@@ -61,7 +61,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xapid.auth.users import User, UsersError
+from xapid.auth.users import User, UsersError, _Signature as _FileSignature, _signature_of
 
 log = Logger()
 
@@ -70,7 +70,7 @@ MAX_SOURCES = 4096
 REMEMBER_TTL = 60.0  # s: how long a right password given with remembered=True skips bcrypt
 REMEMBER_MAX = 1024  # remembered credentials held at most
 
-_Signature = tuple[int, int, int, int] | None  # the users file's (dev, ino, size, mtime_ns); None: no file
+_Signature = _FileSignature | None  # the users file's (dev, ino, size, mtime_ns); None: no file
 
 
 @dataclass(frozen=True)
@@ -266,8 +266,8 @@ class PasswordChecker:
         return user
 
     def _remember(self, digest: bytes, user: User, signature: _Signature) -> None:
-        if self._users_signature() != signature:  # changed while the check ran: not remembered
-            return
+        """Remember *user* under *digest* with the file's *signature* from before the check: a change
+        racing the check is seen at the first recall (:meth:`_recall` compares), no stat needed here."""
         self._remembered[digest] = (self.reactor.seconds() + self.remember_ttl, user, signature)
         self._remembered.move_to_end(digest)
         while len(self._remembered) > self.remember_max:
@@ -288,10 +288,9 @@ class PasswordChecker:
         if path is None:
             return None
         try:
-            st = os.stat(path)
+            return _signature_of(os.stat(path))
         except OSError:
             return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     # -- the buckets ------------------------------------------------------------------------
 
