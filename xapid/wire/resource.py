@@ -114,13 +114,7 @@ class ApiHandler:
         self.origins = frozenset(o.encode() for o in cors_origins if o != "*")
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
-        result = self._route(request)
-        allow = self._cors(request)
-        if allow:
-            if isinstance(result, Deferred):
-                return result.addCallback(_with_headers, allow)
-            return _with_headers(result, allow)
-        return result
+        return self._with_cors(request, self._route(request), _with_headers)
 
     def sink_for(self, request: HttpRequest) -> BodySink | HttpResponse | Deferred[Any] | None:
         """Where the body of a streamed route goes (called before the body is read); None for the
@@ -130,24 +124,22 @@ class ApiHandler:
         route = self.stream_routes.get((request.method, request.path.rstrip(b"/") or b"/"))
         if route is None:
             return None
-        result = route(request)
-        allow = self._cors(request)
-        if allow:
-            if isinstance(result, Deferred):
-                return result.addCallback(_sink_with_headers, allow)
-            return _sink_with_headers(result, allow)
-        return result
+        return self._with_cors(request, route(request), _sink_with_headers)
 
-    def _cors(self, request: HttpRequest) -> list[tuple[bytes, bytes]] | None:
-        """The CORS headers a reply to *request* carries, if any."""
-        if (self.any_origin or self.origins) and b"origin" in request.headers:
-            origin = request.headers[b"origin"]
-            if self.any_origin or origin in self.origins:
-                allow = [(b"Access-Control-Allow-Origin", b"*" if self.any_origin else origin), ALLOW_HEADERS]
-                if not self.any_origin:
-                    allow.append((b"Vary", b"Origin"))
-                return allow
-        return None
+    def _with_cors(self, request: HttpRequest, result: _R, add: Callable[[Any, list[tuple[bytes, bytes]]], Any]) -> _R:
+        """*result*, given by *add* the CORS headers a reply to *request* carries (when its Deferred
+        fires, if it is one); *result* itself when there are none."""
+        if not (self.any_origin or self.origins):
+            return result
+        origin = request.headers.get(b"origin")
+        if origin is None or not (self.any_origin or origin in self.origins):
+            return result
+        allow = [(b"Access-Control-Allow-Origin", b"*" if self.any_origin else origin), ALLOW_HEADERS]
+        if not self.any_origin:
+            allow.append((b"Vary", b"Origin"))
+        if isinstance(result, Deferred):
+            return cast(_R, result.addCallback(add, allow))
+        return cast(_R, add(result, allow))
 
     def _route(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         if request.method == b"POST":
