@@ -253,7 +253,8 @@ class VhdParser(_Parser):
         self._plan: list[tuple[int, int]] = []  # (stream offset of the bitmap, block index), increasing
         self._next = 0
         self._bitmap_bytes = 0
-        self._runs: list[tuple[int, int, bool]] = []
+        self._runs: list[tuple[int, int, bool]] = []  # the current block's (start, end, present) runs
+        self._run_at = 0  # the run holding the next data byte: blocks arrive in order, so runs are walked once
         self._block_pos = 0  # bytes of the current block's data already seen
         self._block_index = 0
         self._tail = bytearray()  # the last bytes seen after the blocks (the footer)
@@ -360,6 +361,7 @@ class VhdParser(_Parser):
                     runs.append((start * SECTOR, n * SECTOR, bitstring[start] == "1"))
                     start = n
         self._runs = runs
+        self._run_at = 0
         self._block_pos = 0
         self._state, self._skip, self._want = "data", 0, 0
 
@@ -417,19 +419,26 @@ class VhdParser(_Parser):
         return ops
 
     def _data(self, piece: memoryview, ops: list[Op]) -> None:
+        """The writes of *piece*, the block's next bytes: only the runs it overlaps are visited
+        (resuming at :attr:`_run_at`), so a block costs its runs plus its pieces, whatever the
+        bitmap and however small the pieces."""
         base = self._block_index * self.block_size
         lo, hi = self._block_pos, self._block_pos + len(piece)
-        for start, end, present in self._runs:
+        runs = self._runs
+        i = self._run_at
+        while i < len(runs) and runs[i][0] < hi:
+            start, end, present = runs[i]
             a, b = max(start, lo), min(end, hi)
-            if a >= b:
-                continue
             disk_a, disk_b = base + a, min(base + b, self.size)
-            if disk_a >= disk_b:
-                continue
-            if present:
-                ops.append(Op(disk_a, disk_b - disk_a, piece[a - lo:a - lo + disk_b - disk_a]))
-            elif self.disk_type == DYNAMIC:
-                ops.append(Op(disk_a, disk_b - disk_a, None))
+            if disk_a < disk_b:
+                if present:
+                    ops.append(Op(disk_a, disk_b - disk_a, piece[a - lo:a - lo + disk_b - disk_a]))
+                elif self.disk_type == DYNAMIC:
+                    ops.append(Op(disk_a, disk_b - disk_a, None))
+            if end > hi:
+                break  # the run goes on in the next piece
+            i += 1
+        self._run_at = i
         self._block_pos = hi
 
     def finish(self) -> list[Op]:
