@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import io
 import os
+import shutil
 import socket
 import tarfile
 import time
@@ -19,7 +20,7 @@ import pytest
 import XenAPI
 import zstandard
 
-from support import PASSWORD, RealDaemon, vm_record
+from support import PASSWORD, RealDaemon, npm_xen_api, vm_record
 from xapid.transfer import xva
 from xapid.wire.xmlrpc import encode_value
 
@@ -275,6 +276,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Any:
     b.stop()
 
 
+@pytest.fixture(scope="module")
+def xen_api(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The npm connector with this module's scripts, installed once; and node's path."""
+    prefix = npm_xen_api(tmp_path_factory, "npm-xva", "xen_api_xva.mjs", "xen_api_stream_import.mjs")
+    return prefix, str(shutil.which("node"))
+
+
 def session(daemon: RealDaemon, user: str = "admin") -> Any:
     s = XenAPI.Session(daemon.url)
     s.login_with_password(user, PASSWORD, "1.0", "xva-tests")
@@ -455,6 +463,40 @@ def test_broken_transfers_leave_nothing(pair: Any) -> None:
         s.xenapi.session.logout()
 
 
+def test_import_cancelled_mid_body_leaves_nothing(pair: Any) -> None:
+    """task.cancel during an import (a transfer's task goes straight to ``cancelled``): the rest of
+    the body is never imported; no VM, VDI or file is left."""
+    _, b = pair
+    s = session(b)
+    x = s.xenapi
+    try:
+        sr_dir = x.PBD.get_device_config(x.SR.get_PBDs(default_sr(x))[0])["location"]
+        files, vdis, vms = sorted(os.listdir(sr_dir)), vdi_counts(x), len(x.VM.get_all())
+        body = xapi_xva({"Ref:7": disk_bytes(3 * MIB, {5: b"hello", 2 * MIB: b"world"})}, vm_name="cancelled")
+        task = x.task.create("import", "")
+        half = len(body) // 2
+        with socket.create_connection(("127.0.0.1", b.port), timeout=30) as sock:
+            sock.sendall(f"PUT /import?session_id={s._session}&task_id={task} HTTP/1.1\r\nHost: x\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:half])
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
+            x.task.cancel(task)
+            sock.sendall(body[half:])
+            time.sleep(0.3)
+        assert wait_task(x, task)["status"] == "cancelled"
+        deadline = time.monotonic() + 10
+        while sorted(os.listdir(sr_dir)) != files and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(os.listdir(sr_dir)) == files
+        assert vdi_counts(x) == vdis and len(x.VM.get_all()) == vms
+        assert not x.VM.get_by_name_label("cancelled")
+    finally:
+        s.xenapi.session.logout()
+
+
 def test_an_xva_of_too_many_disks_is_refused_before_any_file(pair: Any) -> None:
     """257 disks (each would be a file held open to the end): the task fails, nothing is created."""
     _, b = pair
@@ -553,24 +595,13 @@ def test_encoded_result_is_a_ref_set() -> None:
 
 
 @pytest.mark.parametrize("compression", ["zstd"])
-def test_npm_xen_api_get_and_put_resource_xva(pair: Any, tmp_path_factory: pytest.TempPathFactory,
-                                              compression: str) -> None:
+def test_npm_xen_api_get_and_put_resource_xva(pair: Any, xen_api: tuple[Path, str], compression: str) -> None:
     """Xen Orchestra's connector exports a VM (getResource /export, a task) and imports the XVA
     (putResource /import into an SR, a task): a new VM with the same disks."""
     import json
-    import shutil
     import subprocess
 
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        pytest.fail("node and npm are required for the xen-api connector test")
-    prefix = tmp_path_factory.mktemp("npm-xva")
-    npm_dir = Path(__file__).resolve().parent / "npm"
-    shutil.copy(npm_dir / "package.json", prefix)
-    shutil.copy(npm_dir / "xen_api_xva.mjs", prefix)
-    proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), "xen-api@4.7"],
-                          cwd=prefix, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    prefix, node = xen_api
     a, _ = pair
     s = session(a)
     x = s.xenapi
@@ -621,25 +652,15 @@ def test_slots_and_a_client_that_goes_away(pair: Any) -> None:
         s.xenapi.session.logout()
 
 
-def test_npm_xen_api_put_resource_of_unknown_length(pair: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_npm_xen_api_put_resource_of_unknown_length(pair: Any, xen_api: tuple[Path, str]) -> None:
     """Xen Orchestra's connector uploads a Readable without a length (it announces 1 PiB, probes
     with an empty body, streams, then hangs up without waiting for a reply): thanks to xapi's early
     200 both an XVA (/import, complete at the tar's end) and a raw disk (/import_raw_vdi, complete
     at the VDI's size) import, and the tasks carry the results."""
     import json
-    import shutil
     import subprocess
 
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        pytest.fail("node and npm are required for the xen-api connector test")
-    prefix = tmp_path_factory.mktemp("npm-stream")
-    npm_dir = Path(__file__).resolve().parent / "npm"
-    shutil.copy(npm_dir / "package.json", prefix)
-    shutil.copy(npm_dir / "xen_api_stream_import.mjs", prefix)
-    proc = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), "xen-api@4.7"],
-                          cwd=prefix, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    prefix, node = xen_api
     a, _ = pair
     s = session(a)
     x = s.xenapi

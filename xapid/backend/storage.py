@@ -212,6 +212,12 @@ class FileSR(_DirectorySR):
     def _unclaim(self, location: str) -> None:
         self._marker(location).unlink(missing_ok=True)
 
+    # :meth:`create`'s steps for a caller that fills a new disk itself (a raw import into the SR):
+    # claim the name, write ``<name>.partial``, publish it, or unclaim the name when it fails.
+    claim = _claim
+    publish = _publish
+    unclaim = _unclaim
+
     def _owned(self, location: str, what: str) -> Path:
         path = self.file(location)
         if not self.owns(location):

@@ -28,7 +28,6 @@ A VDI attached to a VM (``currently_attached``) is refused with ``VDI_IN_USE``; 
 from __future__ import annotations
 
 import os
-import secrets
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Callable
@@ -42,11 +41,11 @@ from xapid.auth.http import HttpCaller, HttpError, authenticate, one, parse_quer
 from xapid.auth.roles import role_at_least
 from xapid.backend.storage import PARTIAL, FileSR, StorageError
 from xapid.context import CallContext
-from xapid.errors import XenAPIError
+from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.transfer import disk, vhd
 from xapid.runner import InlineRunner
 from xapid.transfer.limits import MAX_DISK, Slot, TransferLimitError, TransferSlots
-from xapid.transfer.tasking import fail_task, finish_task, open_task
+from xapid.transfer.tasking import cancelled, fail_task, finish_task, open_task
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
 from xapid.wire.xmlrpc import encode_value
 
@@ -58,10 +57,6 @@ DIRECT_BUDGET = 64 << 20  # export: bytes sent per thread-pool call on the direc
 BATCH = 8 << 20  # import: bytes of writes handed to the thread pool at once (one batch in flight)
 DIRECT_READ_BUDGET = 64 << 20  # import: bytes read from the socket per thread-pool call on the direct path
 PROGRESS_STEP = 0.01
-
-
-def _refusal(error: HttpError) -> HttpResponse:
-    return error.response()
 
 
 class _Task:
@@ -78,9 +73,7 @@ class _Task:
             self.api.tasks.progress(self.ref, fraction)
 
     def cancelling(self) -> bool:
-        """The task was asked to stop (a client's own task is cancelled at once: that counts too)."""
-        obj = self.api.store.find(self.ref)
-        return obj is not None and obj.fields["status"] in ("cancelling", "cancelled")
+        return cancelled(self.api, self.ref)
 
     def succeed(self, result: str) -> None:
         finish_task(self.api, self.ref, {"status": "success", "progress": 1.0, "result": encode_value(result).decode()})
@@ -109,13 +102,13 @@ class RawVdiRoutes:
         try:
             return await work
         except HttpError as error:
-            return _refusal(error)
+            return error.response()
         except TransferLimitError as error:
-            return _refusal(HttpError(error.status, error.reason, error.headers))
+            return HttpError(error.status, error.reason, error.headers).response()
         except Exception:  # noqa: BLE001 - never a traceback to the client
-            incident = secrets.token_hex(4)
+            incident, _ = internal_error_with_id()
             log.failure("raw VDI transfer failed (internal error id {incident})", incident=incident)
-            return _refusal(HttpError(500, f"internal error, id {incident}; see the daemon log"))
+            return HttpError(500, f"internal error, id {incident}; see the daemon log").response()
 
     # ---------------------------------------------------------------------------- shared steps
 
@@ -274,12 +267,10 @@ class RawVdiRoutes:
             raise
         except Exception as exc:  # noqa: BLE001 - the client went away, or the disk failed
             reason = "the client closed the connection" if writer.closed else str(exc)
-            if sock_fd is not None and isinstance(exc, ConnectionError):  # the direct path: the client is gone
-                log.info("export stopped after {sent} bytes: {reason}", sent=sent, reason=reason)
-                task.fail(XenAPIError("INTERNAL_ERROR", "export interrupted", reason))
-                raise ConnectionLost(reason) from None
             log.info("export stopped after {sent} bytes: {reason}", sent=sent, reason=reason)
             task.fail(XenAPIError("INTERNAL_ERROR", "export interrupted", reason))
+            if sock_fd is not None and isinstance(exc, ConnectionError):  # the direct path: the client is gone
+                raise ConnectionLost(reason) from None
             raise
         finally:
             if sock_fd is not None:
@@ -367,7 +358,7 @@ class RawVdiRoutes:
                            target_path, new_uuid, length)
         try:
             if vdi is None:
-                await self.api.runner.run(driver._claim, target_path)  # marks the new file as xapid's
+                await self.api.runner.run(driver.claim, target_path)  # marks the new file as xapid's
                 sink.claimed = True
             await self.api.runner.run(target.prepare)
         except (OSError, StorageError) as exc:
@@ -648,7 +639,7 @@ class _ImportSink:
             return self.vdi_ref
         if store.find(self.sr) is None:
             raise XenAPIError("HANDLE_INVALID", "SR", self.sr)
-        await self.api.runner.run(self.target.commit, self.final, self.driver._publish)
+        await self.api.runner.run(self.target.commit, self.final, self.driver.publish)
         used = await self.api.runner.run(disk.allocated_bytes, self.final)
         with store.transaction():
             ref = store.add("VDI", {"uuid": self.new_uuid, "SR": self.sr, "location": self.final.name,
@@ -704,6 +695,6 @@ class _ImportSink:
         self.target.discard()
         if self.claimed:
             try:
-                self.driver._unclaim(self.final.name)
+                self.driver.unclaim(self.final.name)
             except OSError:
                 pass

@@ -31,6 +31,19 @@ def open_task(api: Any, params: dict[str, list[str]], caller: HttpCaller, label:
     return str(tasks.create_owned(label, caller.user, caller.session_ref or ""))
 
 
+def cancelled(api: Any, task: str) -> bool:
+    """Whether *task* was asked to stop: ``cancelling``, or already ``cancelled`` (``task.cancel``
+    ends a transfer's task at once, as no Async call runs it, so ``cancelling`` alone misses it)."""
+    obj = api.store.find(task)
+    return obj is not None and obj.fields["status"] in ("cancelling", "cancelled")
+
+
+def check_cancelled(api: Any, task: str) -> None:
+    """At a safe point of a transfer: TASK_CANCELLED when its task was asked to stop."""
+    if cancelled(api, task):
+        raise XenAPIError("TASK_CANCELLED", task)
+
+
 def finish_task(api: Any, task: str, fields: dict[str, Any]) -> None:
     """End *task* with *fields* (its status and result or error) unless it has ended already."""
     store = api.store

@@ -126,7 +126,7 @@ def decode_ova(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not isinstance(version, dict):
         raise XvaError("ova.xml has no version struct")
     try:
-        vsn = int(str(version.get("export_vsn", "0")).strip() or "0")
+        vsn = export_vsn(version)
     except ValueError:
         raise XvaError("ova.xml export_vsn is not a number", "IMPORT_INCOMPATIBLE_VERSION") from None
     if vsn < 0 or vsn > EXPORT_VSN:
