@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import re
 import stat
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from xapid.backend.interface import BadDomainState, ConsoleEndpoint, NoConsole
@@ -13,6 +16,24 @@ from xapid.backend.xen.core import XenCore, state_of
 from xapid.backend.xen.libs import XenError
 
 _PTS = re.compile(r"/dev/pts/[0-9]{1,9}")
+_LOOPBACK = ipaddress.ip_address("127.0.0.1")  # where the relay connects to a device model's VNC server
+
+
+def _processes(procfs: Path) -> Iterator[tuple[Path, list[bytes]]]:
+    """Each process of *procfs* with its argv (processes gone meanwhile are skipped)."""
+    for proc in procfs.iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            yield proc, (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+
+
+def _device_model_of(argv: list[bytes], domid: int) -> bool:
+    """Whether *argv* is the device model of *domid* (``-xen-domid <domid>``)."""
+    want = str(domid).encode()
+    return any(a == b"-xen-domid" and b == want for a, b in zip(argv, argv[1:]))
 
 
 def pty_of_console_daemon(procfs: Path, index: int, domid: int) -> bool:
@@ -21,17 +42,10 @@ def pty_of_console_daemon(procfs: Path, index: int, domid: int) -> bool:
     A guest may write its own ``console/tty`` node: without this check it could point it at another
     pty of the host (an administrator's terminal).  The master's index comes from
     ``/proc/<pid>/fdinfo/<fd>`` (``tty-index:``) of each ``/dev/ptmx`` descriptor."""
-    want_domid = str(domid).encode()
-    for proc in procfs.iterdir():
-        if not proc.name.isdigit():
+    for proc, argv in _processes(procfs):
+        if os.path.basename(argv[0]) != b"xenconsoled" and not _device_model_of(argv, domid):
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            name = os.path.basename(argv[0]) if argv else b""
-            owner = name == b"xenconsoled" or any(
-                a == b"-xen-domid" and b == want_domid for a, b in zip(argv, argv[1:]))
-            if not owner:
-                continue
             for fd in (proc / "fd").iterdir():
                 if os.readlink(fd) not in ("/dev/ptmx", "/dev/pts/ptmx"):
                     continue
@@ -42,6 +56,38 @@ def pty_of_console_daemon(procfs: Path, index: int, domid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+def _reaches_loopback(address: str) -> bool:
+    """Whether a socket bound to *address* (``/proc/net/tcp{,6}`` hex: 32-bit words in host order)
+    receives connections to 127.0.0.1: the wildcard, 127.0.0.1 itself, or its v4-mapped form."""
+    try:
+        raw = b"".join(int(address[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(address), 8))
+        ip = ipaddress.ip_address(raw)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_unspecified or ip == _LOOPBACK
+
+
+def listeners_reaching_loopback(procfs: Path, port: int) -> set[str]:
+    """The ``socket:[inode]`` names of the TCP sockets listening on *port* that a connection to
+    127.0.0.1:*port* may reach (whichever of them the kernel prefers)."""
+    inodes: set[str] = set()
+    for table in ("net/tcp", "net/tcp6"):
+        try:
+            lines = (procfs / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) <= 9 or fields[3] != "0A":  # 0A: LISTEN
+                continue
+            address, _, hex_port = fields[1].rpartition(":")
+            if hex_port == f"{port:04X}" and _reaches_loopback(address):
+                inodes.add(f"socket:[{fields[9]}]")
+    return inodes
 
 
 def _is_pty_slave(path: str) -> bool:
@@ -65,7 +111,8 @@ class Consoles(XenCore):
         * ``vt100``: ``console/tty`` (``serial/0/tty`` for an HVM guest without a PV console)
           must be ``/dev/pts/<n>`` and a pty slave character device (majors 136-143);
         * ``rfb``: ``console/vnc-port`` must be a TCP port on which this domain's own device
-          model (the process with ``-xen-domid <domid>``) listens; reached on 127.0.0.1, where
+          model (the process with ``-xen-domid <domid>``) listens, on 127.0.0.1 or the wildcard,
+          and nothing else does there; reached on 127.0.0.1, where
           :mod:`xapid.backend.xen.domconfig` has qemu listen, whatever ``vnc-listen`` says.
         """
         raw = self._find(uuid)
@@ -101,29 +148,18 @@ class Consoles(XenCore):
         return ConsoleEndpoint("rfb", "tcp", host="127.0.0.1", port=port)
 
     def _device_model_listens(self, domid: int, port: int) -> bool:
-        """Whether a process started with ``-xen-domid <domid>`` holds a socket listening on *port*."""
-        inodes: set[str] = set()
-        for table in ("net/tcp", "net/tcp6"):
-            try:
-                lines = (self._procfs / table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                fields = line.split()
-                if len(fields) > 9 and fields[3] == "0A" and fields[1].rpartition(":")[2] == f"{port:04X}":
-                    inodes.add(f"socket:[{fields[9]}]")
+        """Whether 127.0.0.1:*port* reaches only sockets of the process started with ``-xen-domid
+        <domid>``: a device model listening on another address must not lead the relay to whatever
+        else listens on the loopback's port."""
+        inodes = listeners_reaching_loopback(self._procfs, port)
         if not inodes:
             return False
-        want = str(domid).encode()
-        for proc in self._procfs.iterdir():
-            if not proc.name.isdigit():
+        held: set[str] = set()
+        for proc, argv in _processes(self._procfs):
+            if not _device_model_of(argv, domid):
                 continue
             try:
-                argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if not any(a == b"-xen-domid" and b == want for a, b in zip(argv, argv[1:])):
-                    continue
-                if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                    return True
+                held.update(link for link in map(os.readlink, (proc / "fd").iterdir()) if link in inodes)
             except OSError:
                 continue
-        return False
+        return held == inodes
