@@ -101,13 +101,14 @@ class _Prefixed:
         return self._sock.recv(size)
 
     def pending(self) -> bool:
-        return bool(self._first) or (isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0)
+        return bool(self._first) or _pending(self._sock)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
 
 def _pending(sock: Any) -> bool:
+    """Whether *sock* holds bytes already read that select() would not report."""
     if isinstance(sock, _Prefixed):
         return sock.pending()
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0

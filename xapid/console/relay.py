@@ -11,7 +11,7 @@ Backends, behind :class:`Link`:
 
 Flow control: each side's transport is the producer of the other's, so a slow reader on
 either side stops the reading of the other (the simulator's answers stop the reading of the
-client itself).  A session without a byte either way for ``idle_timeout`` seconds is closed;
+client itself); pings from a client that reads nothing get one pong, once it reads.  A session without a byte either way for ``idle_timeout`` seconds is closed;
 :class:`ConsoleLimits` counts sessions per VM and in total.
 """
 
@@ -29,9 +29,11 @@ from twisted.internet import abstract, fdesc
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from xapid.backend.interface import ConsoleEndpoint
 from xapid.console import websocket as ws
@@ -230,6 +232,28 @@ def connect(endpoint: ConsoleEndpoint, reactor: Any, deliver: Callable[[bytes], 
 # --------------------------------------------------------------------------- client side
 
 
+@implementer(IPushProducer)
+class _ClientBacklog:
+    """The producer of the client's transport when the backend is a transport: a full client
+    pauses the backend, and the session holds pongs back until the client drains (the client's
+    own reading is paused by the backend's transport, not here)."""
+
+    def __init__(self, session: ConsoleSession, backend: Any) -> None:
+        self.session = session
+        self.backend = backend
+
+    def pauseProducing(self) -> None:
+        self.session.client_full = True
+        self.backend.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.backend.resumeProducing()
+        self.session._client_drained()
+
+    def stopProducing(self) -> None:
+        self.backend.stopProducing()
+
+
 class ConsoleSession(Protocol):
     """The client's side of a console, after the connection was taken over from HTTP.
 
@@ -252,6 +276,8 @@ class ConsoleSession(Protocol):
         self.pending_size = 0
         self.ending = False
         self.slot = False
+        self.client_full = False  # the client's transport is full (a pong waits in pong_due)
+        self.pong_due: bytes | None = None
         self.last = 0.0
         self._timer: Any = None
 
@@ -279,11 +305,12 @@ class ConsoleSession(Protocol):
             link.write(data)
 
     def _flow(self, link: Link) -> None:
-        """Each side's transport produces for the other's (the sim's answers: the client's own)."""
+        """Each side's transport produces for the other's (the sim's answers: the client's own).
+        The backend is paused through :class:`_ClientBacklog`, which also holds back pongs."""
         transport: Any = self.transport
         try:
             if link.transport is not None:
-                transport.registerProducer(link.transport, True)
+                transport.registerProducer(_ClientBacklog(self, link.transport), True)
                 link.transport.registerProducer(transport, True)
             else:
                 transport.registerProducer(transport, True)
@@ -326,8 +353,8 @@ class ConsoleSession(Protocol):
                 return
             if message.opcode in (ws.BINARY, ws.TEXT):
                 self._to_console(message.payload)
-            elif message.opcode == ws.PING and self.transport is not None:
-                self.transport.write(ws.frame(ws.PONG, message.payload))
+            elif message.opcode == ws.PING:
+                self._pong(message.payload)
             elif message.opcode == ws.CLOSE:
                 self._fail(ws.close_code(message.payload), "")
             # PONG: nothing to do
@@ -342,6 +369,20 @@ class ConsoleSession(Protocol):
                 self._fail(ws.TOO_BIG, "too much input before the console is connected")
             return
         self.link.write(data)
+
+    def _pong(self, payload: bytes) -> None:
+        """Answer a ping, or, while the client is not reading, keep only the latest one to answer
+        later (RFC 6455 §5.5.3): pings never pile pongs up in the daemon."""
+        if self.client_full:
+            self.pong_due = payload
+        elif self.transport is not None:
+            self.transport.write(ws.frame(ws.PONG, payload))
+
+    def _client_drained(self) -> None:
+        self.client_full = False
+        due, self.pong_due = self.pong_due, None
+        if due is not None and not self.ending:
+            self._pong(due)
 
     # -- console → client
 

@@ -224,14 +224,13 @@ class RfbServer:
         if w <= 0 or h <= 0:
             return struct.pack("!BxH", 0, 0)
         head = struct.pack("!BxH", 0, 1) + struct.pack("!HHHHi", x, y, w, h, 0)
-        return head + b"".join(self._row(row, x, w) for row in range(y, y + h))
+        background, frame, band = (self.format.encode(c) for c in self._colours)  # once per update
+        edge, plain, banded = (line[x * len(frame):(x + w) * len(frame)] for line in (
+            frame * self.width, *(frame * 8 + inner * (self.width - 16) + frame * 8 for inner in (background, band))))
+        return head + b"".join(self._row_kind(row, edge, plain, banded) for row in range(y, y + h))
 
-    def _row(self, row: int, x: int, w: int) -> bytes:
-        background, frame, band = (self.format.encode(c) for c in self._colours)
-        size = len(background)
+    def _row_kind(self, row: int, edge: bytes, plain: bytes, banded: bytes) -> bytes:
+        """Row *row* of the screen: the frame's edge, the band, or the plain background."""
         if row < 8 or row >= self.height - 8:
-            line = frame * self.width
-        else:
-            inner = band if self.height // 3 <= row < 2 * self.height // 3 else background
-            line = frame * 8 + inner * (self.width - 16) + frame * 8
-        return line[x * size:(x + w) * size]
+            return edge
+        return banded if self.height // 3 <= row < 2 * self.height // 3 else plain

@@ -96,10 +96,12 @@ class ConsoleRoutes:
                                  f"it needs {HOST_CONSOLE_ROLE}")
         if vm.fields["power_state"] != "Running":
             raise HttpError(500, f"VM {vm.fields['uuid']} is {vm.fields['power_state']}, not Running")
-        endpoint = await self._endpoint(DOM0_UUID if control else vm.fields["uuid"], protocol)
-        why = self.limits.full(vm.ref)
+        if protocol is None:
+            raise HttpError(404, f"VM {vm.fields['uuid']} has no console")
+        why = self.limits.full(vm.ref)  # before the driver's look-up, which scans /proc in a worker thread
         if why:
             raise HttpError(503, why, ((b"Retry-After", b"10"),))
+        endpoint = await self._endpoint(DOM0_UUID if control else vm.fields["uuid"], protocol)
         label = f"{vm.fields['uuid']}/{protocol} for {caller.user or '?'}"
         self._log(caller, vm, protocol, websocket, request)
         reactor, limits, ref = self.api.reactor, self.limits, vm.ref
@@ -111,8 +113,8 @@ class ConsoleRoutes:
             return HttpResponse(101, b"", upgrade, takeover=session)
         return HttpResponse(200, b"", list(CONNECTED), takeover=session)
 
-    def _target(self, params: dict[str, list[str]]) -> tuple[Any, str]:
-        """The VM and the console protocol named by ``ref``/``uuid``."""
+    def _target(self, params: dict[str, list[str]]) -> tuple[Any, str | None]:
+        """The VM and the console protocol named by ``ref``/``uuid`` (None: the VM has no console)."""
         store = self.api.store
         ref, uuid = one(params, "ref"), one(params, "uuid")
         if not ref and not uuid:
@@ -132,9 +134,7 @@ class ConsoleRoutes:
             return obj, "rfb"
         if protocols or obj.fields["is_control_domain"]:
             return obj, protocols[0] if protocols else "vt100"
-        if obj.fields["power_state"] != "Running":
-            raise HttpError(500, f"VM {obj.fields['uuid']} is {obj.fields['power_state']}, not Running")
-        raise HttpError(404, f"VM {obj.fields['uuid']} has no console")
+        return obj, None
 
     async def _endpoint(self, domain: str, protocol: str) -> ConsoleEndpoint:
         try:
