@@ -1,5 +1,6 @@
-"""What the benchmarks share: the machine description, starting and stopping a server process,
-the pool-admin user and SDK session, HTTP framing of an XML-RPC call, a process's CPU time.
+"""What the benchmarks share: the machine description, output lines, starting and stopping a server
+process, the pool-admin user and SDK session, HTTP framing of an XML-RPC call, a process's CPU time and
+RSS, percentiles.
 
 Scripts run as ``python benchmarks/<name>.py`` import it as ``common`` (their directory is on
 ``sys.path``).  ``run.py`` re-exports these names, so the benchmarks importing them from ``run``
@@ -9,6 +10,7 @@ keep working.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import re
@@ -43,6 +45,16 @@ def machine(extra: str = "") -> str:
             f"fd limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}" + (f", {extra}" if extra else ""))
 
 
+def out(line: str = "") -> None:
+    """A figure line on stdout, flushed at once."""
+    print(line, flush=True)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr."""
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after *grace* seconds; a process already gone is left alone."""
     if proc.poll() is None:
@@ -55,13 +67,17 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
 
 
 def prepare_run(script: str, *signums: int) -> None:
-    """Before anything starts: the XenAPI SDK is there, and SIGTERM (and *signums*) end the run through
-    SystemExit, so that every ``finally`` and ExitStack stops what it started; SIGINT raises
-    KeyboardInterrupt even when the script was started with it ignored."""
+    """Before anything starts: the XenAPI SDK is there, and the signals are handled (:func:`handle_signals`)."""
     try:
         import XenAPI  # noqa: F401
     except ImportError:
         raise SystemExit(f"{script}: the XenAPI SDK is missing (pip install -e '.[test]')") from None
+    handle_signals(script, *signums)
+
+
+def handle_signals(script: str, *signums: int) -> None:
+    """SIGTERM (and *signums*) end the run through SystemExit, so that every ``finally`` and ExitStack
+    stops what it started; SIGINT raises KeyboardInterrupt even when the script was started with it ignored."""
 
     def terminated(signum: int, frame: Any) -> None:
         raise SystemExit(f"{script}: stopped by signal {signum}")
@@ -148,6 +164,20 @@ def success_value(body: bytes, error: type[Exception] = ValueError) -> Any:
     if not isinstance(reply, dict) or reply.get("Status") != "Success":
         raise error(f"not a Xen-API success: {reply!r:.300}")
     return reply["Value"]
+
+
+def rss_kib(pid: int, error: type[Exception] = RuntimeError) -> int:
+    """The resident set size (``VmRSS`` of /proc/<pid>/status) of *pid* in KiB; *error* if it has none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise error(f"no VmRSS for process {pid}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank *q*-quantile (0 < q ≤ 1) of *values*."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def cpu_seconds(pid: int) -> float:

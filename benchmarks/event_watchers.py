@@ -55,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support import vm_record  # noqa: E402 - the same valid VM.create record the tests use
 import common  # noqa: E402
-from common import HOST, ROOT, cpu_seconds, http_post, split_reply, stop, success_value, wait_port  # noqa: E402
+from common import (HOST, ROOT, SERVE, cpu_seconds, handle_signals, http_post, split_reply, stop,  # noqa: E402
+                    success_value, wait_port)
 
 USER, PASSWORD = "bench", "bench password"
 CLASSES = ["vm"]
@@ -122,10 +123,7 @@ def _read_int(path: str) -> int | str:
 
 def rss_kb(pid: int) -> int:
     """The process's resident set size (VmRSS) in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchmarkError(f"no VmRSS for process {pid}")
+    return common.rss_kib(pid, BenchmarkError)
 
 
 def server_sockets(port: int) -> tuple[int, int]:
@@ -151,8 +149,7 @@ def listen_overflows() -> int:
 
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile of *values*."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+    return common.percentile(values, pct / 100)
 
 
 # -- the wire --------------------------------------------------------------------------------------
@@ -251,7 +248,7 @@ def start_xapid(workdir: Path, name: str, listen: str, max_sessions: int) -> Ser
     clients = max(5000, max_sessions + 256)
     config.write_text(f"[server]\nmax_clients = {clients}\nmax_anonymous_clients = {clients}\n"
                       f"[api]\nauth_failure_delay = 0.0\nmax_sessions_per_user = {max_sessions}\n")
-    args = [sys.executable, "-m", "xapid", "serve", "--config", str(config), "--backend", "sim",
+    args = [*SERVE, "--config", str(config), "--backend", "sim",
             "--state-dir", str(workdir / "state"), "--users", str(workdir / "users"), "--listen", listen]
     return ServerProcess(name, args, workdir / "daemon.log")
 
@@ -934,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_peer:
         serve_peer(args.serve_peer)
         return 0
+    handle_signals("event_watchers.py")
     raise_fd_limit()
     global PINNED
     if args.pin:

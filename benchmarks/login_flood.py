@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -53,8 +52,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import LOOPBACK, SERVE, USER, add_user, exit_status, machine, prepare_run, run_ns, sdk_session, stop
-from run import Server, progress, wait_listening
+from common import (LOOPBACK, SERVE, USER, add_user, exit_status, machine, percentile, prepare_run, progress, run_ns,
+                    sdk_session, stop)
+from run import Server, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOD = ROOT / "tests" / "flood.py"
@@ -63,8 +63,8 @@ FAILED_LOGIN = re.compile(rf"failed (?:HTTP )?login for '{USER}'")
 
 
 def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str, root: Path, limits: str,
-                auth_failure_delay: float | None) -> tuple[Server, Path]:
-    """xapid from *root* on the sim backend, with one pool-admin user at the default bcrypt cost."""
+                auth_failure_delay: float | None) -> tuple[Server, Path, int]:
+    """xapid from *root* on the sim backend, with one pool-admin user at the default bcrypt cost; its log and pid."""
     users, config, log = tmp / "users", tmp / "xapid.conf", tmp / "xapid.log"
     env = {key: value for key, value in os.environ.items() if key != "XAPID_BCRYPT_ROUNDS"}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(root))
@@ -76,21 +76,15 @@ def start_xapid(stack: contextlib.ExitStack, tmp: Path, password: str, root: Pat
                                  str(users), *LOOPBACK],
                                 cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=out, env=env)
     stack.callback(stop, proc)
-    server = wait_listening("xapid", proc, log)
-    SERVER_PIDS[server.port] = proc.pid
-    return server, log
+    return wait_listening("xapid", proc, log), log, proc.pid
 
 
-SERVER_PIDS: dict[int, int] = {}  # port -> the daemon's pid (for its CPU time)
-
-
-def scrapes(server: Server, session_ref: str, password: str, count: int) -> dict[str, list[float]]:
+def scrapes(server: Server, pid: int, session_ref: str, password: str, count: int) -> dict[str, list[float]]:
     """*count* GETs of /metrics with the session id and *count* with HTTP Basic, alternating on
     one keep-alive connection each; the daemon's CPU seconds per scrape (schedstat around it)."""
     import base64
     import http.client
 
-    pid = SERVER_PIDS[server.port]
     token = base64.b64encode(f"{USER}:{password}".encode()).decode()
     ways = {"session id": ("/metrics?session_id=" + session_ref, {}),
             "HTTP Basic": ("/metrics", {"Authorization": f"Basic {token}"})}
@@ -165,11 +159,6 @@ class Legit:
         return samples
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def checked_failures(log: Path) -> int:
     return len(FAILED_LOGIN.findall(log.read_text(errors="replace")))
 
@@ -177,6 +166,8 @@ def checked_failures(log: Path) -> int:
 def benchmark(args: argparse.Namespace) -> None:
     root = Path(args.root).resolve() if args.root else ROOT
     new_limits = (root / "xapid" / "login.py").exists() or (root / "xapid" / "auth" / "login.py").exists()
+    if args.no_throttle and not new_limits:
+        raise RuntimeError(f"--no-throttle needs a tree with xapid/auth/login.py; {root} is already 'before'")
     if args.no_throttle:
         limits = "login_threads = 10\nlogin_failures_burst = 1000000000\nlogin_queue_per_source = 1000000\n"
         mode = "before (--no-throttle: no buckets, no queue cap, 10 login threads)"
@@ -186,9 +177,6 @@ def benchmark(args: argparse.Namespace) -> None:
     else:
         limits = ""
         mode = f"before (the tree at {root}: bcrypt on the shared worker pool)"
-    if not new_limits:
-        if args.no_throttle:
-            raise RuntimeError(f"--no-throttle needs a tree with xapid/auth/login.py; {root} is already 'before'")
     print(machine(), flush=True)
     if args.auth_failure_delay is not None:
         mode += f", auth_failure_delay {args.auth_failure_delay:g} s"
@@ -196,7 +184,7 @@ def benchmark(args: argparse.Namespace) -> None:
     password = secrets.token_urlsafe(12)
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="xapid-login-flood-") as tmp:
         progress(f"starting xapid from {root}")
-        server, log = start_xapid(stack, Path(tmp), password, root, limits, args.auth_failure_delay)
+        server, log, pid = start_xapid(stack, Path(tmp), password, root, limits, args.auth_failure_delay)
         legit = Legit(server, password)
         legit.login(), legit.vdi_create()  # warm up
         progress(f"unloaded: legitimate login and VDI.create loops for {UNLOADED_SECONDS:.0f} s")
@@ -205,7 +193,7 @@ def benchmark(args: argparse.Namespace) -> None:
         scraped: dict[str, list[float]] = {}
         if args.scrapes:
             progress(f"/metrics: {args.scrapes} scrapes with a session id and {args.scrapes} with HTTP Basic")
-            scraped = scrapes(server, legit.admin.handle, password, args.scrapes)
+            scraped = scrapes(server, pid, legit.admin.handle, password, args.scrapes)
 
         progress(f"flood: {args.connections} connections from {args.sources} addresses for {args.seconds:.0f} s")
         checked_before = checked_failures(log)

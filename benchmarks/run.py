@@ -40,15 +40,13 @@ from support import vm_record  # noqa: E402 - the same valid VM.create record th
 import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
-from common import (BASELINE, LOOPBACK, SERVE, USER, add_user, machine, stop,  # noqa: E402 - shared (re-exported)
-                    wait_port)
+from common import (BASELINE, LOOPBACK, SERVE, USER, add_user, machine, progress,  # noqa: E402 - shared (re-exported)
+                    stop, wait_port)
 import common  # noqa: E402
 VMS = 1000
 CONNECTIONS = 8
 CREATORS = 16
 START_TIMEOUT = 60.0
-DEVICES_LABEL = (f"VM+VBD+VDI+VIF get_all_records, {VMS} VMs with {devices.DISKS_PER_VM} disks and "
-                 f"{devices.NICS_PER_VM} NIC")
 VM_RECORD: dict[str, Any] = vm_record(name_label="bench-vm")
 
 
@@ -104,8 +102,10 @@ class Figure:
 # -- output -----------------------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
+def devices_label() -> str:
+    """Figure d's label (VMS is smaller in a smoke run)."""
+    return (f"VM+VBD+VDI+VIF get_all_records, {VMS} VMs with {devices.DISKS_PER_VM} disks and "
+            f"{devices.NICS_PER_VM} NIC")
 
 
 def fmt(value: float, unit: str) -> str:
@@ -327,7 +327,7 @@ def devices_figure(servers: list[Server], sessions: dict[str, str], settings: Se
     finally:
         for conn in conns.values():
             conn.close()
-    return DeviceFigure(Figure(DEVICES_LABEL, "ms", samples, higher_is_better=False), per_call)
+    return DeviceFigure(Figure(devices_label(), "ms", samples, higher_is_better=False), per_call)
 
 
 def cold_records(server: Server, session: str) -> tuple[float, bytes]:
@@ -390,7 +390,7 @@ def goals(load: Figure, sdk: Figure, records: Figure, device: Figure) -> list[st
             line("small calls under concurrent load, xapid >= 1.5x stdlib", load.ratio, 1.5),
             line(f"VM.get_all_records {VMS} VMs (warm), xapid >= 5x faster than stdlib", records.ratio, 5.0),
             line("sequential SDK calls", sdk.ratio, None),
-            line(f"{DEVICES_LABEL} (warm)", device.ratio, None)]
+            line(f"{devices_label()} (warm)", device.ratio, None)]
 
 
 def choose_loader(requested: str) -> str:
@@ -506,7 +506,7 @@ def run_figures(stack: contextlib.ExitStack, tmp: Path, bed: Testbed, settings: 
         medians = ", ".join(f"{cls} {fmt(statistics.median(ms), 'ms')}" for cls, ms in calls.items())
         print(f"    {name:6} medians per call: {medians}")
     stdlib_ms = device.figure.median("stdlib")
-    print(f"{DEVICES_LABEL}, xapid's first fetch (cold cache): xapid {fmt(dev_bed.cold_ms, 'ms')}, "
+    print(f"{devices_label()}, xapid's first fetch (cold cache): xapid {fmt(dev_bed.cold_ms, 'ms')}, "
           f"stdlib {fmt(stdlib_ms, 'ms')}, {fmt_ratio(stdlib_ms / dev_bed.cold_ms)}")
     print(f"    {dev_bed.note}")
     print("\n".join(goals(load, sdk, records, device.figure)), flush=True)
@@ -532,9 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     loader = choose_loader(args.loader)
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.smoke:
-        global VMS, DEVICES_LABEL
+        global VMS
         VMS = SMOKE_VMS
-        DEVICES_LABEL = DEVICES_LABEL.replace(f" {1000} VMs ", f" {VMS} VMs ")
     print(machine(), flush=True)
     started = time.monotonic()
     if status := common.exit_status("run.py", lambda: benchmark(settings, loader)):

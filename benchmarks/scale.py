@@ -36,7 +36,6 @@ Figures go to stdout, progress to stderr; the daemons are stopped however the ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
@@ -53,7 +52,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from run import machine, stop, wait_listening  # noqa: E402 - shared with the core benchmark
+from common import (LOOPBACK, SERVE, exit_status, handle_signals, machine, out, progress, rss_kib,  # noqa: E402
+                    stop)
+from run import wait_listening  # noqa: E402 - shared with the core benchmark
 from support import ApiEnv, LocalClient, vm_record  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 
@@ -69,14 +70,6 @@ GOAL_RSS_MB = 1024.0
 OPS = ("VDI.create", "VDI.set_name_label", "VM.create", "VBD.create", "VIF.create", "VM.set_name_label",
        "VBD.destroy", "VIF.destroy", "VDI.destroy", "VM.destroy")
 VM_RECORD = vm_record(name_label="scale-vm")
-
-
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
-
-
-def out(line: str = "") -> None:
-    print(line, flush=True)
 
 
 def vdi_record(sr: str, n: int) -> dict[str, Any]:
@@ -190,29 +183,21 @@ class Inventory:
         self.env.api.database.close()
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def start_daemon(stack: contextlib.ExitStack, tmp: Path, name: str) -> tuple[float, float]:
-    """Start ``xapid serve`` on ``tmp/state`` (users ``tmp/users``): seconds until it listens, and its RSS (MB)."""
+def start_daemon(tmp: Path, name: str) -> tuple[float, float]:
+    """Start ``xapid serve`` on ``tmp/state`` (users ``tmp/users``), then stop it: seconds until it listened,
+    and its RSS (MB) then."""
     config, log = tmp / "scale.conf", tmp / f"{name}.log"
     config.write_text("[server]\nbackend = sim\n")
     started = time.perf_counter()
     with log.open("wb") as errors:
-        proc = subprocess.Popen([sys.executable, "-m", "xapid", "serve", "--config", str(config), "--state-dir",
-                                 str(tmp / "state"), "--users", str(tmp / "users"),
-                                 "--listen", "tcp:0:interface=127.0.0.1"],
+        proc = subprocess.Popen([*SERVE, "--config", str(config), "--state-dir", str(tmp / "state"),
+                                 "--users", str(tmp / "users"), *LOOPBACK],
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    stack.callback(stop, proc)
     try:
         wait_listening(name, proc, log)
         elapsed = time.perf_counter() - started
-        return elapsed, rss_mb(proc.pid)
+        return elapsed, rss_kib(proc.pid) / 1024
     finally:
         stop(proc)
 
@@ -248,7 +233,7 @@ def print_watcher_costs(level: int, watchers: int, without: dict[str, Cost], wit
 
 
 def benchmark(levels: list[int], reps: int, watchers: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="xapid-scale-") as tmpdir, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="xapid-scale-") as tmpdir:
         tmp = Path(tmpdir)
         (tmp / "empty").mkdir()
         inventory = Inventory(tmp / "grown")
@@ -285,8 +270,8 @@ def benchmark(levels: list[int], reps: int, watchers: int) -> None:
         watcher_ratios = print_watcher_costs(top, watchers, costs[top], watched)
         inventory.close()
         progress("starting daemons")
-        empty_start, empty_rss = start_daemon(stack, tmp / "empty", "empty")
-        full_start, full_rss = start_daemon(stack, tmp / "grown", "grown")
+        empty_start, empty_rss = start_daemon(tmp / "empty", "empty")
+        full_start, full_rss = start_daemon(tmp / "grown", "grown")
         out()
         out(f"daemon start-up: empty state dir {empty_start:.2f} s, {empty_rss:.0f} MB RSS; "
             f"{inventory.vms} VMs + {inventory.vdis} VDIs {full_start:.2f} s, {full_rss:.0f} MB RSS "
@@ -315,16 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     if levels != sorted(levels) or levels[0] < VDIS_PER_VM or any(n % VDIS_PER_VM for n in levels):
         parser.error(f"--levels: increasing multiples of {VDIS_PER_VM}")
     reps = args.reps or (10 if args.quick else 50)
+    watchers = args.watchers or (100 if args.quick else 1000)
+    handle_signals("scale.py")
     print(machine(), flush=True)
     started = time.monotonic()
-    try:
-        benchmark(levels, reps, args.watchers or (100 if args.quick else 1000))
-    except KeyboardInterrupt:
-        print("scale.py: interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"scale.py: {exc}", file=sys.stderr)
-        return 1
+    if status := exit_status("scale.py", lambda: benchmark(levels, reps, watchers)):
+        return status
     print(f"total time {time.monotonic() - started:.0f} s ({'quick' if args.quick else 'full'} run)")
     return 0
 

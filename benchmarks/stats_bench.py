@@ -58,7 +58,7 @@ import devices
 import loadgen
 from support import ApiEnv, make_users, resolve, vm_record
 import common
-from common import machine, stop  # noqa: E402 - shared with the core benchmark
+from common import machine, out, progress, stop  # noqa: E402 - shared with the core benchmark
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -90,14 +90,6 @@ def sim_memory_mib(vms: int) -> int:
 
 
 # -- output -----------------------------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
-
-
-def out(line: str) -> None:
-    print(line, flush=True)
 
 
 def verdict(ok: bool) -> str:
@@ -156,11 +148,9 @@ class TickFigure:
 def populate_inprocess(env: BenchEnv, vms: int) -> list[str]:
     """*vms* running VMs with 2 disks and 1 NIC each, created through the API; their uuids."""
     admin = env.login("admin")
-    host = admin("host.get_all")[0]
     sr = admin("pool.get_default_SR", admin("pool.get_all")[0])
     net = next(r for r, rec in admin("network.get_all_records").items() if rec["bridge"] == "xenbr0")
     uuids = []
-    del host
     for i in range(vms):
         vm = admin("VM.create", {**VM_RECORD, "name_label": f"stats-bench-{i}"})
         for disk in range(devices.DISKS_PER_VM):

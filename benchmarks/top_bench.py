@@ -22,13 +22,14 @@ import tempfile
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import stats_bench
-from common import machine
+from common import exit_status, machine, prepare_run
 from stats_bench import GOAL_CORE_PCT, GOAL_RATIO, PERIOD, out, progress, verdict
 
 from xapid.client.connection import Client
@@ -37,7 +38,7 @@ from xapid.client.top import TopModel
 RUN_NS: list[float] = []  # the same phases from /proc/<pid>/task/*/schedstat (ns; a finer cross-check)
 
 
-def phase(daemon: stats_bench.Daemon, seconds: float, tick: callable) -> tuple[float, int]:
+def phase(daemon: stats_bench.Daemon, seconds: float, tick: Callable[[], None]) -> tuple[float, int]:
     """The daemon's CPU seconds over *seconds*, calling *tick* every PERIOD s from the start."""
     before, before_ns = daemon.cpu_seconds(), daemon.run_ns()
     start = time.monotonic()
@@ -63,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.seconds, args.settle = 1.5, 0.0
         stats_bench.DASHBOARD_VMS = 5
+    prepare_run("top_bench.py")
     out(machine())
+    return exit_status("top_bench.py", lambda: benchmark(args))
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    """The three phases against one daemon, then the figures; the daemon is stopped however it ends."""
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory(prefix="top-bench-") as tmp:
         progress(f"starting the daemon and {stats_bench.DASHBOARD_VMS} VMs")
         daemon = stats_bench.start_daemon(stack, Path(tmp))
@@ -139,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         out(f"  schedstat cross-check:    idle {idle_ns:.3f} s, top {top_ns:.3f} s (net {t_net:.3f} s = "
             f"{t_net / args.seconds * 100:.3f} % of a core), polling {poll_ns:.3f} s (net {p_net:.3f} s); "
             f"ratio {p_net / max(t_net, 1e-3):.1f}×")
-    return 0
 
 
 if __name__ == "__main__":

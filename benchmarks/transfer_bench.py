@@ -41,17 +41,10 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 sys.path.insert(0, str(HERE))
-from common import machine  # noqa: E402
+from common import handle_signals, machine, rss_kib  # noqa: E402
 from support import PASSWORD, RealDaemon  # noqa: E402
 
 MIB = 1 << 20
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class RssWatch(threading.Thread):
@@ -175,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="64 MiB disk with 8 MiB of data (the test suite's)")
     args = parser.parse_args(argv)
     size, data = (64 * MIB, 8 * MIB) if args.smoke else (1 << 30, 128 * MIB) if args.quick else (4 << 30, 512 * MIB)
+    handle_signals("transfer_bench.py")
     print(machine(), flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="xapid-transfer-bench-"))
     daemon = RealDaemon(tmp)
