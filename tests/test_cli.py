@@ -254,30 +254,30 @@ def test_missing_certificate(tmp_path):
 def test_serve_with_relative_paths_as_the_quick_start_runs_it(tmp_path):
     """``scripts/quickstart`` runs ``xapid serve --state-dir demo/state --users demo/users`` from the checkout:
     relative paths are taken from the working directory, and the local SR made in the state dir is usable."""
-    import re
-
-    from support import make_users
+    from support import make_users, serve_and_use
 
     (tmp_path / "demo").mkdir()
     make_users(tmp_path / "demo" / "users")
     env = {**os.environ, "XAPID_BCRYPT_ROUNDS": "4", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "xapid", "serve", "--state-dir", "demo/state", "--users",
-                                 "demo/users", "--listen", "tcp:0:interface=127.0.0.1"],
-                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 30
-        while not (found := re.findall(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        session = XenAPI.Session(f"http://127.0.0.1:{found[0]}/")
-        session.xenapi.login_with_password("admin", PASSWORD)
-        sr = session.xenapi.pool.get_default_SR(session.xenapi.pool.get_all()[0])
-        assert session.xenapi.SR.get_PBDs(sr)
-        location = session.xenapi.PBD.get_device_config(session.xenapi.SR.get_PBDs(sr)[0])["location"]
+
+    def use(api):
+        sr = api.pool.get_default_SR(api.pool.get_all()[0])
+        assert api.SR.get_PBDs(sr)
+        location = api.PBD.get_device_config(api.SR.get_PBDs(sr)[0])["location"]
         assert location == str(tmp_path / "demo" / "state" / "sr")
-        session.xenapi.session.logout()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
+
+    serve_and_use([sys.executable, "-m", "xapid", "serve", "--state-dir", "demo/state", "--users", "demo/users",
+                   "--listen", "tcp:0:interface=127.0.0.1"], tmp_path, env, use)
+
+
+@pytest.mark.parametrize("flag, value, text", [
+    ("--vnc", "70000", "port 70000 is outside 0-65535"),
+    ("--vnc", "-1", "port -1 is outside 0-65535"),
+    ("--wait", "nan", "nan is not a finite, non-negative number of seconds"),
+    ("--wait", "-1", "-1 is not a finite, non-negative number of seconds"),
+])
+def test_console_options_out_of_range(flag, value, text):
+    """``vm console --vnc PORT`` / ``--wait SECONDS`` out of range: one usage line, exit 2, before any connection
+    (bind() and select() would otherwise raise OverflowError / ValueError, a traceback)."""
+    result = xapid("vm", "console", "some-vm", flag, value)
+    assert_one_line_error(result, f"argument {flag}: {text}")

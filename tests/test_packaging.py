@@ -11,20 +11,16 @@ and ``xenapi.rng``, read through importlib.resources).
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 import site
 import subprocess
 import sys
 import sysconfig
-import time
 import venv
 from pathlib import Path
+from typing import Any
 
-import XenAPI
-
-from support import PASSWORD, ROOT, make_users
+from support import ROOT, make_users, serve_and_use
 
 
 def _dependency_paths(python: Path) -> None:
@@ -49,23 +45,12 @@ def _serves_a_login(xapid: Path, tmp_path: Path) -> None:
     make_users(tmp_path / "users")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(XAPID_BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1")
-    log = tmp_path / "daemon.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([str(xapid), "serve", "--state-dir", str(tmp_path / "state"), "--users",
-                                 str(tmp_path / "users"), "--listen", "tcp:0:interface=127.0.0.1"],
-                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 30
-        while not (found := re.findall(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        session = XenAPI.Session(f"http://127.0.0.1:{found[0]}/")
-        session.xenapi.login_with_password("admin", PASSWORD)
-        assert session.xenapi.host.get_all()
-        session.xenapi.session.logout()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
+
+    def use(api: Any) -> None:
+        assert api.host.get_all()
+
+    serve_and_use([str(xapid), "serve", "--state-dir", str(tmp_path / "state"), "--users", str(tmp_path / "users"),
+                   "--listen", "tcp:0:interface=127.0.0.1"], tmp_path, env, use)
 
 
 def test_wheel_installs_and_serves(tmp_path):

@@ -102,12 +102,11 @@ def serve(args: argparse.Namespace, stderr: TextIO) -> int:
         return _fail(stderr, str(exc))
     reactor.callWhenRunning(lambda: Deferred.fromCoroutine(serving.run()))
     reactor.run()
-    if "error" in serving.outcome:
-        return _fail(stderr, serving.outcome["error"])
+    if serving.error is not None:
+        return _fail(stderr, serving.error)
     if daemon.fatal_error:
         return _fail(stderr, daemon.fatal_error)
-    code: int = serving.outcome["code"]
-    return code
+    return 0
 
 
 class _Serving:
@@ -118,8 +117,9 @@ class _Serving:
 
         self.args, self.daemon, self.notifier, self.reactor = args, daemon, notifier, reactor
         self.log = Logger(namespace="xapid.cli.main")
-        self.outcome: dict[str, Any] = {"code": 0}
-        self.hup = {"serving": False, "pending": False}
+        self.error: str | None = None  # why start-up failed
+        self.serving: str | None = None  # "serving on …" once started
+        self.hup_pending = False  # a SIGHUP came during start-up
 
     def reload(self) -> None:
         """SIGHUP: re-read the config, apply what can change live, log what needs a restart."""
@@ -132,17 +132,17 @@ class _Serving:
             self.log.error("reload: {error}; the running configuration is kept", error=str(exc))
         else:
             self.daemon.reload(new)
-        self.notifier.notify(READY=1, STATUS=self.outcome.get("serving", "serving"))
+        self.notifier.notify(READY=1, STATUS=self.serving or "serving")
 
     async def stop(self) -> None:
         self.notifier.notify(STOPPING=1, STATUS="stopping")
         await self.daemon.stop()
 
     def on_hup(self) -> None:
-        if self.hup["serving"]:
+        if self.serving is not None:
             self.reload()
         else:  # during start-up: applied once serving (SIGHUP's default action would kill us)
-            self.hup["pending"] = True
+            self.hup_pending = True
 
     async def run(self) -> None:
         import signal
@@ -160,17 +160,16 @@ class _Serving:
         try:
             addresses = await self.daemon.start()
         except Exception as exc:  # noqa: BLE001 - never a traceback to the user
-            self.outcome["error"] = str(exc) if isinstance(exc, StartupError) else \
+            self.error = str(exc) if isinstance(exc, StartupError) else \
                 f"unexpected error during start-up: {type(exc).__name__}: {exc}"
-            self.notifier.notify(STATUS=f"start-up failed: {self.outcome['error']}")
+            self.notifier.notify(STATUS=f"start-up failed: {self.error}")
             await self.daemon.stop()
             reactor.stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromCoroutine(self.stop()))
-        self.outcome["serving"] = f"serving on {', '.join(addresses)}"
-        self.notifier.notify(READY=1, STATUS=self.outcome["serving"])
-        self.hup["serving"] = True
-        if self.hup["pending"]:
+        self.serving = f"serving on {', '.join(addresses)}"
+        self.notifier.notify(READY=1, STATUS=self.serving)
+        if self.hup_pending:
             self.reload()
 
 

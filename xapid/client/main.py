@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, NoReturn
@@ -14,7 +15,6 @@ NOUNS = ("vm", "vdi", "vbd", "vif", "sr", "network", "host", "task")
 VM_VERBS = ("list", "show", "start", "shutdown", "reboot", "suspend", "resume", "destroy", "snapshot", "revert",
             "clone", "install", "console", "set")
 OTHER_VERBS = {"task": ("list", "show", "cancel")}
-VERBS = (*NOUNS, "top", "events", "call", "completion")
 
 EPILOG = """connection: --url or XAPID_URL (http://, https:// or a UNIX socket path), --user or XAPID_USER,
 the password from XAPID_PASSWORD, --password-file, the profile, or a prompt; profiles live in
@@ -73,6 +73,28 @@ def build_parser(stdout: Any, stderr: Any) -> argparse.ArgumentParser:
     return top
 
 
+def _port(text: str) -> int:
+    """A TCP port number, 0-65535 (a usage error otherwise, not a traceback at bind time)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (select() refuses the rest)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a finite, non-negative number of seconds")
+    return value
+
+
 def leaf(sub: Any, name: str, help_text: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand of *sub* with the common options."""
     p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, **kwargs)
@@ -120,9 +142,9 @@ def _add_vm_actions(sub: Any) -> None:
     p.add_argument("--sr", help="the SR of its disks (default: the pool's default SR)")
     p = leaf(sub, "console", "attach to a running VM's text console (Ctrl-] leaves), or --vnc: its graphical one")
     p.add_argument("target", metavar="VM")
-    p.add_argument("--vnc", type=int, nargs="?", const=5900, default=None, metavar="PORT",
+    p.add_argument("--vnc", type=_port, nargs="?", const=5900, default=None, metavar="PORT",
                    help="relay the graphical (rfb) console to 127.0.0.1:PORT for a VNC viewer (default 5900)")
-    p.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--wait", type=_seconds, default=1.0, metavar="SECONDS",
                    help="stdin not a terminal: leave once it ended and the console was quiet this long")
     p = leaf(sub, "set", "set fields: KEY=VALUE, MAP:KEY=VALUE (empty VALUE removes the key)")
     p.add_argument("target", metavar="VM")
