@@ -83,6 +83,18 @@ def test_logins_and_failed_logins_are_audited_without_the_password(env):
     assert wrong not in text and PASSWORD not in text
 
 
+def test_a_huge_login_name_or_originator_is_cut_in_the_line(env):
+    """An unauthenticated caller's 100 000-character user name and originator (under the string
+    bound) are cut to the argument bound in the failed-login line, not written whole."""
+    huge = "u" * 100_000
+    with pytest.raises(XenAPIError):
+        env.raw("session.login_with_password", [huge, "wrong", "1.0", huge])
+    failed = [line for line in lines(env) if line["method"] == "session.login_with_password"][-1]
+    assert failed["user"].startswith("u" * 1024) and len(failed["user"]) < 1100
+    assert failed["originator"].startswith("u" * 1024) and len(failed["originator"]) < 1100
+    assert len((env.api.state_dir / "audit.log").read_text()) < 10_000
+
+
 def test_reads_are_not_audited(env, admin):
     before = len(lines(env))
     vms = admin("VM.get_all")

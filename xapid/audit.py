@@ -135,7 +135,8 @@ class AuditLog:
 
     def record(self, *, method: str, user: str | None, role: str | None, originator: str | None,
                peer: str | None, args: dict[str, Any], outcome: str, **extra: Any) -> None:
-        entry = {"time": timestamp(self.clock()), "user": user, "role": role, "originator": originator,
+        entry = {"time": timestamp(self.clock()), "user": _clean(user), "role": role,
+                 "originator": _clean(originator),
                  "peer": peer, "method": method, "args": args, "outcome": outcome, **extra}
         try:
             line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode()
