@@ -16,8 +16,20 @@ from xapid.schema import Schema
 if TYPE_CHECKING:
     from xapid.store_records import Obj
 
+
+
+def _unshared_count() -> int:
+    """sys.getrefcount of a list that only one dict holds, read into a local as :meth:`SetPositions.append`
+    and :meth:`SetPositions.remove_at` read it: 3 on CPython 3.11, measured here rather than assumed,
+    since interpreters differ in the references they count (a lower count would let a list someone
+    else holds be changed in place)."""
+    holder: dict[str, list[str]] = {"field": []}
+    current = holder["field"]
+    return sys.getrefcount(current)
+
+
 #: sys.getrefcount of a list only its object's fields hold, seen from a function with it in a local
-_UNSHARED = 3
+_UNSHARED = _unshared_count()
 #: a mirrored set at least this long gets an index of its members' positions (:class:`Positions`)
 INDEXED = 64
 
