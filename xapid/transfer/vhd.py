@@ -250,7 +250,9 @@ class VhdParser(_Parser):
         self.block_size = 0
         self._entries = 0
         self._table_offset = 0
-        self._plan: list[tuple[int, int]] = []  # (stream offset of the bitmap, block index), increasing
+        # the allocated blocks, increasing by place in the stream: sector << 32 | block index, one
+        # 8-byte item each (up to MAX_BAT_ENTRIES: 16 MiB, where tuples would take ~220 MB)
+        self._plan = array("Q")
         self._next = 0
         self._bitmap_bytes = 0
         self._runs: list[tuple[int, int, bool]] = []  # the current block's (start, end, present) runs
@@ -310,21 +312,24 @@ class VhdParser(_Parser):
         needed = (self.size + self.block_size - 1) // self.block_size
         stride = self._bitmap_bytes + self.block_size
         first = self._table_offset + len(raw)
-        plan: list[tuple[int, int]] = []
+        plan = array("Q")
         ordered = True
+        last = -1
         for index, sector in enumerate(bat):
             if sector == UNUSED:
                 continue
             if index >= needed:
                 raise FormatError(f"VHD BAT entry {index} is beyond the disk's {needed} blocks")
-            plan.append((sector * SECTOR, index))
-            if len(plan) > 1 and plan[-2][0] >= plan[-1][0]:
+            plan.append(sector << 32 | index)
+            if sector <= last:
                 ordered = False
+            last = sector
         del bat
         if not ordered:
-            plan.sort()
+            plan = array("Q", sorted(plan))
         previous_end = first
-        for offset, index in plan:
+        for key in plan:
+            offset, index = (key >> 32) * SECTOR, key & 0xFFFFFFFF
             if offset < previous_end:
                 raise FormatError(f"VHD BAT entry {index} points at byte {offset}, inside the metadata or "
                                   "another block")
@@ -338,7 +343,8 @@ class VhdParser(_Parser):
     def _after_structure(self, at: int) -> None:
         """Move to the next block's bitmap (or to the trailer)."""
         if self._next < len(self._plan):
-            offset, index = self._plan[self._next]
+            key = self._plan[self._next]
+            offset, index = (key >> 32) * SECTOR, key & 0xFFFFFFFF
             self._block_index = index
             self._go("bitmap", offset - at, self._bitmap_bytes)
         else:
