@@ -66,6 +66,17 @@ def one(params: dict[str, list[str]], name: str, default: str | None = None) -> 
     return values[-1] if values else default
 
 
+def named_object(store: Any, params: dict[str, list[str]], classes: tuple[str, ...],
+                 required: HttpError) -> tuple[Any, str]:
+    """The object of one of *classes* named by the ``ref`` (else ``uuid``) query parameter, or None
+    when there is none, with the name given; *required* is raised when neither parameter is."""
+    ref, uuid = one(params, "ref"), one(params, "uuid")
+    if not ref and not uuid:
+        raise required
+    obj = store.find(ref) if ref else store.by_uuid(uuid or "")
+    return (obj if obj is not None and obj.cls in classes else None), ref or uuid or ""
+
+
 def cookie_session(request: HttpRequest) -> str | None:
     """The ``session_id`` cookie's value, or None (also for a malformed Cookie header)."""
     header = request.headers.get(b"cookie")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xapid.auth.http import HttpCaller, HttpError, authenticate, one, parse_query
+from xapid.auth.http import HttpCaller, HttpError, authenticate, named_object, one, parse_query
 from xapid.auth.roles import ROLES, role_at_least
 from xapid.backend.interface import BackendError, BadDomainState, ConsoleEndpoint, NoConsole, NoSuchDomain
 from xapid.console import websocket as ws
@@ -116,12 +116,10 @@ class ConsoleRoutes:
     def _target(self, params: dict[str, list[str]]) -> tuple[Any, str | None]:
         """The VM and the console protocol named by ``ref``/``uuid`` (None: the VM has no console)."""
         store = self.api.store
-        ref, uuid = one(params, "ref"), one(params, "uuid")
-        if not ref and not uuid:
-            raise HttpError(500, "a ref or uuid parameter naming a VM or a console is needed")
-        obj = store.find(ref) if ref else store.by_uuid(uuid or "")
-        if obj is None or obj.cls not in ("VM", "console"):
-            raise HttpError(404, f"no VM or console {ref or uuid}")
+        obj, name = named_object(store, params, ("VM", "console"),
+                                 HttpError(500, "a ref or uuid parameter naming a VM or a console is needed"))
+        if obj is None:
+            raise HttpError(404, f"no VM or console {name}")
         if obj.cls == "console":
             vm = store.find(obj.fields["VM"])
             if vm is None:

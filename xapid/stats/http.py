@@ -39,7 +39,7 @@ from twisted.logger import Logger
 
 from xapid.apitypes import utc
 from xapid.audit import parse_since
-from xapid.auth.http import TEXT, HttpError, authenticate, parse_query
+from xapid.auth.http import TEXT, HttpError, authenticate, named_object, one, parse_query
 from xapid.auth.roles import ROLES, role_at_least
 from xapid.stats import export, prometheus
 from xapid.wire.http import HttpRequest, HttpResponse
@@ -55,13 +55,8 @@ def _response(error: HttpError) -> HttpResponse:
     return error.response()
 
 
-def _one(params: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
-    values = params.get(name)
-    return values[-1] if values else default
-
-
 def _number(params: dict[str, list[str]], name: str, default: float | None = None) -> float | None:
-    text = _one(params, name)
+    text = one(params, name)
     if text is None or text == "":
         return default
     try:
@@ -74,13 +69,13 @@ def _number(params: dict[str, list[str]], name: str, default: float | None = Non
 
 
 def _flag(params: dict[str, list[str]], name: str) -> bool:
-    return (_one(params, name) or "").lower() in ("true", "1", "yes", "on")
+    return (one(params, name) or "").lower() in ("true", "1", "yes", "on")
 
 
 def _wants_json(request: HttpRequest, params: dict[str, list[str]]) -> bool:
     """``json=true``, else the Accept header's preference between application/json and text/xml."""
     if "json" in params:
-        return _flag(params, "json") or _one(params, "json") == ""
+        return _flag(params, "json") or one(params, "json") == ""
     accept = request.headers.get(b"accept", b"").decode("latin-1")
     best_json = best_xml = -1.0
     for item in accept.split(","):
@@ -183,7 +178,7 @@ class HttpExports:
         if start is None:
             raise HttpError(400, "start is required (Unix seconds; negative: relative to the last update)")
         interval = _number(params, "interval", 0.0) or 0.0
-        cf = _one(params, "cf") or None
+        cf = one(params, "cf") or None
         as_json = _wants_json(request, params)
         table = self.api.stats.table
         owners: list[str] = []
@@ -216,7 +211,7 @@ class HttpExports:
         return await self._dump(f"host:{host_uuid}", _flag(params, "json"), "the host has no metrics archives yet")
 
     async def _vm_rrd(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
-        uuid = _one(params, "uuid")
+        uuid = one(params, "uuid")
         if not uuid:
             raise HttpError(400, "uuid is required")
         return await self._dump(f"vm:{uuid}", _flag(params, "json"), f"no metrics archives for VM {uuid}")
@@ -224,7 +219,7 @@ class HttpExports:
     async def _audit_log(self, request: HttpRequest, params: dict[str, list[str]]) -> HttpResponse:
         """The audit log's current file as text (xapi's /audit_log); ``since=`` an ISO 8601 time
         (no zone: UTC) or Unix seconds keeps the lines at or after it."""
-        text = _one(params, "since")
+        text = one(params, "since")
         since = None
         if text:
             try:
@@ -241,12 +236,8 @@ class HttpExports:
     # ---------------------------------------------------------------------------- blobs, messages
 
     def _blob(self, params: dict[str, list[str]]) -> Any:
-        ref, uuid = _one(params, "ref"), _one(params, "uuid")
-        if not ref and not uuid:
-            raise HttpError(400, "ref or uuid is required")
-        store = self.api.store
-        obj = store.find(ref) if ref else store.by_uuid(uuid or "")
-        if obj is None or obj.cls != "blob":
+        obj, _ = named_object(self.api.store, params, ("blob",), HttpError(400, "ref or uuid is required"))
+        if obj is None:
             raise HttpError(404, "Unknown reference")
         return obj
 
@@ -285,7 +276,7 @@ class HttpExports:
         """Messages in xapi's message XML, oldest first; cls=, uuid= and since= filter them."""
         from xapid.objects.messages import export_xml
 
-        cls, uuid, text = _one(params, "cls"), _one(params, "uuid"), _one(params, "since")
+        cls, uuid, text = one(params, "cls"), one(params, "uuid"), one(params, "since")
         since = None
         if text:
             try:
@@ -302,7 +293,7 @@ class HttpExports:
         """xapi's put_messages: messages (its XML) about the object uuid= of class cls=."""
         from xapid.objects.messages import CLASSES, import_xml, object_exists
 
-        cls, uuid = _one(params, "cls"), _one(params, "uuid")
+        cls, uuid = one(params, "cls"), one(params, "uuid")
         if not cls or not uuid:
             raise HttpError(400, "cls and uuid are required")
         if cls not in CLASSES:

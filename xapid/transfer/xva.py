@@ -30,7 +30,7 @@ from lxml import etree
 
 from xapid.transfer.sparse import allocated_blocks, is_zero, read_block, write_sparse
 from xapid.wire.values import WireError
-from xapid.wire.xmlrpc import _decode, encode_value
+from xapid.wire.xmlrpc import decode_value, encode_value
 
 CHUNK = 1 << 20  # xapi's chunk size
 MAX_CHUNK = 4 << 20  # the largest chunk an import accepts (xapi writes 1 MiB)
@@ -117,7 +117,7 @@ def decode_ova(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise XvaError(f"ova.xml is larger than {MAX_OVA_XML} bytes")
     try:
         root = etree.fromstring(data, _PARSER)
-        value = _decode(root, 0, MAX_DEPTH)
+        value = decode_value(root, MAX_DEPTH)
     except (etree.XMLSyntaxError, WireError, ValueError, TypeError) as exc:
         raise XvaError(f"ova.xml is not an XML-RPC value: {str(exc)[:200]}") from None
     if not isinstance(value, dict) or not isinstance(value.get("objects"), list):

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xapid.apitypes import NULL_REF, Type, format_datetime, utc
-from xapid.auth.http import HttpCaller, HttpError, authenticate, one, parse_query
+from xapid.auth.http import HttpCaller, HttpError, authenticate, named_object, one, parse_query
 from xapid.auth.roles import role_at_least
 from xapid.backend.storage import FileSR, StorageError
 from xapid.context import CallContext
@@ -141,13 +141,9 @@ class XvaRoutes:
         return CallContext(self.api, None, None, task)
 
     def _vm(self, params: dict[str, list[str]]) -> Any:
-        ref, uuid = one(params, "ref"), one(params, "uuid")
-        if not ref and not uuid:
-            raise HttpError(400, "ref or uuid (the VM) is required")
-        store = self.api.store
-        obj = store.find(ref) if ref else store.by_uuid(uuid or "")
-        if obj is None or obj.cls != "VM":
-            raise HttpError(404, f"no VM {ref or uuid}"[:200])
+        obj, name = named_object(self.api.store, params, ("VM",), HttpError(400, "ref or uuid (the VM) is required"))
+        if obj is None:
+            raise HttpError(404, f"no VM {name}"[:200])
         if obj.fields["is_control_domain"]:
             raise HttpError(403, "the control domain cannot be exported")
         return obj

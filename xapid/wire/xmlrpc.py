@@ -402,6 +402,12 @@ def _child(node: etree._Element, tag: str) -> etree._Element | None:
     return None
 
 
+def decode_value(node: etree._Element, max_depth: int) -> Any:
+    """The value of one parsed ``<value>`` element, as calls' parameters are decoded (nesting
+    bounded by *max_depth*; WireError when malformed)."""
+    return _decode(node, 0, max_depth)
+
+
 def _decode(node: etree._Element, depth: int, max_depth: int) -> Any:
     if depth > max_depth:
         raise WireError(f"values nested deeper than {max_depth}")
