@@ -21,6 +21,7 @@ from urllib.parse import parse_qs
 from twisted.logger import Logger
 
 from xapid.audit import redact
+from xapid.errors import internal_error_with_id
 from xapid.wire.http import HttpRequest, HttpResponse
 
 log = Logger()
@@ -64,6 +65,16 @@ def one(params: dict[str, list[str]], name: str, default: str | None = None) -> 
     """The last value of query parameter *name*, or *default*."""
     values = params.get(name)
     return values[-1] if values else default
+
+
+def internal_error(request: HttpRequest, what: str = "") -> HttpResponse:
+    """The 500 answer to *request* when its handler failed unexpectedly (call it from the ``except``
+    block: the traceback is logged with a fresh incident id, which the reply names; never the
+    exception's text).  *what* names the work in the log line (default: the method and path)."""
+    incident, _ = internal_error_with_id()
+    log.failure("{what} failed (internal error id {incident})", incident=incident,
+                what=what or f"{request.method.decode('latin-1')} {request.path.decode('latin-1')[:256]}")
+    return HttpError(500, f"internal error, id {incident}; see the daemon log").response()
 
 
 def named_object(store: Any, params: dict[str, list[str]], classes: tuple[str, ...],

@@ -21,14 +21,13 @@ console sessions (``[limits] max_consoles``, ``max_consoles_per_vm``), 503; a ba
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from xapid.auth.http import HttpCaller, HttpError, authenticate, named_object, one, parse_query
+from xapid.auth.http import HttpCaller, HttpError, authenticate, internal_error, named_object, one, parse_query
 from xapid.auth.roles import ROLES, role_at_least
 from xapid.backend.interface import BackendError, BadDomainState, ConsoleEndpoint, NoConsole, NoSuchDomain
 from xapid.console import websocket as ws
@@ -70,10 +69,7 @@ class ConsoleRoutes:
         except HttpError as error:
             return error.response()
         except Exception:  # noqa: BLE001 - never a traceback to the client
-            incident = secrets.token_hex(4)
-            log.failure("{method} /console failed (internal error id {incident})",
-                        method=request.method.decode("latin-1"), incident=incident)
-            return HttpError(500, f"internal error, id {incident}; see the daemon log").response()
+            return internal_error(request)
 
     async def _open(self, request: HttpRequest, websocket: bool) -> HttpResponse:
         params = parse_query(request)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 import math
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +38,7 @@ from twisted.logger import Logger
 
 from xapid.apitypes import utc
 from xapid.audit import parse_since
-from xapid.auth.http import TEXT, HttpError, authenticate, named_object, one, parse_query
+from xapid.auth.http import TEXT, HttpError, authenticate, internal_error, named_object, one, parse_query
 from xapid.auth.roles import ROLES, role_at_least
 from xapid.stats import export, prometheus
 from xapid.wire.http import HttpRequest, HttpResponse
@@ -49,10 +48,6 @@ log = Logger()
 READ_ROLE = "read-only"
 AUDIT_ROLE = "pool-admin"
 MESSAGES_PUT_ROLE = "vm-power-admin"  # xapi's put_messages
-
-
-def _response(error: HttpError) -> HttpResponse:
-    return error.response()
 
 
 def _number(params: dict[str, list[str]], name: str, default: float | None = None) -> float | None:
@@ -137,12 +132,9 @@ class HttpExports:
                 await self._authenticate(request, params, need)
             return await handler(request, params)
         except HttpError as error:
-            return _response(error)
+            return error.response()
         except Exception:  # noqa: BLE001 - never a traceback to the client, never a dead connection
-            incident = secrets.token_hex(4)
-            log.failure("GET {path} failed (internal error id {incident})", path=request.path.decode("latin-1"),
-                        incident=incident)
-            return _response(HttpError(500, f"internal error, id {incident}; see the daemon log"))
+            return internal_error(request)
 
     async def _authenticate(self, request: HttpRequest, params: dict[str, list[str]], need: str = READ_ROLE) -> str:
         """The caller's role, from a session (query or cookie) or HTTP Basic; HttpError otherwise."""

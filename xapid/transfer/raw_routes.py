@@ -37,11 +37,11 @@ from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from xapid.auth.http import HttpCaller, HttpError, authenticate, one, parse_query
+from xapid.auth.http import HttpCaller, HttpError, authenticate, internal_error, one, parse_query
 from xapid.auth.roles import role_at_least
 from xapid.backend.storage import PARTIAL, FileSR, StorageError
 from xapid.context import CallContext
-from xapid.errors import XenAPIError, internal_error_with_id
+from xapid.errors import XenAPIError
 from xapid.transfer import disk, vhd
 from xapid.runner import InlineRunner
 from xapid.transfer.limits import MAX_DISK, Slot, TransferLimitError, TransferSlots
@@ -92,13 +92,13 @@ class RawVdiRoutes:
         self._discarding: dict[str, Deferred[None]] = {}  # VDI refs whose failed import's file is being removed
 
     def routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred[Any]]]:
-        return {b"/export_raw_vdi": lambda request: Deferred.fromCoroutine(self._guard(self._export(request)))}
+        return {b"/export_raw_vdi": lambda request: Deferred.fromCoroutine(self._guard(request, self._export(request)))}
 
     def stream_routes(self) -> dict[tuple[bytes, bytes], Callable[[HttpRequest], Any]]:
         return {(b"PUT", b"/import_raw_vdi"): lambda request: Deferred.fromCoroutine(
-            self._guard(self._import(request)))}
+            self._guard(request, self._import(request)))}
 
-    async def _guard(self, work: Any) -> Any:
+    async def _guard(self, request: HttpRequest, work: Any) -> Any:
         try:
             return await work
         except HttpError as error:
@@ -106,9 +106,7 @@ class RawVdiRoutes:
         except TransferLimitError as error:
             return HttpError(error.status, error.reason, error.headers).response()
         except Exception:  # noqa: BLE001 - never a traceback to the client
-            incident, _ = internal_error_with_id()
-            log.failure("raw VDI transfer failed (internal error id {incident})", incident=incident)
-            return HttpError(500, f"internal error, id {incident}; see the daemon log").response()
+            return internal_error(request, "raw VDI transfer")
 
     # ---------------------------------------------------------------------------- shared steps
 

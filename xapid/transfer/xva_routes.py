@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xapid.apitypes import NULL_REF, Type, format_datetime, utc
-from xapid.auth.http import HttpCaller, HttpError, authenticate, named_object, one, parse_query
+from xapid.auth.http import HttpCaller, HttpError, authenticate, internal_error, named_object, one, parse_query
 from xapid.auth.roles import role_at_least
 from xapid.backend.storage import FileSR, StorageError
 from xapid.context import CallContext
@@ -131,11 +131,7 @@ class XvaRoutes:
                                                       "VM_IS_TEMPLATE", "OPERATION_NOT_ALLOWED") else 400,
                                 (" ".join(error.description)[:1000] + "\n").encode(), [TEXT])
         except Exception:  # noqa: BLE001 - never a traceback, never a dead daemon
-            incident, _ = internal_error_with_id()
-            log.failure("{method} {path} failed (internal error id {incident})",
-                        method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
-                        incident=incident)
-            return HttpResponse(500, f"internal error, id {incident}; see the daemon log\n".encode(), [TEXT])
+            return internal_error(request)
 
     def _ctx(self, task: str | None) -> CallContext:
         return CallContext(self.api, None, None, task)
