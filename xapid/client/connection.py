@@ -145,14 +145,21 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
             raise
 
 
+def pinned_context() -> ssl.SSLContext:
+    """A TLS client context whose trust is the caller's fingerprint check, not a CA (self-signed host
+    certificates): no hostname or chain check, TLS 1.2 at least."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the pin replaces the CA check
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class PinnedTransport(xmlrpc.client.SafeTransport):
     """HTTPS whose trust is the certificate's SHA-256 fingerprint, checked on every new connection."""
 
     def __init__(self, check: Callable[[str], None]):
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE  # the pin replaces the CA check (self-signed host certificates)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context = pinned_context()
         super().__init__(context=context)
         self._check = check
         self._pinned_context = context

@@ -24,7 +24,7 @@ import tty
 import urllib.parse
 from typing import Any
 
-from xapid.client.connection import ClientError, Target, _pin_checker
+from xapid.client.connection import ClientError, Target, _pin_checker, pinned_context
 
 ESCAPE = b"\x1d"  # Ctrl-]
 HEAD_LIMIT = 16 << 10
@@ -50,6 +50,7 @@ def open_console(target: Target, session: str, console_ref: str, stderr: Any, ti
         try:
             sock.connect(target.unix_path)
         except OSError as exc:
+            sock.close()
             raise ClientError(f"cannot reach the host: {exc}") from None
     else:
         parsed = urllib.parse.urlsplit(target.url)
@@ -59,14 +60,19 @@ def open_console(target: Target, session: str, console_ref: str, stderr: Any, ti
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise ClientError(f"cannot reach the host: {exc}") from None
-        if parsed.scheme == "https":
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE  # the pinned fingerprint replaces the CA check
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            sock = context.wrap_socket(sock, server_hostname=host)
-            der = sock.getpeercert(binary_form=True) or b""
-            _pin_checker(target, stderr)(hashlib.sha256(der).hexdigest().upper())
+    try:
+        return _connect_console(sock, target, host, query, stderr)
+    except BaseException:
+        sock.close()  # a refused pin, a refusal or a broken connection leaves nothing open
+        raise
+
+
+def _connect_console(sock: socket.socket, target: Target, host: str, query: str, stderr: Any) -> socket.socket:
+    """*sock* (a connection to the host) past TLS and its pin check when https, and the CONNECT reply."""
+    if target.unix_path is None and urllib.parse.urlsplit(target.url).scheme == "https":
+        sock = pinned_context().wrap_socket(sock, server_hostname=host)
+        der = sock.getpeercert(binary_form=True) or b""
+        _pin_checker(target, stderr)(hashlib.sha256(der).hexdigest().upper())
     sock.sendall(f"CONNECT /console?{query} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
