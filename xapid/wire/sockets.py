@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any
+from typing import Any, TypeGuard
 
 from twisted.internet.abstract import FileDescriptor
 
@@ -43,11 +43,9 @@ def write_now(transport: Any, data: bytes, more: bytes = b"") -> int:
     overtakes queued data (:meth:`HttpChannel._send` does).  TLS transports carry ciphertext on their socket and are never
     written this way.  *data* and *more* go out in one ``sendmsg`` (a reply's head and body,
     never concatenated), uncapped (Twisted's own writes send 128 KiB per reactor turn).
-    This is the one place that reaches below Twisted's transport API.
+    This module is the one place that reaches below Twisted's transport API.
     """
-    if not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False):
-        return 0
-    if not transport.connected or transport.disconnecting:
+    if not open_plain(transport):
         return 0
     sock = getattr(transport, "socket", None)
     if not isinstance(sock, socket.socket):
@@ -57,6 +55,19 @@ def write_now(transport: Any, data: bytes, more: bytes = b"") -> int:
         return sock.sendmsg([data, more]) if more else sock.send(data)
     except OSError:  # EAGAIN: all is queued; a broken socket: Twisted's write finds out and closes
         return 0
+
+
+def open_plain(transport: Any) -> TypeGuard[FileDescriptor]:
+    """*transport* is a connected, not closing, plain (not TLS) descriptor transport: its socket
+    carries the bytes the protocol writes, so they may be written or read beside Twisted."""
+    return (isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
+            and bool(transport.connected) and not transport.disconnecting)
+
+
+def plain_socket(transport: Any) -> socket.socket | None:
+    """The socket of an :func:`open_plain` TCP or UNIX transport, else None."""
+    sock = getattr(transport, "socket", None) if open_plain(transport) else None
+    return sock if isinstance(sock, socket.socket) else None
 
 
 def _widen(transport: Any) -> None:

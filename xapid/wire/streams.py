@@ -6,7 +6,6 @@ produced through a :class:`BodyWriter`, and handing the connection over to anoth
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -16,6 +15,7 @@ from twisted.python.failure import Failure
 
 from xapid.wire.channel_state import _BODY, _DONE, _HEAD, ChannelState, log
 from xapid.wire.messages import BodySink, HttpRequest, HttpResponse, _gone, _refusal
+from xapid.wire.sockets import open_plain, plain_socket
 
 HIGH_WATER = 256 << 10  # bytes a streamed reply may queue in a socket transport before its writer waits
 DRAIN_MAX = 16 << 20  # after an early reply's body ended (complete or failed): input read and discarded at most
@@ -63,11 +63,9 @@ class BodyWriter:
         sent with :meth:`account`, stops when :attr:`closed` turns True, and closes the descriptor.
         A duplicate, so that the connection closing never lets its number be reused under it."""
         transport = self._channel.transport
-        if (self.closed or not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False)
-                or not transport.connected or transport.disconnecting):
+        if self.closed or not open_plain(transport):
             return None
-        queued = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-        if queued > 0 or getattr(transport, "_tempDataLen", 0):
+        if len(transport.dataBuffer) > transport.offset or transport._tempDataLen:  # bytes queued
             return None
         try:
             return os.dup(transport.fileno())
@@ -156,14 +154,12 @@ class StreamingChannel(ChannelState):
             return  # not before some of the body arrived: a client hanging up at once is seen here, at once
         self._direct_ok = False
         reader = getattr(sink, "read_direct", None)
-        transport = self.transport
-        if (sink is None or not callable(reader) or self._framing != _BODY or self._remaining < DIRECT_READ_MIN
-                or not isinstance(transport, FileDescriptor) or getattr(transport, "TLS", False)
-                or not isinstance(getattr(transport, "socket", None), socket.socket)
-                or not transport.connected or transport.disconnecting):
+        sock = plain_socket(self.transport)
+        if sink is None or not callable(reader) or self._framing != _BODY or self._remaining < DIRECT_READ_MIN \
+                or sock is None:
             return
         try:
-            sock_fd = os.dup(transport.fileno())
+            sock_fd = os.dup(sock.fileno())
         except OSError:
             return
         count = self._remaining
