@@ -32,10 +32,9 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from xapid.auth.http import HttpCaller, HttpError, authenticate, internal_error, one, parse_query
 from xapid.auth.roles import role_at_least
@@ -43,43 +42,16 @@ from xapid.backend.storage import PARTIAL, FileSR, StorageError
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.transfer import disk, vhd
-from xapid.runner import InlineRunner
 from xapid.transfer.limits import MAX_DISK, Slot, TransferLimitError, TransferSlots
-from xapid.transfer.tasking import cancelled, fail_task, finish_task, open_task
+from xapid.transfer.raw_import import RawImportSink
+from xapid.transfer.tasking import TransferTask, open_task
 from xapid.wire.http import BodyWriter, HttpRequest, HttpResponse
-from xapid.wire.xmlrpc import encode_value
 
 log = Logger()
 
 TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 FORMATS = {"raw": b"application/octet-stream", "vhd": b"application/vhd"}
 DIRECT_BUDGET = 64 << 20  # export: bytes sent per thread-pool call on the direct (sendfile) path
-BATCH = 8 << 20  # import: bytes of writes handed to the thread pool at once (one batch in flight)
-DIRECT_READ_BUDGET = 64 << 20  # import: bytes read from the socket per thread-pool call on the direct path
-PROGRESS_STEP = 0.01
-
-
-class _Task:
-    """The task a transfer reports on: the caller's (``task_id``) or one created for it."""
-
-    def __init__(self, api: Any, ref: str) -> None:
-        self.api = api
-        self.ref = ref
-        self._shown = 0.0
-
-    def progress(self, fraction: float) -> None:
-        if fraction - self._shown >= PROGRESS_STEP or fraction >= 1.0:
-            self._shown = fraction
-            self.api.tasks.progress(self.ref, fraction)
-
-    def cancelling(self) -> bool:
-        return cancelled(self.api, self.ref)
-
-    def succeed(self, result: str) -> None:
-        finish_task(self.api, self.ref, {"status": "success", "progress": 1.0, "result": encode_value(result).decode()})
-
-    def fail(self, error: XenAPIError) -> None:
-        fail_task(self.api, self.ref, error)
 
 
 class RawVdiRoutes:
@@ -88,8 +60,8 @@ class RawVdiRoutes:
     def __init__(self, api: Any, slots: TransferSlots) -> None:
         self.api = api
         self.slots = slots
-        self._importing: set[str] = set()  # VDI refs with an import in progress
-        self._discarding: dict[str, Deferred[None]] = {}  # VDI refs whose failed import's file is being removed
+        self.importing: set[str] = set()  # VDI refs with an import in progress
+        self.discarding: dict[str, Deferred[None]] = {}  # VDI refs whose failed import's file is being removed
 
     def routes(self) -> dict[bytes, Callable[[HttpRequest], HttpResponse | Deferred[Any]]]:
         return {b"/export_raw_vdi": lambda request: Deferred.fromCoroutine(self._guard(request, self._export(request)))}
@@ -126,8 +98,8 @@ class RawVdiRoutes:
             raise HttpError(404, f"{what}: no {cls} {text!r}")
         return obj
 
-    def _task(self, params: dict[str, list[str]], caller: HttpCaller, label: str) -> _Task:
-        return _Task(self.api, open_task(self.api, params, caller, label))
+    def _task(self, params: dict[str, list[str]], caller: HttpCaller, label: str) -> TransferTask:
+        return TransferTask(self.api, open_task(self.api, params, caller, label))
 
     def _driver(self, vdi: Any) -> Any:
         from xapid.objects.devices import sr_driver
@@ -138,7 +110,7 @@ class RawVdiRoutes:
             raise HttpError(400, " ".join(error.description)) from None
 
     @staticmethod
-    def _fail_early(task: _Task, status: int, error: XenAPIError, reason: str) -> HttpError:
+    def _fail_early(task: TransferTask, status: int, error: XenAPIError, reason: str) -> HttpError:
         task.fail(error)
         return HttpError(status, reason, ((b"task-id", task.ref.encode()),))
 
@@ -187,7 +159,7 @@ class RawVdiRoutes:
 
         return HttpResponse(200, b"", headers, stream=stream, length=length)
 
-    def _disk_path(self, vdi: Any, task: _Task) -> Path:
+    def _disk_path(self, vdi: Any, task: TransferTask) -> Path:
         driver = self._driver(vdi)
         location = vdi.fields["location"]
         try:
@@ -221,7 +193,7 @@ class RawVdiRoutes:
                 os.close(d)
             raise
 
-    async def _send(self, writer: BodyWriter, plan: list[disk.Segment], fds: list[int], length: int, task: _Task,
+    async def _send(self, writer: BodyWriter, plan: list[disk.Segment], fds: list[int], length: int, task: TransferTask,
                     slot: Slot, ref: str) -> None:
         fd = fds[0]
         runner = self.api.runner
@@ -332,9 +304,9 @@ class RawVdiRoutes:
             target_path = driver.path / f"{new_uuid}.img"
             partial = target_path.with_name(target_path.name + PARTIAL)
             source = None
-        if vdi is not None and vdi.ref in self._discarding:  # a failed import's file is still being removed
-            await self._discarding[vdi.ref]
-            if vdi.ref in self._importing:
+        if vdi is not None and vdi.ref in self.discarding:  # a failed import's file is still being removed
+            await self.discarding[vdi.ref]
+            if vdi.ref in self.importing:
                 raise HttpError(409, f"OTHER_OPERATION_IN_PROGRESS: an import into VDI {vdi.ref} is running")
         slot = self.slots.acquire(caller.user)
         try:
@@ -343,7 +315,7 @@ class RawVdiRoutes:
             slot.release()
             raise
         if vdi is not None:
-            self._importing.add(vdi.ref)
+            self.importing.add(vdi.ref)
         parser: vhd.RawParser | vhd.ChunkedParser | vhd.VhdParser
         if fmt == "vhd":
             parser = vhd.VhdParser(size, length)
@@ -352,7 +324,7 @@ class RawVdiRoutes:
         else:
             parser = vhd.RawParser(size)
         target = disk.ImportTarget(partial, size, source)
-        sink = _ImportSink(self, task, slot, parser, target, driver, sr, vdi.ref if vdi is not None else None,
+        sink = RawImportSink(self, task, slot, parser, target, driver, sr, vdi.ref if vdi is not None else None,
                            target_path, new_uuid, length)
         try:
             if vdi is None:
@@ -405,7 +377,7 @@ class RawVdiRoutes:
             if rec is not None and rec.fields["currently_attached"]:
                 raise HttpError(409, f"VDI_IN_USE: VDI {vdi.ref} is attached to a VM (VBD {vbd}); "
                                      "importing over a disk in use is refused")
-        if vdi.ref in self._importing:
+        if vdi.ref in self.importing:
             raise HttpError(409, f"OTHER_OPERATION_IN_PROGRESS: an import into VDI {vdi.ref} is running")
         location = f["location"]
         try:
@@ -416,283 +388,3 @@ class RawVdiRoutes:
             raise HttpError(400, "qcow2 disks are not written by raw transfers (raw file disks only)")
         if not driver.owns(location):
             raise HttpError(403, f"VDI {vdi.ref}'s file was not created by xapid (adopted by a scan): never written")
-
-
-class _ImportSink:
-    """Receives an import's body: parses it as it arrives, writes it in the thread pool one batch
-    at a time (pausing the socket while the disk is behind), commits on finish, cleans up on abort."""
-
-    def __init__(self, routes: RawVdiRoutes, task: _Task, slot: Slot, parser: Any, target: disk.ImportTarget,
-                 driver: FileSR, sr: str, vdi_ref: str | None, final: Path, new_uuid: str,
-                 length: int | None) -> None:
-        self.routes = routes
-        self.api = routes.api
-        self.task = task
-        self.slot = slot
-        self.parser = parser
-        self.target = target
-        self.driver = driver
-        self.sr = sr
-        self.vdi_ref = vdi_ref
-        self.final = final
-        self.new_uuid = new_uuid
-        self.length = length
-        self.received = 0
-        self._batch: list[vhd.Op] = []
-        self._batch_bytes = 0
-        self._inflight: Deferred[Any] | None = None
-        self._failure: Failure | None = None
-        self._error: XenAPIError | None = None
-        self._done = False
-        self.claimed = False  # a new disk's name is marked as xapid's (undone on failure)
-        self._stopped = False  # aborted: a direct read in the thread pool stops at its next check
-        # a known-length raw body may be read by the thread pool straight from the socket (see read_direct)
-        self.read_direct: Callable[[int, bytes, int, float], Deferred[int]] | None = (
-            self._read_direct if isinstance(parser, vhd.RawParser) and not isinstance(self.api.runner, InlineRunner)
-            else None)
-        self.complete = False  # the disk is whole (raw: its size arrived; chunked: the end marker)
-        # xapi's reply, sent before the body is read: the outcome is on the task only
-        self.early: HttpResponse | None = HttpResponse(200, b"", [(b"task-id", task.ref.encode()),
-                                                                 (b"Content-Type", b"application/octet-stream")])
-
-    # -- the BodySink protocol ----------------------------------------------------------------
-
-    def write(self, data: bytes) -> Deferred[None] | None:
-        if self._failure is not None:
-            self._failure.raiseException()
-        if self.task.cancelling():
-            self._error = XenAPIError("TASK_CANCELLED", self.task.ref)
-            raise HttpError(400, f"task {self.task.ref} was cancelled", self._task_header())
-        if self.complete:
-            return None
-        raw = isinstance(self.parser, vhd.RawParser)
-        if raw and self.received + len(data) >= self.target.size:  # a raw body ends at the disk's size
-            data = data[:self.target.size - self.received]
-            self.complete = True
-        try:
-            ops = self.parser.feed(data)
-        except vhd.FormatError as error:
-            self._error = XenAPIError("IMPORT_ERROR", str(error))
-            raise HttpError(400, str(error), self._task_header()) from None
-        self.received += len(data)
-        if isinstance(self.parser, vhd.ChunkedParser) and self.parser.ended:
-            self.complete = True
-        total = self.target.size if raw or not self.length else self.length
-        if total:
-            self.task.progress(min(self.received / total, 0.99))
-        for op in ops:
-            self._batch.append(op)
-            self._batch_bytes += op.length if op.data is not None else 64
-        if self._batch_bytes < BATCH:
-            return None
-        if self._inflight is None:
-            self._submit()
-            return None
-        waiting = self._inflight
-        d: Deferred[None] = Deferred()
-
-        def then(_: Any) -> None:
-            if self._failure is not None:
-                d.errback(self._failure)
-                return
-            if self._batch and self._inflight is None:
-                self._submit()
-            d.callback(None)
-
-        waiting.addBoth(then)
-        return d
-
-    def _read_direct(self, sock_fd: int, first: bytes, count: int, idle: float) -> Deferred[int]:
-        """Read the next *count* bytes of the body (*first* already arrived) from *sock_fd*, a ``dup``
-        of the client's socket that this closes, in the thread pool (:class:`disk.SocketImport`):
-        the channel's reading is paused meanwhile.  Fires with the bytes consumed (the body up to
-        the disk's size, then ``complete``); fails as :meth:`write` does (a cancelled task, a
-        client gone or silent for *idle* seconds, a disk error: the channel then calls abort)."""
-        return Deferred.fromCoroutine(self._direct(sock_fd, first, count, idle))
-
-    async def _direct(self, sock_fd: int, first: bytes, count: int, idle: float) -> int:
-        reader: disk.SocketImport | None = None
-        try:
-            while self._inflight is not None:  # nothing is batched before the direct read; never trust twice
-                await self._wait_inflight()
-            if self._failure is not None:
-                self._failure.raiseException()
-            want = min(count, self.target.size - self.received)
-            reader = disk.SocketImport(sock_fd, first, want, self.target, self.received, idle,
-                                       lambda: self._stopped)
-            self.parser.received += want  # the raw parser's position: the body is written at its offsets
-            while not reader.done:
-                if self._stopped:
-                    raise HttpError(400, "the import was aborted", self._task_header())
-                if self.task.cancelling():
-                    self._error = XenAPIError("TASK_CANCELLED", self.task.ref)
-                    raise HttpError(400, f"task {self.task.ref} was cancelled", self._task_header())
-                job = self.api.runner.run(reader.step, DIRECT_READ_BUDGET)
-                self._inflight = job
-                box: Deferred[int] = Deferred()
-                job.addBoth(self._stepped, job, box)
-                try:
-                    n = await box
-                except ConnectionError as exc:
-                    raise HttpError(400, f"the transfer broke: {exc}", self._task_header()) from None
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                    self._error = XenAPIError("SR_BACKEND_FAILURE", "EIO", "", reason)
-                    raise HttpError(500, f"writing the disk failed: {reason}", self._task_header()) from None
-                self.received += n
-                total = self.target.size
-                if total:
-                    self.task.progress(min(self.received / total, 0.99))
-            if self.received >= self.target.size:
-                self.complete = True
-            return want
-        finally:
-            if reader is not None:
-                reader.close()  # its writer thread is idle: each step waits for its last write
-            os.close(sock_fd)
-
-    def _stepped(self, result: Any, job: Deferred[Any], box: Deferred[int]) -> None:
-        if self._inflight is job:
-            self._inflight = None
-        if isinstance(result, Failure):
-            box.errback(result)
-        else:
-            box.callback(result)
-
-    def _task_header(self) -> tuple[tuple[bytes, bytes], ...]:
-        return ((b"task-id", self.task.ref.encode()),)
-
-    def _submit(self) -> None:
-        ops, self._batch, self._batch_bytes = self._batch, [], 0
-        job = self.api.runner.run(self.target.apply, ops)
-        self._inflight = job
-
-        def done(result: Any) -> Any:
-            self._inflight = None
-            if isinstance(result, Failure):
-                self._failure = result
-            return None
-
-        job.addBoth(done)
-
-    def finish(self) -> Deferred[HttpResponse]:
-        return Deferred.fromCoroutine(self._finish())
-
-    async def _finish(self) -> HttpResponse:
-        headers = [(b"task-id", self.task.ref.encode()), TEXT]
-        try:
-            try:
-                ops = self.parser.finish()
-            except vhd.FormatError as error:
-                raise XenAPIError("IMPORT_ERROR", str(error)) from None
-            self._batch.extend(ops)
-            while self._inflight is not None:
-                await self._wait_inflight()
-            if self._failure is not None:
-                self._failure.raiseException()
-            if self._batch:
-                ops, self._batch = self._batch, []
-                await self.api.runner.run(self.target.apply, ops)
-            if self.task.cancelling():
-                raise XenAPIError("TASK_CANCELLED", self.task.ref)
-            ref = await self._commit()
-        except XenAPIError as error:
-            self._cleanup(error)
-            status = 400 if error.code in ("IMPORT_ERROR", "TASK_CANCELLED") else 500
-            return HttpResponse(status, f"{' '.join(error.description)}\n".encode(), headers)
-        except Exception as exc:  # noqa: BLE001 - a disk failure: the task says why, nothing is left behind
-            reason = getattr(exc, "strerror", None) or str(exc)
-            log.failure("import failed while writing", Failure())
-            self._cleanup(XenAPIError("SR_BACKEND_FAILURE", "EIO", "", str(reason)))
-            return HttpResponse(500, f"the import failed: {reason}\n".encode(), headers)
-        self._done = True
-        self.slot.release()
-        if self.vdi_ref is not None:
-            self.routes._importing.discard(self.vdi_ref)
-        self.task.succeed(ref)
-        return HttpResponse(200, f"{ref}\n".encode(), headers)
-
-    async def _wait_inflight(self) -> None:
-        job = self._inflight
-        if job is None:
-            return
-        d: Deferred[None] = Deferred()
-        job.addBoth(lambda _: d.callback(None))
-        await d
-
-    async def _commit(self) -> str:
-        store = self.api.store
-        from xapid.objects.sr import update_sizes
-
-        ctx = CallContext.internal(self.api)
-        if self.vdi_ref is not None:
-            if store.find(self.vdi_ref) is None:
-                raise XenAPIError("HANDLE_INVALID", "VDI", self.vdi_ref)
-            await self.api.runner.run(self.target.commit, self.final)
-            used = await self.api.runner.run(disk.allocated_bytes, self.final)
-            with store.transaction():
-                store.update(self.vdi_ref, {"physical_utilisation": used})
-                update_sizes(ctx, self.sr)
-            await store.flush()
-            return self.vdi_ref
-        if store.find(self.sr) is None:
-            raise XenAPIError("HANDLE_INVALID", "SR", self.sr)
-        await self.api.runner.run(self.target.commit, self.final, self.driver.publish)
-        used = await self.api.runner.run(disk.allocated_bytes, self.final)
-        with store.transaction():
-            ref = store.add("VDI", {"uuid": self.new_uuid, "SR": self.sr, "location": self.final.name,
-                                    "name_label": "Imported VDI", "virtual_size": self.target.size,
-                                    "physical_utilisation": used, "type": "user",
-                                    "sm_config": {"type": "raw"}})
-            update_sizes(ctx, self.sr)
-        await store.flush()
-        return ref
-
-    def abort(self, reason: str) -> None:
-        self._stopped = True
-        if self._done:
-            return
-        error = self._error or XenAPIError("IMPORT_ERROR", f"the transfer broke: {reason}")
-        log.info("import aborted: {reason}", reason=reason)
-        self._cleanup(error)
-
-    # -- cleanup -----------------------------------------------------------------------------
-
-    def _cleanup(self, error: XenAPIError) -> None:
-        """Fail the task, drop the temporary file (after any write in flight), free the slot."""
-        if self._done:
-            return
-        self._done = True
-        self.task.fail(error)
-        self.slot.release()
-        if self.vdi_ref is not None:
-            self.routes._importing.discard(self.vdi_ref)
-        after = self._inflight if self._inflight is not None else succeed(None)
-        removed: Deferred[None] = Deferred()
-        vdi_ref = self.vdi_ref
-        if vdi_ref is not None:
-            self.routes._discarding[vdi_ref] = removed
-
-        def gone(_: Any) -> None:
-            if vdi_ref is not None and self.routes._discarding.get(vdi_ref) is removed:
-                del self.routes._discarding[vdi_ref]
-            removed.callback(None)
-
-        after.addBoth(lambda _: self.api.runner.run(self._discard)).addErrback(
-            lambda f: log.failure("removing a partial import failed", f)).addBoth(gone)
-
-    def cleanup_now(self) -> None:
-        """Before the body: undo the preparation (the claim of a new disk's name)."""
-        self._done = True
-        self.slot.release()
-        if self.vdi_ref is not None:
-            self.routes._importing.discard(self.vdi_ref)
-        self._discard()
-
-    def _discard(self) -> None:
-        self.target.discard()
-        if self.claimed:
-            try:
-                self.driver.unclaim(self.final.name)
-            except OSError:
-                pass

@@ -10,6 +10,7 @@ from xapid.auth.http import HttpCaller, HttpError, one
 from xapid.auth.roles import role_at_least
 from xapid.errors import XenAPIError
 from xapid.tasks import ANY_TASK_ROLE
+from xapid.wire.xmlrpc import encode_value
 
 
 def open_task(api: Any, params: dict[str, list[str]], caller: HttpCaller, label: str) -> str:
@@ -57,3 +58,29 @@ def fail_task(api: Any, task: str, error: XenAPIError) -> None:
     """End *task* with *error*: ``cancelled`` for TASK_CANCELLED, else ``failure``."""
     status = "cancelled" if error.code == "TASK_CANCELLED" else "failure"
     finish_task(api, task, {"status": status, "error_info": error.description})
+
+
+PROGRESS_STEP = 0.01  # a transfer's task progress is written when it moved this much
+
+
+class TransferTask:
+    """The task a transfer reports on: the caller's (``task_id``) or one created for it."""
+
+    def __init__(self, api: Any, ref: str) -> None:
+        self.api = api
+        self.ref = ref
+        self._shown = 0.0
+
+    def progress(self, fraction: float) -> None:
+        if fraction - self._shown >= PROGRESS_STEP or fraction >= 1.0:
+            self._shown = fraction
+            self.api.tasks.progress(self.ref, fraction)
+
+    def cancelling(self) -> bool:
+        return cancelled(self.api, self.ref)
+
+    def succeed(self, result: str) -> None:
+        finish_task(self.api, self.ref, {"status": "success", "progress": 1.0, "result": encode_value(result).decode()})
+
+    def fail(self, error: XenAPIError) -> None:
+        fail_task(self.api, self.ref, error)
