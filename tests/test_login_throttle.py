@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import XenAPI
-from support import PASSWORD, ROOT, ApiEnv, RealDaemon, resolve
+from support import PASSWORD, ROOT, ApiEnv, RealDaemon, count_verify, resolve
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
