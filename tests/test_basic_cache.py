@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support import PASSWORD, ApiEnv, RealDaemon, count_verify, resolve
 from twisted.internet.task import Clock
 
