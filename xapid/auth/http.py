@@ -145,9 +145,10 @@ def _audit_failure(api: Any, request: HttpRequest, name: str | None) -> None:
     try:
         client = getattr(request, "client", None)
         method = request.method.decode("latin-1")[:16]
-        # bounded as RPC arguments are: the name is an unauthenticated client's (up to the header limit)
+        # bounded as RPC arguments are (record cuts the user the same way): the name is an
+        # unauthenticated client's, up to the header limit
         args = redact(["uname", "pwd"], [name, None])
-        audit.record(method=f"HTTP Basic {method} {request.path.decode('latin-1')[:256]}", user=args["uname"],
+        audit.record(method=f"HTTP Basic {method} {request.path.decode('latin-1')[:256]}", user=name,
                      role=None, originator=None, peer=client.address if client is not None else None,
                      args=args, outcome="SESSION_AUTHENTICATION_FAILED")
     except Exception:  # noqa: BLE001 - the audit never changes the answer
