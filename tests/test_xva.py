@@ -368,6 +368,12 @@ def vdi_counts(x: Any) -> int:
     return len(x.VDI.get_all())
 
 
+def inventory(x: Any) -> tuple[list[str], Any, int]:
+    """What a failed import must leave as it found it: the default SR's files, the VDI counts, the VMs."""
+    sr_dir = x.PBD.get_device_config(x.SR.get_PBDs(default_sr(x))[0])["location"]
+    return sorted(os.listdir(sr_dir)), vdi_counts(x), len(x.VM.get_all())
+
+
 CONFIG_FIELDS = ("name_label", "name_description", "memory_static_max", "memory_dynamic_min", "VCPUs_max",
                  "VCPUs_at_startup", "PV_kernel", "PV_args", "other_config", "actions_after_crash", "platform",
                  "is_a_template", "HVM_boot_policy")
@@ -443,8 +449,7 @@ def test_broken_transfers_leave_nothing(pair: Any) -> None:
     s = session(b)
     x = s.xenapi
     try:
-        sr_dir = x.PBD.get_device_config(x.SR.get_PBDs(default_sr(x))[0])["location"]
-        files, vdis, vms = sorted(os.listdir(sr_dir)), vdi_counts(x), len(x.VM.get_all())
+        before = inventory(x)
         disk = disk_bytes(3 * MIB, {5: b"hello", 2 * MIB: b"world"})
         good = xapi_xva({"Ref:7": disk}, vm_name="broken")
         bad = bytearray(good)
@@ -457,8 +462,7 @@ def test_broken_transfers_leave_nothing(pair: Any) -> None:
             assert status == 200 and reply == b"", reply  # xapi's 200 before the body: the task says why
             record = wait_task(x, task)
             assert record["status"] == "failure" and record["error_info"][0] == code, record
-            assert vdi_counts(x) == vdis and len(x.VM.get_all()) == vms
-            assert sorted(os.listdir(sr_dir)) == files
+            assert inventory(x) == before
     finally:
         s.xenapi.session.logout()
 
@@ -470,8 +474,7 @@ def test_import_cancelled_mid_body_leaves_nothing(pair: Any) -> None:
     s = session(b)
     x = s.xenapi
     try:
-        sr_dir = x.PBD.get_device_config(x.SR.get_PBDs(default_sr(x))[0])["location"]
-        files, vdis, vms = sorted(os.listdir(sr_dir)), vdi_counts(x), len(x.VM.get_all())
+        before = inventory(x)
         body = xapi_xva({"Ref:7": disk_bytes(3 * MIB, {5: b"hello", 2 * MIB: b"world"})}, vm_name="cancelled")
         task = x.task.create("import", "")
         half = len(body) // 2
@@ -488,10 +491,9 @@ def test_import_cancelled_mid_body_leaves_nothing(pair: Any) -> None:
             time.sleep(0.3)
         assert wait_task(x, task)["status"] == "cancelled"
         deadline = time.monotonic() + 10
-        while sorted(os.listdir(sr_dir)) != files and time.monotonic() < deadline:
+        while inventory(x) != before and time.monotonic() < deadline:  # the files go in a worker thread
             time.sleep(0.05)
-        assert sorted(os.listdir(sr_dir)) == files
-        assert vdi_counts(x) == vdis and len(x.VM.get_all()) == vms
+        assert inventory(x) == before
         assert not x.VM.get_by_name_label("cancelled")
     finally:
         s.xenapi.session.logout()
@@ -503,8 +505,7 @@ def test_an_xva_of_too_many_disks_is_refused_before_any_file(pair: Any) -> None:
     s = session(b)
     x = s.xenapi
     try:
-        sr_dir = x.PBD.get_device_config(x.SR.get_PBDs(default_sr(x))[0])["location"]
-        files, vdis = sorted(os.listdir(sr_dir)), vdi_counts(x)
+        before = inventory(x)
         objects = xapi_objects({"Ref:1": MIB}, "many")
         disk = next(o for o in objects if o["class"] == "VDI")
         objects += [{**disk, "id": f"Ref:{1000 + i}"} for i in range(256)]  # disks of no VBD are imported too
@@ -514,7 +515,7 @@ def test_an_xva_of_too_many_disks_is_refused_before_any_file(pair: Any) -> None:
         record = wait_task(x, task)
         assert record["status"] == "failure" and record["error_info"][0].startswith("IMPORT_ERROR"), record
         assert "257 disks (at most 256)" in " ".join(record["error_info"])
-        assert vdi_counts(x) == vdis and sorted(os.listdir(sr_dir)) == files and not x.VM.get_by_name_label("many")
+        assert inventory(x) == before and not x.VM.get_by_name_label("many")
     finally:
         s.xenapi.session.logout()
 
