@@ -6,9 +6,13 @@ Each watcher is a client on its own keep-alive TCP connection, doing what a real
 ``event.from(session, ["vm"], "", 30.0)`` for the starting token, then ``event.from`` with the token of
 every reply, sent again at once.  The watchers live in K load processes (asyncio, raw HTTP/1.1), never in
 a server's process.  Per round, the benchmark records ``t0`` just before sending ``VM.set_name_label`` on
-a connection of its own; every watcher stamps ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for all
-processes) when its reply is fully received.  Figures: latency p50/p99/max over all watchers and rounds,
-and the server's RSS growth per blocked watcher (``VmRSS`` before the watchers connect and once all of
+a connection of its own (``time.monotonic()``).  A reply's latency is from ``t0`` to the kernel's receive
+timestamp of its last segment at the watcher's socket (``SO_TIMESTAMPNS``, converted to the monotonic
+clock): when the server's reply reached its client.  The time the load process read it is reported
+too, with that process's CPU per round: one Python process reading 1 000 replies and re-arming 1 000
+calls is busy for the whole fan-out, so its reading time measures itself as much as the server (in
+reality each watcher is a client of its own).  Figures: latency p50/p99/max over all watchers and
+rounds, and the server's RSS growth per blocked watcher (``VmRSS`` before the watchers connect and once all of
 them are parked in the server).  Every round checks that every watcher got exactly the one ``mod`` event
 carrying the new name.
 
@@ -39,6 +43,7 @@ import resource
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,6 +74,11 @@ _SETTLE = 1.0  # seconds of quiet once every watcher is parked, before reading R
 _TOKEN = re.compile(rb"<name>token</name>\s*<value>(?:<string>)?([^<]*)<")
 _NO_EVENTS = re.compile(rb"<name>events</name>\s*<value>\s*<array>\s*<data>\s*</data>")
 _TOKEN_MARK = "@@TOKEN@@"
+#: the kernel's receive timestamps (Linux ``SO_TIMESTAMPNS``: a ``struct timespec`` of CLOCK_REALTIME per read)
+KERNEL_STAMPS = sys.platform.startswith("linux")
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+_STAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 #: --pin: (the servers' CPUs, the load processes' CPUs), as if the clients were other machines
 PINNED: tuple[set[int], set[int]] | None = None
 
@@ -164,6 +174,16 @@ def take_reply(buffer: bytearray) -> bytes | None:
     if status != 200:
         raise ConnectionError(f"HTTP {status}: {body[:200]!r}")
     return body
+
+
+def kernel_stamp(ancillary: list[tuple[int, int, bytes]], offset: float, fallback: float) -> float:
+    """The monotonic time the kernel stamped on a read's last segment (*offset*: CLOCK_REALTIME minus
+    CLOCK_MONOTONIC, sampled by the caller); *fallback* when the read carried no stamp."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            return seconds + nanoseconds / 1e9 - offset
+    return fallback
 
 
 def api_value(body: bytes) -> Any:
@@ -351,52 +371,102 @@ def serve_peer(data_path: str) -> None:
 # -- load processes: the watchers ------------------------------------------------------------------
 
 
-class Watcher(asyncio.Protocol):
-    """One watcher: a keep-alive connection looping on ``event.from``."""
+class Watcher:
+    """One watcher: a keep-alive connection looping on ``event.from``.
+
+    Its socket asks the kernel for receive timestamps (``SO_TIMESTAMPNS``): each read carries the
+    time its last segment reached the socket.  That is when the server's reply arrived, whatever
+    this process was busy with (handling the replies of other watchers, which in reality are other
+    clients).  The time this process read it is kept beside it."""
 
     def __init__(self, group: "WatcherGroup", index: int, session: str):
         self.group, self.index = group, index
         self.request = EventFromRequest(session)
         self.buffer = bytearray()
+        self.out = b""
         self.token: str | None = None
-        self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def connect(self, port: int) -> None:
+        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if KERNEL_STAMPS:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        await self.group.loop.sock_connect(sock, (HOST, port))
+        self.group.loop.add_reader(sock.fileno(), self.readable)
         self.send("")
 
     def send(self, token: str) -> None:
-        self.transport.write(self.request(token))  # type: ignore[union-attr]
+        self.out += self.request(token)
+        self.flush()
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
+    def flush(self) -> None:
+        assert self.sock is not None
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.lost(exc)
+            return
+        self.out = self.out[sent:]
+        if self.out:
+            self.group.loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        assert self.sock is not None
+        self.group.loop.remove_writer(self.sock.fileno())
+        self.flush()
+
+    def readable(self) -> None:
+        assert self.sock is not None
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(1 << 18, _STAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(exc)
+            return
+        if not data:
+            self.lost(None)
+            return
         received = time.monotonic()
+        arrived = kernel_stamp(ancillary, self.group.clock_offset, received)
+        self.buffer += data
         try:
             while (body := take_reply(self.buffer)) is not None:
-                # The reply is stamped now; handling it (and re-arming) waits until the event loop
-                # has stamped every reply that arrived with it, so that a watcher's time does not
-                # include the work this process does for the watchers read before it (in
-                # reality, other clients).
-                self.group.loop.call_soon(self.handle, received, body)
+                # Handling the reply (and re-arming) waits until the event loop has read every
+                # reply that is ready, so that the times read here do not include the work this
+                # process does for the watchers read before (the kernel's stamps never do).
+                self.group.loop.call_soon(self.handle, arrived, received, body)
         except Exception as exc:  # noqa: BLE001 - reported to the benchmark, which stops
             self.group.fail(f"watcher {self.index}: {exc}")
 
-    def handle(self, received: float, body: bytes) -> None:
+    def handle(self, arrived: float, received: float, body: bytes) -> None:
         try:
-            self.group.on_reply(self, received, body)
+            self.group.on_reply(self, arrived, received, body)
         except Exception as exc:  # noqa: BLE001 - reported to the benchmark, which stops
             self.group.fail(f"watcher {self.index}: {exc}")
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def lost(self, exc: Exception | None) -> None:
+        self.close()
         if not self.group.closing:
             self.group.fail(f"watcher {self.index}: connection lost ({exc or 'closed by the server'})")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.group.loop.remove_reader(self.sock.fileno())
+            self.group.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
 
 
 @dataclass
 class RoundState:
     label: bytes = b""
-    hits: dict[int, tuple[float, bytes]] = field(default_factory=dict)
+    hits: dict[int, tuple[float, float, bytes]] = field(default_factory=dict)  # arrived, read, body
+    cpu: float = 0.0  # this process's CPU time when the round was announced
     duplicates: int = 0
     unexpected: list[str] = field(default_factory=list)
 
@@ -420,28 +490,27 @@ class WatcherGroup:
         self.closing = False
         self.started = time.monotonic()
         self.loop = asyncio.get_running_loop()
+        self.clock_offset = time.time() - time.monotonic()  # CLOCK_REALTIME (the kernel's stamps) - monotonic
         self.stopped = self.loop.create_future()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self.on_command)
-        connects = [loop.create_connection(lambda i=i, s=s: Watcher(self, i, s), HOST, self.port)
-                    for i, s in enumerate(self.sessions)]
-        for result in await asyncio.gather(*connects, return_exceptions=True):
+        self.watchers = [Watcher(self, i, s) for i, s in enumerate(self.sessions)]
+        for result in await asyncio.gather(*(w.connect(self.port) for w in self.watchers), return_exceptions=True):
             if isinstance(result, BaseException):
                 self.fail(f"connect failed: {result!r}")
                 break
-            self.watchers.append(result[1])
         await self.stopped
         self.closing = True
         for watcher in self.watchers:
-            if watcher.transport is not None:
-                watcher.transport.close()
+            watcher.close()
 
     def on_command(self, *_: Any) -> None:
         command = self.pipe.recv()
         if command[0] == "round":
-            self.round = RoundState(label=command[1].encode())
+            self.round = RoundState(label=command[1].encode(), cpu=time.process_time())
+            self.clock_offset = time.time() - time.monotonic()
             self.pipe.send(("ready", command[1]))
         elif command[0] == "verify":
             self.pipe.send(("verified", self.problems()))
@@ -455,7 +524,7 @@ class WatcherGroup:
             if not self.stopped.done():
                 self.stopped.set_result(None)
 
-    def on_reply(self, watcher: Watcher, received: float, body: bytes) -> None:
+    def on_reply(self, watcher: Watcher, arrived: float, received: float, body: bytes) -> None:
         """Re-arm at once with the reply's token, then account for the reply."""
         token = _TOKEN.search(body)
         if token is None:
@@ -468,26 +537,27 @@ class WatcherGroup:
             if self.armed == len(self.sessions):
                 self.pipe.send(("armed", time.monotonic() - self.started))
         elif self.round.label and self.round.label in body:
-            self._hit(watcher, received, body)
+            self._hit(watcher, arrived, received, body)
         elif _NO_EVENTS.search(body):
             self.timeouts += 1
         else:
             self.round.unexpected.append(f"watcher {watcher.index}: {body[:300]!r}")
 
-    def _hit(self, watcher: Watcher, received: float, body: bytes) -> None:
+    def _hit(self, watcher: Watcher, arrived: float, received: float, body: bytes) -> None:
         state = self.round
         if watcher.index in state.hits:
             state.duplicates += 1
             return
-        state.hits[watcher.index] = (received, body)
+        state.hits[watcher.index] = (arrived, received, body)
         if len(state.hits) == len(self.sessions):
-            times = [t for t, _ in state.hits.values()]
-            self.pipe.send(("done", state.label.decode(), times, self.timeouts))
+            hits = state.hits.values()
+            self.pipe.send(("done", state.label.decode(), [a for a, _, _ in hits], self.timeouts,
+                            [r for _, r, _ in hits], time.process_time() - state.cpu))
 
     def problems(self) -> list[str]:
         """What was wrong with the round's replies: each watcher must have got exactly its one event."""
         state = self.round
-        errors = [e for _, b in state.hits.values() if (e := self.verify(b, state.label.decode()))]
+        errors = [e for _, _, b in state.hits.values() if (e := self.verify(b, state.label.decode()))]
         errors += state.unexpected
         if state.duplicates:
             errors.append(f"{state.duplicates} duplicate replies")
@@ -592,7 +662,9 @@ class Target:
     connect_seconds: float = 0.0
     overflows: int = 0
     clients: LoadClients | None = None
-    latencies: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # t0 to each reply's arrival at its socket (kernel stamp)
+    read_latencies: list[float] = field(default_factory=list)  # t0 to each reply read by its load process
+    client_cpu: list[float] = field(default_factory=list)  # the load processes' CPU per round (the busiest one)
     round_max: list[float] = field(default_factory=list)
     change_replies: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -673,6 +745,8 @@ def run_round(target: Target, label: str, deadline: Deadline, record: bool = Tru
     target.timeouts = sum(report[3] for report in reports)
     if record:
         target.latencies += latencies
+        target.read_latencies += [t - t0 for report in reports for t in report[4]]
+        target.client_cpu.append(max(report[5] for report in reports))
         target.round_max.append(max(latencies))
         target.change_replies.append(replied)
         target.cpu.append(cpu)
@@ -831,8 +905,9 @@ def median(values: list[float]) -> float:
     return percentile(values, 50)
 
 
-def latencies_ms(target: Target) -> list[float]:
-    return [v * 1000 for v in target.latencies]
+def latencies_ms(target: Target, read: bool = False) -> list[float]:
+    """Reply latencies in ms: at the watchers' sockets, or (*read*) as their load processes read them."""
+    return [v * 1000 for v in (target.read_latencies if read else target.latencies)]
 
 
 def rss_per_watcher(target: Target) -> float:
@@ -842,14 +917,16 @@ def rss_per_watcher(target: Target) -> float:
 
 def detail(target: Target) -> str:
     """Everything measured on one server, on one line."""
-    ms, n = latencies_ms(target), target.watchers
+    ms, read, n = latencies_ms(target), latencies_ms(target, read=True), target.watchers
     return (f"{target.name}: connect+arm {n} watchers {target.connect_seconds:.2f} s ({target.overflows} listen-queue "
             f"overflows); RSS {target.rss_empty} KiB idle, +{(target.rss_sessions - target.rss_empty) / n:.1f} KiB "
             f"per session, +{rss_per_watcher(target):.1f} KiB per blocked watcher; set_name_label reply "
             f"{median(target.change_replies) * 1000:.1f} ms; server CPU per round (wake, replies, re-armed calls) "
-            f"{median(target.cpu) * 1000:.0f} ms; latency min {min(ms):.1f}, p50 {percentile(ms, 50):.1f}, "
-            f"p99 {percentile(ms, 99):.1f}, max {max(ms):.1f} ms ({len(ms)} replies, {target.timeouts} "
-            f"event.from timeouts)")
+            f"{median(target.cpu) * 1000:.0f} ms; latency at the sockets min {min(ms):.1f}, p50 "
+            f"{percentile(ms, 50):.1f}, p99 {percentile(ms, 99):.1f}, max {max(ms):.1f} ms ({len(ms)} replies, "
+            f"{target.timeouts} event.from timeouts); as the load processes read them p50 "
+            f"{percentile(read, 50):.1f}, p99 {percentile(read, 99):.1f} ms, those processes busy "
+            f"{median(target.client_cpu) * 1000:.0f} ms of CPU per round")
 
 
 def goals(target: Target) -> list[str]:
