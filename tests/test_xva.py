@@ -9,6 +9,7 @@ import http.client
 import io
 import os
 import shutil
+import signal
 import socket
 import tarfile
 import time
@@ -497,6 +498,33 @@ def test_import_cancelled_mid_body_leaves_nothing(pair: Any) -> None:
         assert not x.VM.get_by_name_label("cancelled")
     finally:
         s.xenapi.session.logout()
+
+
+def test_a_crash_mid_import_leaves_nothing_after_the_restart(tmp_path: Path) -> None:
+    """The daemon killed (SIGKILL) while an import's disks are being written: once it is started
+    again, no VDI, VM or file of that import exists (the disks were never under their names)."""
+    daemon = RealDaemon(tmp_path)
+    try:
+        s = session(daemon)
+        before = inventory(s.xenapi)
+        sr_dir = s.xenapi.PBD.get_device_config(s.xenapi.SR.get_PBDs(default_sr(s.xenapi))[0])["location"]
+        body = xapi_xva({"Ref:7": disk_bytes(8 * MIB, {5: b"hello", 6 * MIB: b"world"})}, vm_name="crashed")
+        task = s.xenapi.task.create("import", "")
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+            sock.sendall(f"PUT /import?session_id={s._session}&task_id={task} HTTP/1.1\r\nHost: x\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+            deadline = time.monotonic() + 20
+            while set(os.listdir(sr_dir)) <= set(before[0]):  # the import's disk is being written
+                assert time.monotonic() < deadline, os.listdir(sr_dir)
+                time.sleep(0.02)
+            daemon.stop(signal.SIGKILL)
+        daemon.start()
+        s = session(daemon)
+        assert inventory(s.xenapi) == before
+        assert not s.xenapi.VM.get_by_name_label("crashed")
+        s.xenapi.session.logout()
+    finally:
+        daemon.stop()
 
 
 def test_an_xva_of_too_many_disks_is_refused_before_any_file(pair: Any) -> None:

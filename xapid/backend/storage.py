@@ -218,6 +218,35 @@ class FileSR(_DirectorySR):
     publish = _publish
     unclaim = _unclaim
 
+    def begin(self, uuid: str, size: int) -> tuple[str, int]:
+        """A new raw disk of *size* bytes to be filled by the caller: its name claimed, its data in a
+        sparse ``<name>.partial`` file; returns (location, a descriptor open for writing).  Until
+        :meth:`publish_new` the disk is not under its name, so a crash leaves only the partial file,
+        which the next attach removes (:meth:`scan`, :meth:`remove_partial`)."""
+        final = self.path / f"{uuid}.img"
+        partial = final.with_name(final.name + PARTIAL)
+        self._claim(final)
+        try:
+            fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            self._unclaim(final.name)
+            raise _os_error(f"creating a {size}-byte disk in {self.path}", exc) from None
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            self.remove_partial(partial.name)
+            raise _os_error(f"creating a {size}-byte disk in {self.path}", exc) from None
+        return final.name, fd
+
+    def publish_new(self, location: str) -> None:
+        """Put a disk made by :meth:`begin` (its data written and synced) under its name."""
+        final = self.file(location)
+        try:
+            self._publish(final.with_name(final.name + PARTIAL), final)
+        except OSError as exc:
+            raise _os_error(f"publishing {location}", exc) from None
+
     def _owned(self, location: str, what: str) -> Path:
         path = self.file(location)
         if not self.owns(location):

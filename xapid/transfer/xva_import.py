@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from xapid.apitypes import NULL_REF, Type, coerce, utc
 from xapid.auth.http import HttpError
-from xapid.backend.storage import FileSR, StorageError
+from xapid.backend.storage import PARTIAL, FileSR, StorageError
 from xapid.errors import XenAPIError
 from xapid.objects.devices import random_mac
 from xapid.transfer import xva
@@ -202,18 +202,22 @@ class ImportSink:
         self.fds = []
         for _, location in self.created:
             try:
-                self.driver.mark_deleting(location)
+                self.driver.remove_partial(location + PARTIAL)  # not yet published (the usual case)
+                self.driver.mark_deleting(location)  # published, but the objects were not created
                 self.driver.purge(location)
             except StorageError:
                 log.failure("removing {location} of a failed import", location=location)
 
     def _close_files(self) -> dict[str, int]:
-        """fsync and close the disks; their allocated bytes by location."""
+        """fsync and close the disks, then put them under their names; their allocated bytes by location.
+        (A crash before this leaves only partial files, which the next start removes.)"""
         for fd in self.fds:
             os.fsync(fd)
         for fd in list(self.fds):
             os.close(fd)
         self.fds = []
+        for _, location in self.created:
+            self.driver.publish_new(location)
         return {loc: os.stat(self.driver.file(loc)).st_blocks * 512 for _, loc in self.created}
 
     async def _prepare(self) -> None:
@@ -225,12 +229,16 @@ class ImportSink:
         targets = []
         for ref_id, _ in self.plan.vdis:
             check_cancelled(self.api, self.task)
-            disk = await self._run(self.driver.create, str(uuidlib.uuid4()), sizes[ref_id])
-            self.created.append((ref_id, disk.location))
-            fd = await self._run(os.open, str(self.driver.file(disk.location)), os.O_WRONLY)
-            self.fds.append(fd)
+            fd = await self._run(self._begin_disk, ref_id, sizes[ref_id])
             targets.append(xva.DiskTarget(ref_id, fd, sizes[ref_id]))
         self.parser.set_disks(targets)
+
+    def _begin_disk(self, ref_id: str, size: int) -> int:
+        """(In the thread) a new partial disk, recorded for the cleanup before this job ends."""
+        location, fd = self.driver.begin(str(uuidlib.uuid4()), size)
+        self.created.append((ref_id, location))
+        self.fds.append(fd)
+        return fd
 
     def _fields(self, cls: str, record: dict[str, Any], skip: set[str] = set()) -> dict[str, Any]:
         """The create fields of *record* (refs left out), coerced by the schema; IMPORT_ERROR when bad."""
