@@ -16,6 +16,7 @@ import pytest_twisted
 from xapid.backend.interface import BackendError
 from xapid.backend.proxy import Hypervisor, to_xenapi
 from xapid.backend.xen import xenlight
+from xapid.backend.xen.core import XenCore
 from xapid.backend.xen.toollog import FileLogger
 from xapid.config import ConfigError, parse_config
 from xapid.errors import XenAPIError
@@ -106,3 +107,27 @@ def test_xen_config_section() -> None:
         parse_config("[xen]\nautoballoon = maybe\n", "t")
     with pytest.raises(ConfigError, match="xenstored_timeout"):
         parse_config("[xen]\nxenstored_timeout = 0\n", "t")
+
+
+def test_libxl_failures_become_backend_errors(tmp_path: Path) -> None:
+    """XenCore._libxl: a XenLightError inside → BackendError("<what>: <libxl's words>", what), with
+    the error lines libxl logged since the call began, not chained; other exceptions pass unchanged."""
+    core = XenCore(tmp_path, lambda: 0.0)
+    core._logger = logger = FileLogger(str(tmp_path / "libxl.log"))
+    core._tls.mark = logger.mark()
+    with open(tmp_path / "libxl.log", "a") as out:
+        out.write("2024-01-01 00:00:00 UTC [7] libxl: error: libxl_device.c:9: disk vdev=xvdb exists\n")
+    with pytest.raises(BackendError) as caught, core._libxl("libxl could not attach xvdb"):
+        raise xenlight.XenLightError("libxl_device_disk_add", -3)
+    error = caught.value
+    assert type(error) is BackendError
+    assert error.args == ("libxl could not attach xvdb: libxl_device_disk_add: ERROR_FAIL",)
+    assert error.details == ("libxl could not attach xvdb",)
+    assert error.diagnostics == ("libxl: error: libxl_device.c:9: disk vdev=xvdb exists",)
+    assert error.__cause__ is None and error.__suppress_context__
+    with pytest.raises(OSError) as passed, core._libxl("libxl could not attach xvdb"):
+        raise FileNotFoundError(2, "gone")
+    assert type(passed.value) is FileNotFoundError
+    with core._libxl("libxl could not attach xvdb"):
+        pass
+    logger.close()

@@ -314,6 +314,15 @@ class XenCore:
         return error
 
     @contextmanager
+    def _libxl(self, what: str) -> Iterator[None]:
+        """XenLightError of the libxl calls inside as :meth:`_fail`'s BackendError for *what*
+        (libxl's log lines as diagnostics, the libxl exception not chained); others pass through."""
+        try:
+            yield
+        except XenLightError as exc:
+            raise self._fail(exc, what) from None
+
+    @contextmanager
     def _hypercall(self, what: str, uuid: str) -> Iterator[None]:
         """XenError of libxenctrl/libxenstore as the driver's errors: ESRCH → NoSuchDomain, a lost
         connection → HypervisorUnavailable (and a reconnection), anything else → BackendError."""

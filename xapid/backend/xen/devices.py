@@ -10,7 +10,6 @@ from xapid.backend.specs import check_limits, validate_disk, validate_nic
 from xapid.backend.xen import domconfig
 from xapid.backend.xen.core import XenCore
 from xapid.backend.xen.libs import XenError
-from xapid.backend.xen.xenlight import XenLightError
 
 
 def disk_devid(vdev: str) -> int:
@@ -66,10 +65,8 @@ class Devices(XenCore):
         if disk.device in disks:
             raise InvalidSpec(f"disk {disk.device} already attached", uuid)
         check_limits(self._kind(raw), len(disks) + 1, 0)
-        try:
+        with self._libxl(f"libxl could not attach {disk.device}"):
             self._light().disk_add(raw.domain, domconfig.disk_json(disk))
-        except XenLightError as exc:
-            raise self._fail(exc, f"libxl could not attach {disk.device}") from None
         self._spec_update(uuid, lambda s: replace(s, disks=(*s.disks, disk)))
 
     def detach_disk(self, uuid: str, device: str) -> None:
@@ -77,11 +74,9 @@ class Devices(XenCore):
         raw = self._guest(uuid, "detach a disk from")
         if device not in self._disks(raw.domain):
             raise InvalidSpec(f"no disk {device}", uuid)
-        try:
+        with self._libxl(f"libxl could not detach {device}"):
             self._light().disk_remove(raw.domain, domconfig.disk_json(DiskSpec(device=device, path="", mode="r",
                                                                               kind="cdrom")))
-        except XenLightError as exc:
-            raise self._fail(exc, f"libxl could not detach {device}") from None
         self._spec_update(uuid, lambda s: replace(s, disks=tuple(d for d in s.disks if d.device != device)))
 
     def attach_nic(self, uuid: str, nic: NicSpec) -> None:
@@ -92,10 +87,8 @@ class Devices(XenCore):
         if str(nic.devid) in nics:
             raise InvalidSpec(f"network card {nic.devid} already attached", uuid)
         check_limits(self._kind(raw), 0, len(nics) + 1)
-        try:
+        with self._libxl(f"libxl could not attach network card {nic.devid}"):
             self._light().nic_add(raw.domain, domconfig.nic_json(nic))
-        except XenLightError as exc:
-            raise self._fail(exc, f"libxl could not attach network card {nic.devid}") from None
         self._spec_update(uuid, lambda s: replace(s, nics=(*s.nics, nic)))
 
     def detach_nic(self, uuid: str, devid: int) -> None:
@@ -103,11 +96,9 @@ class Devices(XenCore):
         raw = self._guest(uuid, "detach a network card from")
         if str(devid) not in self._backends(raw.domain, "vif"):
             raise InvalidSpec(f"no network card {devid}", uuid)
-        try:
+        with self._libxl(f"libxl could not detach network card {devid}"):
             self._light().nic_remove(raw.domain, domconfig.nic_json(NicSpec(devid=devid, mac="00:00:00:00:00:00",
                                                                             bridge="")))
-        except XenLightError as exc:
-            raise self._fail(exc, f"libxl could not detach network card {devid}") from None
         self._spec_update(uuid, lambda s: replace(s, nics=tuple(n for n in s.nics if n.devid != devid)))
 
     def _device_ids(self, dom: DomainInfo) -> dict[str, str]:

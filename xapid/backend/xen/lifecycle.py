@@ -66,13 +66,12 @@ class Lifecycle(DomainTable, DomainMonitor):
         config = domconfig.domain_config_json(check_boot(spec, self.boot_policy))
         xl = self._light()
         try:
-            if image is None:
-                domid = xl.create(config)
-            else:
-                with open(image, "rb") as stream:
-                    domid = xl.restore(config, stream.fileno())
-        except XenLightError as exc:
-            raise self._fail(exc, "libxl could not build the domain") from None
+            with self._libxl("libxl could not build the domain"):
+                if image is None:
+                    domid = xl.create(config)
+                else:
+                    with open(image, "rb") as stream:
+                        domid = xl.restore(config, stream.fileno())
         except OSError as exc:
             raise BackendError(f"cannot read the image {image}: {exc.strerror}", str(image)) from None
         try:
@@ -85,10 +84,8 @@ class Lifecycle(DomainTable, DomainMonitor):
         return domid
 
     def _destroy(self, domid: int, uuid: str) -> None:
-        try:
+        with self._libxl(f"libxl could not destroy domain {domid}"):
             self._light().destroy(domid)
-        except XenLightError as exc:
-            raise self._fail(exc, f"libxl could not destroy domain {domid}") from None
 
     def destroy_domain(self, uuid: str) -> None:
         """Tear the domain down at once, in any state."""
@@ -178,15 +175,14 @@ class Lifecycle(DomainTable, DomainMonitor):
             partial = f"{path}.partial"
             try:
                 with open(partial, "wb") as out:
-                    self._light().suspend(raw.domain, out.fileno())
+                    with self._libxl(f"libxl could not suspend domain {raw.domain}"):
+                        self._light().suspend(raw.domain, out.fileno())
                     out.flush()
                     os.fsync(out.fileno())
                 done = self._wait_shutdown(uuid, raw.domain, timeout)
                 if done is not None and done.shutdown_reason != "suspend":
                     raise BackendError(f"domain {raw.domain} shut down ({done.shutdown_reason}) while suspending", uuid)
                 os.replace(partial, path)
-            except XenLightError as exc:
-                raise self._fail(exc, f"libxl could not suspend domain {raw.domain}") from None
             except OSError as exc:
                 raise BackendError(f"cannot write the image {path}: {exc.strerror}", path) from None
             finally:
@@ -234,10 +230,8 @@ class Lifecycle(DomainTable, DomainMonitor):
         maximum = self._static_max(raw)
         if not MIN_DOMAIN_MEMORY <= target <= maximum:
             raise InvalidSpec(f"memory target {target} not in {MIN_DOMAIN_MEMORY}..{maximum}", uuid)
-        try:
+        with self._libxl(f"libxl could not set the memory target of domain {raw.domain}"):
             self._light().set_memory_target(raw.domain, target // KiB, relative=False, enforce=True)
-        except XenLightError as exc:
-            raise self._fail(exc, f"libxl could not set the memory target of domain {raw.domain}") from None
         try:
             record = self._record(uuid)
             if record:
