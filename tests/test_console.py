@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from support import PASSWORD, RealDaemon, vm_record
-from xapid.backend.interface import ConsoleEndpoint, NoConsole, NoSuchDomain
+from xapid.backend.interface import ConsoleEndpoint, HeldPty, NoConsole, NoSuchDomain
 from xapid.console import websocket as ws
 from xapid.console.relay import ConsoleLimits, ConsoleSession
 from xapid.console.rfb import RfbError, RfbServer
@@ -207,6 +207,29 @@ def test_relay_sessions_are_counted_and_time_out_when_idle() -> None:
     assert limits.open == {}
 
 
+def test_relay_sessions_are_counted_per_user() -> None:
+    """One user's sessions over several VMs are capped; another user (and callers without a name,
+    who share one count) are not held back by them."""
+    clock = Clock()
+    limits = ConsoleLimits(total=10, per_vm=2, per_user=3)
+    for vm in ("a", "a", "b"):
+        assert limits.take(f"OpaqueRef:{vm}", "eve")
+    assert limits.full("OpaqueRef:c", "eve") == "too many console sessions of this user (3 at most)"
+    assert not limits.full("OpaqueRef:c", "bob") and not limits.full("OpaqueRef:c")
+    proto = ConsoleSession(ConsoleEndpoint("vt100", "sim", name="vm1"), clock, limits, "OpaqueRef:c",
+                           label="test", user="eve")
+    transport = StringTransport()
+    proto.makeConnection(transport)  # over the cap (a race past the handler's check): closed at once
+    assert transport.disconnecting and transport.value() == b""
+    proto.connectionLost()
+    assert limits.by_user == {"eve": 3}
+    for _ in range(3):
+        assert limits.take("OpaqueRef:c") or limits.take("OpaqueRef:d")
+    assert limits.full("OpaqueRef:e") == "too many console sessions of this user (3 at most)"
+    limits.release("OpaqueRef:a", "eve")
+    assert not limits.full("OpaqueRef:e", "eve") and limits.by_user == {"eve": 2, "": 3}
+
+
 def test_websocket_relay_pings_closes_and_refuses_unmasked() -> None:
     clock = Clock()
     limits = ConsoleLimits()
@@ -253,6 +276,50 @@ def test_pings_from_a_client_that_reads_nothing_are_not_queued() -> None:
     assert client.value() == ws.frame(ws.PONG, b"999") and server.producerState == "producing"
     proto.dataReceived(client_frame(ws.PING, b"now") + client_frame(ws.BINARY, b"key"))
     assert client.value().endswith(ws.frame(ws.PONG, b"now")) and server.value() == b"key"
+
+
+def pty_session(endpoint: ConsoleEndpoint, limits: ConsoleLimits) -> tuple[ConsoleSession, StringTransport, Any]:
+    reactor = MemoryReactorClock()
+    proto = ConsoleSession(endpoint, reactor, limits, "OpaqueRef:vm", label="test")
+    client = StringTransport()
+    proto.makeConnection(client)
+    return proto, client, reactor
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_pty_relay_uses_the_descriptor_the_driver_held(tmp_path: Path) -> None:
+    """The relay relays the pty the driver opened and checked (``HeldPty``), never reopening the path;
+    without one, or with a descriptor that is not a terminal, the session is refused, nothing is set
+    on anything and no descriptor is left open."""
+    checked = os.openpty()
+    try:
+        path = os.ttyname(checked[1])
+        limits = ConsoleLimits()
+        held = HeldPty(os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK))
+        proto, client, _ = pty_session(ConsoleEndpoint("vt100", "pty", path=path, pty=held), limits)
+        assert proto.link is not None and not client.disconnecting
+        os.write(checked[0], b"login: ")
+        proto.link.transport.doRead()
+        assert client.value() == b"login: "
+        proto.dataReceived(b"root\r")
+        proto.link.transport.doWrite()  # the memory reactor does not run the writer
+        os.set_blocking(checked[0], False)
+        assert os.read(checked[0], 100) == b"root\r"
+        proto.connectionLost()
+        plain = tmp_path / "file"
+        plain.write_bytes(b"data")
+        fds = open_fds()
+        for held in (None, HeldPty(os.open(plain, os.O_RDWR)), HeldPty(-1)):
+            proto, client, _ = pty_session(ConsoleEndpoint("vt100", "pty", path=path, pty=held), limits)
+            assert proto.link is None and client.disconnecting, held
+            proto.connectionLost()
+        assert open_fds() == fds and limits.open == {} and plain.read_bytes() == b"data"
+    finally:
+        for fd in checked:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------ the sim driver
@@ -475,6 +542,50 @@ def test_too_many_sessions_on_one_vm_is_503(consoles: Any) -> None:
     sock.close()
     assert status_of(head) == 503 and b"Retry-After" in head, head
     for s in opened:
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A daemon allowing 3 console sessions per user (2 per VM), with two running VMs."""
+    import XenAPI
+
+    d = RealDaemon(tmp_path_factory.mktemp("capped"),
+                   config="[limits]\nmax_consoles_per_vm = 2\nmax_consoles_per_user = 3\n")
+    x = XenAPI.Session(d.url)
+    x.login_with_password("admin", PASSWORD)
+    d.vms = {}
+    for name in ("first", "second"):
+        d.vms[name] = x.xenapi.VM.create(vm_record(name_label=name))
+        x.xenapi.VM.start(d.vms[name], False, False)
+    d.sessions = {"admin": x._session}
+    s = XenAPI.Session(d.url)
+    s.login_with_password("operator", PASSWORD)
+    d.sessions["operator"] = s._session
+    yield d
+    d.stop()
+
+
+def test_too_many_sessions_of_one_user_is_503_others_still_admitted(capped: Any) -> None:
+    """One vm-operator cannot take every session by spreading them over VMs (max_consoles_per_user)."""
+    first, second = f"ref={capped.vms['first']}", f"ref={capped.vms['second']}"
+    operator, admin = capped.sessions["operator"], capped.sessions["admin"]
+    opened = [raw_connect(capped, query, operator) for query in (first, first, second)]
+    assert all(status_of(head) == 200 for _, head in opened)
+    sock, head = _raw_connect(capped, second, operator, "")  # the VM has room: the user has not
+    with sock:
+        assert status_of(head) == 503 and b"Retry-After: " in head, head
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        assert b"too many console sessions of this user (3 at most)" in read_until(sock, b"at most)", rest)
+    other, head = _raw_connect(capped, second, admin, "")  # another user is still let in
+    with other:
+        assert status_of(head) == 200, head
+        assert b"login: " in read_until(other, b"login: ", head.split(b"\r\n\r\n", 1)[1])
+    opened[2][0].close()  # the operator closes one: admitted again (once the daemon saw it close)
+    again, head = raw_connect(capped, second, operator)
+    with again:
+        assert status_of(head) == 200, head
+    for s, _ in opened:
         s.close()
 
 

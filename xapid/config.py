@@ -231,6 +231,7 @@ class LimitsConfig:
     console_idle_timeout: float = key(1800.0, positive)  # a console relay without a byte either way is closed
     max_consoles: int = key(64, positive)  # console sessions (/console) at once, in total
     max_consoles_per_vm: int = key(4, positive)  # of them on one VM
+    max_consoles_per_user: int = key(16, positive)  # of them by one user (on any VMs)
 
 
 @dataclass(frozen=True)

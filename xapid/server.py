@@ -331,7 +331,8 @@ class Daemon(MultiService):
                                 header_timeout=server.header_timeout, body_timeout=server.body_timeout)
         lim = config.limits  # /console (xapid/console/routes.py)
         consoles = ConsoleRoutes(self.api, ConsoleLimits(lim.max_consoles, lim.max_consoles_per_vm,
-                                                         lim.console_idle_timeout), server.cors_origins)
+                                                         lim.console_idle_timeout, lim.max_consoles_per_user),
+                                 server.cors_origins)
         # one budget of concurrent transfers for /export_raw_vdi, /import_raw_vdi, /export, /import
         transfers = TransferSlots(lim.max_transfers, lim.max_transfers_per_user)
         raw_vdi = RawVdiRoutes(self.api, transfers)  # xapid/transfer/raw_routes.py

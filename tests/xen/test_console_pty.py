@@ -24,12 +24,18 @@ from xapid.backend.xen.xenstore import XenStore
 from xapid.constants import MiB
 
 
-def process(procfs: Path, pid: int, argv: list[str], ptys: dict[int, int]) -> None:
-    """A process with *argv* holding /dev/ptmx descriptors: fd -> tty-index."""
+def process(procfs: Path, pid: int, argv: list[str], ptys: dict[int, int], uid: int | None = 0,
+            euid: int | None = None) -> None:
+    """A process with *argv* holding /dev/ptmx descriptors: fd -> tty-index; its ``status`` says real
+    uid *uid* and effective uid *euid* (default: *uid*); *uid* None: no ``status`` file (unreadable)."""
     root = procfs / str(pid)
     (root / "fd").mkdir(parents=True)
     (root / "fdinfo").mkdir()
     (root / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    if uid is not None:
+        e = uid if euid is None else euid
+        (root / "status").write_text(f"Name:\t{Path(argv[0]).name[:15]}\nState:\tS (sleeping)\nPid:\t{pid}\n"
+                                     f"Uid:\t{uid}\t{e}\t{e}\t{e}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
     for fd, index in ptys.items():
         os.symlink("/dev/ptmx", root / "fd" / str(fd))
         (root / "fdinfo" / str(fd)).write_text(f"pos:\t0\nflags:\t02\ntty-index:\t{index}\n")
@@ -49,6 +55,21 @@ def test_only_the_console_daemons_ptys_are_accepted(tmp_path):
     assert not pty_of_console_daemon(procfs, 11, domid=8)  # another guest's device model pty
     assert not pty_of_console_daemon(procfs, 20, domid=5)  # not a console daemon's pty
     assert not pty_of_console_daemon(procfs, 99, domid=5)  # nobody's
+
+
+def test_impostors_not_running_as_root_are_not_trusted(tmp_path: Path) -> None:
+    """Any local user may call a process xenconsoled or give it ``-xen-domid 5``: only root's count."""
+    procfs = tmp_path / "proc"
+    procfs.mkdir()
+    process(procfs, 100, ["/tmp/xenconsoled"], {5: 3}, uid=1000)
+    process(procfs, 200, ["/tmp/qemu", "-xen-domid", "5"], {5: 4}, uid=1000)
+    process(procfs, 300, ["xenconsoled"], {5: 6}, uid=1000, euid=0)  # set-uid: the real uid is the user's
+    process(procfs, 400, ["xenconsoled"], {5: 7}, uid=0, euid=1000)  # root that dropped to a user
+    process(procfs, 500, ["xenconsoled"], {5: 8}, uid=None)  # status unreadable (gone, hidepid)
+    process(procfs, 600, ["/usr/sbin/xenconsoled"], {5: 9})
+    for index in (3, 4, 6, 7, 8):
+        assert not pty_of_console_daemon(procfs, index, domid=5), index
+    assert pty_of_console_daemon(procfs, 9, domid=5)
 
 
 # -- the whole console_endpoint on the fake Xen host: real xenstore, real ptys, a /proc tree of files --
@@ -71,8 +92,8 @@ def listening(procfs: Path, sockets: list[tuple[str, int, int]], state: str = "0
         (procfs / "net" / table).write_text(head + "".join(rows))
 
 
-def holding_sockets(procfs: Path, pid: int, argv: list[str], inodes: list[int]) -> None:
-    process(procfs, pid, argv, {})
+def holding_sockets(procfs: Path, pid: int, argv: list[str], inodes: list[int], uid: int | None = 0) -> None:
+    process(procfs, pid, argv, {}, uid=uid)
     for n, inode in enumerate(inodes, start=10):
         os.symlink(f"socket:[{inode}]", procfs / str(pid) / "fd" / str(n))
 
@@ -150,3 +171,76 @@ def test_text_endpoint_only_for_a_pty_of_the_console_daemon(xen_host: Any) -> No
     finally:
         for fd in (*ours, *theirs):
             os.close(fd)
+
+
+def test_vnc_endpoint_not_for_an_impostor_device_model(xen_host: Any) -> None:
+    """A user's process started with ``-xen-domid <domid>`` listening on 127.0.0.1: not the device model."""
+    driver, domid, uuid, procfs = xen_host
+    holding_sockets(procfs, 200, ["/usr/lib/xen/bin/qemu-system-i386", "-xen-domid", str(domid)], [11])
+    holding_sockets(procfs, 500, ["/home/eve/qemu", "-xen-domid", str(domid)], [41], uid=1000)
+    listening(procfs, [("127.0.0.1", 5900, 11), ("127.0.0.1", 5907, 41)])
+    guest_writes(domid, "console/vnc-port", "5900")
+    assert driver.console_endpoint(uuid, "rfb").port == 5900
+    guest_writes(domid, "console/vnc-port", "5907")
+    with pytest.raises(NoConsole):
+        driver.console_endpoint(uuid, "rfb")
+
+
+def test_text_endpoint_not_for_a_pty_of_an_impostor_console_daemon(xen_host: Any) -> None:
+    driver, domid, uuid, procfs = xen_host
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        process(procfs, 100, ["/home/eve/xenconsoled"], {5: int(path.rsplit("/", 1)[1])}, uid=1000)
+        guest_writes(domid, "console/tty", path)
+        with pytest.raises(NoConsole):
+            driver.console_endpoint(uuid, "vt100")
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_checked_pty_is_held_so_its_number_cannot_pass_to_another_terminal(xen_host: Any) -> None:
+    """The driver opens the guest's pty before it checks who holds the master and hands that descriptor
+    to the relay, which never reopens the path.  So when xenconsoled lets the pty go after the check and
+    a new terminal (an administrator's login) is allocated, the new terminal cannot take its number,
+    and the relay refuses the hung-up pty instead of reaching the new terminal."""
+    from xapid.console.relay import open_pty
+
+    driver, domid, uuid, procfs = xen_host
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    process(procfs, 100, ["/usr/sbin/xenconsoled"], {5: int(path.rsplit("/", 1)[1])})
+    guest_writes(domid, "console/tty", path)
+    endpoint = driver.console_endpoint(uuid, "vt100")
+    assert endpoint == ConsoleEndpoint("vt100", "pty", path=path) and endpoint.pty is not None
+    os.close(master)  # xenconsoled lets the guest's pty go...
+    os.close(slave)
+    login_master, login_slave = os.openpty()  # ...and the next terminal is allocated
+    try:
+        assert os.ttyname(login_slave) != path  # the held pty keeps its number
+        with pytest.raises(OSError):
+            open_pty(endpoint)  # the checked pty is hung up: the console is refused, never redirected
+        os.set_blocking(login_master, False)
+        with pytest.raises(BlockingIOError):
+            os.read(login_master, 100)  # nothing was written to the new terminal, nor set on it
+    finally:
+        os.close(login_master)
+        os.close(login_slave)
+
+
+def test_a_refused_console_pty_is_not_left_open(xen_host: Any) -> None:
+    """A pty the check refuses is closed again: no descriptor of it stays in the daemon."""
+    driver, domid, uuid, procfs = xen_host
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        process(procfs, 300, ["sshd: admin@pts/9"], {4: int(path.rsplit("/", 1)[1])})
+        guest_writes(domid, "console/tty", path)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(NoConsole):
+            driver.console_endpoint(uuid, "vt100")
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(master)
+        os.close(slave)

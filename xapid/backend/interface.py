@@ -12,6 +12,8 @@ Xen-API error codes in one place (:mod:`xapid.backend.errors`).
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple
 
@@ -211,14 +213,41 @@ ConsoleKind = Literal["pty", "tcp", "sim"]
 CONSOLE_PROTOCOLS = ("vt100", "rfb")
 
 
+class HeldPty:
+    """A pty slave the driver opened *before* checking who holds its master: while it stays open
+    the kernel cannot give its number to another terminal, so what was checked is what the relay
+    gets.  The relay :meth:`take`s the descriptor (once); one never taken is closed when the
+    endpoint is dropped (a refused or abandoned console request)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def take(self) -> int:
+        """The descriptor, now the caller's to close; OSError(EBADF) if taken or closed already."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            raise OSError(errno.EBADF, "the console pty was already handed over")
+        return fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class ConsoleEndpoint:
     """Where a running domain's console is served, for the relay of ``/console``.
 
     *protocol* ``vt100`` (the text console) or ``rfb`` (the device model's VNC server).
-    *kind* ``pty``: the dom0 pty at *path* (xenconsoled's end of the guest's console);
+    *kind* ``pty``: the dom0 pty at *path* (xenconsoled's end of the guest's console), held open
+    by the driver in *pty* (:class:`HeldPty`; the relay uses that descriptor, never the path);
     ``tcp``: a VNC server at *host*:*port* on this host; ``sim``: the simulator's own console,
-    served in-process (:mod:`xapid.console`), naming the guest *name*.
+    served in-process (:mod:`xapid.console`), naming the guest *name*.  *pty* is left out of
+    comparisons: it is the device *path* named when the driver checked it.
     """
 
     protocol: str
@@ -227,6 +256,7 @@ class ConsoleEndpoint:
     host: str = ""
     port: int = -1
     name: str = ""
+    pty: HeldPty | None = field(default=None, compare=False)
 
 
 #: The subtrees of a domain's xenstore home that a driver reports in :attr:`GuestData.agent`.

@@ -5,20 +5,22 @@ Backends, behind :class:`Link`:
 
 * ``sim``: the simulator's consoles, in process (:mod:`xapid.console.serial`,
   :mod:`xapid.console.rfb`);
-* ``pty``: the dom0 end of a guest's text console, opened non-blocking and set raw, read
+* ``pty``: the dom0 end of a guest's text console, the descriptor the driver opened and checked
+  (:attr:`~xapid.backend.interface.ConsoleEndpoint.pty`, never the path reopened), set raw, read
   and written by the reactor (no thread);
 * ``tcp``: the device model's VNC server, connected by the reactor.
 
 Flow control: each side's transport is the producer of the other's, so a slow reader on
 either side stops the reading of the other (the simulator's answers stop the reading of the
 client itself); pings from a client that reads nothing get one pong, once it reads.  A session without a byte either way for ``idle_timeout`` seconds is closed;
-:class:`ConsoleLimits` counts sessions per VM and in total.
+:class:`ConsoleLimits` counts sessions per VM, per user and in total.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import termios
 import tty
 from collections.abc import Callable
@@ -51,33 +53,46 @@ MAX_WS_MESSAGE = 4 << 20
 
 @dataclass
 class ConsoleLimits:
-    """Console sessions at once: at most *total*, and *per_vm* on one VM."""
+    """Console sessions at once: at most *total*, *per_vm* on one VM and *per_user* of one user
+    (so that one operator cannot hold every session by spreading them over VMs).  *open* counts
+    sessions by VM, *by_user* by user name ("" for callers without one, who share a count)."""
 
     total: int = 64
     per_vm: int = 4
     idle_timeout: float = 1800.0
+    per_user: int = 16
     open: dict[str, int] = field(default_factory=dict)
+    by_user: dict[str, int] = field(default_factory=dict)
 
-    def full(self, vm: str) -> str:
-        """Why one more session on *vm* is refused ("" when it is not)."""
+    def full(self, vm: str, user: str = "") -> str:
+        """Why one more session on *vm* for *user* is refused ("" when it is not)."""
         if sum(self.open.values()) >= self.total:
             return f"too many console sessions ({self.total} at most)"
         if self.open.get(vm, 0) >= self.per_vm:
             return f"too many console sessions on this VM ({self.per_vm} at most)"
+        if self.by_user.get(user, 0) >= self.per_user:
+            return f"too many console sessions of this user ({self.per_user} at most)"
         return ""
 
-    def take(self, vm: str) -> bool:
-        if self.full(vm):
+    def take(self, vm: str, user: str = "") -> bool:
+        if self.full(vm, user):
             return False
         self.open[vm] = self.open.get(vm, 0) + 1
+        self.by_user[user] = self.by_user.get(user, 0) + 1
         return True
 
-    def release(self, vm: str) -> None:
-        left = self.open.get(vm, 0) - 1
-        if left > 0:
-            self.open[vm] = left
-        else:
-            self.open.pop(vm, None)
+    def release(self, vm: str, user: str = "") -> None:
+        _decrement(self.open, vm)
+        _decrement(self.by_user, user)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    """One less under *key*; the key goes at zero (the maps hold only what is open)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 # --------------------------------------------------------------------------- backends
@@ -191,14 +206,20 @@ class PtyTransport(abstract.FileDescriptor):
         return "pty"
 
 
-def open_pty(path: str) -> int:
-    """The pty *path* opened read-write, non-blocking, not as the controlling tty, in raw mode."""
-    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+def open_pty(endpoint: ConsoleEndpoint) -> int:
+    """The pty the driver checked and holds (:class:`~xapid.backend.interface.HeldPty`; the path
+    is never reopened, it may name another terminal by now), set raw; OSError when there is none
+    or it is not a character device (then nothing of it is changed)."""
+    if endpoint.pty is None:
+        raise OSError(errno.ENXIO, "the driver holds no checked pty for this console", endpoint.path)
+    fd = endpoint.pty.take()
     try:
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTTY, "not a terminal", endpoint.path)
         tty.setraw(fd, termios.TCSANOW)
-    except (termios.error, OSError):
+    except (termios.error, OSError) as exc:
         os.close(fd)
-        raise OSError(errno.ENOTTY, "not a terminal", path) from None
+        raise OSError(errno.ENOTTY, "not a terminal", endpoint.path) from exc
     return fd
 
 
@@ -213,7 +234,7 @@ def connect(endpoint: ConsoleEndpoint, reactor: Any, deliver: Callable[[bytes], 
     proto = _Backend(link)
     if endpoint.kind == "pty":
         try:
-            fd = open_pty(endpoint.path)
+            fd = open_pty(endpoint)
         except OSError as exc:
             return fail(exc)
         link.transport = PtyTransport(fd, proto, reactor)
@@ -259,15 +280,16 @@ class ConsoleSession(Protocol):
 
     *websocket*: the client speaks WebSocket frames (binary out; binary or text in), else
     raw bytes (after CONNECT).  The backend link is opened when the connection is handed over;
-    the session slot (*limits*, *vm*) is taken then and released when either side closes.
+    the session slot (*limits*, *vm*, *user*) is taken then and released when either side closes.
     """
 
     def __init__(self, endpoint: ConsoleEndpoint, reactor: Any, limits: ConsoleLimits, vm: str,
-                 websocket: bool = False, label: str = "") -> None:
+                 websocket: bool = False, label: str = "", user: str = "") -> None:
         self.endpoint = endpoint
         self.reactor = reactor
         self.limits = limits
         self.vm = vm
+        self.user = user
         self.websocket = websocket
         self.label = label
         self.link: Link | None = None
@@ -284,7 +306,7 @@ class ConsoleSession(Protocol):
     # -- connection
 
     def connectionMade(self) -> None:
-        if not self.limits.take(self.vm):
+        if not self.limits.take(self.vm, self.user):
             self._fail(ws.GOING_AWAY, "too many console sessions")
             return
         self.slot = True
@@ -327,7 +349,7 @@ class ConsoleSession(Protocol):
         self._stop_timer()
         if self.slot:
             self.slot = False
-            self.limits.release(self.vm)
+            self.limits.release(self.vm, self.user)
         if self.link is not None:
             link, self.link = self.link, None
             link.close()

@@ -15,7 +15,8 @@ hijacking).
 
 Refusals as xapi: no ``ref``/``uuid``, or a VM that is not running, 500; an unknown object or a
 VM without such a console, 404; no or bad credentials, 401; a role too low, 403; too many
-console sessions (``[limits] max_consoles``, ``max_consoles_per_vm``), 503; a bad upgrade,
+console sessions (``[limits] max_consoles``, ``max_consoles_per_vm``, ``max_consoles_per_user``),
+503 with ``Retry-After``; a bad upgrade,
 400 (426 for another WebSocket version); ``GET`` without an upgrade, 400.
 """
 
@@ -94,7 +95,8 @@ class ConsoleRoutes:
             raise HttpError(500, f"VM {vm.fields['uuid']} is {vm.fields['power_state']}, not Running")
         if protocol is None:
             raise HttpError(404, f"VM {vm.fields['uuid']} has no console")
-        why = self.limits.full(vm.ref)  # before the driver's look-up, which scans /proc in a worker thread
+        user = caller.user or ""  # callers without a name share one per-user count
+        why = self.limits.full(vm.ref, user)  # before the driver's look-up, which scans /proc in a worker thread
         if why:
             raise HttpError(503, why, ((b"Retry-After", b"10"),))
         endpoint = await self._endpoint(DOM0_UUID if control else vm.fields["uuid"], protocol)
@@ -103,7 +105,7 @@ class ConsoleRoutes:
         reactor, limits, ref = self.api.reactor, self.limits, vm.ref
 
         def session() -> ConsoleSession:
-            return ConsoleSession(endpoint, reactor, limits, ref, websocket=websocket, label=label)
+            return ConsoleSession(endpoint, reactor, limits, ref, websocket=websocket, label=label, user=user)
 
         if websocket:
             return HttpResponse(101, b"", upgrade, takeover=session)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from xapid.backend.interface import BadDomainState, ConsoleEndpoint, NoConsole
+from xapid.backend.interface import BadDomainState, ConsoleEndpoint, HeldPty, NoConsole
 from xapid.backend.xen.core import XenCore, state_of
 from xapid.backend.xen.libs import XenError
 
@@ -30,6 +30,22 @@ def _processes(procfs: Path) -> Iterator[tuple[Path, list[bytes]]]:
             continue
 
 
+def _owned_by_root(proc: Path) -> bool:
+    """Whether *proc* runs with real and effective uid 0 (``Uid:`` of its ``status``); an
+    unreadable status counts as not root.  Any local user may name a process ``xenconsoled``
+    or give it ``-xen-domid <n>``: its argv alone proves nothing."""
+    try:
+        lines = (proc / "status").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            ids = value.split()
+            return len(ids) >= 2 and ids[0] == "0" and ids[1] == "0"
+    return False
+
+
 def _device_model_of(argv: list[bytes], domid: int) -> bool:
     """Whether *argv* is the device model of *domid* (``-xen-domid <domid>``)."""
     want = str(domid).encode()
@@ -37,13 +53,16 @@ def _device_model_of(argv: list[bytes], domid: int) -> bool:
 
 
 def pty_of_console_daemon(procfs: Path, index: int, domid: int) -> bool:
-    """Whether the master of ``/dev/pts/<index>`` is held by xenconsoled or by *domid*'s device model.
+    """Whether the master of ``/dev/pts/<index>`` is held by xenconsoled or by *domid*'s device model,
+    running as root (see :func:`_owned_by_root`).
 
     A guest may write its own ``console/tty`` node: without this check it could point it at another
     pty of the host (an administrator's terminal).  The master's index comes from
     ``/proc/<pid>/fdinfo/<fd>`` (``tty-index:``) of each ``/dev/ptmx`` descriptor."""
     for proc, argv in _processes(procfs):
         if os.path.basename(argv[0]) != b"xenconsoled" and not _device_model_of(argv, domid):
+            continue
+        if not _owned_by_root(proc):
             continue
         try:
             for fd in (proc / "fd").iterdir():
@@ -90,13 +109,21 @@ def listeners_reaching_loopback(procfs: Path, port: int) -> set[str]:
     return inodes
 
 
-def _is_pty_slave(path: str) -> bool:
-    """Whether *path* is a Unix98 pty slave (character device, major 136-143)."""
+def _open_pty_slave(path: str) -> int:
+    """*path* opened read-write (non-blocking, never as the controlling tty) if it is a Unix98 pty
+    slave (character device, major 136-143), else -1.  Nothing is written or set on it."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and 136 <= os.major(st.st_rdev) <= 143
+        return -1
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISCHR(st.st_mode) or not 136 <= os.major(st.st_rdev) <= 143:
+        os.close(fd)
+        return -1
+    return fd
 
 
 class Consoles(XenCore):
@@ -109,7 +136,9 @@ class Consoles(XenCore):
         under its own ``console/`` node:
 
         * ``vt100``: ``console/tty`` (``serial/0/tty`` for an HVM guest without a PV console)
-          must be ``/dev/pts/<n>`` and a pty slave character device (majors 136-143);
+          must be ``/dev/pts/<n>`` and a pty slave character device (majors 136-143), whose master
+          xenconsoled (or the guest's device model) holds; the slave is opened before that check and
+          handed over open (:class:`~xapid.backend.interface.HeldPty`);
         * ``rfb``: ``console/vnc-port`` must be a TCP port on which this domain's own device
           model (the process with ``-xen-domid <domid>``) listens, on 127.0.0.1 or the wildcard,
           and nothing else does there; reached on 127.0.0.1, where
@@ -138,17 +167,22 @@ class Consoles(XenCore):
             else:
                 port_text = read("console/vnc-port")
         if protocol == "vt100":
-            if not _PTS.fullmatch(path) or not _is_pty_slave(path) or not pty_of_console_daemon(
-                    self._procfs, int(path.rsplit("/", 1)[1]), raw.domain):
+            # opened first, then checked: held open, its number cannot pass to another terminal
+            # (an administrator's login) between this check and the relay's use of it
+            fd = _open_pty_slave(path) if _PTS.fullmatch(path) else -1
+            held = HeldPty(fd) if fd >= 0 else None
+            if held is None or not pty_of_console_daemon(self._procfs, int(path.rsplit("/", 1)[1]), raw.domain):
+                if held is not None:
+                    held.close()
                 raise NoConsole(f"domain {uuid} publishes no usable console pty", uuid, protocol)
-            return ConsoleEndpoint("vt100", "pty", path=path)
+            return ConsoleEndpoint("vt100", "pty", path=path, pty=held)
         port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else -1
         if not 0 < port < 65536 or not self._device_model_listens(raw.domain, port):
             raise NoConsole(f"domain {uuid} has no VNC server of its device model", uuid, protocol)
         return ConsoleEndpoint("rfb", "tcp", host="127.0.0.1", port=port)
 
     def _device_model_listens(self, domid: int, port: int) -> bool:
-        """Whether 127.0.0.1:*port* reaches only sockets of the process started with ``-xen-domid
+        """Whether 127.0.0.1:*port* reaches only sockets of the root process started with ``-xen-domid
         <domid>``: a device model listening on another address must not lead the relay to whatever
         else listens on the loopback's port."""
         inodes = listeners_reaching_loopback(self._procfs, port)
@@ -156,7 +190,7 @@ class Consoles(XenCore):
             return False
         held: set[str] = set()
         for proc, argv in _processes(self._procfs):
-            if not _device_model_of(argv, domid):
+            if not _device_model_of(argv, domid) or not _owned_by_root(proc):
                 continue
             try:
                 held.update(link for link in map(os.readlink, (proc / "fd").iterdir()) if link in inodes)
