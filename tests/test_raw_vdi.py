@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -106,6 +107,25 @@ def test_vhd_parser_reads_own_and_qemu_images(tmp_path):
     data = (tmp_path / "q.vhd").read_bytes()
     parser = vhd.VhdParser(2 * size, len(data))
     assert bytes(parse_all(parser, data, 65536)[:size]) == original
+
+
+def test_vhd_parser_knows_the_end_from_the_footer(tmp_path):
+    """``ended`` once every block and then the footer (equal to the leading copy) arrived, not before;
+    a stream whose last bytes differ from its leading copy keeps the old rule (the body's end)."""
+    size = 9 * MIB
+    make_disk(tmp_path / "d.img", size, {0: b"boot" * 100, 7 * MIB + 3: os.urandom(5000)})
+    data = vhd_bytes(tmp_path / "d.img", size)
+    parser = vhd.VhdParser(size)
+    parser.feed(data[:-1])
+    assert not parser.ended
+    parser.feed(data[-1:] + b"\0" * 4096)  # what follows the footer is not part of the VHD
+    assert parser.ended and parser.finish() == []
+    odd = data[:-vhd.SECTOR] + bytes(vhd.SECTOR - 1) + b"x"  # a trailer that is not the footer copy
+    other = vhd.VhdParser(size)
+    other.feed(odd)
+    assert not other.ended
+    with pytest.raises(vhd.FormatError):
+        other.finish()
 
 
 def test_vhd_parser_partial_bitmap_and_absent_blocks(tmp_path):
@@ -463,6 +483,27 @@ def test_vhd_export_only_allocated_blocks_and_vhd_import(daemon, api, tmp_path):
     assert target_path.read_bytes() == original
     assert target_path.stat().st_blocks * 512 <= 5 * MIB
     assert not list(target_path.parent.glob("*.partial"))
+
+
+def test_vhd_import_of_a_stream_announced_longer_completes_at_its_footer(daemon, api, tmp_path):
+    """A client streaming a VHD of unknown length announces more than it sends (Xen Orchestra: 1 PiB)
+    and waits: the import completes once the footer after the last block arrives, with the
+    connection still open, and the disk is the VHD's."""
+    size = 8 * MIB
+    source, source_path = new_vdi(api, size, "source")
+    original = fill(source_path, {5: b"hello", 6 * MIB: os.urandom(4096)})
+    image = vhd_bytes(source_path, size)
+    target, target_path = new_vdi(api, size, "target")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(f"PUT /import_raw_vdi?session_id={api[1]}&vdi={target}&format=vhd HTTP/1.1\r\n"
+                     f"Host: x\r\nContent-Length: {1 << 50}\r\n\r\n".encode() + image)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        task = re.search(rb"task-id: (\S+)", head, re.I).group(1).decode()
+        assert task_record(api, task)["status"] == "success"  # the connection is still open
+    assert target_path.read_bytes() == original
 
 
 def test_vhd_import_with_a_bat_parsed_in_the_thread_pool(daemon, api):

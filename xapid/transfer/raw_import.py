@@ -65,7 +65,7 @@ class RawImportSink:
         self.read_direct: Callable[[int, bytes, int, float], Deferred[int]] | None = (
             self._read_direct if isinstance(parser, vhd.RawParser) and not isinstance(self.api.runner, InlineRunner)
             else None)
-        self.complete = False  # the disk is whole (raw: its size arrived; chunked: the end marker)
+        self.complete = False  # the disk is whole (raw: its size arrived; chunked: the end marker; vhd: see ended)
         # xapi's reply, sent before the body is read: the outcome is on the task only
         self.early: HttpResponse | None = HttpResponse(200, b"", [(b"task-id", task.ref.encode()),
                                                                  (b"Content-Type", b"application/octet-stream")])
@@ -112,8 +112,8 @@ class RawImportSink:
     def _fed(self, ops: list[vhd.Op], data: bytes) -> Deferred[None] | None:
         """Account for *data* (parsed into *ops*) and batch its writes; a Deferred while the disk is behind."""
         self.received += len(data)
-        if isinstance(self.parser, vhd.ChunkedParser) and self.parser.ended:
-            self.complete = True
+        if isinstance(self.parser, (vhd.ChunkedParser, vhd.VhdParser)) and self.parser.ended:
+            self.complete = True  # the end marker, or a VHD's footer after its last block
         raw = isinstance(self.parser, vhd.RawParser)
         total = self.target.size if raw or not self.length else self.length
         if total:

@@ -264,6 +264,8 @@ class VhdParser(_Parser):
         self._block_pos = 0  # bytes of the current block's data already seen
         self._block_index = 0
         self._tail = bytearray()  # the last bytes seen after the blocks (the footer)
+        self._leading = b""  # the footer copy the stream began with
+        self._after_blocks = bytearray()  # the first bytes after the blocks (up to a footer's worth)
 
     # -- structures ---------------------------------------------------------------------------
 
@@ -282,6 +284,7 @@ class VhdParser(_Parser):
             raise FormatError(f"VHD virtual size {current} is beyond the VHD limit ({MAX_VHD_SIZE})")
         if current > self.limit:
             raise FormatError(f"VHD virtual size {current} exceeds the VDI's virtual_size ({self.limit})")
+        self._leading = bytes(raw[:SECTOR])
         if data_offset < SECTOR or data_offset > 1 << 40 or data_offset % SECTOR:
             raise FormatError(f"VHD header offset {data_offset} is not after the footer copy")
         self.disk_type, self.size = disk_type, current
@@ -413,6 +416,8 @@ class VhdParser(_Parser):
                     self._after_structure(self.received + pos)
                 continue
             if self._state == "trailer":
+                if len(self._after_blocks) < SECTOR:
+                    self._after_blocks += view[pos:pos + SECTOR - len(self._after_blocks)]
                 self._tail += view[pos:]
                 if len(self._tail) > SECTOR:
                     del self._tail[: len(self._tail) - SECTOR]
@@ -460,9 +465,19 @@ class VhdParser(_Parser):
         self._run_at = i
         self._block_pos = hi
 
+    @property
+    def ended(self) -> bool:
+        """Every block arrived and the footer right after them repeats the stream's leading copy:
+        the VHD is whole, whatever the body announced (a client sending a stream of unknown length
+        announces more, as Xen Orchestra does, and may wait for the reply before closing)."""
+        return (self._state == "trailer" and len(self._after_blocks) >= SECTOR
+                and bytes(self._after_blocks[:SECTOR]) == self._leading)
+
     def finish(self) -> list[Op]:
         if self._state != "trailer":
             raise FormatError(f"the VHD stream is truncated (it ended while reading its {self._state})")
+        if self.ended:
+            return []
         if len(self._tail) < SECTOR or bytes(self._tail[:8]) != FOOTER_COOKIE:
             raise FormatError("the VHD stream does not end with its footer (truncated)")
         return []
