@@ -45,7 +45,7 @@ from xapid.transfer.raw_routes import RawVdiRoutes
 from xapid.transfer.xva_routes import XvaRoutes
 from xapid.auth.login import PasswordChecker
 from xapid.objects import Hooks, collect_handlers, install as install_objects
-from xapid.runner import InlineRunner, Runner, ThreadRunner
+from xapid.runner import Completions, InlineRunner, Runner, ThreadRunner
 from xapid.schema import DEFAULT_SCHEMA, SchemaError, load_schema
 from xapid.sessions import SessionManager
 from xapid.stats.rrd import RRDTable
@@ -267,6 +267,7 @@ class Daemon(MultiService):
         self.api: Api | None = None
         self.dispatcher: Dispatcher | None = None
         self._pools: list[ThreadPool] = []
+        self._completions: Completions | None = None  # the pools' results, polled by the reactor
         self._timers: list[LoopingCall] = []
         self.gc_policy: GcPolicy | None = None  # installed once started (xapid/gcpolicy.py)
         self.admission: Admission | None = None
@@ -310,9 +311,10 @@ class Daemon(MultiService):
             raise StartupError(f"another xapid (pid {lock.holder() or '?'}) is running on state dir {state_dir}")
         self._lock = lock
         self.status("opening the state dir, the database and the driver; reconciling the inventory")
-        runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads))
-        db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1))
-        login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads))
+        done = self._completions = Completions(reactor)
+        runner = ThreadRunner(reactor, self._pool("xapid-work", config.server.threads), done)
+        db_runner = ThreadRunner(reactor, self._pool("xapid-db", 1), done)
+        login_runner = ThreadRunner(reactor, self._pool("xapid-login", config.limits.login_threads), done)
         hooks = install_objects()
         self.api = await build_api(config, reactor, runner, db_runner, self.schema_path, login_runner=login_runner,
                                    on_fatal=self.fatal, state_dir_ready=True, hooks=hooks)
@@ -452,6 +454,9 @@ class Daemon(MultiService):
         for pool in self._pools:  # joins the workers: no driver call is in flight after this
             pool.stop()
         self._pools = []
+        if self._completions is not None:
+            self._completions.close()
+            self._completions = None
         if self.api is not None:
             try:
                 self.api.hypervisor.close()
