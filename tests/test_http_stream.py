@@ -517,6 +517,23 @@ def test_api_handler_stream_routes_by_method_and_path_with_cors():
     assert handler.sink_for(HttpRequest(b"PUT", b"/elsewhere", b"HTTP/1.1", {})) is None
 
 
+def test_cors_and_console_read_the_configured_origins_alike():
+    """An origin configured as ``https://XO.Example`` is the browser's ``https://xo.example`` for CORS
+    replies as for console WebSockets (one reading of [server] cors_origins); others are refused."""
+    from xapid.wire.origins import AllowedOrigins
+
+    allowed = AllowedOrigins(("https://XO.Example",))
+    assert allowed and allowed.allows(b"https://xo.example") and not allowed.allows(b"https://xo.example.evil")
+    assert AllowedOrigins(("*",)).allows(b"https://anyone") and not AllowedOrigins(())
+    handler = ApiHandler(Nope(), Limits(1 << 20, 64, 1000), cors_origins=("https://XO.Example",))
+    channel, transport, _ = connect(handler, max_body=4)
+    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\nOrigin: https://xo.example\r\n\r\n")
+    assert b"Access-Control-Allow-Origin: https://xo.example\r\n" in transport.value()
+    channel, transport, _ = connect(handler, max_body=4)
+    channel.dataReceived(b"OPTIONS / HTTP/1.1\r\nOrigin: https://other.example\r\n\r\n")
+    assert b"Access-Control-Allow-Origin" not in transport.value()
+
+
 def test_sink_isinstance():
     """BodySink is a runtime-checkable protocol."""
     assert isinstance(Sink(), BodySink) and not isinstance(HttpResponse(), BodySink)

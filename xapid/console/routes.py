@@ -35,6 +35,7 @@ from xapid.console import websocket as ws
 from xapid.console.relay import ConsoleLimits, ConsoleSession
 from xapid.constants import DOM0_UUID
 from xapid.wire.http import HttpRequest, HttpResponse
+from xapid.wire.origins import AllowedOrigins, normal
 
 log = Logger()
 
@@ -49,8 +50,7 @@ class ConsoleRoutes:
     def __init__(self, api: Any, limits: ConsoleLimits, cors_origins: tuple[str, ...] = ()) -> None:
         self.api = api
         self.limits = limits
-        self.any_origin = "*" in cors_origins
-        self.origins = frozenset(o.rstrip("/").lower() for o in cors_origins if o != "*")
+        self.cors = AllowedOrigins(cors_origins)
 
     def connect_routes(self) -> dict[bytes, Any]:
         return {b"/console": self.connect}
@@ -146,11 +146,9 @@ class ConsoleRoutes:
     def _check_origin(self, request: HttpRequest, params: dict[str, list[str]]) -> None:
         """A browser page of another origin must name the session itself (see the module doc)."""
         origin = request.headers.get(b"origin")
-        if origin is None or one(params, "session_id") or self.any_origin:
+        if origin is None or one(params, "session_id") or self.cors.allows(origin):
             return
-        text = origin.decode("latin-1").rstrip("/").lower()
-        if text in self.origins:
-            return
+        text = normal(origin.decode("latin-1"))
         host = request.headers.get(b"host", b"").decode("latin-1").lower()
         try:
             netloc = urlsplit(text).netloc

@@ -24,6 +24,7 @@ from xapid.apitypes import SharedValue
 from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.wire import jsonrpc, xmlrpc
 from xapid.wire.http import BodySink, HttpFactory, HttpRequest, HttpResponse, HttpSettings
+from xapid.wire.origins import AllowedOrigins
 from xapid.wire.values import Limits, WireError
 
 log = Logger()
@@ -110,8 +111,7 @@ class ApiHandler:
         self.put_routes = dict(put_routes or {})  # PUT paths (/blob, /messages), as xapi serves them
         self.stream_routes = dict(stream_routes or {})  # (method, path): a streamed body (/import_raw_vdi)
         self.connect_routes = dict(connect_routes or {})  # CONNECT paths (/console)
-        self.any_origin = "*" in cors_origins
-        self.origins = frozenset(o.encode() for o in cors_origins if o != "*")
+        self.cors = AllowedOrigins(cors_origins)
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Deferred[Any]:
         return self._with_cors(request, self._route(request), _with_headers)
@@ -129,13 +129,13 @@ class ApiHandler:
     def _with_cors(self, request: HttpRequest, result: _R, add: Callable[[Any, list[tuple[bytes, bytes]]], Any]) -> _R:
         """*result*, given by *add* the CORS headers a reply to *request* carries (when its Deferred
         fires, if it is one); *result* itself when there are none."""
-        if not (self.any_origin or self.origins):
+        if not self.cors:
             return result
         origin = request.headers.get(b"origin")
-        if origin is None or not (self.any_origin or origin in self.origins):
+        if origin is None or not self.cors.allows(origin):
             return result
-        allow = [(b"Access-Control-Allow-Origin", b"*" if self.any_origin else origin), ALLOW_HEADERS]
-        if not self.any_origin:
+        allow = [(b"Access-Control-Allow-Origin", b"*" if self.cors.any else origin), ALLOW_HEADERS]
+        if not self.cors.any:
             allow.append((b"Vary", b"Origin"))
         if isinstance(result, Deferred):
             return cast(_R, result.addCallback(add, allow))
