@@ -63,6 +63,24 @@ def test_forgotten_source_gone_at_once_and_new_vm_seen_after_a_tick(env, admin):
     assert not any(k.startswith(f"vm:{other}:") for k in admin("host.query_stats", host, ["vm:*:*"], 5.0, "AVERAGE"))
 
 
+def test_sources_changed_by_the_engine_itself_are_seen_at_once(env, admin):
+    """The cache follows the table, not the handlers: a source the engine forgets between two ticks
+    (and another it adds to the same owner, leaving its number of sources unchanged) is gone from
+    the next call's answer."""
+    vm, uuid = running_vm(admin, env, 0.3, "c")
+    host = admin("host.get_all")[0]
+    for _ in range(3):
+        tick(env)
+    before = admin("host.query_stats", host, ["vm:*:*"], 5.0, "AVERAGE")
+    assert f"vm:{uuid}:cpu0" in before and f"vm:{uuid}:extra" not in before
+    table = env.api.stats.table
+    table.forget(f"vm:{uuid}", "cpu0")
+    table.ensure(f"vm:{uuid}", "extra")
+    after = admin("host.query_stats", host, ["vm:*:*"], 5.0, "AVERAGE")
+    assert f"vm:{uuid}:cpu0" not in after and f"vm:{uuid}:cpu_usage" in after
+    assert env.api.stats.select(f"vm:{uuid}:extra") == [(f"vm:{uuid}", "extra")]
+
+
 def test_bad_patterns_refused_every_time(env, admin):
     host = admin("host.get_all")[0]
     tick(env)

@@ -50,7 +50,6 @@ def forget_data_source_archives(ctx: CallContext, obj: str, data_source: str) ->
     owner = _owner(ctx, obj)
     _known(ctx, owner, data_source)
     ctx.api.stats.forget(owner, data_source)
-    _cache_of(ctx.api.stats).forgot()
     return ""
 
 
@@ -64,27 +63,17 @@ def _check_window_cf(window: float, cf: str) -> str:
 
 class _QueryCache:
     """Per metrics engine: the keys each list of patterns selects, and the answers of the
-    current sample.
-
-    The sources of the table change only in a sampler tick (which also moves the table's
-    ``last_update``) and in ``forget_data_source_archives`` (which calls :meth:`forgot`).  So
-    selected keys stay valid while the owners and their numbers of sources are the same (a tick
-    only adds names to an owner, or drops whole owners), and an answer while ``last_update``
-    and the forget count are the same.  Both tables are small and bounded.
+    current sample.  Selected keys stay valid while the table and its ``layout`` (bumped by the
+    table itself whenever a source is added or forgotten, whoever does it) are the same; an
+    answer while the table's ``last_update`` is the same too.  Both caches are small and bounded.
     """
 
     MAX = 16
 
     def __init__(self) -> None:
-        self.forgets = 0
         self.keys: dict[tuple[str, ...], tuple[Any, list[tuple[str, str]]]] = {}
         self.replies: dict[tuple[Any, ...], SharedValue] = {}
         self.replies_at: tuple[Any, ...] = ()
-
-    def forgot(self) -> None:
-        self.forgets += 1
-        self.keys.clear()
-        self.replies.clear()
 
 
 _CACHES: "weakref.WeakKeyDictionary[Any, _QueryCache]" = weakref.WeakKeyDictionary()
@@ -99,10 +88,9 @@ def _cache_of(stats: Any) -> _QueryCache:
 
 def _select(stats: Any, cache: _QueryCache, sources: list[str]) -> list[tuple[str, str]]:
     """Every key the patterns select, each once, in first-match order (cached while the table's
-    owners and their numbers of sources stay the same); INVALID_VALUE for a malformed pattern."""
+    sources stay the same); INVALID_VALUE for a malformed pattern."""
     table = stats.table
-    owners = table.owners()
-    shape = (table, tuple(owners), tuple(len(table.names(owner)) for owner in owners), cache.forgets)
+    shape = (table, table.layout)
     pattern_key = tuple(sources) if all(type(p) is str for p in sources) else None
     cached = cache.keys.get(pattern_key) if pattern_key is not None else None
     if cached is not None and cached[0] == shape:
@@ -131,7 +119,7 @@ def query_stats(ctx: CallContext, host: str, sources: list[str], window: float, 
     stats = ctx.api.stats
     cache = _cache_of(stats)
     table = stats.table
-    now = (table, table.last_update, cache.forgets)
+    now = (table, table.last_update, table.layout)
     if cache.replies_at != now:
         cache.replies.clear()
         cache.replies_at = now

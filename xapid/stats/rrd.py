@@ -122,6 +122,9 @@ class RRDTable:
         self._slots: dict[str, dict[str, int]] = {}
         self._info: list[DataSource | None] = []
         self._free: list[int] = []
+        #: bumped whenever a source is added or forgotten: what was selected from the table is
+        #: still valid while (table, layout) is the same
+        self.layout = 0
         #: held by :meth:`export` (which may run in a worker thread) and by :meth:`forget`
         self.lock = threading.Lock()
         self._latest_row: tuple[float, np.ndarray, np.ndarray] | None = None
@@ -225,6 +228,7 @@ class RRDTable:
                 s = self._free.pop()
                 names[name] = s
                 self._reset_slot(s)
+                self.layout += 1
             else:
                 old = self._info[s]
                 if old is not None and old.kind != kind:
@@ -249,6 +253,7 @@ class RRDTable:
         if not names or name not in names:
             return
         s = names.pop(name)
+        self.layout += 1
         if not names:
             del self._slots[owner]
         self._reset_slot(s)
