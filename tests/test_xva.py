@@ -527,6 +527,52 @@ def test_a_crash_mid_import_leaves_nothing_after_the_restart(tmp_path: Path) -> 
         daemon.stop()
 
 
+def test_a_client_gone_while_a_disk_is_made_leaves_no_disk_and_no_descriptor(tmp_path: Path) -> None:
+    """The connection breaks while the pool makes disk 1 of 2: the cleanup waits for that job and removes
+    its disk; disk 2 is never started (before: it was made beside the cleanup and left behind, and the
+    parser was handed disk 1's closed descriptor)."""
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import Deferred
+
+    from xapid.backend.storage import FileSR
+    from xapid.errors import XenAPIError
+    from xapid.transfer.xva_import import ImportSink, _Plan
+
+    jobs: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    class StepRunner:  # the thread pool, each job run when the test says
+        def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+            jobs.append((fn, args, Deferred()))
+            return jobs[-1][2]
+
+    driver = FileSR(tmp_path / "sr")
+    driver.attach(create=True)
+    api = SimpleNamespace(runner=StepRunner(), store=SimpleNamespace(find=lambda ref: None))
+    routes = SimpleNamespace(api=api, _fail_task=lambda task, exc: XenAPIError("IMPORT_ERROR_PREMATURE_EOF", task))
+    sink = ImportSink(routes, "OpaqueRef:sr", driver, "OpaqueRef:task", SimpleNamespace(release=lambda: None),
+                      restore=False, force=False)  # type: ignore[arg-type]
+    plan = _Plan()
+    plan.vdis = [("Ref:1", {"virtual_size": MIB}), ("Ref:2", {"virtual_size": MIB})]
+    sink._plan = lambda objects: plan  # type: ignore[method-assign]
+    sink.parser.ova = ("", {})  # type: ignore[assignment]
+    given: list[Any] = []
+    sink.parser.set_disks = given.append  # type: ignore[method-assign]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    prepared = Deferred.fromCoroutine(sink._prepare())
+    prepared.addErrback(lambda f: f.trap(XenAPIError))
+    sink.abort("connection lost")  # while disk 1 is being made
+    ran = []
+    while jobs:
+        fn, args, d = jobs.pop(0)
+        ran.append(fn.__name__)
+        d.callback(fn(*args))
+    assert ran == ["_begin_disk", "_remove_files"]
+    assert [p.name for p in (tmp_path / "sr").iterdir() if p.is_file()] == []
+    assert os.listdir(tmp_path / "sr" / ".xapid-owned") == [] and not given
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_an_xva_of_too_many_disks_is_refused_before_any_file(pair: Any) -> None:
     """257 disks (each would be a file held open to the end): the task fails, nothing is created."""
     _, b = pair

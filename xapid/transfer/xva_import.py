@@ -8,7 +8,7 @@ import os
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from xapid.apitypes import NULL_REF, Type, coerce, utc
@@ -88,7 +88,19 @@ class ImportSink:
     # ---- thread work, one job at a time, tracked so that a cleanup waits for it
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = self.api.runner.run(fn, *args)
+        """*fn* in the thread pool, tracked; refused once the import failed, so that nothing starts
+        beside (or after) its cleanup: :meth:`_failed`'s cleanup uses :meth:`_track` itself."""
+        if self.error is not None:
+            return fail(self.error)
+        return self._track(self.api.runner.run(fn, *args))
+
+    def _alive(self) -> None:
+        """Raise the recorded failure, if any: each step checks it after waiting on the pool,
+        since the import may have failed (the client gone, a cancel) meanwhile."""
+        if self.error is not None:
+            raise self.error
+
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
         self._busy = d
 
         def settled(result: Any) -> Any:
@@ -122,9 +134,11 @@ class ImportSink:
         try:
             check_cancelled(self.api, self.task)
             state = await self._run(self.parser.feed, data)
+            self._alive()
             if state == xva.NEED_DISKS:
                 await self._prepare()
                 state = await self._run(self.parser.feed, b"")
+                self._alive()
             if state == xva.DONE:
                 await self._complete()
             elif self.total:
@@ -140,6 +154,7 @@ class ImportSink:
         once it sent everything, as Xen Orchestra does for a body of unknown length)."""
         await self._run(self.parser.finish)
         sizes = await self._run(self._close_files)
+        self._alive()  # failed while the disks were being closed: the cleanup owns them
         refs = self._commit_or_undo(sizes)
         self.result = refs
         await self.api.store.flush()
@@ -187,7 +202,7 @@ class ImportSink:
         self._cleaned = True
         try:
             await self._quiet()
-            await self._run(self._remove_files)
+            await self._track(self.api.runner.run(self._remove_files))
         except Exception:  # noqa: BLE001 - logged; nothing else can be done
             log.failure("cleaning up a failed import (task {task})", task=self.task)
         finally:
@@ -230,6 +245,7 @@ class ImportSink:
         for ref_id, _ in self.plan.vdis:
             check_cancelled(self.api, self.task)
             fd = await self._run(self._begin_disk, ref_id, sizes[ref_id])
+            self._alive()  # failed meanwhile: the cleanup closes and removes what was made
             targets.append(xva.DiskTarget(ref_id, fd, sizes[ref_id]))
         self.parser.set_disks(targets)
 
