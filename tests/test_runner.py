@@ -111,3 +111,21 @@ async def test_a_ready_result_is_not_held_behind_the_sockets_ready_after_it(runn
             reactor.removeReader(s)
             s.inside.close()
             s.outside.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_that_cannot_be_delivered_stops_nothing_after_it(runner: Any) -> None:
+    """A Deferred that fails to fire (here: fired already) is logged; the results after it still arrive."""
+    from twisted.logger import globalLogPublisher
+
+    run, completions = runner
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        bad: Deferred[Any] = Deferred()
+        bad.callback("fired elsewhere")
+        completions.deliver(bad, True, "late")
+        assert await run.run(lambda: 42) == 42
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert any("delivering a worker thread's result failed" in str(e.get("log_format")) for e in logged)

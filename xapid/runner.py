@@ -15,8 +15,12 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+
+log = Logger()
 
 
 class Runner(Protocol):
@@ -57,13 +61,16 @@ class Completions:
             pass
         while self._done:
             d, ok, outcome = self._done.popleft()
-            if ok:
-                d.callback(outcome)
-            else:
-                d.errback(outcome)
+            try:
+                if ok:
+                    d.callback(outcome)
+                else:
+                    d.errback(outcome)
+            except Exception:  # noqa: BLE001 - one bad Deferred must not stop every later result
+                log.failure("delivering a worker thread's result failed")
 
     def connectionLost(self, reason: Any) -> None:
-        self.close()
+        pass  # removed by the reactor only if doRead raised, which it does not: close() ends it
 
     def logPrefix(self) -> str:
         return "xapid-runner"
