@@ -228,6 +228,11 @@ def test_relay_sessions_are_counted_per_user() -> None:
     assert limits.full("OpaqueRef:e") == "too many console sessions of this user (3 at most)"
     limits.release("OpaqueRef:a", "eve")
     assert not limits.full("OpaqueRef:e", "eve") and limits.by_user == {"eve": 2, "": 3}
+    for n in range(4):  # a pool-admin (Xen Orchestra's connection) is not counted per user
+        assert limits.take(f"OpaqueRef:admin{n}", None)
+    assert limits.by_user == {"eve": 2, "": 3}
+    limits.release("OpaqueRef:admin0", None)
+    assert limits.by_user == {"eve": 2, "": 3} and "OpaqueRef:admin0" not in limits.open
 
 
 def test_websocket_relay_pings_closes_and_refuses_unmasked() -> None:

@@ -244,3 +244,31 @@ def test_a_refused_console_pty_is_not_left_open(xen_host: Any) -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+def test_a_guest_cannot_name_another_guests_console_pty(xen_host: Any) -> None:
+    """xenconsoled (root) holds the pty of every guest, so a guest that writes another guest's pty into
+    its own ``console/tty`` would pass the holder check: a pty another domain names is refused."""
+    driver, domid, uuid, procfs = xen_host
+    other_uuid = str(uuidlib.uuid4())
+    other = driver.create_domain(DomainSpec(uuid=other_uuid, name="victim", domain_type="hvm",
+                                            memory_static_max=256 * MiB, memory_target=256 * MiB, vcpus_max=1,
+                                            vcpus_at_startup=1), paused=False).domid
+    mine, theirs = os.openpty(), os.openpty()
+    try:
+        mine_path, theirs_path = os.ttyname(mine[1]), os.ttyname(theirs[1])
+        process(procfs, 100, ["/usr/sbin/xenconsoled"], {5: int(mine_path.rsplit("/", 1)[1]),
+                                                          6: int(theirs_path.rsplit("/", 1)[1])})
+        guest_writes(domid, "console/tty", mine_path)  # as xenconsoled writes them
+        guest_writes(other, "console/tty", theirs_path)
+        assert driver.console_endpoint(uuid, "vt100").path == mine_path
+        assert driver.console_endpoint(other_uuid, "vt100").path == theirs_path
+        guest_writes(domid, "console/tty", theirs_path)  # the guest points at the victim's console
+        with pytest.raises(NoConsole, match="another domain"):
+            driver.console_endpoint(uuid, "vt100")
+        os.set_blocking(theirs[0], False)
+        with pytest.raises(BlockingIOError):
+            os.read(theirs[0], 100)  # nothing reached the victim's console
+    finally:
+        for fd in (*mine, *theirs):
+            os.close(fd)
+        driver.destroy_domain(other_uuid)

@@ -64,26 +64,29 @@ class ConsoleLimits:
     open: dict[str, int] = field(default_factory=dict)
     by_user: dict[str, int] = field(default_factory=dict)
 
-    def full(self, vm: str, user: str = "") -> str:
-        """Why one more session on *vm* for *user* is refused ("" when it is not)."""
+    def full(self, vm: str, user: str | None = "") -> str:
+        """Why one more session on *vm* for *user* is refused ("" when it is not); *user* None:
+        not counted per user (a pool-admin)."""
         if sum(self.open.values()) >= self.total:
             return f"too many console sessions ({self.total} at most)"
         if self.open.get(vm, 0) >= self.per_vm:
             return f"too many console sessions on this VM ({self.per_vm} at most)"
-        if self.by_user.get(user, 0) >= self.per_user:
+        if user is not None and self.by_user.get(user, 0) >= self.per_user:
             return f"too many console sessions of this user ({self.per_user} at most)"
         return ""
 
-    def take(self, vm: str, user: str = "") -> bool:
+    def take(self, vm: str, user: str | None = "") -> bool:
         if self.full(vm, user):
             return False
         self.open[vm] = self.open.get(vm, 0) + 1
-        self.by_user[user] = self.by_user.get(user, 0) + 1
+        if user is not None:
+            self.by_user[user] = self.by_user.get(user, 0) + 1
         return True
 
-    def release(self, vm: str, user: str = "") -> None:
+    def release(self, vm: str, user: str | None = "") -> None:
         _decrement(self.open, vm)
-        _decrement(self.by_user, user)
+        if user is not None:
+            _decrement(self.by_user, user)
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:
@@ -284,7 +287,7 @@ class ConsoleSession(Protocol):
     """
 
     def __init__(self, endpoint: ConsoleEndpoint, reactor: Any, limits: ConsoleLimits, vm: str,
-                 websocket: bool = False, label: str = "", user: str = "") -> None:
+                 websocket: bool = False, label: str = "", user: str | None = "") -> None:
         self.endpoint = endpoint
         self.reactor = reactor
         self.limits = limits
@@ -353,6 +356,8 @@ class ConsoleSession(Protocol):
         if self.link is not None:
             link, self.link = self.link, None
             link.close()
+        if self.endpoint.pty is not None:  # refused before the relay took it: closed now, not when collected
+            self.endpoint.pty.close()
         log.info("console {label}: closed", label=self.label)
 
     # -- client → console

@@ -95,7 +95,9 @@ class ConsoleRoutes:
             raise HttpError(500, f"VM {vm.fields['uuid']} is {vm.fields['power_state']}, not Running")
         if protocol is None:
             raise HttpError(404, f"VM {vm.fields['uuid']} has no console")
-        user = caller.user or ""  # callers without a name share one per-user count
+        # callers without a name share one per-user count; a pool-admin (Xen Orchestra's one
+        # connection proxies every XO user's consoles) counts in the total and per VM only
+        user = None if role_at_least(caller.role, HOST_CONSOLE_ROLE) else caller.user or ""
         why = self.limits.full(vm.ref, user)  # before the driver's look-up, which scans /proc in a worker thread
         if why:
             raise HttpError(503, why, ((b"Retry-After", b"10"),))

@@ -10,6 +10,7 @@ import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from xapid.backend.interface import BadDomainState, ConsoleEndpoint, HeldPty, NoConsole
 from xapid.backend.xen.core import XenCore, state_of
@@ -164,9 +165,13 @@ class Consoles(XenCore):
         with self._hypercall("read the console's location", uuid):
             if protocol == "vt100":
                 path = read("console/tty") or read("serial/0/tty")
+                shared = bool(path) and self._named_by_another(
+                    xs, [d.domain for d in self._raw_domains() if d.domain != raw.domain], path)
             else:
                 port_text = read("console/vnc-port")
         if protocol == "vt100":
+            if shared:  # xenconsoled holds every guest's pty: this one may be another guest's console
+                raise NoConsole(f"domain {uuid} names a console pty that another domain names too", uuid, protocol)
             # opened first, then checked: held open, its number cannot pass to another terminal
             # (an administrator's login) between this check and the relay's use of it
             fd = _open_pty_slave(path) if _PTS.fullmatch(path) else -1
@@ -180,6 +185,25 @@ class Consoles(XenCore):
         if not 0 < port < 65536 or not self._device_model_listens(raw.domain, port):
             raise NoConsole(f"domain {uuid} has no VNC server of its device model", uuid, protocol)
         return ConsoleEndpoint("rfb", "tcp", host="127.0.0.1", port=port)
+
+    @staticmethod
+    def _named_by_another(xs: Any, others: list[int], path: str) -> bool:
+        """Whether one of the domains *others* (the hypervisor's, not xenstore's leftovers) names
+        *path* as its console pty (``console/tty`` or ``serial/0/tty``).  A guest writes its own
+        node: naming the pty xenconsoled holds for another guest would hand that guest's console
+        to this one's users.  (A guest naming a victim's pty can only make the victim's console
+        refused, never reach it.)"""
+        for other in others:
+            for rel in ("console/tty", "serial/0/tty"):
+                try:
+                    named = xs.read(f"/local/domain/{other}/{rel}").decode("ascii", "replace").strip()
+                except XenError as exc:
+                    if exc.errno in (errno.ENOENT, errno.EACCES):
+                        continue
+                    raise
+                if named == path:
+                    return True
+        return False
 
     def _device_model_listens(self, domid: int, port: int) -> bool:
         """Whether 127.0.0.1:*port* reaches only sockets of the root process started with ``-xen-domid
