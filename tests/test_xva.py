@@ -527,6 +527,41 @@ def test_a_crash_mid_import_leaves_nothing_after_the_restart(tmp_path: Path) -> 
         daemon.stop()
 
 
+def test_a_crash_between_the_disks_and_their_records_is_finished_or_undone_at_start(tmp_path: Path) -> None:
+    """An import's disks are whole (``.ready``) before the objects are committed and go under their
+    names after: at the next start a ready disk whose VDI was committed is put in place, and one
+    without a record (the crash came first) is removed with its claim."""
+    daemon = RealDaemon(tmp_path)
+    try:
+        s = session(daemon)
+        x = s.xenapi
+        vdi = x.VDI.create({"SR": default_sr(x), "virtual_size": str(MIB), "type": "user", "sharable": False,
+                            "read_only": False, "other_config": {}, "name_label": "committed"})
+        path = vdi_file(x, vdi)
+        with open(path, "r+b") as f:
+            f.write(b"imported data")
+        sr_dir = os.path.dirname(path)
+        s.xenapi.session.logout()
+        daemon.stop()
+        os.rename(path, path + ".ready")  # the crash came after the commit, before the publish
+        stray = os.path.join(sr_dir, "0f0f0f0f-1111-2222-3333-444444444444.img")
+        open(os.path.join(sr_dir, ".xapid-owned", os.path.basename(stray)), "w").close()
+        with open(stray + ".ready", "wb") as f:  # ... and another import's, before its commit
+            f.write(b"never committed")
+        daemon.start()
+        s = session(daemon)
+        x = s.xenapi
+        with open(path, "rb") as f:
+            assert f.read(13) == b"imported data"
+        assert x.VDI.get_missing(vdi) is False and x.VDI.get_name_label(vdi) == "committed"
+        assert not os.path.exists(path + ".ready") and not os.path.exists(stray + ".ready")
+        assert not os.path.exists(os.path.join(sr_dir, ".xapid-owned", os.path.basename(stray)))
+        assert not [v for v in x.VDI.get_all() if x.VDI.get_location(v) == os.path.basename(stray)]
+        s.xenapi.session.logout()
+    finally:
+        daemon.stop()
+
+
 def test_a_client_gone_while_a_disk_is_made_leaves_no_disk_and_no_descriptor(tmp_path: Path) -> None:
     """The connection breaks while the pool makes disk 1 of 2: the cleanup waits for that job and removes
     its disk; disk 2 is never started (before: it was made beside the cleanup and left behind, and the

@@ -21,6 +21,7 @@ from pathlib import Path
 SPARSE_CHUNK = 1 << 20
 DELETING = ".deleting"
 PARTIAL = ".partial"
+READY = ".ready"  # a new disk whole and synced, waiting for its record: published when one exists
 #: in a file SR: one empty marker per disk file xapid created; a file without one is never changed
 OWNED = ".xapid-owned"
 KNOWN_STAMP = ".since"  # in OWNED: ownership is recorded here (disks known before were marked once)
@@ -239,11 +240,24 @@ class FileSR(_DirectorySR):
             raise _os_error(f"creating a {size}-byte disk in {self.path}", exc) from None
         return final.name, fd
 
-    def publish_new(self, location: str) -> None:
-        """Put a disk made by :meth:`begin` (its data written and synced) under its name."""
+    def make_ready(self, location: str) -> None:
+        """A disk made by :meth:`begin`, its data written and synced, becomes ``<name>.ready``:
+        whole, but under its name only once its record is committed (:meth:`publish_new`).  After a
+        crash the next attach publishes it if its record exists and removes it otherwise."""
         final = self.file(location)
         try:
-            self._publish(final.with_name(final.name + PARTIAL), final)
+            os.rename(final.with_name(final.name + PARTIAL), final.with_name(final.name + READY))
+        except OSError as exc:
+            raise _os_error(f"completing {location}", exc) from None
+
+    def ready_file(self, location: str) -> Path:
+        return self.file(location).with_name(location + READY)
+
+    def publish_new(self, location: str) -> None:
+        """Put a disk made ready by :meth:`make_ready` under its name."""
+        final = self.file(location)
+        try:
+            self._publish(final.with_name(final.name + READY), final)
         except OSError as exc:
             raise _os_error(f"publishing {location}", exc) from None
 
@@ -359,7 +373,7 @@ class FileSR(_DirectorySR):
             self._unclaim(location)
 
     def scan(self) -> tuple[list[DiskFile], list[str], list[str]]:
-        """(disks, disks being deleted, partial files) found in the directory."""
+        """(disks, disks being deleted, partial and ready files) found in the directory."""
         disks, deleting, partial = [], [], []
         try:
             entries = sorted(self.path.iterdir())
@@ -370,7 +384,7 @@ class FileSR(_DirectorySR):
             if name.endswith(DELETING):
                 deleting.append(name[: -len(DELETING)])
                 continue
-            if name.endswith(PARTIAL):
+            if name.endswith((PARTIAL, READY)):
                 partial.append(name)
                 continue
             stem, dot, ext = name.rpartition(".")
@@ -389,7 +403,9 @@ class FileSR(_DirectorySR):
         return disks, deleting, partial
 
     def remove_partial(self, name: str) -> None:
-        final = name[: -len(PARTIAL)]
+        """Remove xapid's ``<name>.partial`` or ``<name>.ready`` (and the claim of ``<name>`` when
+        no file has it)."""
+        final = name[: -len(READY)] if name.endswith(READY) else name[: -len(PARTIAL)]
         if self.owns(final):  # a foreign *.partial file is left alone
             (self.path / name).unlink(missing_ok=True)
             if not (self.path / final).exists():

@@ -2,7 +2,8 @@
 
 :func:`reconcile` makes an SR's VDI objects and its files agree: files nobody knows become
 VDIs, VDIs whose file vanished are forgotten (or marked missing while a VBD uses them),
-half-created files are removed and half-destroyed ones finished or restored.  It runs at
+half-created files are removed (a whole one whose VDI was committed is put in place) and
+half-destroyed ones finished or restored.  It runs at
 start for every attached SR and on ``SR.scan``.
 """
 
@@ -15,7 +16,7 @@ from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 from xapid.objects.devices import run_storage, sr_driver, sr_roots, storage_error
-from xapid.backend.storage import SR_TYPES, StorageError, open_sr
+from xapid.backend.storage import READY, SR_TYPES, StorageError, open_sr
 
 
 async def reconcile(ctx: CallContext, sr_ref: str) -> None:
@@ -33,9 +34,17 @@ async def reconcile(ctx: CallContext, sr_ref: str) -> None:
             await run_storage(ctx, driver.unmark_deleting, location)  # destroy never committed: restore
         else:
             await run_storage(ctx, driver.purge, location)
+    published = False
+    on_disk = {d.location for d in disks}
     for name in partial:
-        await run_storage(ctx, driver.remove_partial, name)
-    if deleting:
+        final = name[: -len(READY)]
+        if name.endswith(READY) and final in known and final not in on_disk:
+            # whole, and its record was committed before a crash: finish the import
+            await run_storage(ctx, driver.publish_new, final)
+            published = True
+        else:
+            await run_storage(ctx, driver.remove_partial, name)
+    if deleting or published:
         disks, _, _ = await run_storage(ctx, driver.scan)
     stats = await run_storage(ctx, driver.stats)
     found = {d.location: d for d in disks}

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from xapid.apitypes import NULL_REF, Type, coerce, utc
 from xapid.auth.http import HttpError
-from xapid.backend.storage import PARTIAL, FileSR, StorageError
+from xapid.backend.storage import PARTIAL, READY, FileSR, StorageError
 from xapid.errors import XenAPIError
 from xapid.objects.devices import random_mac
 from xapid.transfer import xva
@@ -151,13 +151,20 @@ class ImportSink:
 
     async def _complete(self) -> None:
         """Every disk arrived: close them and create the objects (a client may cut the connection
-        once it sent everything, as Xen Orchestra does for a body of unknown length)."""
+        once it sent everything, as Xen Orchestra does for a body of unknown length).  The disks
+        go under their names only once the objects are committed: a crash before leaves ``.ready``
+        files without records (removed at the next start), a crash after leaves records whose
+        ``.ready`` files the next start puts in place."""
         await self._run(self.parser.finish)
         sizes = await self._run(self._close_files)
         self._alive()  # failed while the disks were being closed: the cleanup owns them
         refs = self._commit_or_undo(sizes)
         self.result = refs
         await self.api.store.flush()
+        try:
+            await self.api.runner.run(self._publish_disks)
+        except Exception:  # noqa: BLE001 - committed: the next start or SR.scan puts the disks in place
+            log.failure("putting the disks of import {task} in place failed (SR.scan finishes it)", task=self.task)
         finish_task(self.api, self.task, {"status": "success", "progress": 1.0,
                                              "result": encode_value(refs).decode()})
         self.slot.release()
@@ -217,23 +224,29 @@ class ImportSink:
         self.fds = []
         for _, location in self.created:
             try:
-                self.driver.remove_partial(location + PARTIAL)  # not yet published (the usual case)
+                self.driver.remove_partial(location + PARTIAL)  # not yet complete (the usual case)
+                self.driver.remove_partial(location + READY)  # complete, the objects not created
                 self.driver.mark_deleting(location)  # published, but the objects were not created
                 self.driver.purge(location)
             except StorageError:
                 log.failure("removing {location} of a failed import", location=location)
 
     def _close_files(self) -> dict[str, int]:
-        """fsync and close the disks, then put them under their names; their allocated bytes by location.
-        (A crash before this leaves only partial files, which the next start removes.)"""
+        """fsync and close the disks and mark them ready (whole, not yet under their names); their
+        allocated bytes by location.  (A crash before this leaves only partial files, removed at
+        the next start.)"""
         for fd in self.fds:
             os.fsync(fd)
         for fd in list(self.fds):
             os.close(fd)
         self.fds = []
         for _, location in self.created:
+            self.driver.make_ready(location)
+        return {loc: os.stat(self.driver.ready_file(loc)).st_blocks * 512 for _, loc in self.created}
+
+    def _publish_disks(self) -> None:
+        for _, location in self.created:
             self.driver.publish_new(location)
-        return {loc: os.stat(self.driver.file(loc)).st_blocks * 512 for _, loc in self.created}
 
     async def _prepare(self) -> None:
         """After ova.xml: check every object, then create the disks' files and hand them over."""
