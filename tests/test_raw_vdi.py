@@ -463,6 +463,7 @@ def test_raw_export_and_reimport_byte_exact_with_holes(daemon, api, tmp_path):
     new_path = sr_dir(api, sr) / call(api, "VDI.get_location", new_ref)
     assert new_path.read_bytes() == original
     assert new_path.stat().st_blocks * 512 < 2 * MIB  # holes stayed holes
+    assert not list(new_path.parent.glob(new_path.name + ".*"))  # no .partial or .ready left beside it
 
 
 def test_vhd_export_only_allocated_blocks_and_vhd_import(daemon, api, tmp_path):

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from xapid.auth.http import HttpError
-from xapid.backend.storage import FileSR
+from xapid.backend.storage import READY, FileSR
 from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.runner import InlineRunner
@@ -275,8 +275,11 @@ class RawImportSink:
             return self.vdi_ref
         if store.find(self.sr) is None:
             raise XenAPIError("HANDLE_INVALID", "SR", self.sr)
-        await self.api.runner.run(self.target.commit, self.final, self.driver.publish)
-        used = await self.api.runner.run(disk.allocated_bytes, self.final)
+        # whole and synced as <name>.ready, under its name only once its VDI is committed: a crash
+        # before leaves a file without a record (removed at start), after one that start puts in place
+        ready = self.driver.ready_file(self.final.name)
+        await self.api.runner.run(self.target.commit, ready, lambda partial, path: os.rename(partial, path))
+        used = await self.api.runner.run(disk.allocated_bytes, ready)
         with store.transaction():
             ref = store.add("VDI", {"uuid": self.new_uuid, "SR": self.sr, "location": self.final.name,
                                     "name_label": "Imported VDI", "virtual_size": self.target.size,
@@ -284,6 +287,11 @@ class RawImportSink:
                                     "sm_config": {"type": "raw"}})
             update_sizes(ctx, self.sr)
         await store.flush()
+        try:
+            await self.api.runner.run(self.driver.publish_new, self.final.name)
+        except Exception:  # noqa: BLE001 - committed: the next start or SR.scan puts the disk in place
+            log.failure("putting imported disk {location} in place failed (SR.scan finishes it)",
+                        location=self.final.name)
         return ref
 
     def abort(self, reason: str) -> None:
@@ -331,6 +339,7 @@ class RawImportSink:
         self.target.discard()
         if self.claimed:
             try:
+                self.driver.remove_partial(self.final.name + READY)  # made ready, its VDI not committed
                 self.driver.unclaim(self.final.name)
             except OSError:
                 pass
