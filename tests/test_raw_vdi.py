@@ -495,12 +495,9 @@ def test_vhd_import_of_a_stream_announced_longer_completes_at_its_footer(daemon,
     original = fill(source_path, {5: b"hello", 6 * MIB: os.urandom(4096)})
     image = vhd_bytes(source_path, size)
     target, target_path = new_vdi(api, size, "target")
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        sock.sendall(f"PUT /import_raw_vdi?session_id={api[1]}&vdi={target}&format=vhd HTTP/1.1\r\n"
-                     f"Host: x\r\nContent-Length: {1 << 50}\r\n\r\n".encode() + image)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(4096)
+    sock, head = daemon.raw_request(f"PUT /import_raw_vdi?session_id={api[1]}&vdi={target}&format=vhd HTTP/1.1\r\n"
+                                    f"Host: x\r\nContent-Length: {1 << 50}\r\n\r\n".encode() + image)
+    with sock:
         assert head.startswith(b"HTTP/1.1 200"), head
         task = re.search(rb"task-id: (\S+)", head, re.I).group(1).decode()
         assert task_record(api, task)["status"] == "success"  # the connection is still open

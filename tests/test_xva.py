@@ -334,14 +334,8 @@ def request(daemon: RealDaemon, method: str, target: str, body: Any = None,
 
 def head_only_put(daemon: RealDaemon, target: str, length: int) -> int:
     """The status of a PUT whose body is announced but never sent."""
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        sock.sendall(f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
-        reply = b""
-        while b"\r\n" not in reply:
-            more = sock.recv(4096)
-            if not more:
-                break
-            reply += more
+    sock, reply = daemon.raw_request(f"PUT {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+    sock.close()
     return int(reply.split(b" ", 2)[1])
 
 

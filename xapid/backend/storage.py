@@ -22,6 +22,13 @@ SPARSE_CHUNK = 1 << 20
 DELETING = ".deleting"
 PARTIAL = ".partial"
 READY = ".ready"  # a new disk whole and synced, waiting for its record: published when one exists
+
+
+def disk_of(name: str) -> str:
+    """The disk location a ``<location>.partial`` or ``<location>.ready`` file is for."""
+    return name.removesuffix(PARTIAL).removesuffix(READY)
+
+
 #: in a file SR: one empty marker per disk file xapid created; a file without one is never changed
 OWNED = ".xapid-owned"
 KNOWN_STAMP = ".since"  # in OWNED: ownership is recorded here (disks known before were marked once)
@@ -225,7 +232,7 @@ class FileSR(_DirectorySR):
         :meth:`publish_new` the disk is not under its name, so a crash leaves only the partial file,
         which the next attach removes (:meth:`scan`, :meth:`remove_partial`)."""
         final = self.path / f"{uuid}.img"
-        partial = final.with_name(final.name + PARTIAL)
+        partial = self.sibling(final.name, PARTIAL)
         self._claim(final)
         try:
             fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -244,20 +251,19 @@ class FileSR(_DirectorySR):
         """A disk made by :meth:`begin`, its data written and synced, becomes ``<name>.ready``:
         whole, but under its name only once its record is committed (:meth:`publish_new`).  After a
         crash the next attach publishes it if its record exists and removes it otherwise."""
-        final = self.file(location)
         try:
-            os.rename(final.with_name(final.name + PARTIAL), final.with_name(final.name + READY))
+            os.rename(self.sibling(location, PARTIAL), self.sibling(location, READY))
         except OSError as exc:
             raise _os_error(f"completing {location}", exc) from None
 
-    def ready_file(self, location: str) -> Path:
-        return self.file(location).with_name(location + READY)
+    def sibling(self, location: str, suffix: str) -> Path:
+        """The file of disk *location* in one of its states (:data:`PARTIAL`, :data:`READY`)."""
+        return self.file(location + suffix)
 
     def publish_new(self, location: str) -> None:
         """Put a disk made ready by :meth:`make_ready` under its name."""
-        final = self.file(location)
         try:
-            self._publish(final.with_name(final.name + READY), final)
+            self._publish(self.sibling(location, READY), self.file(location))
         except OSError as exc:
             raise _os_error(f"publishing {location}", exc) from None
 
@@ -405,7 +411,7 @@ class FileSR(_DirectorySR):
     def remove_partial(self, name: str) -> None:
         """Remove xapid's ``<name>.partial`` or ``<name>.ready`` (and the claim of ``<name>`` when
         no file has it)."""
-        final = name[: -len(READY)] if name.endswith(READY) else name[: -len(PARTIAL)]
+        final = disk_of(name)
         if self.owns(final):  # a foreign *.partial file is left alone
             (self.path / name).unlink(missing_ok=True)
             if not (self.path / final).exists():

@@ -16,7 +16,7 @@ from xapid.context import CallContext
 from xapid.errors import XenAPIError
 from xapid.objects import message
 from xapid.objects.devices import run_storage, sr_driver, sr_roots, storage_error
-from xapid.backend.storage import READY, SR_TYPES, StorageError, open_sr
+from xapid.backend.storage import READY, SR_TYPES, StorageError, disk_of, open_sr
 
 
 async def reconcile(ctx: CallContext, sr_ref: str) -> None:
@@ -37,7 +37,7 @@ async def reconcile(ctx: CallContext, sr_ref: str) -> None:
     published = False
     on_disk = {d.location for d in disks}
     for name in partial:
-        final = name[: -len(READY)]
+        final = disk_of(name)
         if name.endswith(READY) and final in known and final not in on_disk:
             # whole, and its record was committed before a crash: finish the import
             await run_storage(ctx, driver.publish_new, final)

@@ -20,7 +20,7 @@ from xapid.errors import XenAPIError
 from xapid.runner import InlineRunner
 from xapid.transfer import disk, vhd
 from xapid.transfer.limits import Slot
-from xapid.transfer.tasking import TransferTask
+from xapid.transfer.tasking import TransferTask, publish_committed
 from xapid.wire.http import HttpResponse
 
 if TYPE_CHECKING:
@@ -277,8 +277,8 @@ class RawImportSink:
             raise XenAPIError("HANDLE_INVALID", "SR", self.sr)
         # whole and synced as <name>.ready, under its name only once its VDI is committed: a crash
         # before leaves a file without a record (removed at start), after one that start puts in place
-        ready = self.driver.ready_file(self.final.name)
-        await self.api.runner.run(self.target.commit, ready, lambda partial, path: os.rename(partial, path))
+        ready = self.driver.sibling(self.final.name, READY)
+        await self.api.runner.run(self.target.commit, ready, lambda *_: self.driver.make_ready(self.final.name))
         used = await self.api.runner.run(disk.allocated_bytes, ready)
         with store.transaction():
             ref = store.add("VDI", {"uuid": self.new_uuid, "SR": self.sr, "location": self.final.name,
@@ -287,11 +287,7 @@ class RawImportSink:
                                     "sm_config": {"type": "raw"}})
             update_sizes(ctx, self.sr)
         await store.flush()
-        try:
-            await self.api.runner.run(self.driver.publish_new, self.final.name)
-        except Exception:  # noqa: BLE001 - committed: the next start or SR.scan puts the disk in place
-            log.failure("putting imported disk {location} in place failed (SR.scan finishes it)",
-                        location=self.final.name)
+        await publish_committed(self.api, self.driver, [self.final.name])
         return ref
 
     def abort(self, reason: str) -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
 from xapid.apitypes import utc
 from xapid.auth.http import HttpCaller, HttpError, one
 from xapid.auth.roles import role_at_least
 from xapid.errors import XenAPIError
 from xapid.tasks import ANY_TASK_ROLE
 from xapid.wire.xmlrpc import encode_value
+
+log = Logger()
 
 
 def open_task(api: Any, params: dict[str, list[str]], caller: HttpCaller, label: str) -> str:
@@ -84,3 +88,18 @@ class TransferTask:
 
     def fail(self, error: XenAPIError) -> None:
         fail_task(self.api, self.ref, error)
+
+
+async def publish_committed(api: Any, driver: Any, locations: list[str]) -> None:
+    """Put new disks (made ready by ``FileSR.make_ready``) under their names once their objects are
+    committed.  A failure is logged, not raised: the objects exist, and the next start or
+    ``SR.scan`` puts the ready disks in place (:func:`xapid.objects.sr.reconcile`)."""
+    def publish() -> None:
+        for location in locations:
+            driver.publish_new(location)
+
+    try:
+        await api.runner.run(publish)
+    except Exception:  # noqa: BLE001 - committed: reconcile finishes it
+        log.failure("putting the committed disks {locations} in place failed (SR.scan finishes it)",
+                    locations=locations)

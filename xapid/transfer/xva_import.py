@@ -18,7 +18,7 @@ from xapid.errors import XenAPIError
 from xapid.objects.devices import random_mac
 from xapid.transfer import xva
 from xapid.transfer.limits import MAX_DISK
-from xapid.transfer.tasking import check_cancelled, finish_task
+from xapid.transfer.tasking import check_cancelled, finish_task, publish_committed
 from xapid.wire.http import HttpResponse
 from xapid.wire.values import DEFAULT_LIMITS
 from xapid.wire.xmlrpc import encode_value
@@ -161,10 +161,7 @@ class ImportSink:
         refs = self._commit_or_undo(sizes)
         self.result = refs
         await self.api.store.flush()
-        try:
-            await self.api.runner.run(self._publish_disks)
-        except Exception:  # noqa: BLE001 - committed: the next start or SR.scan puts the disks in place
-            log.failure("putting the disks of import {task} in place failed (SR.scan finishes it)", task=self.task)
+        await publish_committed(self.api, self.driver, [location for _, location in self.created])
         finish_task(self.api, self.task, {"status": "success", "progress": 1.0,
                                              "result": encode_value(refs).decode()})
         self.slot.release()
@@ -242,11 +239,7 @@ class ImportSink:
         self.fds = []
         for _, location in self.created:
             self.driver.make_ready(location)
-        return {loc: os.stat(self.driver.ready_file(loc)).st_blocks * 512 for _, loc in self.created}
-
-    def _publish_disks(self) -> None:
-        for _, location in self.created:
-            self.driver.publish_new(location)
+        return {loc: os.stat(self.driver.sibling(loc, READY)).st_blocks * 512 for _, loc in self.created}
 
     async def _prepare(self) -> None:
         """After ova.xml: check every object, then create the disks' files and hand them over."""

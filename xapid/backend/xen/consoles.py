@@ -31,6 +31,16 @@ def _processes(procfs: Path) -> Iterator[tuple[Path, list[bytes]]]:
             continue
 
 
+def _node(xs: Any, path: str) -> str:
+    """The text of xenstore node *path* ("" when it is absent or not readable to dom0's tools)."""
+    try:
+        return xs.read(path).decode("ascii", "replace").strip()
+    except XenError as exc:
+        if exc.errno in (errno.ENOENT, errno.EACCES):
+            return ""
+        raise
+
+
 def _owned_by_root(proc: Path) -> bool:
     """Whether *proc* runs with real and effective uid 0 (``Uid:`` of its ``status``); an
     unreadable status counts as not root.  Any local user may name a process ``xenconsoled``
@@ -153,33 +163,29 @@ class Consoles(XenCore):
             raise NoConsole(f"no {protocol} console", uuid, protocol)
         home = f"/local/domain/{raw.domain}"
         xs = self._store()
-
-        def read(rel: str) -> str:
-            try:
-                return xs.read(f"{home}/{rel}").decode("ascii", "replace").strip()
-            except XenError as exc:
-                if exc.errno in (errno.ENOENT, errno.EACCES):
-                    return ""
-                raise
-
         with self._hypercall("read the console's location", uuid):
             if protocol == "vt100":
-                path = read("console/tty") or read("serial/0/tty")
-                shared = bool(path) and self._named_by_another(
-                    xs, [d.domain for d in self._raw_domains() if d.domain != raw.domain], path)
+                path = _node(xs, f"{home}/console/tty") or _node(xs, f"{home}/serial/0/tty")
             else:
-                port_text = read("console/vnc-port")
+                port_text = _node(xs, f"{home}/console/vnc-port")
         if protocol == "vt100":
-            if shared:  # xenconsoled holds every guest's pty: this one may be another guest's console
-                raise NoConsole(f"domain {uuid} names a console pty that another domain names too", uuid, protocol)
             # opened first, then checked: held open, its number cannot pass to another terminal
             # (an administrator's login) between this check and the relay's use of it
             fd = _open_pty_slave(path) if _PTS.fullmatch(path) else -1
             held = HeldPty(fd) if fd >= 0 else None
-            if held is None or not pty_of_console_daemon(self._procfs, int(path.rsplit("/", 1)[1]), raw.domain):
+            try:
+                if held is None or not pty_of_console_daemon(self._procfs, int(path.rsplit("/", 1)[1]), raw.domain):
+                    raise NoConsole(f"domain {uuid} publishes no usable console pty", uuid, protocol)
+                with self._hypercall("read the other domains' consoles", uuid):
+                    shared = self._named_by_another(
+                        xs, [d.domain for d in self._raw_domains() if d.domain != raw.domain], path)
+                if shared:  # xenconsoled holds every guest's pty: this one may be another guest's console
+                    raise NoConsole(f"domain {uuid} names a console pty that another domain names too",
+                                    uuid, protocol)
+            except BaseException:
                 if held is not None:
                     held.close()
-                raise NoConsole(f"domain {uuid} publishes no usable console pty", uuid, protocol)
+                raise
             return ConsoleEndpoint("vt100", "pty", path=path, pty=held)
         port = int(port_text) if port_text.isdigit() and len(port_text) <= 5 else -1
         if not 0 < port < 65536 or not self._device_model_listens(raw.domain, port):
@@ -193,17 +199,8 @@ class Consoles(XenCore):
         node: naming the pty xenconsoled holds for another guest would hand that guest's console
         to this one's users.  (A guest naming a victim's pty can only make the victim's console
         refused, never reach it.)"""
-        for other in others:
-            for rel in ("console/tty", "serial/0/tty"):
-                try:
-                    named = xs.read(f"/local/domain/{other}/{rel}").decode("ascii", "replace").strip()
-                except XenError as exc:
-                    if exc.errno in (errno.ENOENT, errno.EACCES):
-                        continue
-                    raise
-                if named == path:
-                    return True
-        return False
+        return any(_node(xs, f"/local/domain/{other}/{rel}") == path
+                   for other in others for rel in ("console/tty", "serial/0/tty"))
 
     def _device_model_listens(self, domid: int, port: int) -> bool:
         """Whether 127.0.0.1:*port* reaches only sockets of the root process started with ``-xen-domid
