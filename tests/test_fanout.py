@@ -6,16 +6,18 @@ shared log of writes shows the order in which replies left.
 
 from __future__ import annotations
 
+import json
 import xmlrpc.client
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 
 from support import ApiEnv
 from xapid import fanout
 from xapid.apitypes import Limits
-from xapid.wire.http import HttpSettings
+from xapid.wire.http import HttpResponse, HttpSettings
 from xapid.wire.resource import ApiHandler, make_factory
 
 ORIGIN = b"https://console.example"
@@ -44,9 +46,11 @@ def answers(log: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     return merged
 
 
-def post(body: bytes, origin: bytes | None = None) -> bytes:
-    extra = b"Origin: %s\r\n" % origin if origin else b""
-    return b"POST / HTTP/1.1\r\nHost: h\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+def post(body: bytes, origin: bytes | None = None, path: bytes = b"/", version: bytes = b"HTTP/1.1",
+         extra: bytes = b"") -> bytes:
+    if origin:
+        extra += b"Origin: %s\r\n" % origin
+    return b"POST %s %s\r\nHost: h\r\n%sContent-Length: %d\r\n\r\n%s" % (path, version, extra, len(body), body)
 
 
 @pytest.fixture
@@ -160,3 +164,156 @@ def test_watchers_in_step_are_checked_and_answered_as_a_group(env):
     assert event["ref"] == vm and event["operation"] == "mod"
     env.clock.advance(31)  # the quiet ones time out together, with no events
     assert all(d.called and d.result.value["events"] == [] for d in quiet) and hub.watchers == 0
+
+
+# -- the express lane: replies written before any watcher's callbacks run --------------------------
+
+
+def test_every_reply_of_a_wake_is_written_before_any_connection_answers_in_python(env):
+    """The first watcher's own answering (its callback chain reaching the connection) finds every
+    watcher's reply already written: the last one waited for the sends before it, not for the Python
+    of each reply before it as well."""
+    channels, log, client, vm = watchers(env, 5)
+    seen = []
+    real = channels[0]._reply
+
+    def reply(request, outcome, close=False):
+        seen.append(sum(1 for _, data in answers(log) if b"renamed" in data))
+        real(request, outcome, close)
+
+    channels[0]._reply = reply
+    client("VM.set_name_label", vm, "renamed")
+    env.clock.advance(0)
+    assert seen[0] == 5  # (then its pipelined request's answer)
+    replies = [(name, data) for name, data in answers(log) if data.startswith(b"HTTP/1.1 200")]
+    assert [name for name, data in replies if b"renamed" in data] == [0, 1, 2, 3, 4]  # each exactly once
+    assert [name for name, data in replies[5:]] == [0, 1, 2, 3, 4]  # then the pipelined answers
+    for channel in channels:
+        assert channel._pending is None and channel._timer_kind == "idle" and channel._expressed is None
+
+
+def test_json_rpc_and_http_1_0_watchers_get_their_own_reply_from_the_express_lane(env):
+    """A JSON-RPC watcher's reply carries its own id; an HTTP/1.0 keep-alive watcher's head says
+    keep-alive; an XML-RPC one gets the shared body.  Each gets exactly one reply, then the answer to
+    the request it pipelined."""
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    factory = make_factory(ApiHandler(env.dispatcher, Limits()), HttpSettings(), env.clock)
+    log: list[tuple[int, bytes]] = []
+    after = post(xmlrpc.client.dumps((client.session,), "host.get_all").encode())
+    requests = [
+        post(json.dumps({"jsonrpc": "2.0", "method": "event.from", "id": "watch-7",
+                         "params": [client.session, ["vm"], token, 30.0]}).encode(), path=b"/jsonrpc"),
+        post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode(),
+             version=b"HTTP/1.0", extra=b"Connection: keep-alive\r\n"),
+        post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode()),
+    ]
+    channels = []
+    for index, request in enumerate(requests):
+        channel = factory.buildProtocol(None)
+        channel.makeConnection(LoggedTransport(index, log))
+        channel.dataReceived(request + after)
+        channels.append(channel)
+    client("VM.set_name_label", vm, "expressed")
+    env.clock.advance(0)
+    written = {index: b"".join(data for name, data in log if name == index) for index in range(3)}
+    head, _, rest = written[0].partition(b"\r\n\r\n")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    reply = json.loads(rest[:length])
+    assert reply["id"] == "watch-7" and reply["result"]["events"][0]["snapshot"]["name_label"] == "expressed"
+    assert rest[length:].startswith(b"HTTP/1.1 200 OK")  # the pipelined answer, after
+    assert written[1].startswith(b"HTTP/1.0 200 OK") and b"Connection: keep-alive" in written[1].split(b"\r\n\r\n")[0]
+    for index in (1, 2):
+        head, _, rest = written[index].partition(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        (value,), _ = xmlrpc.client.loads(rest[:length])
+        assert value["Value"]["events"][0]["snapshot"]["name_label"] == "expressed"
+        assert rest[length:].count(b" 200 OK\r\n") == 1  # exactly one more reply: host.get_all's
+    assert written[1].split(b"\r\n\r\n", 1)[1] == written[2].split(b"\r\n\r\n", 1)[1]  # one shared body
+    assert all(not channel.transport.disconnecting for channel in channels)
+
+
+def test_a_reply_changed_after_the_express_lane_sent_it_closes_the_connection(env, logged):
+    """A layer that changes the reply after the express lane wrote the original breaks the lane's
+    contract: the client has the original and the connection is closed, never a second reply."""
+
+    class Rewriting(ApiHandler):
+        def __call__(self, request):
+            result = super().__call__(request)
+            if isinstance(result, fanout.Wait):
+                result.addCallback(lambda _: HttpResponse(200, b"rewritten", []))
+            return result
+
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    factory = make_factory(Rewriting(env.dispatcher, Limits()), HttpSettings(), env.clock)
+    log: list[tuple[int, bytes]] = []
+    channel = factory.buildProtocol(None)
+    channel.makeConnection(LoggedTransport(0, log))
+    channel.dataReceived(post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode()))
+    client("VM.set_name_label", vm, "original")
+    env.clock.advance(0)
+    written = b"".join(data for _, data in log)
+    assert written.count(b"HTTP/1.1 200 OK") == 1 and b"original" in written and b"rewritten" not in written
+    assert channel._closing and channel.transport.disconnecting
+    assert any("changed after it was sent" in event.get("log_format", "") for event in logged)
+
+
+@pytest.fixture
+def logged():
+    """The log events emitted during the test."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_the_hub_sends_every_lane_before_any_callback(env):
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    order = []
+    waits = [env.dispatcher.call("event.from", [client.session, ["vm"], token, 30.0]) for _ in range(3)]
+    for index, wait in enumerate(waits):
+        assert isinstance(wait, fanout.Wait)
+        wait.encode = lambda value: value
+        wait.send = lambda value, index=index: order.append(("sent", index)) or True
+        wait.addCallback(lambda value, index=index: order.append(("fired", index)))
+    waits[1].send = None  # no lane: answered by its callbacks alone
+    client("VM.set_name_label", vm, "lanes")
+    env.clock.advance(0)
+    assert order == [("sent", 0), ("sent", 2), ("fired", 0), ("fired", 1), ("fired", 2)]
+
+
+def test_a_failing_lane_is_logged_and_its_watcher_answered_by_the_callbacks(env, logged):
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    broken, fine = (env.dispatcher.call("event.from", [client.session, ["vm"], token, 30.0]) for _ in range(2))
+    sent = []
+
+    def explode(value):
+        raise RuntimeError("bug in an encoder")
+
+    broken.encode, broken.send = explode, sent.append
+    fine.encode, fine.send = (lambda value: "reply"), (lambda reply: sent.append(reply) or True)
+    client("VM.set_name_label", vm, "failing")
+    env.clock.advance(0)
+    assert sent == ["reply"]
+    assert broken.called and broken.result.value["events"][0]["ref"] == vm
+    assert fine.called
+    failures = [event["log_failure"] for event in logged if "log_failure" in event]
+    assert [str(failure.value) for failure in failures] == ["bug in an encoder"]
+
+
+def test_no_express_lane_without_both_ends_or_once_fired():
+    wait = fanout.Wait()
+    assert wait.express("v") is False  # nobody encodes nor sends
+    wait.encode = lambda value: value
+    assert wait.express("v") is False  # nobody sends
+    sent = []
+    wait.send = lambda reply: sent.append(reply) or True
+    wait.callback("done")
+    assert wait.express("v") is False and sent == []  # fired already

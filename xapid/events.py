@@ -78,7 +78,7 @@ class _Waiter:
 
     __slots__ = ("subscription", "token", "deferred", "session", "bucket", "share", "registered")
 
-    def __init__(self, subscription: Subscription, token: int, deferred: Deferred[Any], session: Any, bucket: int):
+    def __init__(self, subscription: Subscription, token: int, deferred: fanout.Wait, session: Any, bucket: int):
         self.subscription = subscription
         self.token = token
         self.deferred = deferred
@@ -250,7 +250,7 @@ class EventHub:
         events = self.collect(subscription, since)
         if events or timeout <= 0:
             return self.batch(events)
-        d: Deferred[Any] = Deferred(lambda _: self._drop(waiter))
+        d = fanout.Wait(lambda _: self._drop(waiter))
         bucket = math.ceil(self.reactor.seconds() + min(timeout, MAX_TIMEOUT))
         waiter = _Waiter(subscription, since, d, session, bucket)
         key = id(waiter)
@@ -313,27 +313,34 @@ class EventHub:
     def _wake(self) -> None:
         """Answer every waiter with news.  Waiters with the same subscription and token (the usual
         case: a fleet of clients in step) form a group, checked once and sharing one reply built and
-        encoded once, so a change that concerns nobody costs O(groups), not O(watchers)."""
+        encoded once, so a change that concerns nobody costs O(groups), not O(watchers).  Every reply
+        that can take the express lane (:class:`fanout.Wait`) is written before any callback runs."""
         self._wake_pending = False
-        woken = []
-        buckets = self._buckets
-        waiters = self._waiters
+        answered = []
         for share, group in list(self._groups.items()):
             first = next(iter(group.values()))
             events = self.collect(first.subscription, first.token)
-            if not events:
-                continue
-            reply = self.batch(events)
-            del self._groups[share]
-            for key, waiter in group.items():  # _drop, inline: this loop runs once per watcher
-                waiter.registered = False
-                del waiters[key]
-                waiting = buckets.get(waiter.bucket)
-                if waiting is not None:
-                    waiting.pop(key, None)
-                waiter.session.ended.pop(key, None)
-                woken.append((waiter, reply))
+            if events:
+                del self._groups[share]
+                answered.append((group, self.batch(events)))
+        if not answered:
+            return
+        buckets = self._buckets
+        waiters = self._waiters
         with fanout.sending():  # every reply leaves before any connection's follow-up work
+            for group, reply in answered:  # the express lane: bytes first, before any bookkeeping
+                for waiter in group.values():
+                    waiter.deferred.express(reply)
+            woken = []
+            for group, reply in answered:
+                for key, waiter in group.items():  # _drop, inline: this loop runs once per watcher
+                    waiter.registered = False
+                    del waiters[key]
+                    waiting = buckets.get(waiter.bucket)
+                    if waiting is not None:
+                        waiting.pop(key, None)
+                    waiter.session.ended.pop(key, None)
+                    woken.append((waiter, reply))
             for waiter, reply in woken:
                 if not waiter.deferred.called:
                     waiter.deferred.callback(reply)

@@ -7,6 +7,10 @@ them at once but queue what comes after a reply (setting the next deadline, read
 request) with :func:`later`; the queue runs, in order, when the fan-out ends, before the reactor
 reads anything more.  Outside a fan-out :func:`later` refuses and callers do the work inline.
 
+A reply woken this way may also take the *express lane* (:class:`Wait`): its bytes are written
+before any waiter's callbacks run, so the last watcher waits for the sends before it and not for
+every other watcher's Python as well.
+
 Everything here runs on the reactor thread; fan-outs do not nest (an inner one joins the outer).
 """
 
@@ -16,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 log = Logger()
@@ -55,3 +60,33 @@ def later(work: Callable[..., None], *args: Any) -> bool:
         return False
     _queue.append((work, args))
     return True
+
+
+class Wait(Deferred[Any]):
+    """A deferred reply that one change may answer together with many others (``event.from``).
+
+    Besides its callback chain it carries an express lane, filled in by the layers that will
+    turn its value into bytes: ``encode`` (set by the layer that builds the reply; the very
+    function its callback applies, returning the same object when given the same value) and
+    ``send`` (set by the connection; writes that reply at once and says whether it did).  The
+    waker calls :meth:`express` for every waiter first and fires them all afterwards; the chain
+    then runs as usual, and the connection, given the reply it already sent, sends nothing more.
+    A layer that would change the value on the way clears ``encode`` (no express lane).
+    """
+
+    def __init__(self, canceller: Callable[[Deferred[Any]], None] | None = None) -> None:
+        super().__init__(canceller)
+        self.encode: Callable[[Any], Any] | None = None
+        self.send: Callable[[Any], bool] | None = None
+
+    def express(self, value: Any) -> bool:
+        """Send the reply *value* makes now, ahead of the callbacks; False when there is no lane
+        (or it failed, which is logged: the callbacks then answer as usual)."""
+        encode, send = self.encode, self.send
+        if encode is None or send is None or self.called:
+            return False
+        try:
+            return send(encode(value))
+        except Exception:  # noqa: BLE001 - the callbacks still answer this waiter
+            log.failure("the express lane of a reply failed")
+            return False

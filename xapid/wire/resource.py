@@ -20,6 +20,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from xapid import fanout
 from xapid.apitypes import SharedValue
 from xapid.errors import XenAPIError, internal_error_with_id
 from xapid.wire import jsonrpc, xmlrpc
@@ -138,6 +139,8 @@ class ApiHandler:
         if not self.cors.any:
             allow.append((b"Vary", b"Origin"))
         if isinstance(result, Deferred):
+            if isinstance(result, fanout.Wait):
+                result.encode = None  # the headers change the reply: no express lane
             return cast(_R, result.addCallback(add, allow))
         return cast(_R, add(result, allow))
 
@@ -192,11 +195,8 @@ class ApiHandler:
                 return HttpResponse(200, jsonrpc.success(call, value), JSON)
             if method == LIST_METHODS:
                 return HttpResponse(200, xmlrpc.bare(value), XML)
-            if isinstance(value, SharedValue):  # answered to many (event.from): one response, one head
-                shared = value.replies.get("xmlrpc")
-                if shared is None:
-                    shared = value.replies["xmlrpc"] = HttpResponse(200, xmlrpc.success(value), XML, heads={})
-                return cast(HttpResponse, shared)
+            if isinstance(value, SharedValue):
+                return shared_xmlrpc(value)
             return HttpResponse(200, xmlrpc.success(value), XML)
 
         def fail(failure: Failure) -> HttpResponse | Failure:
@@ -228,8 +228,33 @@ class ApiHandler:
             outcome = box[0]
             answer: HttpResponse = safely(outcome, fail if isinstance(outcome, Failure) else reply)
             return answer
-        answers: Deferred[Any] = d.addCallbacks(lambda v: safely(v, reply), lambda f: safely(f, fail))
+        last: list[Any] = []  # (value, its reply): the express lane and the callback share one reply
+
+        def encode(value: Any) -> Any:
+            if last and last[0] is value:
+                return last[1]
+            response = safely(value, reply)
+            last[:] = (value, response)
+            return response
+
+        if isinstance(d, fanout.Wait):  # woken with many others: the connection may send the reply early
+            d.encode = encode if is_json or method == LIST_METHODS else express_xmlrpc
+        answers: Deferred[Any] = d.addCallbacks(encode, lambda f: safely(f, fail))
         return answers
+
+
+def express_xmlrpc(value: Any) -> HttpResponse | None:
+    """:func:`shared_xmlrpc` of *value* when it is shared (the express lane's encoder), else None."""
+    return shared_xmlrpc(value) if isinstance(value, SharedValue) else None
+
+
+def shared_xmlrpc(value: SharedValue) -> HttpResponse:
+    """The XML-RPC reply carrying *value*, answered to many (event.from): built once per value, with
+    its heads (:attr:`HttpResponse.heads`)."""
+    shared = value.replies.get("xmlrpc")
+    if shared is None:
+        shared = value.replies["xmlrpc"] = HttpResponse(200, xmlrpc.success(value), XML, heads={})
+    return cast(HttpResponse, shared)
 
 
 def make_factory(handler: ApiHandler, settings: HttpSettings, clock: Any, admission: Any = None) -> HttpFactory:
