@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -62,31 +63,44 @@ def later(work: Callable[..., None], *args: Any) -> bool:
     return True
 
 
+class Sender(Protocol):
+    """The connection a :class:`Wait`'s reply goes to, as the express lane sees it."""
+
+    def send_early(self, wait: "Wait", reply: Any) -> bool:
+        """Write *reply*, the one *wait* is about to give, now; False (nothing written) when it cannot."""
+
+
 class Wait(Deferred[Any]):
     """A deferred reply that one change may answer together with many others (``event.from``).
 
     Besides its callback chain it carries an express lane, filled in by the layers that will
     turn its value into bytes: ``encode`` (set by the layer that builds the reply; the very
-    function its callback applies, returning the same object when given the same value) and
-    ``send`` (set by the connection; writes that reply at once and says whether it did).  The
-    waker calls :meth:`express` for every waiter first and fires them all afterwards; the chain
-    then runs as usual, and the connection, given the reply it already sent, sends nothing more.
-    A layer that would change the value on the way clears ``encode`` (no express lane).
+    function its callback applies, or one returning the same object for the same value) and
+    ``sender`` (the connection, :class:`Sender`).  The waker calls :meth:`express` for every
+    waiter first and fires them all afterwards; the chain then runs as usual, and the connection,
+    given the reply it already sent, sends nothing more.  A layer that would change the value on
+    the way clears ``encode`` (no express lane).  The lane closes when the Wait fires, either way.
     """
 
-    def __init__(self, canceller: Callable[[Deferred[Any]], None] | None = None) -> None:
-        super().__init__(canceller)
-        self.encode: Callable[[Any], Any] | None = None
-        self.send: Callable[[Any], bool] | None = None
+    encode: Callable[[Any], Any] | None = None
+    sender: Sender | None = None
+
+    def callback(self, result: Any) -> None:
+        self.encode = self.sender = None
+        super().callback(result)
+
+    def errback(self, fail: Failure | BaseException | None = None) -> None:
+        self.encode = self.sender = None
+        super().errback(fail)
 
     def express(self, value: Any) -> bool:
         """Send the reply *value* makes now, ahead of the callbacks; False when there is no lane
         (or it failed, which is logged: the callbacks then answer as usual)."""
-        encode, send = self.encode, self.send
-        if encode is None or send is None or self.called:
+        encode, sender = self.encode, self.sender
+        if encode is None or sender is None or self.called:
             return False
         try:
-            return send(encode(value))
+            return sender.send_early(self, encode(value))
         except Exception:  # noqa: BLE001 - the callbacks still answer this waiter
             log.failure("the express lane of a reply failed")
             return False

@@ -47,7 +47,9 @@ class ChannelState(Protocol):
         self._remaining = 0  # body or chunk bytes still to come
         self._pending: Deferred[Any] | None = None  # a reply (or a sink_for decision) being computed
         self._held: Deferred[Any] | None = None  # the reply answered now may hold its follow-up (a fan-out)
-        self._expressed: tuple[HttpResponse, bool] | None = None  # a reply sent ahead of its callbacks, keep-alive
+        self._expressed: HttpResponse | None = None  # a reply sent ahead of its callbacks (fanout.Wait)
+        self._parked_version = b""  # the HTTP version and keep-alive of the request waiting on a fanout.Wait
+        self._parked_keep = False
         self._sink: BodySink | None = None  # where the current request's body is streamed
         self._sink_wait: Deferred[Any] | None = None  # the sink's write that reading waits on
         self._writer: BodyWriter | None = None  # a streamed reply in progress

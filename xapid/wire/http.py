@@ -29,7 +29,6 @@ parsing, request machinery); the small calls the API lives on are dominated by i
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -267,7 +266,8 @@ class HttpChannel(StreamingChannel, RequestParser):
             return
         if isinstance(result, Deferred):
             if isinstance(result, fanout.Wait) and result.encode is not None:
-                result.send = partial(self._express, result, request.version, self._keep_alive(request))
+                self._parked_version, self._parked_keep = request.version, self._keep_alive(request)
+                result.sender = self
             self._settle(result, lambda outcome: self._reply(request, outcome))
         else:
             self._reply(request, result)
@@ -312,16 +312,16 @@ class HttpChannel(StreamingChannel, RequestParser):
 
     # -- answering -------------------------------------------------------------------------
 
-    def _express(self, d: Deferred[Any], version: bytes, keep: bool, response: Any) -> bool:
-        """Send *response*, the reply *d* is about to give, ahead of *d*'s callbacks (the express
-        lane of a fan-out, :class:`fanout.Wait`); :meth:`_reply` then sends nothing more.  False,
-        sending nothing, unless the connection still waits on *d* for a plain response."""
-        if (self._closing or self._pending is not d or self._expressed is not None
-                or not isinstance(response, HttpResponse) or response.takeover is not None
-                or response.stream is not None):
+    def send_early(self, wait: Deferred[Any], reply: Any) -> bool:
+        """Send *reply*, the one *wait* is about to give, ahead of its callbacks (the express lane
+        of a fan-out, :class:`fanout.Wait`); :meth:`_reply` then sends nothing more.  False,
+        sending nothing, unless the connection still waits on *wait* for a plain response."""
+        if (self._closing or self._pending is not wait or self._expressed is not None
+                or not isinstance(reply, HttpResponse) or reply.takeover is not None
+                or reply.stream is not None):
             return False
-        self._send(self._head_for(version, response, keep), response.body)
-        self._expressed = (response, keep)
+        self._send(self._head_for(self._parked_version, reply, self._parked_keep), reply.body)
+        self._expressed = reply
         return True
 
     def _keep_alive(self, request: HttpRequest) -> bool:
@@ -347,12 +347,12 @@ class HttpChannel(StreamingChannel, RequestParser):
             self._mark_authenticated()
         expressed, self._expressed = self._expressed, None
         if expressed is not None:  # sent ahead of the callbacks: only the follow-up is left
-            if outcome is not expressed[0]:  # something changed the reply after it was sent
+            if outcome is not expressed:  # something changed the reply after it was sent
                 log.error("the reply to {method} {path} changed after it was sent; closing the connection",
                           method=request.method, path=request.path)
                 self._abort_connection()
                 return
-            self._followed(expressed[1])
+            self._followed(self._parked_keep)
             return
         keep = not close and self._keep_alive(request)
         if outcome.takeover is not None:

@@ -228,19 +228,28 @@ class ApiHandler:
             outcome = box[0]
             answer: HttpResponse = safely(outcome, fail if isinstance(outcome, Failure) else reply)
             return answer
-        last: list[Any] = []  # (value, its reply): the express lane and the callback share one reply
-
-        def encode(value: Any) -> Any:
-            if last and last[0] is value:
-                return last[1]
-            response = safely(value, reply)
-            last[:] = (value, response)
-            return response
-
+        encode: Callable[[Any], Any] = lambda value: safely(value, reply)
         if isinstance(d, fanout.Wait):  # woken with many others: the connection may send the reply early
-            d.encode = encode if is_json or method == LIST_METHODS else express_xmlrpc
+            if is_json:  # a reply of its own (its id): the lane and the callback share it
+                encode = d.encode = _once(encode)
+            else:  # the one shared response: the callback finds the same
+                d.encode = express_xmlrpc
         answers: Deferred[Any] = d.addCallbacks(encode, lambda f: safely(f, fail))
         return answers
+
+
+def _once(build: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """*build*, giving the same object again when called again with the same value."""
+    last: list[Any] = []
+
+    def built(value: Any) -> Any:
+        if last and last[0] is value:
+            return last[1]
+        result = build(value)
+        last[:] = (value, result)
+        return result
+
+    return built
 
 
 def express_xmlrpc(value: Any) -> HttpResponse | None:
