@@ -28,6 +28,11 @@ Also reported: the time to connect and arm every watcher, with the kernel's list
 meanwhile (xapid listens with Twisted's default backlog of 50 unless the endpoint says ``backlog=``;
 ``--backlog`` sets it), RSS per session, the change call's own reply time and the server's CPU per round.
 
+The floor: after each round, one Python loop with no server sends a reply of the same size to as many
+loopback connections, read by a process that spends as much CPU per reply as the watchers' load processes
+did in the warm-up round and answers each with a request of a watcher's size (a busy reader makes loopback
+sends slower).  Its median, and each round's last reply over the floor round after it, are reported.
+
 Only 127.0.0.1 is used; everything started is stopped in ``finally``; ``--time-limit`` bounds the run.
 """
 
@@ -670,7 +675,7 @@ class Target:
     cpu: list[float] = field(default_factory=list)
     timeouts: int = 0
     token: str = ""  # the event token just before the last round's change (xapid only)
-    reply_bytes: int = 0  # the body of one watcher's reply in the last round, for the bare fan-out floor
+    reply_bytes: int = 0  # the body of one watcher's reply in the last round (the floor's line says it)
 
     def stop(self) -> None:
         if self.clients is not None:
@@ -718,8 +723,9 @@ def connect_watchers(target: Target, per_watcher: bool, processes: int, deadline
     target.rss_armed = rss_kb(target.server.pid)
 
 
-def run_round(target: Target, label: str, deadline: Deadline, record: bool = True) -> None:
-    """Rename the VM and wait for every watcher's reply; records the latencies unless a warm-up."""
+def run_round(target: Target, label: str, deadline: Deadline, record: bool = True) -> float:
+    """Rename the VM and wait for every watcher's reply; records the latencies unless a warm-up.  Returns the
+    load processes' CPU per reply in this round (reading it, parsing it, re-arming)."""
     assert target.clients is not None
     wait_parked(target, deadline)
     target.clients.broadcast("round", label)
@@ -750,13 +756,15 @@ def run_round(target: Target, label: str, deadline: Deadline, record: bool = Tru
         target.round_max.append(max(latencies))
         target.change_replies.append(replied)
         target.cpu.append(cpu)
+    return sum(report[5] for report in reports) / target.watchers
 
 
 # -- the floor: the same fan-out with no server at all ---------------------------------------------
 
 
-def _floor_reader(port: int, count: int) -> None:
-    """*count* connections to *port*, read and discarded until the sender closes them (epoll, no parsing)."""
+def _floor_reader(port: int, count: int, work: float, answer: bytes) -> None:
+    """*count* connections to *port*, read until the sender closes them (epoll, no parsing); after each read,
+    *work* seconds of CPU and *answer* sent back, as a watcher's load process parses a reply and re-arms."""
     if PINNED:
         os.sched_setaffinity(0, PINNED[1])
     import select
@@ -777,15 +785,26 @@ def _floor_reader(port: int, count: int) -> None:
                 data = sock.recv(1 << 18)
             except BlockingIOError:
                 continue
+            except OSError:  # reset: the sender closed with our last answer unread
+                data = b""
             if not data:
                 poller.unregister(fd)
                 sock.close()
                 del by_fd[fd]
+                continue
+            busy = time.perf_counter() + work
+            while time.perf_counter() < busy:
+                pass
+            if answer:
+                try:
+                    sock.send(answer)
+                except OSError:
+                    pass  # closing; the next read says so
 
 
-def _floor_sender(pipe: Connection, count: int, size: int, rounds: int) -> None:
-    """Accept *count* connections, then *rounds* times send one reply with a *size*-byte body to each from one loop;
-    sends the seconds each round took (first send to last) through *pipe*."""
+def _floor_sender(pipe: Connection, count: int, size: int) -> None:
+    """Accept *count* connections, then on each ``"round"`` from *pipe* send one reply with a *size*-byte body to
+    each from one loop and answer the seconds it took (first send to last), until ``"stop"``."""
     if PINNED:
         os.sched_setaffinity(0, PINNED[0])
     listener = socket.create_server((HOST, 0), backlog=min(count, 4096))
@@ -795,38 +814,65 @@ def _floor_sender(pipe: Connection, count: int, size: int, rounds: int) -> None:
         conn, _ = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conns.append(conn)
+    pipe.send("ready")
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n"
     body = b"x" * size
     head %= size
-    times = []
-    for _ in range(rounds):
-        time.sleep(0.3)
+    while pipe.recv() == "round":
+        for conn in conns:  # what the reader answered last round
+            try:
+                while conn.recv(1 << 16, socket.MSG_DONTWAIT):
+                    pass
+            except BlockingIOError:
+                pass
         t0 = time.perf_counter()
         for conn in conns:
             conn.sendmsg([head, body])
-        times.append(time.perf_counter() - t0)
+        pipe.send(time.perf_counter() - t0)
     for conn in conns:
         conn.close()
-    pipe.send(times)
 
 
-def loopback_floor(count: int, size: int, rounds: int) -> list[float]:
-    """The bare fan-out on this machine, now: one Python loop sending a reply of a *size*-byte body to each of
-    *count* loopback connections (pinned as the servers and load processes are); seconds per round."""
-    here, there = multiprocessing.Pipe()
-    sender = multiprocessing.Process(target=_floor_sender, args=(there, count, size, rounds), daemon=True)
-    sender.start()
-    reader = None
-    try:
-        if not here.poll(30):
-            raise BenchmarkError("the floor's sender did not start")
-        reader = multiprocessing.Process(target=_floor_reader, args=(here.recv(), count), daemon=True)
-        reader.start()
-        if not here.poll(60 + rounds):
-            raise BenchmarkError("the floor's sender did not finish")
-        return list(here.recv())
-    finally:
-        for proc in (sender, reader):
+class LoopbackFloor:
+    """The bare fan-out on this machine: one Python loop sending a reply of a *size*-byte body to each of *count*
+    loopback connections, pinned as the servers and load processes are.  Its reader behaves as the watchers'
+    load process does (*work* seconds of CPU per reply, then *answer* sent back): a busy receiver makes the
+    sender's loopback sends slower, and this is the kernel's cost, not the server's.  Its rounds run between
+    the servers' rounds, so that a moment when the machine is slow shows in the floor too."""
+
+    def __init__(self, count: int, size: int, work: float = 0.0, answer: bytes = b"") -> None:
+        self.work, self.answer = work, answer
+        self.times: list[float] = []  # seconds per round
+        self.pipe, there = multiprocessing.Pipe()
+        self.sender = multiprocessing.Process(target=_floor_sender, args=(there, count, size), daemon=True)
+        self.sender.start()
+        self.reader: multiprocessing.Process | None = None
+        try:
+            if not self.pipe.poll(30):
+                raise BenchmarkError("the floor's sender did not start")
+            self.reader = multiprocessing.Process(target=_floor_reader, args=(self.pipe.recv(), count, work, answer),
+                                                  daemon=True)
+            self.reader.start()
+            if not self.pipe.poll(60) or self.pipe.recv() != "ready":
+                raise BenchmarkError("the floor's connections were not made")
+        except BaseException:
+            self.stop()
+            raise
+
+    def round(self) -> float:
+        time.sleep(0.3)  # the server's round is over (its load processes re-armed)
+        self.pipe.send("round")
+        if not self.pipe.poll(30):
+            raise BenchmarkError("a round of the floor did not finish")
+        self.times.append(float(self.pipe.recv()))
+        return self.times[-1]
+
+    def stop(self) -> None:
+        try:
+            self.pipe.send("stop")
+        except OSError:
+            pass
+        for proc in (self.sender, self.reader):
             if proc is not None:
                 proc.join(10)
                 if proc.is_alive():
@@ -890,15 +936,25 @@ def peer_target(server: ServerProcess, vm_ref: str, watchers: int) -> Target:
     return Target("stdlib", server, rpc, session, vm_ref, watchers)
 
 
-def measure(targets: list[Target], rounds: int, deadline: Deadline) -> None:
-    """A warm-up round each, then *rounds* rounds interleaved across the servers."""
-    for target in targets:
-        run_round(target, f"bench-warmup-{target.name.replace(' ', '-')}", deadline, record=False)
-    for number in range(rounds):
-        for target in targets:
-            run_round(target, f"bench-round-{number:04d}-{target.name.replace(' ', '-')}", deadline)
-        print(f"round {number + 1}/{rounds}: " + ", ".join(
-            f"{t.name} last reply {t.round_max[-1] * 1000:.1f} ms" for t in targets), flush=True)
+def measure(targets: list[Target], rounds: int, deadline: Deadline) -> LoopbackFloor:
+    """A warm-up round each, then *rounds* rounds interleaved across the servers, each followed by a round of
+    the bare fan-out (:class:`LoopbackFloor`: replies the size of the first server's, its reader as busy as that
+    server's load processes were in the warm-up round); returns the floor with its rounds."""
+    work = [run_round(target, f"bench-warmup-{target.name.replace(' ', '-')}", deadline, record=False)
+            for target in targets]
+    first = targets[0]
+    floor = LoopbackFloor(first.watchers, reply_size(first), work[0], EventFromRequest(first.session)(first.token))
+    try:
+        for number in range(rounds):
+            for target in targets:
+                run_round(target, f"bench-round-{number:04d}-{target.name.replace(' ', '-')}", deadline)
+            bare = floor.round()
+            print(f"round {number + 1}/{rounds}: " + ", ".join(
+                f"{t.name} last reply {t.round_max[-1] * 1000:.1f} ms" for t in targets)
+                + f"; floor {bare * 1000:.1f} ms", flush=True)
+    finally:
+        floor.stop()
+    return floor
 
 
 def median(values: list[float]) -> float:
@@ -953,16 +1009,21 @@ def versus(target: Target, peer: Target) -> list[str]:
             line("RSS per blocked watcher", rss_per_watcher(target), rss_per_watcher(peer), "KiB")]
 
 
-def floor_line(target: Target, floor: list[float]) -> str:
-    """xapid's fan-out beside the bare one (the kernel's loopback sends from one Python loop)."""
+def floor_line(target: Target, floor: LoopbackFloor) -> str:
+    """xapid's fan-out beside the bare one (the kernel's loopback sends from one Python loop), overall and
+    round by round (each xapid round's last reply over the floor round that followed it)."""
     p99 = percentile(latencies_ms(target), 99)
-    bare = median(floor) * 1000
+    bare = median(floor.times) * 1000
+    ratios = [mine / theirs for mine, theirs in zip(target.round_max, floor.times) if theirs > 0]
     return (f"fan-out floor, same run ({target.name}): one loop sending {target.watchers} replies of "
-            f"{target.reply_bytes} bytes over loopback, no server: median {bare:.1f} ms, max "
-            f"{max(floor) * 1000:.1f} ms; xapid p99 = {p99 / bare if bare > 0 else math.inf:.2f}x the floor")
+            f"{target.reply_bytes} bytes over loopback, no server, its reader spending {floor.work * 1e6:.0f} us of "
+            f"CPU per reply and answering {len(floor.answer)} bytes, a round after each of xapid's: median "
+            f"{bare:.1f} ms, max {max(floor.times) * 1000:.1f} ms; xapid p99 = "
+            f"{p99 / bare if bare > 0 else math.inf:.2f}x the floor's median; last reply over the floor, round by "
+            f"round: median {median(ratios):.2f}x, max {max(ratios):.2f}x")
 
 
-def report(targets: list[Target], floor: list[float]) -> None:
+def report(targets: list[Target], floor: LoopbackFloor) -> None:
     """One line per figure: details, the peer comparison, the floor, the goals."""
     peer = next((t for t in targets if t.name == "stdlib"), None)
     mine = [t for t in targets if t is not peer]
@@ -1025,11 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
         targets: list[Target] = []
         try:
             targets = start_targets(args, Path(tmp), deadline)
-            measure(targets, args.rounds, deadline)
+            floor = measure(targets, args.rounds, deadline)
             for target in targets:
                 if target.name != "stdlib":
                     target.reply_bytes = reply_size(target)
-            floor = loopback_floor(args.watchers, targets[0].reply_bytes, args.rounds)
             report(targets, floor)
         except BenchmarkError as exc:
             print(f"event_watchers: {exc}", file=sys.stderr)
