@@ -327,3 +327,81 @@ def test_no_express_lane_without_both_ends_or_once_fired():
     wait.sender = Recorder(lambda reply: sent.append(reply) or True)
     wait.callback("done")
     assert wait.express("v") is False and sent == []  # fired already
+
+
+class Queued(StringTransport):
+    """A transport whose socket is full: what is written stays queued here until the connection is
+    closed; an abort drops the queue (as Twisted's does), closing flushes it."""
+
+    def abortConnection(self):
+        self.io.seek(0)
+        self.io.truncate()
+        super().abortConnection()
+
+
+def test_a_reply_changed_after_the_lane_still_leaves_whole_when_it_was_queued(env):
+    """The reply the lane sent was still queued (the client's socket full) when the contract broke:
+    closing sends it, whole; it is not thrown away with the connection."""
+
+    class Rewriting(ApiHandler):
+        def __call__(self, request):
+            result = super().__call__(request)
+            if isinstance(result, fanout.Wait):
+                result.addCallback(lambda _: HttpResponse(200, b"rewritten", []))
+            return result
+
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    channel = make_factory(Rewriting(env.dispatcher, Limits()), HttpSettings(), env.clock).buildProtocol(None)
+    channel.makeConnection(Queued())
+    channel.dataReceived(post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode()))
+    client("VM.set_name_label", vm, "queued")
+    env.clock.advance(0)
+    written = channel.transport.value()
+    assert written.count(b"HTTP/1.1 200 OK") == 1 and b"queued" in written and b"rewritten" not in written
+    assert channel.transport.disconnecting
+
+
+def test_a_watcher_cancelled_during_the_sends_leaves_the_others_answered(env):
+    """Replies now leave before the hub's bookkeeping: a waiter dropped meanwhile (its connection
+    gone) is skipped there, and every other waiter is still answered and unregistered."""
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    waits = [env.dispatcher.call("event.from", [client.session, ["vm"], token, 30.0]) for _ in range(3)]
+    for wait in waits:
+        wait.addErrback(lambda failure: None)  # the cancelled one
+    waits[0].encode = lambda value: value
+    waits[0].sender = Recorder(lambda reply: waits[1].cancel() or True)
+    client("VM.set_name_label", vm, "cancelled")
+    env.clock.advance(0)
+    assert all(wait.called for wait in waits) and env.api.events.watchers == 0
+    for wait in (waits[0], waits[2]):
+        assert [event["ref"] for event in wait.result.value["events"]] == [vm]
+    assert waits[1].result is None  # its cancellation, handled above
+
+
+def test_a_reply_that_cannot_be_encoded_is_an_internal_error_to_each_watcher(env, logged, monkeypatch):
+    """The lane gives way to the ordinary path, which answers INTERNAL_ERROR and logs it once per watcher."""
+    from xapid.apitypes import SharedValue
+    from xapid.wire import resource
+
+    channels, log, client, vm = watchers(env, 2)
+    real = resource.xmlrpc.success
+
+    def success(value):
+        if isinstance(value, SharedValue):
+            raise ValueError("cannot encode this")
+        return real(value)
+
+    monkeypatch.setattr(resource.xmlrpc, "success", success)
+    client("VM.set_name_label", vm, "unencodable")
+    env.clock.advance(0)
+    replies = [(name, data) for name, data in answers(log) if data.startswith(b"HTTP/1.1 200")]
+    assert [name for name, data in replies[:2]] == [0, 1]
+    for _, data in replies[:2]:
+        (fault,) = [data.split(b"\r\n\r\n", 1)[1]]
+        assert b"INTERNAL_ERROR" in fault and b"unencodable" not in fault
+    failures = [event for event in logged if "log_failure" in event]
+    assert len(failures) == 2 and all(str(event["log_failure"].value) == "cannot encode this" for event in failures)

@@ -335,7 +335,7 @@ class EventHub:
             for group, reply in answered:
                 for key, waiter in group.items():  # _drop, inline: this loop runs once per watcher
                     waiter.registered = False
-                    del waiters[key]
+                    waiters.pop(key, None)  # (a cancel during the sends may have dropped it already)
                     waiting = buckets.get(waiter.bucket)
                     if waiting is not None:
                         waiting.pop(key, None)

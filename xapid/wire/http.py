@@ -350,7 +350,7 @@ class HttpChannel(StreamingChannel, RequestParser):
             if outcome is not expressed:  # something changed the reply after it was sent
                 log.error("the reply to {method} {path} changed after it was sent; closing the connection",
                           method=request.method, path=request.path)
-                self._abort_connection()
+                self._close()  # what was sent is a whole reply: it still leaves, nothing after it
                 return
             self._followed(self._parked_keep)
             return

@@ -253,8 +253,14 @@ def _once(build: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def express_xmlrpc(value: Any) -> HttpResponse | None:
-    """:func:`shared_xmlrpc` of *value* when it is shared (the express lane's encoder), else None."""
-    return shared_xmlrpc(value) if isinstance(value, SharedValue) else None
+    """:func:`shared_xmlrpc` of *value* when it is shared (the express lane's encoder), else None;
+    None too when it cannot be encoded: the callback then tries again and answers the error (logged once)."""
+    if not isinstance(value, SharedValue):
+        return None
+    try:
+        return shared_xmlrpc(value)
+    except Exception:  # noqa: BLE001 - reported by the callback's own encoding
+        return None
 
 
 def shared_xmlrpc(value: SharedValue) -> HttpResponse:
