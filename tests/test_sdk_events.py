@@ -116,3 +116,58 @@ def test_legacy_queue_overflow_is_events_lost(daemon, x):
         x.VM.destroy(vm)
     finally:
         legacy.logout()
+
+
+def test_many_watchers_woken_together_each_get_their_reply_twice_in_a_row(daemon, x):
+    """The fan-out's express lane over real sockets: SDK watchers and a JSON-RPC watcher (its own
+    id), all blocked in event.from, get one change, re-arm, and get the next one."""
+    import http.client
+    import json
+
+    vm = x.VM.create(vm_record(name_label="fan-out"))
+    token = event_from(x, ["vm"], "", 0.0)["token"]
+    watchers = [session(daemon, f"xapid-sdk-fan-{index}") for index in range(6)]
+    names: dict[str, list[str]] = {}
+    ready = threading.Barrier(len(watchers) + 2, timeout=15)  # the watchers, the JSON one, the changer
+
+    def sdk_watch(index: int) -> None:
+        seen, since = [], token
+        for _ in range(2):
+            ready.wait()
+            batch = event_from(watchers[index].xenapi, ["vm"], since, 10.0)
+            seen += [e["snapshot"]["name_label"] for e in batch["events"] if e["ref"] == vm]
+            since = batch["token"]
+        names[f"sdk-{index}"] = seen
+
+    def json_watch() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=15)
+        seen, since = [], token
+        for call in range(2):
+            body = json.dumps({"jsonrpc": "2.0", "id": f"fan-{call}", "method": "event.from",
+                               "params": [watchers[0]._session, ["vm"], since, 10.0]})
+            ready.wait()
+            conn.request("POST", "/jsonrpc", body, {"Content-Type": "application/json"})
+            reply = json.loads(conn.getresponse().read())
+            assert reply["id"] == f"fan-{call}"
+            seen += [e["snapshot"]["name_label"] for e in reply["result"]["events"] if e["ref"] == vm]
+            since = reply["result"]["token"]
+        conn.close()
+        names["json"] = seen
+
+    threads = [threading.Thread(target=sdk_watch, args=(index,)) for index in range(len(watchers))]
+    threads.append(threading.Thread(target=json_watch))
+    try:
+        for thread in threads:
+            thread.start()
+        for name in ("first", "second"):
+            ready.wait()  # every watcher is about to call (again)
+            time.sleep(0.5)  # and is blocked in the daemon
+            x.VM.set_name_label(vm, name)
+        for thread in threads:
+            thread.join(15)
+        assert names == {name: ["first", "second"] for name in [f"sdk-{i}" for i in range(len(watchers))] + ["json"]}
+    finally:
+        ready.abort()
+        for watcher in watchers:
+            watcher.logout()
+        x.VM.destroy(vm)
