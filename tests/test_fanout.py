@@ -234,25 +234,34 @@ def test_json_rpc_and_http_1_0_watchers_get_their_own_reply_from_the_express_lan
     assert all(not channel.transport.disconnecting for channel in channels)
 
 
+class Rewriting(ApiHandler):
+    """The API's handler with a layer that breaks the express lane's contract: it replaces the
+    reply of every wait after the lane may have sent it."""
+
+    def __call__(self, request):
+        result = super().__call__(request)
+        if isinstance(result, fanout.Wait):
+            result.addCallback(lambda _: HttpResponse(200, b"rewritten", []))
+        return result
+
+
+def parked_behind_a_rewriter(env, transport):
+    """A channel of :class:`Rewriting` over *transport*, parked on event.from; its client and a VM."""
+    client = env.login()
+    vm = client("VM.get_all")[0]
+    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
+    channel = make_factory(Rewriting(env.dispatcher, Limits()), HttpSettings(), env.clock).buildProtocol(None)
+    channel.makeConnection(transport)
+    channel.dataReceived(post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode()))
+    return channel, client, vm
+
+
 def test_a_reply_changed_after_the_express_lane_sent_it_closes_the_connection(env, logged):
     """A layer that changes the reply after the express lane wrote the original breaks the lane's
     contract: the client has the original and the connection is closed, never a second reply."""
 
-    class Rewriting(ApiHandler):
-        def __call__(self, request):
-            result = super().__call__(request)
-            if isinstance(result, fanout.Wait):
-                result.addCallback(lambda _: HttpResponse(200, b"rewritten", []))
-            return result
-
-    client = env.login()
-    vm = client("VM.get_all")[0]
-    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
-    factory = make_factory(Rewriting(env.dispatcher, Limits()), HttpSettings(), env.clock)
     log: list[tuple[int, bytes]] = []
-    channel = factory.buildProtocol(None)
-    channel.makeConnection(LoggedTransport(0, log))
-    channel.dataReceived(post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode()))
+    channel, client, vm = parked_behind_a_rewriter(env, LoggedTransport(0, log))
     client("VM.set_name_label", vm, "original")
     env.clock.advance(0)
     written = b"".join(data for _, data in log)
@@ -343,19 +352,7 @@ def test_a_reply_changed_after_the_lane_still_leaves_whole_when_it_was_queued(en
     """The reply the lane sent was still queued (the client's socket full) when the contract broke:
     closing sends it, whole; it is not thrown away with the connection."""
 
-    class Rewriting(ApiHandler):
-        def __call__(self, request):
-            result = super().__call__(request)
-            if isinstance(result, fanout.Wait):
-                result.addCallback(lambda _: HttpResponse(200, b"rewritten", []))
-            return result
-
-    client = env.login()
-    vm = client("VM.get_all")[0]
-    token = env.raw("event.from", [client.session, ["vm"], "", 0.0])["token"]
-    channel = make_factory(Rewriting(env.dispatcher, Limits()), HttpSettings(), env.clock).buildProtocol(None)
-    channel.makeConnection(Queued())
-    channel.dataReceived(post(xmlrpc.client.dumps((client.session, ["vm"], token, 30.0), "event.from").encode()))
+    channel, client, vm = parked_behind_a_rewriter(env, Queued())
     client("VM.set_name_label", vm, "queued")
     env.clock.advance(0)
     written = channel.transport.value()
