@@ -675,7 +675,6 @@ class Target:
     cpu: list[float] = field(default_factory=list)
     timeouts: int = 0
     token: str = ""  # the event token just before the last round's change (xapid only)
-    reply_bytes: int = 0  # the body of one watcher's reply in the last round (the floor's line says it)
 
     def stop(self) -> None:
         if self.clients is not None:
@@ -841,7 +840,7 @@ class LoopbackFloor:
     the servers' rounds, so that a moment when the machine is slow shows in the floor too."""
 
     def __init__(self, count: int, size: int, work: float = 0.0, answer: bytes = b"") -> None:
-        self.work, self.answer = work, answer
+        self.size, self.work, self.answer = size, work, answer
         self.times: list[float] = []  # seconds per round
         self.pipe, there = multiprocessing.Pipe()
         self.sender = multiprocessing.Process(target=_floor_sender, args=(there, count, size), daemon=True)
@@ -1016,7 +1015,7 @@ def floor_line(target: Target, floor: LoopbackFloor) -> str:
     bare = median(floor.times) * 1000
     ratios = [mine / theirs for mine, theirs in zip(target.round_max, floor.times) if theirs > 0]
     return (f"fan-out floor, same run ({target.name}): one loop sending {target.watchers} replies of "
-            f"{target.reply_bytes} bytes over loopback, no server, its reader spending {floor.work * 1e6:.0f} us of "
+            f"{floor.size} bytes over loopback, no server, its reader spending {floor.work * 1e6:.0f} us of "
             f"CPU per reply and answering {len(floor.answer)} bytes, a round after each of xapid's: median "
             f"{bare:.1f} ms, max {max(floor.times) * 1000:.1f} ms; xapid p99 = "
             f"{p99 / bare if bare > 0 else math.inf:.2f}x the floor's median; last reply over the floor, round by "
@@ -1086,11 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         targets: list[Target] = []
         try:
             targets = start_targets(args, Path(tmp), deadline)
-            floor = measure(targets, args.rounds, deadline)
-            for target in targets:
-                if target.name != "stdlib":
-                    target.reply_bytes = reply_size(target)
-            report(targets, floor)
+            report(targets, measure(targets, args.rounds, deadline))
         except BenchmarkError as exc:
             print(f"event_watchers: {exc}", file=sys.stderr)
             return 1

@@ -220,10 +220,9 @@ class FileSR(_DirectorySR):
     def _unclaim(self, location: str) -> None:
         self._marker(location).unlink(missing_ok=True)
 
-    # :meth:`create`'s steps for a caller that fills a new disk itself (a raw import into the SR):
-    # claim the name, write ``<name>.partial``, publish it, or unclaim the name when it fails.
+    # for a caller that fills a new disk itself (a raw import into the SR): claim the name, write
+    # ``<name>.partial``, then :meth:`make_ready` and :meth:`publish_new`, or unclaim the name when it fails
     claim = _claim
-    publish = _publish
     unclaim = _unclaim
 
     def begin(self, uuid: str, size: int) -> tuple[str, int]:
@@ -288,16 +287,15 @@ class FileSR(_DirectorySR):
         final = self.path / f"{uuid}{suffix}"
         partial = self.path / f"{uuid}{suffix}{PARTIAL}"
         try:
-            self._claim(final)
             if self.format == "qcow2":
+                self._claim(final)
                 result = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(partial), str(size)],
                                         capture_output=True, text=True, timeout=60)
                 if result.returncode != 0:
                     raise StorageError(f"qemu-img create failed: {result.stderr.strip() or result.returncode}")
             else:
-                fd = os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                _, fd = self.begin(uuid, size)  # the name claimed, the sparse partial file made
                 try:
-                    os.ftruncate(fd, size)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
